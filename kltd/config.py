@@ -1,0 +1,215 @@
+"""Typed configuration: the schema every config file and override is checked against.
+
+Plain dataclasses; the Hydra entry point (kltd/train_app.py) registers them as the schema and turns the
+composed config into these objects. Nothing here imports Hydra.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from kltd.methods import PREFIXES, TRAJECTORIES, cell_error, method_name
+
+
+class ConfigError(ValueError):
+    """A user error in the configuration: reported as one line, no traceback."""
+
+
+@dataclass
+class PrefixConfig:
+    """Where the training states come from."""
+
+    source: str = "fixed"  # fixed | teacher | student | mixed
+    # mixed: per sequence, student states with this probability (GKD's lambda), else `other` states.
+    student_fraction: float = 0.5
+    other: str = "fixed"  # mixed: fixed | teacher
+
+
+@dataclass
+class TrajectoryConfig:
+    """Whose next-token choice supervises the student at those states."""
+
+    supervisor: str = "expert"  # expert (forward KL) | student (reverse KL) | dataset (cross-entropy)
+
+
+@dataclass
+class LossConfig:
+    kl_trajectory_weight: float = 1.0
+    kl_prefix_weight: float = 0.0
+    # None: the trajectory's own divergence (expert -> forward_kl, student -> reverse_kl).
+    divergence: Optional[str] = None
+    beta: float = 0.5  # jsd
+    alpha: float = 0.1  # skew KLs
+    mix: float = 0.5  # kl_mix: weight of reverse KL
+    temperature: float = 1.0
+    estimator: str = "exact"  # exact | topk | sampled_k1 | sampled_k2 | sampled_k3 | sampled_reward
+    top_k: int = 8
+    normalization: str = "token"  # token | sequence
+    gamma: float = 1.0  # prefix term discount
+    baseline: str = "batch_mean"  # prefix term baseline: none | batch_mean | leave_one_out
+
+
+@dataclass
+class ModelConfig:
+    name: str = "toy"
+    # "toy/teacher" and "toy/student" are the pair shipped inside the package; anything else is a local
+    # directory or a Hugging Face model id.
+    teacher: str = "toy/teacher"
+    student: str = "toy/student"
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass
+class DataConfig:
+    name: str = "addition"
+    seed: int = 0
+    n_train: int = 20000
+    n_eval: int = 500
+    min_terms: int = 2
+    max_terms: int = 5
+
+
+@dataclass
+class SamplingConfig:
+    """How teacher and student sample training states."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 48
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 200
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1  # cosine decay floor, as a fraction of lr
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    log_every: int = 10
+    save_checkpoint: bool = True
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    num_prompts: int = 200
+    batch_size: int = 100
+    max_new_tokens: int = 48
+    every: int = 0  # evaluate every N steps as well as before and after; 0 = before and after only
+    seed: int = 1234  # fixed, so that every cell is evaluated on identical samples
+    pass_k: int = 4  # student samples per prompt for pass@k and the sequence reverse KL
+
+
+@dataclass
+class WandbConfig:
+    project: str = "kltd"
+    entity: Optional[str] = None
+    # auto: online when credentials exist, else offline (one line says so); or online | offline | disabled
+    mode: str = "auto"
+    init_timeout_s: float = 30.0
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    prefix: PrefixConfig = field(default_factory=PrefixConfig)
+    trajectory: TrajectoryConfig = field(default_factory=TrajectoryConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    @property
+    def method(self) -> str:
+        return method_name(self.prefix.source, self.trajectory.supervisor)
+
+
+def _choice(key: str, value, options) -> None:
+    if value not in options:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(map(str, options))}")
+
+
+def _at_least(key: str, value, low) -> None:
+    if value < low:
+        raise ConfigError(f"{key}={value} must be >= {low}")
+
+
+def _in_unit_interval(key: str, value) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{key}={value} must lie in [0, 1]")
+
+
+def validate(cfg: Config) -> None:
+    """Refuse invalid cells and values before anything expensive happens (no model is loaded)."""
+    from kltd.divergences import DIVERGENCES
+
+    _choice("prefix", cfg.prefix.source, PREFIXES)
+    _choice("trajectory", cfg.trajectory.supervisor, TRAJECTORIES)
+    error = cell_error(cfg.prefix.source, cfg.trajectory.supervisor)
+    if error:
+        raise ConfigError(error)
+    _choice("prefix.other", cfg.prefix.other, ("fixed", "teacher"))
+    _in_unit_interval("prefix.student_fraction", cfg.prefix.student_fraction)
+
+    loss = cfg.loss
+    if loss.divergence is not None:
+        _choice("loss.divergence", loss.divergence, DIVERGENCES)
+    _choice("loss.estimator", loss.estimator, ("exact", "topk", "sampled_k1", "sampled_k2", "sampled_k3", "sampled_reward"))
+    _choice("loss.normalization", loss.normalization, ("token", "sequence"))
+    _choice("loss.baseline", loss.baseline, ("none", "batch_mean", "leave_one_out"))
+    _in_unit_interval("loss.beta", loss.beta)
+    _in_unit_interval("loss.alpha", loss.alpha)
+    _in_unit_interval("loss.mix", loss.mix)
+    _in_unit_interval("loss.gamma", loss.gamma)
+    _at_least("loss.kl_trajectory_weight", loss.kl_trajectory_weight, 0.0)
+    _at_least("loss.kl_prefix_weight", loss.kl_prefix_weight, 0.0)
+    _at_least("loss.top_k", loss.top_k, 1)
+    if loss.temperature <= 0:
+        raise ConfigError(f"loss.temperature={loss.temperature} must be > 0")
+    if loss.kl_trajectory_weight == 0 and loss.kl_prefix_weight == 0:
+        raise ConfigError("loss.kl_trajectory_weight and loss.kl_prefix_weight are both 0: nothing would be trained")
+    if cfg.trajectory.supervisor == "dataset" and loss.divergence is not None:
+        raise ConfigError("loss.divergence has no effect with trajectory=dataset (cross-entropy); remove it")
+
+    _choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16", "float16"))
+    _choice("data.name", cfg.data.name, ("addition",))
+    _at_least("data.min_terms", cfg.data.min_terms, 2)
+    if cfg.data.max_terms < cfg.data.min_terms:
+        raise ConfigError(f"data.max_terms={cfg.data.max_terms} must be >= data.min_terms={cfg.data.min_terms}")
+    if cfg.eval.num_prompts > cfg.data.n_eval:
+        raise ConfigError(f"eval.num_prompts={cfg.eval.num_prompts} exceeds data.n_eval={cfg.data.n_eval}")
+
+    if cfg.sampling.temperature < 0:
+        raise ConfigError(f"sampling.temperature={cfg.sampling.temperature} must be >= 0 (0 = greedy)")
+    if not 0.0 < cfg.sampling.top_p <= 1.0:
+        raise ConfigError(f"sampling.top_p={cfg.sampling.top_p} must lie in (0, 1]")
+    for key, value in (
+        ("sampling.max_new_tokens", cfg.sampling.max_new_tokens),
+        ("trainer.batch_size", cfg.trainer.batch_size),
+        ("trainer.grad_accum", cfg.trainer.grad_accum),
+        ("trainer.log_every", cfg.trainer.log_every),
+        ("eval.num_prompts", cfg.eval.num_prompts),
+        ("eval.batch_size", cfg.eval.batch_size),
+        ("eval.max_new_tokens", cfg.eval.max_new_tokens),
+        ("eval.pass_k", cfg.eval.pass_k),
+    ):
+        _at_least(key, value, 1)
+    _at_least("trainer.max_steps", cfg.trainer.max_steps, 0)
+    if cfg.trainer.lr <= 0:
+        raise ConfigError(f"trainer.lr={cfg.trainer.lr} must be > 0")
+    _choice("wandb.mode", cfg.wandb.mode, ("auto", "online", "offline", "disabled"))
+
+    from kltd.models import check_model_reference
+
+    for role in ("teacher", "student"):
+        problem = check_model_reference(getattr(cfg.model, role))
+        if problem:
+            raise ConfigError(f"model.{role}: {problem}")

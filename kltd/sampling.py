@@ -1,0 +1,161 @@
+"""Batched sampling with a KV cache, and the token layout every state batch shares.
+
+Layout: prompts are left-padded to a common width P; responses start at column P and are
+right-padded. `attention_mask` marks real tokens, `response_mask` the response tokens (EOS included).
+Position ids come from the attention mask, so left padding does not shift positions.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Responses:
+    tokens: Tensor  # [B, N] long, pad after the end
+    mask: Tensor  # [B, N] bool, True for real response tokens (EOS included)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.mask.sum())
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """[B, L] 0/1 mask -> [B, L] positions counting real tokens only (pads get 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def encode_prompts(tokenizer, prompts: list[str], device) -> tuple[Tensor, Tensor]:
+    """Left-padded prompt ids [B, P] and mask [B, P]."""
+    rows = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r) :] = torch.tensor(r)
+            mask[i, width - len(r) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def encode_responses(tokenizer, texts: list[str], device) -> Responses:
+    """Right-padded response ids with EOS appended, as a dataset supplies them."""
+    rows = [tokenizer.encode(t, add_special_tokens=False) + [tokenizer.eos_token_id] for t in texts]
+    return pad_responses(rows, tokenizer.pad_token_id, device)
+
+
+def pad_responses(rows: list[list[int]], pad_id: int, device) -> Responses:
+    width = max(len(r) for r in rows)
+    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        tokens[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = True
+    return Responses(tokens.to(device), mask.to(device))
+
+
+def responses_to_lists(responses: Responses) -> list[list[int]]:
+    return [row[m].tolist() for row, m in zip(responses.tokens, responses.mask)]
+
+
+def decode_responses(tokenizer, responses: Responses) -> list[str]:
+    """Text of each response without EOS or padding."""
+    eos = tokenizer.eos_token_id
+    return [tokenizer.decode([t for t in row if t != eos]) for row in responses_to_lists(responses)]
+
+
+@lru_cache(maxsize=None)
+def _cache_argument(model_class) -> str:
+    """transformers 5.x renamed `past_key_values` to `cache`; accept both."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def _returned_cache(out):
+    return out.cache if hasattr(out, "cache") else out.past_key_values
+
+
+def _choose(logits: Tensor, temperature: float, top_p: float, generator) -> Tensor:
+    """[B, V] logits -> [B] token ids. temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # keep the smallest set whose mass reaches top_p (the first token always survives)
+        drop = sorted_probs.cumsum(-1) - sorted_probs > top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def sample(
+    model,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    *,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    prefix: Responses | None = None,
+) -> Responses:
+    """Sample continuations of left-padded prompts, stopping when every row has produced EOS.
+
+    `prefix` (optional) holds response tokens already written (for example by another model); they
+    are fed as given and sampling continues after them, up to `max_new_tokens` response tokens in all.
+    Returns the whole response (prefix included). One model call per new token, with the KV cache;
+    rows that have ended are fed padding, masked out.
+    """
+    batch = prompt_ids.shape[0]
+    device = prompt_ids.device
+    mask = prompt_mask.long()
+    tokens, alive_cols = [], []
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    context, context_mask = prompt_ids, mask
+    if prefix is not None and prefix.tokens.shape[1] > 0:
+        # a prefix ends early for a row that already emitted EOS inside it
+        context = torch.cat([prompt_ids, prefix.tokens], 1)
+        context_mask = torch.cat([mask, prefix.mask.long()], 1)
+        tokens = list(prefix.tokens.unbind(1))
+        alive_cols = list(prefix.mask.unbind(1))
+        finished = ((prefix.tokens == eos_id) & prefix.mask).any(1)
+    positions = position_ids_from_mask(context_mask)
+    out = model(
+        input_ids=context, attention_mask=context_mask, position_ids=positions, use_cache=True, logits_to_keep=1
+    )
+    cache_arg = _cache_argument(type(model))
+    cache, next_pos, mask = _returned_cache(out), positions.max(-1).values + 1, context_mask
+    logits = out.logits[:, -1]
+    # rows whose prompt is empty of real context still start at position 0
+    next_pos = torch.where(context_mask.sum(-1) > 0, next_pos, torch.zeros_like(next_pos))
+    while len(tokens) < max_new_tokens and not bool(finished.all()):
+        token = _choose(logits, temperature, top_p, generator)
+        alive = ~finished
+        token = torch.where(alive, token, torch.full_like(token, pad_id))
+        tokens.append(token)
+        alive_cols.append(alive)
+        finished = finished | (token == eos_id)
+        if len(tokens) == max_new_tokens or bool(finished.all()):
+            break
+        mask = torch.cat([mask, alive.long().unsqueeze(1)], 1)
+        out = model(
+            input_ids=token.unsqueeze(1),
+            attention_mask=mask,
+            position_ids=next_pos.unsqueeze(1),
+            use_cache=True,
+            **{cache_arg: cache},
+        )
+        cache, logits = _returned_cache(out), out.logits[:, -1]
+        next_pos = next_pos + alive.long()
+    if not tokens:
+        empty = torch.zeros((batch, 0), dtype=torch.long, device=device)
+        return Responses(empty, empty.bool())
+    return Responses(torch.stack(tokens, 1), torch.stack(alive_cols, 1))

@@ -1,0 +1,76 @@
+"""End to end through the real CLI: a multirun over the four corners on a tiny budget."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+TINY = [
+    "trainer.max_steps=2", "trainer.batch_size=4", "trainer.log_every=1", "trainer.progress=false",
+    "eval.num_prompts=6", "eval.batch_size=6", "data.n_train=64", "data.n_eval=16", "model.device=cpu",
+]
+
+
+def kltd(*args, cwd):
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    return subprocess.run([sys.executable, "-m", "kltd.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def corners(tmp_path_factory):
+    sweep = tmp_path_factory.mktemp("sweep")
+    out = kltd("train", "-m", "prefix=fixed,student", "trajectory=expert,student", *TINY, f"hydra.sweep.dir={sweep}",
+               cwd=sweep)
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = sorted(p for p in sweep.iterdir() if (p / "metrics.json").exists())
+    return {json.loads((r / "metrics.json").read_text())["method"]: r for r in runs}
+
+
+def test_four_corners_each_finish_with_their_names(corners):
+    assert set(corners) == {"SFT", "Offline RL", "DAgger", "OPD"}
+    for method, run_dir in corners.items():
+        summary = json.loads((run_dir / "metrics.json").read_text())
+        assert summary["status"] == "completed"
+        assert summary["steps"] == 2
+        assert summary["sweep"] == run_dir.parent.name
+        for phase in ("eval_before", "eval_after"):
+            for key in ("accuracy", "reverse_kl_student_states", "forward_kl_teacher_states"):
+                assert key in summary[phase]
+            assert 0.0 <= summary[phase]["accuracy"] <= 1.0
+            assert summary[phase]["reverse_kl_student_states"] >= 0
+            assert summary[phase]["forward_kl_teacher_states"] >= 0
+        assert summary["method_slug"] in run_dir.name
+
+
+def test_state_sources_show_in_the_token_counts(corners):
+    for method, run_dir in corners.items():
+        tokens = json.loads((run_dir / "metrics.json").read_text())["tokens"]
+        on_policy = method in ("DAgger", "OPD")
+        assert (tokens["student_generated"] > 0) == on_policy
+        assert tokens["teacher_generated"] == 0
+        assert tokens["scored"] >= tokens["trained"] > 0
+
+
+def test_local_files_are_complete(corners):
+    run_dir = corners["OPD"]
+    lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines if "train/loss" in l] == [1, 2]
+    assert any("eval/accuracy" in l for l in lines)
+    assert (run_dir / ".hydra" / "config.yaml").exists()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(run_dir / "checkpoint")
+    AutoTokenizer.from_pretrained(run_dir / "checkpoint")
+
+
+def test_same_seed_same_numbers(corners, tmp_path):
+    run_dir = tmp_path / "again"
+    out = kltd("train", "prefix=student", "trajectory=student", *TINY, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    again = json.loads((run_dir / "metrics.json").read_text())
+    first = json.loads((corners["OPD"] / "metrics.json").read_text())
+    assert again["final_loss"] == pytest.approx(first["final_loss"], rel=1e-6)
+    assert again["eval_after"] == pytest.approx(first["eval_after"], rel=1e-6)
