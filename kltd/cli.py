@@ -12,6 +12,7 @@ choice supervises it there (trajectory).
 commands:
   train     train one cell, or a sweep with -m (Hydra overrides; `kltd train --help` lists them)
   compare   compare finished runs: kltd compare DIR [DIR ...]
+  make-data write a JSONL dataset of responses sampled from a model, for offline RL
 
 examples:
   kltd train prefix=student trajectory=expert            # DAgger
@@ -33,6 +34,10 @@ def main(argv: list[str] | None = None) -> None:
         from kltd.compare import main as compare_main
 
         compare_main(rest)
+    elif command == "make-data":
+        from kltd.make_data import main as make_data_main
+
+        make_data_main(rest)
     else:
         print(f"kltd: error: unknown command '{command}'; run `kltd --help` for the list", file=sys.stderr)
         sys.exit(2)

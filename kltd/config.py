@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from kltd.methods import PREFIXES, TRAJECTORIES, cell_error, method_name
+from kltd.methods import PREFIXES, TRAJECTORIES, cell_error, method_label
 
 
 class ConfigError(ValueError):
@@ -24,6 +24,19 @@ class PrefixConfig:
     # mixed: per sequence, student states with this probability (GKD's lambda), else `other` states.
     student_fraction: float = 0.5
     other: str = "fixed"  # mixed: fixed | teacher
+    # mixed: "linear" ramps the student fraction from student_fraction_start to student_fraction
+    # over schedule_steps optimiser steps; "constant" keeps student_fraction.
+    schedule: str = "constant"
+    student_fraction_start: float = 0.0
+    schedule_steps: int = 100
+    # mixed: on the student's rows, the student writes the first k response tokens and the teacher
+    # continues (roll-in / roll-out). k is "fixed" (handoff_k), "uniform" over the reference
+    # response's length, or "geometric" (success probability handoff_p, starting at 0).
+    handoff: bool = False
+    handoff_k: str = "uniform"
+    handoff_k_value: int = 4
+    handoff_p: float = 0.2
+    supervise: str = "all"  # all | after_handoff: which positions of a hand-off row are supervised
 
 
 @dataclass
@@ -31,6 +44,12 @@ class TrajectoryConfig:
     """Whose next-token choice supervises the student at those states."""
 
     supervisor: str = "expert"  # expert (forward KL) | student (reverse KL) | dataset (cross-entropy)
+    # dataset only (offline RL): a return per sequence and how it weights the cross-entropy
+    reward: str = "none"  # none | correctness (verifier) | teacher_loglik
+    weighting: str = "none"  # none | filter (keep the top keep_fraction) | awr
+    keep_fraction: float = 0.5
+    awr_temperature: float = 1.0
+    awr_max_weight: float = 20.0
 
 
 @dataclass
@@ -69,6 +88,8 @@ class DataConfig:
     n_eval: int = 500
     min_terms: int = 2
     max_terms: int = 5
+    # a JSONL file of responses to train on (`kltd make-data` writes one); null: the task's correct ones
+    responses_file: Optional[str] = None
 
 
 @dataclass
@@ -106,6 +127,16 @@ class EvalConfig:
 
 
 @dataclass
+class CacheConfig:
+    """The teacher cache for fixed states (kltd/teacher_cache.py)."""
+
+    teacher: str = "auto"  # auto: on when prefix=fixed needs teacher logits | on | off
+    dir: str = "outputs/cache"
+    format: str = "full"  # full (exact) | topk (k logits per position, the rest spread evenly)
+    top_k: int = 64
+
+
+@dataclass
 class WandbConfig:
     project: str = "kltd"
     entity: Optional[str] = None
@@ -125,11 +156,12 @@ class Config:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     @property
     def method(self) -> str:
-        return method_name(self.prefix.source, self.trajectory.supervisor)
+        return config_method_label(self)
 
 
 def _choice(key: str, value, options) -> None:
@@ -150,6 +182,9 @@ def _in_unit_interval(key: str, value) -> None:
 def validate(cfg: Config) -> None:
     """Refuse invalid cells and values before anything expensive happens (no model is loaded)."""
     from kltd.divergences import DIVERGENCES
+    from kltd.estimators import ESTIMATORS
+    from kltd.losses import BASELINES
+    from kltd.rewards import REWARDS, WEIGHTINGS
 
     _choice("prefix", cfg.prefix.source, PREFIXES)
     _choice("trajectory", cfg.trajectory.supervisor, TRAJECTORIES)
@@ -158,13 +193,42 @@ def validate(cfg: Config) -> None:
         raise ConfigError(error)
     _choice("prefix.other", cfg.prefix.other, ("fixed", "teacher"))
     _in_unit_interval("prefix.student_fraction", cfg.prefix.student_fraction)
+    _in_unit_interval("prefix.student_fraction_start", cfg.prefix.student_fraction_start)
+    _choice("prefix.schedule", cfg.prefix.schedule, ("constant", "linear"))
+    _at_least("prefix.schedule_steps", cfg.prefix.schedule_steps, 1)
+    _choice("prefix.handoff_k", cfg.prefix.handoff_k, ("fixed", "uniform", "geometric"))
+    _at_least("prefix.handoff_k_value", cfg.prefix.handoff_k_value, 0)
+    if not 0.0 < cfg.prefix.handoff_p <= 1.0:
+        raise ConfigError(f"prefix.handoff_p={cfg.prefix.handoff_p} must lie in (0, 1]")
+    _choice("prefix.supervise", cfg.prefix.supervise, ("all", "after_handoff"))
+    if cfg.prefix.source != "mixed" and (cfg.prefix.handoff or cfg.prefix.schedule != "constant"):
+        raise ConfigError("prefix.handoff and prefix.schedule apply to prefix=mixed only; add prefix=mixed")
+
+    traj = cfg.trajectory
+    _choice("trajectory.reward", traj.reward, REWARDS)
+    _choice("trajectory.weighting", traj.weighting, WEIGHTINGS)
+    if traj.supervisor != "dataset" and (traj.reward != "none" or traj.weighting != "none"):
+        raise ConfigError("trajectory.reward and trajectory.weighting apply to trajectory=dataset only")
+    if (traj.weighting == "none") != (traj.reward == "none"):
+        raise ConfigError("set trajectory.reward and trajectory.weighting together (a reward needs a weighting)")
+    if not 0.0 < traj.keep_fraction <= 1.0:
+        raise ConfigError(f"trajectory.keep_fraction={traj.keep_fraction} must lie in (0, 1]")
+    if traj.awr_temperature <= 0 or traj.awr_max_weight <= 0:
+        raise ConfigError("trajectory.awr_temperature and trajectory.awr_max_weight must be > 0")
 
     loss = cfg.loss
     if loss.divergence is not None:
         _choice("loss.divergence", loss.divergence, DIVERGENCES)
-    _choice("loss.estimator", loss.estimator, ("exact", "topk", "sampled_k1", "sampled_k2", "sampled_k3", "sampled_reward"))
+    _choice("loss.estimator", loss.estimator, ESTIMATORS)
     _choice("loss.normalization", loss.normalization, ("token", "sequence"))
-    _choice("loss.baseline", loss.baseline, ("none", "batch_mean", "leave_one_out"))
+    _choice("loss.baseline", loss.baseline, BASELINES)
+    if loss.estimator.startswith("sampled"):
+        # a one-token estimator is only unbiased at tokens drawn from the distribution it assumes
+        wanted = {"student": "student", "expert": "teacher"}.get(cfg.trajectory.supervisor)
+        if cfg.prefix.source != wanted:
+            raise ConfigError(f"loss.estimator={loss.estimator} needs tokens sampled by the "
+                              f"{'student' if wanted == 'student' else 'teacher'}: use prefix={wanted} "
+                              f"with trajectory={cfg.trajectory.supervisor}, or loss.estimator=exact")
     _in_unit_interval("loss.beta", loss.beta)
     _in_unit_interval("loss.alpha", loss.alpha)
     _in_unit_interval("loss.mix", loss.mix)
@@ -174,12 +238,23 @@ def validate(cfg: Config) -> None:
     _at_least("loss.top_k", loss.top_k, 1)
     if loss.temperature <= 0:
         raise ConfigError(f"loss.temperature={loss.temperature} must be > 0")
+    if loss.kl_prefix_weight > 0 and cfg.prefix.source in ("student", "mixed") and cfg.sampling.temperature == 0:
+        raise ConfigError("loss.kl_prefix_weight > 0 needs sampled student states (a score function); "
+                          "greedy sampling.temperature=0 has none: set sampling.temperature > 0")
     if loss.kl_trajectory_weight == 0 and loss.kl_prefix_weight == 0:
         raise ConfigError("loss.kl_trajectory_weight and loss.kl_prefix_weight are both 0: nothing would be trained")
     if cfg.trajectory.supervisor == "dataset" and loss.divergence is not None:
         raise ConfigError("loss.divergence has no effect with trajectory=dataset (cross-entropy); remove it")
 
     _choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16", "float16"))
+    if cfg.data.responses_file is not None:
+        if cfg.prefix.source not in ("fixed", "mixed"):
+            raise ConfigError("data.responses_file supplies fixed states; use prefix=fixed (or mixed)")
+        from pathlib import Path
+
+        if not Path(cfg.data.responses_file).expanduser().is_file():
+            raise ConfigError(f"data.responses_file '{cfg.data.responses_file}' does not exist "
+                              "(make one with `kltd make-data`)")
     _choice("data.name", cfg.data.name, ("addition",))
     _at_least("data.min_terms", cfg.data.min_terms, 2)
     if cfg.data.max_terms < cfg.data.min_terms:
@@ -206,6 +281,11 @@ def validate(cfg: Config) -> None:
     if cfg.trainer.lr <= 0:
         raise ConfigError(f"trainer.lr={cfg.trainer.lr} must be > 0")
     _choice("wandb.mode", cfg.wandb.mode, ("auto", "online", "offline", "disabled"))
+    _choice("cache.teacher", cfg.cache.teacher, ("auto", "on", "off"))
+    _choice("cache.format", cfg.cache.format, ("full", "topk"))
+    _at_least("cache.top_k", cfg.cache.top_k, 1)
+    if cfg.cache.teacher == "on" and cfg.prefix.source != "fixed":
+        raise ConfigError("cache.teacher=on caches teacher logits at fixed states; it needs prefix=fixed")
 
     from kltd.models import check_model_reference
 
@@ -213,3 +293,11 @@ def validate(cfg: Config) -> None:
         problem = check_model_reference(getattr(cfg.model, role))
         if problem:
             raise ConfigError(f"model.{role}: {problem}")
+
+
+def config_method_label(cfg) -> str:
+    """The method label of a config (typed, or an OmegaConf node with the same keys)."""
+    p, t, loss = cfg.prefix, cfg.trajectory, cfg.loss
+    return method_label(p.source, t.supervisor, reward=t.reward, handoff=p.handoff, divergence=loss.divergence,
+                        beta=loss.beta, alpha=loss.alpha, mix=loss.mix, student_fraction=p.student_fraction,
+                        kl_prefix_weight=loss.kl_prefix_weight)

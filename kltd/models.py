@@ -53,9 +53,17 @@ class ModelPair:
     device: torch.device
 
 
+def _quiet_transformers() -> None:
+    """No per-load progress bars: a sweep loads two models per job."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
 def load_model(reference: str, dtype: str = "float32", device: str | torch.device = "cpu"):
     from transformers import AutoModelForCausalLM
 
+    _quiet_transformers()
     path = resolve_model_path(reference)
     # local_files_only for directories so that nothing ever reaches for the network by accident
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=_looks_local(path))

@@ -44,6 +44,12 @@ def run_identity(cfg: Config, sweep: str | None) -> dict:
     }
 
 
+def wandb_axes(identity: dict) -> dict:
+    """Both axis choices as top-level config fields, so the W&B UI can group runs by them."""
+    return {"method": identity["method"], "axis_prefix": identity["prefix"], "axis_trajectory": identity["trajectory"],
+            "sweep": identity["sweep"]}
+
+
 def before_after_table(method: str, before: dict, after: dict) -> Table:
     table = Table(title=f"{method}: held-out evaluation")
     for column in ("metric", "before", "after", "change"):
@@ -81,7 +87,7 @@ def train_job(cfg: Config, run_dir: Path, *, sweep: str | None = None, config_di
         name=f"{identity['method_slug']}-s{cfg.seed}" + (f"-{run_dir.name}" if sweep else ""),
         group=sweep, job_type=identity["method_slug"],
         tags=[f"prefix:{cfg.prefix.source}", f"trajectory:{cfg.trajectory.supervisor}", f"method:{cfg.method}"],
-        config={**config_dict, **identity}, init_timeout_s=cfg.wandb.init_timeout_s, echo=console.print,
+        config={**config_dict, **wandb_axes(identity)}, init_timeout_s=cfg.wandb.init_timeout_s, echo=console.print,
     )
     started = time.perf_counter()
     try:
@@ -99,6 +105,21 @@ def train_job(cfg: Config, run_dir: Path, *, sweep: str | None = None, config_di
     return summary
 
 
+def examples_from_file(path: str, eval_examples: list, console: Console) -> list:
+    """Training examples whose responses come from a JSONL file (possibly wrong); held-out prompts are dropped."""
+    from kltd.responses_file import read_responses
+    from kltd.task import Example
+
+    held_out = {e.prompt for e in eval_examples}
+    rows = read_responses(path)
+    kept = [Example(r.example.prompt, r.response, r.example.answer) for r in rows if r.example.prompt not in held_out]
+    if len(kept) < len(rows):
+        console.print(f"{path}: dropped {len(rows) - len(kept)} rows whose prompts are in the held-out split")
+    if not kept:
+        raise ValueError(f"{path}: every prompt is a held-out prompt; nothing left to train on")
+    return kept
+
+
 def _train_and_evaluate(cfg: Config, run_dir: Path, logger: RunLogger, console: Console) -> dict:
     from kltd.models import load_pair
     from kltd.task import make_splits
@@ -107,6 +128,8 @@ def _train_and_evaluate(cfg: Config, run_dir: Path, logger: RunLogger, console: 
     seed_everything(cfg.seed)
     d = cfg.data
     train_examples, eval_examples = make_splits(d.seed, d.n_train, d.n_eval, d.min_terms, d.max_terms)
+    if d.responses_file:
+        train_examples = examples_from_file(d.responses_file, eval_examples, console)
     pair = load_pair(cfg.model.teacher, cfg.model.student, cfg.model.dtype, cfg.model.device)
     e = cfg.eval
     settings = EvalSettings(e.num_prompts, e.batch_size, e.max_new_tokens, e.seed, e.pass_k)
@@ -120,6 +143,17 @@ def _train_and_evaluate(cfg: Config, run_dir: Path, logger: RunLogger, console: 
                   f"on {pair.device}; run dir {run_dir}")
     before = run_eval(0)
     trainer = Trainer(cfg, pair, train_examples)
+    if trainer.uses_teacher_cache():
+        from kltd.models import resolve_model_path
+        from kltd.teacher_cache import cached_teacher
+
+        def count(n: int) -> None:
+            trainer.teacher_forwards += n
+
+        trainer.attach_teacher_cache(cached_teacher(
+            pair.teacher, pair.tokenizer, resolve_model_path(cfg.model.teacher), resolve_model_path(cfg.model.student),
+            train_examples, cache_dir=Path(cfg.cache.dir), dtype=cfg.model.dtype, fmt=cfg.cache.format,
+            top_k=cfg.cache.top_k, counter=count, echo=console.print))
     tokens, trained_tokens, loss = TokenCounts(), 0, float("nan")
     t = cfg.trainer
     columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -153,6 +187,7 @@ def _train_and_evaluate(cfg: Config, run_dir: Path, logger: RunLogger, console: 
         "final_loss": loss,
         "tokens": {"student_generated": tokens.student_generated, "teacher_generated": tokens.teacher_generated,
                    "scored": tokens.scored, "trained": trained_tokens},
+        "teacher_forward_passes": trainer.teacher_forwards,  # training only (cache building included)
         "eval_before": before,
         "eval_after": after,
         "checkpoint": str(checkpoint) if checkpoint else None,

@@ -61,19 +61,30 @@ class RunLogger:
             try:
                 self.wandb_run = wandb.init(mode="online", settings=wandb.Settings(init_timeout=init_timeout_s), **init)
                 self.wandb_mode = "online"
+                self._define_metrics()
                 return
             except Exception as error:  # network, auth: never fatal for the run itself
                 why = f"online start failed ({type(error).__name__})"
         echo(OFFLINE_NOTE.format(why=why or "offline mode requested", dir=self.run_dir))
-        self.wandb_run = wandb.init(mode="offline", **init)
+        # silent: the line above is the one thing a user needs to know about offline logging
+        self.wandb_run = wandb.init(mode="offline", settings=wandb.Settings(silent=True), **init)
         self.wandb_mode = "offline"
+        self._define_metrics()
+
+    def _define_metrics(self) -> None:
+        """Training and evaluation curves share the optimiser step as their x-axis."""
+        run = self.wandb_run
+        run.define_metric("trainer/step")
+        for pattern in ("train/*", "eval/*", "cost/*"):
+            run.define_metric(pattern, step_metric="trainer/step")
+        run.define_metric("eval/accuracy", step_metric="trainer/step", summary="max,last")
 
     def log(self, metrics: dict, step: int) -> None:
         row = {"step": step, **{k: _finite(v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         if self.wandb_run is not None:
-            self.wandb_run.log(metrics, step=step)
+            self.wandb_run.log({**metrics, "trainer/step": step}, step=step)
 
     def summary(self, values: dict) -> None:
         if self.wandb_run is not None:

@@ -30,17 +30,21 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def encode_prompts(tokenizer, prompts: list[str], device) -> tuple[Tensor, Tensor]:
-    """Left-padded prompt ids [B, P] and mask [B, P]."""
-    rows = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
+    """Token lists -> left-padded ids [B, P] and mask [B, P]."""
     width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
         if r:
-            ids[i, width - len(r) :] = torch.tensor(r)
+            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
             mask[i, width - len(r) :] = 1
     return ids.to(device), mask.to(device)
+
+
+def encode_prompts(tokenizer, prompts: list[str], device) -> tuple[Tensor, Tensor]:
+    """Left-padded prompt ids [B, P] and mask [B, P]."""
+    return left_pad([tokenizer.encode(p, add_special_tokens=False) for p in prompts], tokenizer.pad_token_id, device)
 
 
 def encode_responses(tokenizer, texts: list[str], device) -> Responses:
@@ -93,7 +97,6 @@ def _choose(logits: Tensor, temperature: float, top_p: float, generator) -> Tens
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.inference_mode()
 def sample(
     model,
     prompt_ids: Tensor,
@@ -114,6 +117,13 @@ def sample(
     Returns the whole response (prefix included). One model call per new token, with the KV cache;
     rows that have ended are fed padding, masked out.
     """
+    with torch.inference_mode():
+        out = _sample(model, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temperature, top_p, generator, prefix)
+    # plain tensors again: the states feed the autograd-tracked loss
+    return Responses(out.tokens.clone(), out.mask.clone())
+
+
+def _sample(model, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temperature, top_p, generator, prefix):
     batch = prompt_ids.shape[0]
     device = prompt_ids.device
     mask = prompt_mask.long()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -11,6 +11,7 @@ from kltd.sampling import (
     Responses,
     encode_prompts,
     encode_responses,
+    left_pad,
     pad_responses,
     position_ids_from_mask,
     responses_to_lists,
@@ -25,8 +26,22 @@ class StateBatch:
     prompt_ids: Tensor  # [B, P]
     prompt_mask: Tensor  # [B, P]
     responses: Responses  # [B, N]
-    from_student: Tensor  # [B] bool: the row's states were sampled by the student (they depend on theta)
+    # [B, N] bool: response tokens the student sampled (their states depend on theta). None: none did.
+    student_written: Tensor | None = None
+    # [B, N] bool: the positions the loss supervises. None: every response token.
+    supervised: Tensor | None = None
     examples: list = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.student_written is None:
+            self.student_written = torch.zeros_like(self.responses.mask)
+        if self.supervised is None:
+            self.supervised = self.responses.mask
+
+    @property
+    def from_student(self) -> Tensor:
+        """[B] bool: rows whose states depend on the student."""
+        return self.student_written.any(1)
 
     @property
     def input_ids(self) -> Tensor:
@@ -78,15 +93,40 @@ class Sampler:
         )
 
 
+@dataclass
+class MixSettings:
+    """prefix=mixed: the per-sequence coin, its schedule, and the optional hand-off."""
+
+    student_fraction: float = 0.5
+    other: str = "fixed"
+    schedule: str = "constant"
+    student_fraction_start: float = 0.0
+    schedule_steps: int = 100
+    handoff: bool = False
+    handoff_k: str = "uniform"
+    handoff_k_value: int = 4
+    handoff_p: float = 0.2
+    supervise: str = "all"
+
+    def fraction_at(self, step: int) -> float:
+        if self.schedule == "constant":
+            return self.student_fraction
+        progress = min(1.0, step / self.schedule_steps)
+        return self.student_fraction_start + progress * (self.student_fraction - self.student_fraction_start)
+
+
+def _unpadded(ids: Tensor, mask: Tensor) -> list[int]:
+    return ids[mask.bool()].tolist()
+
+
 class StateSource:
     """Builds a StateBatch for a list of examples from the configured prefix source."""
 
-    def __init__(
-        self, source: str, *, student: Sampler, teacher: Sampler, tokenizer, student_fraction=0.5, other="fixed", seed=0
-    ):
+    def __init__(self, source: str, *, student: Sampler, teacher: Sampler, tokenizer, mix: MixSettings | None = None,
+                 seed: int = 0):
         self.source, self.student, self.teacher, self.tokenizer = source, student, teacher, tokenizer
-        self.student_fraction, self.other = student_fraction, other
-        # the per-sequence coins live on the CPU, apart from the sampling generator (which may be on a GPU)
+        self.mix = mix or MixSettings()
+        # coins and hand-off points live on the CPU, apart from the sampling generator (maybe on a GPU)
         self.coins = torch.Generator().manual_seed(seed)
 
     def _draw(self, source: str, prompt_ids, prompt_mask, examples, generator, counts: TokenCounts) -> Responses:
@@ -100,26 +140,72 @@ class StateSource:
             counts.teacher_generated += responses.num_tokens
         return responses
 
-    def build(self, examples: list, generator: torch.Generator) -> tuple[StateBatch, TokenCounts]:
+    def _handoff_points(self, examples) -> list[int]:
+        m = self.mix
+        if m.handoff_k == "fixed":
+            return [m.handoff_k_value] * len(examples)
+        if m.handoff_k == "uniform":  # over the reference response (EOS included)
+            lengths = [len(self.tokenizer.encode(e.response, add_special_tokens=False)) + 1 for e in examples]
+            return [int(torch.randint(0, n + 1, (1,), generator=self.coins)) for n in lengths]
+        # geometric on {0, 1, 2, ...}: the number of failures before the first success
+        u = torch.rand(len(examples), generator=self.coins).clamp(min=1e-12)
+        return [int(torch.floor(torch.log(x) / torch.log1p(torch.tensor(-m.handoff_p)))) if m.handoff_p < 1 else 0
+                for x in u]
+
+    def _handoff(self, prompt_ids, prompt_mask, examples, generator, counts) -> tuple[list[list[int]], list[int]]:
+        """Student writes the first k_i tokens of row i, the teacher continues. Returns rows and k_i."""
+        ks = [min(k, self.student.max_new_tokens) for k in self._handoff_points(examples)]
+        eos = self.tokenizer.eos_token_id
+        heads = [[] for _ in ks]
+        if max(ks) > 0:
+            rolled_in = replace(self.student, max_new_tokens=max(ks))(prompt_ids, prompt_mask, generator)
+            heads = [row[:k] for row, k in zip(responses_to_lists(rolled_in), ks)]
+            counts.student_generated += sum(len(h) for h in heads)
+        # rows whose student part already ended (EOS) get no teacher continuation
+        open_rows = [i for i, h in enumerate(heads) if eos not in h and len(h) < self.teacher.max_new_tokens]
+        rows = [list(h) for h in heads]
+        if open_rows:
+            contexts = [_unpadded(prompt_ids[i], prompt_mask[i]) + heads[i] for i in open_rows]
+            ctx_ids, ctx_mask = left_pad(contexts, self.tokenizer.pad_token_id, prompt_ids.device)
+            budget = self.teacher.max_new_tokens - min(len(heads[i]) for i in open_rows)
+            tails = replace(self.teacher, max_new_tokens=budget)(ctx_ids, ctx_mask, generator)
+            for i, tail in zip(open_rows, responses_to_lists(tails)):
+                rows[i] += tail[: self.teacher.max_new_tokens - len(heads[i])]
+            counts.teacher_generated += sum(len(rows[i]) - len(heads[i]) for i in open_rows)
+        return rows, [len(h) for h in heads]
+
+    def build(self, examples: list, generator: torch.Generator, step: int = 0) -> tuple[StateBatch, TokenCounts]:
         counts = TokenCounts()
-        prompt_ids, prompt_mask = encode_prompts(self.tokenizer, [e.prompt for e in examples], self.student.model.device)
+        device = self.student.model.device
+        prompt_ids, prompt_mask = encode_prompts(self.tokenizer, [e.prompt for e in examples], device)
         n = len(examples)
         if self.source != "mixed":
             responses = self._draw(self.source, prompt_ids, prompt_mask, examples, generator, counts)
-            from_student = torch.full((n,), self.source == "student", dtype=torch.bool)
-            return StateBatch(prompt_ids, prompt_mask, responses, from_student.to(prompt_ids.device), examples), counts
+            written = responses.mask if self.source == "student" else None
+            return StateBatch(prompt_ids, prompt_mask, responses, written, examples=examples), counts
         # GKD-style: one coin per sequence; only the rows that need a model are sampled by it
-        coins = torch.rand(n, generator=self.coins) < self.student_fraction
-        responses_by_row: list[list[int]] = [[] for _ in range(n)]
-        for source, rows in (("student", coins), (self.other, ~coins)):
-            idx = rows.nonzero().squeeze(1)
-            if len(idx) == 0:
+        coins = torch.rand(n, generator=self.coins) < self.mix.fraction_at(step)
+        rows: list[list[int]] = [[] for _ in range(n)]
+        student_len = [0] * n  # how many leading response tokens of each row the student wrote
+        for source, chosen in (("student", coins), (self.mix.other, ~coins)):
+            idx = chosen.nonzero().squeeze(1).tolist()
+            if not idx:
                 continue
-            part = self._draw(source, prompt_ids[idx], prompt_mask[idx], [examples[i] for i in idx], generator, counts)
-            for i, row in zip(idx.tolist(), responses_to_lists(part)):
-                responses_by_row[i] = row
-        responses = pad_responses(responses_by_row, self.tokenizer.pad_token_id, prompt_ids.device)
-        return StateBatch(prompt_ids, prompt_mask, responses, coins.to(prompt_ids.device), examples), counts
+            sub = (prompt_ids[idx], prompt_mask[idx], [examples[i] for i in idx], generator, counts)
+            if source == "student" and self.mix.handoff:
+                part, heads = self._handoff(*sub)
+            else:
+                part = responses_to_lists(self._draw(source, *sub))
+                heads = [len(r) for r in part] if source == "student" else [0] * len(part)
+            for i, row, head in zip(idx, part, heads):
+                rows[i], student_len[i] = row, head
+        responses = pad_responses(rows, self.tokenizer.pad_token_id, device)
+        columns = torch.arange(responses.tokens.shape[1], device=device)
+        written = (columns < torch.tensor(student_len, device=device).unsqueeze(1)) & responses.mask
+        supervised = responses.mask
+        if self.mix.handoff and self.mix.supervise == "after_handoff":
+            supervised = responses.mask & ~written
+        return StateBatch(prompt_ids, prompt_mask, responses, written, supervised, examples), counts
 
 
 def response_logits(model, batch: StateBatch) -> Tensor:

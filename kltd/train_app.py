@@ -15,10 +15,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from kltd.config import Config, ConfigError
-from kltd.methods import cell_error, method_name, slug
+from kltd.config import Config, ConfigError, config_method_label
+from kltd.methods import cell_error, slug
 
-USER_ERRORS = (ConfigError, FileNotFoundError, ValueError)
+USER_ERRORS = (ConfigError, FileNotFoundError, ValueError)  # DataFileError is a ValueError
 
 
 def config_dir() -> str:
@@ -30,8 +30,11 @@ def config_dir() -> str:
     raise FileNotFoundError(f"kltd's configs are missing (looked in {package / 'conf'}); reinstall kltd")
 
 
-def _slug_resolver(prefix: str, trajectory: str) -> str:
-    return f"invalid-{prefix}-{trajectory}" if cell_error(prefix, trajectory) else slug(method_name(prefix, trajectory))
+def _slug_resolver(*, _root_) -> str:
+    """${kltd_slug:} in a run directory name: the method label of the config being run."""
+    if cell_error(_root_.prefix.source, _root_.trajectory.supervisor):
+        return f"invalid-{_root_.prefix.source}-{_root_.trajectory.supervisor}"
+    return slug(config_method_label(_root_))
 
 
 ConfigStore.instance().store(name="kltd_schema", node=Config)

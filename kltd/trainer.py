@@ -19,8 +19,9 @@ import torch
 
 from kltd.config import Config
 from kltd.divergences import DivergenceSpec
-from kltd.losses import prefix_loss, trajectory_loss
-from kltd.states import Sampler, StateBatch, StateSource, TokenCounts, response_logits
+from kltd.losses import dataset_loss, prefix_loss, trajectory_loss
+from kltd.rewards import VERIFIERS, sequence_weights, teacher_loglik
+from kltd.states import MixSettings, Sampler, StateBatch, StateSource, TokenCounts, response_logits
 
 
 class TrainingError(RuntimeError):
@@ -74,16 +75,19 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(t.warmup_steps, t.max_steps, t.min_lr_ratio)
         )
-        s = cfg.sampling
+        s, p = cfg.sampling, cfg.prefix
         self.states = StateSource(
-            cfg.prefix.source,
+            p.source,
             student=Sampler(self.student, self.tokenizer, s.max_new_tokens, s.temperature, s.top_p),
             teacher=Sampler(self.teacher, self.tokenizer, s.max_new_tokens, s.temperature, s.top_p),
             tokenizer=self.tokenizer,
-            student_fraction=cfg.prefix.student_fraction,
-            other=cfg.prefix.other,
+            mix=MixSettings(p.student_fraction, p.other, p.schedule, p.student_fraction_start, p.schedule_steps,
+                            p.handoff, p.handoff_k, p.handoff_k_value, p.handoff_p, p.supervise),
             seed=cfg.seed,
         )
+        self.steps_done = 0
+        self.teacher_forwards = 0  # live teacher passes during training (the cache avoids them)
+        self.teacher_cache = None
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.order = random.Random(cfg.seed)
         self.cursor = len(train_examples)
@@ -102,10 +106,48 @@ class Trainer:
             out += [self.examples[i] for i in take]
         return out
 
-    def needs_teacher_logits(self, batch: StateBatch) -> bool:
-        if self.cfg.trajectory.supervisor != "dataset" and self.cfg.loss.kl_trajectory_weight > 0:
+    def uses_teacher_cache(self) -> bool:
+        """auto: cache whenever the states are fixed and the loss needs the teacher's logits at them."""
+        c = self.cfg.cache
+        needed = self.cfg.prefix.source == "fixed" and self._loss_needs_teacher(fixed_states=True)
+        return needed and (c.teacher == "on" or c.teacher == "auto")
+
+    def attach_teacher_cache(self, cache) -> None:
+        self.teacher_cache = cache
+
+    def _loss_needs_teacher(self, fixed_states: bool) -> bool:
+        traj, loss = self.cfg.trajectory, self.cfg.loss
+        if loss.kl_trajectory_weight > 0 and (traj.supervisor != "dataset" or traj.reward == "teacher_loglik"):
             return True
-        return self.cfg.loss.kl_prefix_weight > 0 and bool(batch.from_student.any())
+        return loss.kl_prefix_weight > 0 and not fixed_states
+
+    def teacher_logits(self, batch: StateBatch) -> torch.Tensor:
+        if self.teacher_cache is not None and not bool(batch.from_student.any()) and self.cfg.prefix.source == "fixed":
+            return self.teacher_cache.lookup(batch)
+        with torch.inference_mode():
+            logits = response_logits(self.teacher, batch)
+        self.teacher_forwards += 1
+        return logits.clone()  # a normal tensor again, usable by autograd
+
+    def needs_teacher_logits(self, batch: StateBatch) -> bool:
+        return self._loss_needs_teacher(fixed_states=not bool(batch.from_student.any()))
+
+    def dataset_weights(self, batch: StateBatch, teacher_logits) -> torch.Tensor | None:
+        """Offline RL: per-sequence weights from the configured return, or None for plain BC."""
+        traj = self.cfg.trajectory
+        if traj.reward == "none":
+            return None
+        if traj.reward == "teacher_loglik":
+            rewards = teacher_loglik(teacher_logits, batch.responses.tokens, batch.responses.mask)
+        else:
+            texts = self.tokenizer.batch_decode(
+                [row[m & (row != self.tokenizer.eos_token_id)].tolist()
+                 for row, m in zip(batch.responses.tokens, batch.responses.mask)]
+            )
+            verifier = VERIFIERS[traj.reward]
+            rewards = torch.tensor([verifier(t, e) for t, e in zip(texts, batch.examples)], device=self.device)
+        return sequence_weights(rewards, traj.weighting, keep_fraction=traj.keep_fraction,
+                                temperature=traj.awr_temperature, max_weight=traj.awr_max_weight)
 
     def loss(self, batch: StateBatch, denominator: float) -> tuple[torch.Tensor, dict[str, float]]:
         """kl_trajectory_weight * L_traj + kl_prefix_weight * L_prefix for one micro-batch.
@@ -114,34 +156,44 @@ class Trainer:
         micro-batch), so accumulated gradients equal those of one large batch.
         """
         cfg = self.cfg.loss
-        targets, mask = batch.responses.tokens, batch.responses.mask
+        targets, mask = batch.responses.tokens, batch.supervised
         student_logits = response_logits(self.student, batch)
-        teacher_logits = None
-        if self.needs_teacher_logits(batch):
-            with torch.inference_mode():
-                teacher_logits = response_logits(self.teacher, batch)
-            teacher_logits = teacher_logits.clone()  # a normal tensor, usable by autograd
+        teacher_logits = self.teacher_logits(batch) if self.needs_teacher_logits(batch) else None
         common = dict(normalization=cfg.normalization, denominator=denominator)
         total = student_logits.new_zeros(())
         parts = {}
-        if cfg.kl_trajectory_weight > 0:
+        if cfg.kl_trajectory_weight > 0 and self.cfg.trajectory.supervisor == "dataset":
+            weights = self.dataset_weights(batch, teacher_logits)
+            traj = dataset_loss(student_logits, targets, mask, weights, **common)
+            if weights is not None:
+                parts["mean_weight"] = float(weights.mean())
+        elif cfg.kl_trajectory_weight > 0:
             traj = trajectory_loss(
                 student_logits, teacher_logits, targets, mask, trajectory=self.cfg.trajectory.supervisor,
                 spec=self.spec, estimator=cfg.estimator, top_k=cfg.top_k, **common,
             )
+        if cfg.kl_trajectory_weight > 0:
             total = total + cfg.kl_trajectory_weight * traj
-            parts["loss_trajectory"] = float(traj)
+            parts["loss_trajectory"] = float(traj.detach())
         if cfg.kl_prefix_weight > 0:
             pre = student_logits.new_zeros(())
-            for states, rows in (("student", batch.from_student), ("fixed", ~batch.from_student)):
-                if rows.any():
-                    pre = pre + prefix_loss(
-                        student_logits[rows], None if teacher_logits is None else teacher_logits[rows],
-                        targets[rows], mask[rows], states=states, gamma=cfg.gamma, baseline=cfg.baseline,
-                        spec=self.spec or DivergenceSpec("reverse_kl"), **common,
-                    )
+            rows = batch.from_student
+
+            def pick(x, which):  # no copy of the logits when every row is of one kind
+                return x if x is None or bool(which.all()) else x[which]
+
+            if rows.any():  # score-function term over the tokens the student wrote; returns along the whole response
+                pre = pre + prefix_loss(
+                    pick(student_logits, rows), pick(teacher_logits, rows), pick(targets, rows),
+                    pick(batch.responses.mask, rows), states="student", gamma=cfg.gamma, baseline=cfg.baseline,
+                    spec=self.spec or DivergenceSpec("reverse_kl"), score_mask=pick(batch.student_written, rows),
+                    sampling_temperature=self.cfg.sampling.temperature, **common,
+                )
+            if (~rows).any():  # states independent of theta: cross-entropy on the prefix tokens
+                pre = pre + prefix_loss(pick(student_logits, ~rows), None, pick(targets, ~rows), pick(mask, ~rows),
+                                        states="fixed", **common)
             total = total + cfg.kl_prefix_weight * pre
-            parts["loss_prefix"] = float(pre)
+            parts["loss_prefix"] = float(pre.detach())
         del student_logits, teacher_logits
         return total, parts
 
@@ -152,11 +204,11 @@ class Trainer:
         self.student.eval()  # sampling states: no dropout
         batches = []
         for _ in range(t.grad_accum):
-            batch, counts = self.states.build(self.next_examples(t.batch_size), self.generator)
+            batch, counts = self.states.build(self.next_examples(t.batch_size), self.generator, self.steps_done)
             batches.append(batch)
             stats.tokens.add(counts)
         self.student.train()
-        tokens = sum(b.responses.num_tokens for b in batches)
+        tokens = sum(int(b.supervised.sum()) for b in batches)
         denominator = float(tokens if self.cfg.loss.normalization == "token" else sum(b.num_sequences for b in batches))
         self.optimizer.zero_grad(set_to_none=True)
         for batch in batches:
@@ -175,9 +227,10 @@ class Trainer:
         self.scheduler.step()
         stats.parts["grad_norm"] = float(grad_norm)
         stats.parts["lr"] = self.scheduler.get_last_lr()[0]
+        self.steps_done += 1
         stats.trained_tokens = tokens
         forward_passes = 2 if self.needs_teacher_logits(batches[0]) else 1
-        stats.tokens.scored += tokens * forward_passes
+        stats.tokens.scored += tokens * forward_passes  # student and (live or cached) teacher scores
         return stats
 
 

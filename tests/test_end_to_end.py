@@ -74,3 +74,16 @@ def test_same_seed_same_numbers(corners, tmp_path):
     first = json.loads((corners["OPD"] / "metrics.json").read_text())
     assert again["final_loss"] == pytest.approx(first["final_loss"], rel=1e-6)
     assert again["eval_after"] == pytest.approx(first["eval_after"], rel=1e-6)
+
+
+def test_warm_teacher_cache_means_no_teacher_passes(tmp_path):
+    """Two fixed-prefix cells sharing a cache: the second asks the teacher nothing during training."""
+    cache = tmp_path / "cache"
+    passes = {}
+    for name, trajectory in (("sft", "expert"), ("offline-rl", "student")):
+        run_dir = tmp_path / name
+        out = kltd("train", "prefix=fixed", f"trajectory={trajectory}", *TINY, f"cache.dir={cache}",
+                   f"hydra.run.dir={run_dir}", cwd=tmp_path)
+        assert out.returncode == 0, out.stderr[-3000:]
+        passes[name] = json.loads((run_dir / "metrics.json").read_text())["teacher_forward_passes"]
+    assert passes["sft"] > 0 and passes["offline-rl"] == 0

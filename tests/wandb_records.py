@@ -1,0 +1,58 @@
+"""Read the records of an offline W&B run file (run-*.wandb) with no network and no wandb service.
+
+The file is a LevelDB-style log: a 7-byte header (":W&B", magic, version), then 32 KiB blocks of
+records, each with a 7-byte header (crc32, length, type: 1 full, 2 first, 3 middle, 4 last).
+Each record is a wandb_internal_pb2.Record protobuf.
+"""
+
+import struct
+from pathlib import Path
+
+BLOCK = 32768
+HEADER = 7
+
+
+def raw_records(path: Path):
+    data = Path(path).read_bytes()
+    if data[:4] != b":W&B":
+        raise ValueError(f"{path} is not a W&B run file")
+    pos, pending = HEADER, b""
+    while pos + HEADER <= len(data):
+        left = BLOCK - pos % BLOCK
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER]) if left >= HEADER else (0, 0, 0)
+        if left < HEADER or (kind == 0 and length == 0):  # block trailer padding
+            pos += left
+            continue
+        chunk = data[pos + HEADER : pos + HEADER + length]
+        pos += HEADER + length
+        if kind == 1:
+            yield chunk
+        elif kind == 2:
+            pending = chunk
+        elif kind == 3:
+            pending += chunk
+        elif kind == 4:
+            yield pending + chunk
+            pending = b""
+
+
+def read_run(path: Path) -> dict:
+    """{'run': {'group', 'tags', 'name', 'job_type'}, 'history': [{key: value}], 'config': {key: value}}."""
+    import json
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    out = {"run": {}, "history": [], "config": {}}
+    for data in raw_records(path):
+        record = pb.Record()
+        record.ParseFromString(data)
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            r = record.run
+            out["run"] = {"group": r.run_group, "tags": list(r.tags), "name": r.display_name, "job_type": r.job_type}
+            out["config"].update({i.key: json.loads(i.value_json) for i in r.config.update})
+        elif kind == "history":
+            out["history"].append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+        elif kind == "config":
+            out["config"].update({i.key: json.loads(i.value_json) for i in record.config.update})
+    return out
