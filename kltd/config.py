@@ -112,6 +112,9 @@ class TrainerConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     log_every: int = 10
+    # exact divergence losses straight from hidden states, chunk by chunk (no [B, T, V] logits) where the
+    # output layer allows it; false: the reference path through full logits
+    fused_head: bool = True
     save_checkpoint: bool = True
     progress: bool = True
 

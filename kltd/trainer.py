@@ -19,8 +19,10 @@ import torch
 
 from kltd.config import Config
 from kltd.divergences import DivergenceSpec
+from kltd.fused_head import fused_divergence, plain_output_layer, response_hidden
 from kltd.losses import dataset_loss, prefix_loss, trajectory_loss
 from kltd.rewards import VERIFIERS, sequence_weights, teacher_loglik
+from kltd.sampling import position_ids_from_mask
 from kltd.states import MixSettings, Sampler, StateBatch, StateSource, TokenCounts, response_logits
 
 
@@ -149,6 +151,34 @@ class Trainer:
         return sequence_weights(rewards, traj.weighting, keep_fraction=traj.keep_fraction,
                                 temperature=traj.awr_temperature, max_weight=traj.awr_max_weight)
 
+    def can_fuse(self) -> bool:
+        """The exact trajectory divergence alone, through plain output layers: no logits tensor is needed."""
+        loss, traj = self.cfg.loss, self.cfg.trajectory
+        return (self.cfg.trainer.fused_head and loss.estimator == "exact" and loss.kl_prefix_weight == 0
+                and traj.supervisor != "dataset" and plain_output_layer(self.student) is not None
+                and plain_output_layer(self.teacher) is not None)
+
+    def fused_loss(self, batch: StateBatch, denominator: float) -> torch.Tensor:
+        """kl_trajectory_weight * L_traj from hidden states; equals the logits path (tested)."""
+        mask = batch.supervised
+        n = batch.responses.tokens.shape[1]
+        ids, attention = batch.input_ids, batch.attention_mask
+        positions = position_ids_from_mask(attention)
+        hidden = response_hidden(self.student, ids, attention, positions, n)[mask]
+        cached = self.teacher_cache is not None and self.cfg.prefix.source == "fixed"
+        if cached:
+            teacher_rows = self.teacher_cache.lookup(batch)[mask]
+            rows = lambda part: teacher_rows[part]  # noqa: E731
+        else:
+            with torch.inference_mode():
+                teacher_hidden = response_hidden(self.teacher, ids, attention, positions, n)[mask]
+            self.teacher_forwards += 1
+            teacher_head = plain_output_layer(self.teacher).weight
+            rows = lambda part: teacher_hidden[part] @ teacher_head.T  # noqa: E731
+        weights = torch.full((hidden.shape[0],), 1.0 / denominator, device=hidden.device)
+        head = plain_output_layer(self.student).weight
+        return self.cfg.loss.kl_trajectory_weight * fused_divergence(hidden, head, rows, weights, self.spec)
+
     def loss(self, batch: StateBatch, denominator: float) -> tuple[torch.Tensor, dict[str, float]]:
         """kl_trajectory_weight * L_traj + kl_prefix_weight * L_prefix for one micro-batch.
 
@@ -156,6 +186,9 @@ class Trainer:
         micro-batch), so accumulated gradients equal those of one large batch.
         """
         cfg = self.cfg.loss
+        if self.can_fuse():
+            total = self.fused_loss(batch, denominator)
+            return total, {"loss_trajectory": float(total.detach()) / cfg.kl_trajectory_weight}
         targets, mask = batch.responses.tokens, batch.supervised
         student_logits = response_logits(self.student, batch)
         teacher_logits = self.teacher_logits(batch) if self.needs_teacher_logits(batch) else None
@@ -219,7 +252,7 @@ class Trainer:
                     "lower trainer.lr or raise loss.temperature, then rerun"
                 )
             loss.backward()
-            stats.loss += float(loss)
+            stats.loss += float(loss.detach())
             for k, v in parts.items():
                 stats.parts[k] = stats.parts.get(k, 0.0) + v
         grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), t.max_grad_norm)

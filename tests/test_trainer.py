@@ -1,0 +1,91 @@
+"""The shared trainer on tiny real models: fused vs reference loss, gradient accumulation, determinism."""
+
+import copy
+
+import pytest
+import torch
+
+from kltd.config import Config
+from kltd.models import load_pair
+from kltd.task import make_splits
+from kltd.trainer import Trainer
+from tiny_models import make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pair")
+    return str(make_tiny_model(root / "teacher", width=32, layers=2, seed=1)), str(make_tiny_model(root / "student", seed=2))
+
+
+def make_trainer(model_dirs, **changes) -> Trainer:
+    cfg = Config()
+    cfg.model.teacher, cfg.model.student = model_dirs
+    cfg.model.device = "cpu"
+    cfg.sampling.max_new_tokens = 10
+    cfg.cache.teacher = "off"
+    for key, value in changes.items():
+        section, name = key.split("__")
+        setattr(getattr(cfg, section), name, value)
+    torch.manual_seed(0)
+    pair = load_pair(cfg.model.teacher, cfg.model.student, device="cpu")
+    train, _ = make_splits(0, 64, 4)
+    return Trainer(cfg, pair, train)
+
+
+def gradients(trainer: Trainer, batch, denominator) -> dict[str, torch.Tensor]:
+    trainer.student.zero_grad(set_to_none=True)
+    loss, _ = trainer.loss(batch, denominator)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in trainer.student.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("cell", [
+    dict(prefix__source="fixed", trajectory__supervisor="expert"),
+    dict(prefix__source="student", trajectory__supervisor="student"),
+    dict(prefix__source="mixed", trajectory__supervisor="expert", loss__divergence="jsd", loss__beta=0.3,
+         loss__temperature=1.5, loss__normalization="sequence"),
+])
+def test_fused_head_equals_the_logits_path(model_dirs, cell):
+    fused = make_trainer(model_dirs, **cell)
+    reference = make_trainer(model_dirs, trainer__fused_head=False, **cell)
+    assert fused.can_fuse() and not reference.can_fuse()
+    batch, _ = fused.states.build(fused.next_examples(6), fused.generator)
+    denominator = float(batch.supervised.sum())
+    loss_f, grads_f = gradients(fused, batch, denominator)
+    loss_r, grads_r = gradients(reference, batch, denominator)
+    assert torch.allclose(loss_f, loss_r, rtol=1e-5, atol=1e-7)
+    assert grads_f.keys() == grads_r.keys()
+    for name in grads_f:
+        assert torch.allclose(grads_f[name], grads_r[name], rtol=1e-4, atol=1e-7), name
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_gradient_accumulation_matches_one_large_batch(model_dirs, fused):
+    """Two micro-batches of 4 normalised by the step's token count give the gradient of one batch of 8."""
+    big = make_trainer(model_dirs, trainer__batch_size=8, trainer__fused_head=fused, trainer__max_grad_norm=1e9)
+    small = make_trainer(model_dirs, trainer__batch_size=4, trainer__grad_accum=2, trainer__fused_head=fused,
+                         trainer__max_grad_norm=1e9)
+    before = copy.deepcopy(small.student.state_dict())
+    big.step()
+    small.step()
+    for name, value in big.student.state_dict().items():
+        assert torch.allclose(value, small.student.state_dict()[name], atol=1e-6), name
+    assert any(not torch.equal(before[n], v) for n, v in small.student.state_dict().items())
+
+
+def test_student_states_are_sampled_and_counted(model_dirs):
+    trainer = make_trainer(model_dirs, prefix__source="student", trajectory__supervisor="expert")
+    stats = trainer.step()
+    assert stats.tokens.student_generated > 0 and stats.tokens.teacher_generated == 0
+    assert trainer.teacher_forwards == 1
+
+
+def test_nan_loss_stops_with_a_clear_error(model_dirs):
+    from kltd.trainer import TrainingError
+
+    trainer = make_trainer(model_dirs)
+    with torch.no_grad():
+        next(trainer.student.parameters()).fill_(float("nan"))
+    with pytest.raises(TrainingError, match="lower trainer.lr"):
+        trainer.step()
