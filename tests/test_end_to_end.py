@@ -87,3 +87,23 @@ def test_warm_teacher_cache_means_no_teacher_passes(tmp_path):
         assert out.returncode == 0, out.stderr[-3000:]
         passes[name] = json.loads((run_dir / "metrics.json").read_text())["teacher_forward_passes"]
     assert passes["sft"] > 0 and passes["offline-rl"] == 0
+
+
+def test_the_sweep_ends_with_a_comparison(corners):
+    sweep = next(iter(corners.values())).parent
+    for name in ("results.md", "results.csv", "matrix_accuracy.png", "learning_curves.png"):
+        assert (sweep / name).is_file(), name
+    csv_rows = (sweep / "results.csv").read_text().splitlines()
+    assert len(csv_rows) == 1 + 4
+    table = (sweep / "results.md").read_text()
+    for method in ("SFT", "Offline RL", "DAgger", "OPD"):
+        assert method in table
+
+
+def test_compare_reproduces_the_sweep_files_from_the_directory_alone(corners, tmp_path):
+    sweep = next(iter(corners.values())).parent
+    out = kltd("compare", str(sweep), "--metric", "accuracy,reverse_kl_student_states", "--out", str(tmp_path),
+               cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "results.csv").read_text() == (sweep / "results.csv").read_text()
+    assert "OPD" in out.stdout and "DAgger" in out.stdout
