@@ -98,7 +98,7 @@ class SamplingConfig:
 
     temperature: float = 1.0
     top_p: float = 1.0
-    max_new_tokens: int = 48
+    max_new_tokens: int = 64
 
 
 @dataclass
@@ -123,7 +123,7 @@ class TrainerConfig:
 class EvalConfig:
     num_prompts: int = 200
     batch_size: int = 100
-    max_new_tokens: int = 48
+    max_new_tokens: int = 64
     every: int = 0  # evaluate every N steps as well as before and after; 0 = before and after only
     seed: int = 1234  # fixed, so that every cell is evaluated on identical samples
     pass_k: int = 4  # student samples per prompt for pass@k and the sequence reverse KL

@@ -24,7 +24,7 @@ FORWARD = DivergenceSpec(name="forward_kl")
 class EvalSettings:
     num_prompts: int = 200
     batch_size: int = 100
-    max_new_tokens: int = 48
+    max_new_tokens: int = 64
     seed: int = 1234
     pass_k: int = 4  # student samples per prompt (temperature 1) for pass@k and the reverse KL
 

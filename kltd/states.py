@@ -7,6 +7,8 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
+from kltd.config import PrefixConfig
+
 from kltd.sampling import (
     Responses,
     encode_prompts,
@@ -93,26 +95,12 @@ class Sampler:
         )
 
 
-@dataclass
-class MixSettings:
-    """prefix=mixed: the per-sequence coin, its schedule, and the optional hand-off."""
-
-    student_fraction: float = 0.5
-    other: str = "fixed"
-    schedule: str = "constant"
-    student_fraction_start: float = 0.0
-    schedule_steps: int = 100
-    handoff: bool = False
-    handoff_k: str = "uniform"
-    handoff_k_value: int = 4
-    handoff_p: float = 0.2
-    supervise: str = "all"
-
-    def fraction_at(self, step: int) -> float:
-        if self.schedule == "constant":
-            return self.student_fraction
-        progress = min(1.0, step / self.schedule_steps)
-        return self.student_fraction_start + progress * (self.student_fraction - self.student_fraction_start)
+def student_fraction_at(mix: PrefixConfig, step: int) -> float:
+    """The per-sequence probability of student states at an optimiser step (constant or a linear ramp)."""
+    if mix.schedule == "constant":
+        return mix.student_fraction
+    progress = min(1.0, step / mix.schedule_steps)
+    return mix.student_fraction_start + progress * (mix.student_fraction - mix.student_fraction_start)
 
 
 def _unpadded(ids: Tensor, mask: Tensor) -> list[int]:
@@ -122,10 +110,9 @@ def _unpadded(ids: Tensor, mask: Tensor) -> list[int]:
 class StateSource:
     """Builds a StateBatch for a list of examples from the configured prefix source."""
 
-    def __init__(self, source: str, *, student: Sampler, teacher: Sampler, tokenizer, mix: MixSettings | None = None,
-                 seed: int = 0):
-        self.source, self.student, self.teacher, self.tokenizer = source, student, teacher, tokenizer
-        self.mix = mix or MixSettings()
+    def __init__(self, mix: PrefixConfig, *, student: Sampler, teacher: Sampler, tokenizer, seed: int = 0):
+        self.source, self.student, self.teacher, self.tokenizer = mix.source, student, teacher, tokenizer
+        self.mix = mix
         # coins and hand-off points live on the CPU, apart from the sampling generator (maybe on a GPU)
         self.coins = torch.Generator().manual_seed(seed)
 
@@ -184,7 +171,7 @@ class StateSource:
             written = responses.mask if self.source == "student" else None
             return StateBatch(prompt_ids, prompt_mask, responses, written, examples=examples), counts
         # GKD-style: one coin per sequence; only the rows that need a model are sampled by it
-        coins = torch.rand(n, generator=self.coins) < self.mix.fraction_at(step)
+        coins = torch.rand(n, generator=self.coins) < student_fraction_at(self.mix, step)
         rows: list[list[int]] = [[] for _ in range(n)]
         student_len = [0] * n  # how many leading response tokens of each row the student wrote
         for source, chosen in (("student", coins), (self.mix.other, ~coins)):

@@ -23,7 +23,7 @@ from kltd.fused_head import fused_divergence, plain_output_layer, response_hidde
 from kltd.losses import dataset_loss, prefix_loss, trajectory_loss
 from kltd.rewards import VERIFIERS, sequence_weights, teacher_loglik
 from kltd.sampling import position_ids_from_mask
-from kltd.states import MixSettings, Sampler, StateBatch, StateSource, TokenCounts, response_logits
+from kltd.states import Sampler, StateBatch, StateSource, TokenCounts, response_logits
 
 
 class TrainingError(RuntimeError):
@@ -77,14 +77,12 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(t.warmup_steps, t.max_steps, t.min_lr_ratio)
         )
-        s, p = cfg.sampling, cfg.prefix
+        s = cfg.sampling
         self.states = StateSource(
-            p.source,
+            cfg.prefix,
             student=Sampler(self.student, self.tokenizer, s.max_new_tokens, s.temperature, s.top_p),
             teacher=Sampler(self.teacher, self.tokenizer, s.max_new_tokens, s.temperature, s.top_p),
             tokenizer=self.tokenizer,
-            mix=MixSettings(p.student_fraction, p.other, p.schedule, p.student_fraction_start, p.schedule_steps,
-                            p.handoff, p.handoff_k, p.handoff_k_value, p.handoff_p, p.supervise),
             seed=cfg.seed,
         )
         self.steps_done = 0
