@@ -140,7 +140,8 @@ def _train_and_evaluate(cfg: Config, run_dir: Path, logger: RunLogger, console: 
         return result
 
     console.print(f"[bold]{cfg.method}[/] (prefix={cfg.prefix.source}, trajectory={cfg.trajectory.supervisor}) "
-                  f"on {pair.device}; run dir {run_dir}")
+                  f"on {pair.device}")
+    console.print(f"run directory: {run_dir}", soft_wrap=True, highlight=False)
     before = run_eval(0)
     trainer = Trainer(cfg, pair, train_examples)
     if trainer.uses_teacher_cache():

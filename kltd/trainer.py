@@ -121,8 +121,12 @@ class Trainer:
             return True
         return loss.kl_prefix_weight > 0 and not fixed_states
 
+    def cache_serves(self, batch: StateBatch) -> bool:
+        """The cache holds fixed states only; any student-written row goes to the live teacher."""
+        return self.teacher_cache is not None and not bool(batch.from_student.any())
+
     def teacher_logits(self, batch: StateBatch) -> torch.Tensor:
-        if self.teacher_cache is not None and not bool(batch.from_student.any()) and self.cfg.prefix.source == "fixed":
+        if self.cache_serves(batch):
             return self.teacher_cache.lookup(batch)
         with torch.inference_mode():
             logits = response_logits(self.teacher, batch)
@@ -163,8 +167,7 @@ class Trainer:
         ids, attention = batch.input_ids, batch.attention_mask
         positions = position_ids_from_mask(attention)
         hidden = response_hidden(self.student, ids, attention, positions, n)[mask]
-        cached = self.teacher_cache is not None and self.cfg.prefix.source == "fixed"
-        if cached:
+        if self.cache_serves(batch):
             teacher_rows = self.teacher_cache.lookup(batch)[mask]
             rows = lambda part: teacher_rows[part]  # noqa: E731
         else:
