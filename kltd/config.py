@@ -122,7 +122,7 @@ class TrainerConfig:
 @dataclass
 class EvalConfig:
     num_prompts: int = 200
-    batch_size: int = 100
+    batch_size: int = 200  # prompts per sampling call (x pass_k rows); large batches amortise per-token overhead
     max_new_tokens: int = 64
     every: int = 0  # evaluate every N steps as well as before and after; 0 = before and after only
     seed: int = 1234  # fixed, so that every cell is evaluated on identical samples
