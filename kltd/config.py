@@ -125,6 +125,7 @@ class EvalConfig:
     batch_size: int = 200  # prompts per sampling call (x pass_k rows); large batches amortise per-token overhead
     max_new_tokens: int = 64
     every: int = 0  # evaluate every N steps as well as before and after; 0 = before and after only
+    before: bool = True  # false skips the evaluation before training (identical for every cell of a sweep)
     seed: int = 1234  # fixed, so that every cell is evaluated on identical samples
     pass_k: int = 4  # student samples per prompt for pass@k and the sequence reverse KL
 

@@ -55,7 +55,10 @@ def before_after_table(method: str, before: dict, after: dict) -> Table:
     for column in ("metric", "before", "after", "change"):
         table.add_column(column, justify="left" if column == "metric" else "right")
     for key in HEADLINE:
-        table.add_row(key, f"{before[key]:.4g}", f"{after[key]:.4g}", f"{after[key] - before[key]:+.4g}")
+        if key in before:
+            table.add_row(key, f"{before[key]:.4g}", f"{after[key]:.4g}", f"{after[key] - before[key]:+.4g}")
+        else:
+            table.add_row(key, "-", f"{after[key]:.4g}", "-")
     return table
 
 
@@ -142,7 +145,7 @@ def _train_and_evaluate(cfg: Config, run_dir: Path, logger: RunLogger, console: 
     console.print(f"[bold]{cfg.method}[/] (prefix={cfg.prefix.source}, trajectory={cfg.trajectory.supervisor}) "
                   f"on {pair.device}")
     console.print(f"run directory: {run_dir}", soft_wrap=True, highlight=False)
-    before = run_eval(0)
+    before = run_eval(0) if e.before else None
     trainer = Trainer(cfg, pair, train_examples)
     if trainer.uses_teacher_cache():
         from kltd.models import resolve_model_path
@@ -179,7 +182,7 @@ def _train_and_evaluate(cfg: Config, run_dir: Path, logger: RunLogger, console: 
                 run_eval(step)
     train_time = time.perf_counter() - train_started
     after = run_eval(t.max_steps)
-    console.print(before_after_table(cfg.method, before, after))
+    console.print(before_after_table(cfg.method, before or {}, after))
     checkpoint = save_checkpoint(pair.student, pair.tokenizer, run_dir) if t.save_checkpoint else None
     return {
         "steps": t.max_steps,

@@ -249,7 +249,7 @@ class Trainer:
             loss, parts = self.loss(batch, denominator)
             if not torch.isfinite(loss):
                 raise TrainingError(
-                    f"the loss became {float(loss)} at step {self.scheduler.last_epoch}; "
+                    f"the loss became {float(loss.detach())} at step {self.scheduler.last_epoch}; "
                     "lower trainer.lr or raise loss.temperature, then rerun"
                 )
             loss.backward()
