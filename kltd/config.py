@@ -115,6 +115,9 @@ class TrainerConfig:
     # exact divergence losses straight from hidden states, chunk by chunk (no [B, T, V] logits) where the
     # output layer allows it; false: the reference path through full logits
     fused_head: bool = True
+    # CPU threads for PyTorch. 0: one thread when both models are small (the toy pair), where a second
+    # thread only adds synchronisation and, on a busy machine, stalls every tiny matmul; else torch's default.
+    num_threads: int = 0
     save_checkpoint: bool = True
     progress: bool = True
 
@@ -281,6 +284,7 @@ def validate(cfg: Config) -> None:
         ("eval.pass_k", cfg.eval.pass_k),
     ):
         _at_least(key, value, 1)
+    _at_least("trainer.num_threads", cfg.trainer.num_threads, 0)
     _at_least("trainer.max_steps", cfg.trainer.max_steps, 0)
     if cfg.trainer.lr <= 0:
         raise ConfigError(f"trainer.lr={cfg.trainer.lr} must be > 0")

@@ -124,7 +124,7 @@ def examples_from_file(path: str, eval_examples: list, console: Console) -> list
 
 
 def _train_and_evaluate(cfg: Config, run_dir: Path, logger: RunLogger, console: Console) -> dict:
-    from kltd.models import load_pair
+    from kltd.models import load_pair, set_cpu_threads
     from kltd.task import make_splits
     from kltd.trainer import Trainer, seed_everything
 
@@ -134,6 +134,7 @@ def _train_and_evaluate(cfg: Config, run_dir: Path, logger: RunLogger, console: 
     if d.responses_file:
         train_examples = examples_from_file(d.responses_file, eval_examples, console)
     pair = load_pair(cfg.model.teacher, cfg.model.student, cfg.model.dtype, cfg.model.device)
+    set_cpu_threads(pair, cfg.trainer.num_threads)
     e = cfg.eval
     settings = EvalSettings(e.num_prompts, e.batch_size, e.max_new_tokens, e.seed, e.pass_k)
 
