@@ -73,7 +73,10 @@ def test_same_seed_same_numbers(corners, tmp_path):
     again = json.loads((run_dir / "metrics.json").read_text())
     first = json.loads((corners["OPD"] / "metrics.json").read_text())
     assert again["final_loss"] == pytest.approx(first["final_loss"], rel=1e-6)
+    curves = again["eval_after"].pop("divergence_by_position"), first["eval_after"].pop("divergence_by_position")
     assert again["eval_after"] == pytest.approx(first["eval_after"], rel=1e-6)
+    for name in ("student_states", "teacher_states"):
+        assert curves[0][name] == pytest.approx(curves[1][name], rel=1e-6)
 
 
 def test_warm_teacher_cache_means_no_teacher_passes(tmp_path):
