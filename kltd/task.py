@@ -12,8 +12,10 @@ then ";" and the final answer:
 Each step starts from the sum the previous step wrote, so a wrong early step poisons every later step
 and the answer (exposure bias shows). Restating the operands keeps each step local (copy the running
 sum and the next term, then add), which small transformers learn in a few thousand steps; the bare
-list of partial sums ("57,64,152") makes them count terms and learns far more slowly. Only the final answer is graded (exact match), and it can be
-read back with `parse_answer`. Everything is plain Python: no torch, deterministic from a seed.
+list of partial sums ("57,64,152") makes them count terms and learns far more slowly.
+
+Only the final answer is graded (exact match); `parse_answer` reads it back. Everything is plain
+Python: no torch, deterministic from a seed.
 """
 
 from __future__ import annotations
