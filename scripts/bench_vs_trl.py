@@ -1,0 +1,666 @@
+"""Time kltd against TRL on the same teacher, student, data and settings (CPU).
+
+    pip install -e '.[bench]'                            # TRL is only the baseline, never a kltd dependency
+    python scripts/bench_vs_trl.py                       # both scales, 3 repeats (tens of minutes on 2 cores)
+    python scripts/bench_vs_trl.py --scales toy --repeats 1
+    python scripts/bench_vs_trl.py --quick               # tiny models, seconds: the smoke test
+
+What is compared (same models, tokenizer, prompts/responses, batch size, lengths, sampling settings,
+learning rate, AdamW, fp32, step count):
+
+  opd    kltd prefix=student trajectory=student (reverse KL on student samples)
+         vs TRL DistillationTrainer(beta=1) and experimental GKDTrainer(lmbda=1, beta=1), each with its
+         default gradient checkpointing (on) and without it; the ratio is taken against the fastest.
+  fixed  kltd prefix=fixed trajectory=expert (forward KL on dataset responses, teacher scored live)
+         vs GKDTrainer(lmbda=0, beta=0), with its default gradient checkpointing and without.
+  parity one batch, one set of logits: kltd's losses against TRL's generalized_jsd_loss (and
+         DistillationTrainer's chunked loss) for beta in {0, 0.5, 1}; relative difference < 1e-5.
+
+Scales: `toy` is the shipped character-level pair (kltd/assets/toy; random 4x256 / 2x128 stand-ins when
+it is missing, said so in the output) on the built-in addition task, batch 32, 48 new tokens; `32k` is a
+random Llama pair (4x256 / 2x128) with a 32,000-token vocabulary, batch 16 and 256-token sequences
+(32 prompt + 224 response tokens), where the [B, T, V] logits dominate memory. Both systems read the
+examples in the same order (sequential samplers), so step i trains on the same prompts in every run.
+
+Every measured run is a fresh subprocess (so peak memory is per run); kltd and TRL runs alternate
+after warm-up steps. Per run: median seconds per optimiser step, trained (supervised) tokens per
+second, and peak resident memory above the level right after setup (sampled every 2 ms during the
+timed steps). The machine's fp32 matmul rate is measured in the same invocation, and the fixed-prefix
+runs' model FLOP/s are reported as a fraction of it. The last line is machine-readable:
+
+    ratio_opd=<kltd/TRL s/step> ratio_fixed=<...> ratio_mem=<kltd/TRL peak> parity=<ok|fail>
+
+each ratio the worst (largest) over the scales that were run; ratio_mem is against GKDTrainer (the
+lower of its two settings) at the largest scale run. See docs/performance.md for measured numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+# Quiet, offline, reproducible workers.
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DISABLE_MLFLOW_INTEGRATION", "TRUE")
+
+LR = 1e-4
+SEED = 0
+PARITY_TOLERANCE = 1e-5
+
+# Which TRL setups each kltd case is compared with; runs go kltd, TRL, kltd, TRL, ... in this order.
+TRL_SETUPS = {
+    "opd": ["distill", "distill_nogc", "gkd1", "gkd1_nogc"],
+    "fixed": ["gkd0", "gkd0_nogc"],
+}
+LABELS = {
+    "kltd:opd": "kltd prefix=student trajectory=student",
+    "kltd:fixed": "kltd prefix=fixed trajectory=expert",
+    "trl:distill": "TRL DistillationTrainer beta=1 (GC on, default)",
+    "trl:distill_nogc": "TRL DistillationTrainer beta=1 (GC off)",
+    "trl:gkd1": "TRL GKDTrainer lmbda=1 beta=1 (GC on, default)",
+    "trl:gkd1_nogc": "TRL GKDTrainer lmbda=1 beta=1 (GC off)",
+    "trl:gkd0": "TRL GKDTrainer lmbda=0 beta=0 (GC on, default)",
+    "trl:gkd0_nogc": "TRL GKDTrainer lmbda=0 beta=0 (GC off)",
+}
+
+
+@dataclass
+class Scale:
+    name: str
+    teacher: str
+    student: str
+    data: str  # JSON file: [{"prompt": ..., "response": ...}, ...]
+    batch_size: int
+    max_new_tokens: int
+    note: str = ""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Models and data
+
+
+def synthetic_tokenizer(vocab_size: int):
+    """A word-level tokenizer of `vocab_size` tokens: <pad>, <eos>, <unk>, then words t3 .. t{V-1}."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    vocab.update({f"t{i}": i for i in range(3, vocab_size)})
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.add_special_tokens(["<pad>", "<eos>", "<unk>"])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
+                                   unk_token="<unk>", padding_side="left", model_max_length=4096)
+
+
+def random_llama(directory: Path, tokenizer, *, width: int, layers: int, seed: int, max_positions: int,
+                 init_range: float = 0.02) -> str:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=4 * width,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+                         max_position_embeddings=max_positions, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+                         initializer_range=init_range)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+def toy_pair(args, work: Path) -> tuple[str, str, str]:
+    """The shipped toy pair, or random stand-ins of the documented shape (teacher 4x256, student 2x128)."""
+    teacher, student = Path(args.toy_teacher), Path(args.toy_student)
+    if not args.quick and (teacher / "config.json").is_file() and (student / "config.json").is_file():
+        shape = lambda d: "{num_hidden_layers}x{hidden_size}".format(**json.loads((d / "config.json").read_text()))  # noqa: E731
+        return str(teacher), str(student), f"shipped toy pair (teacher {shape(teacher)}, student {shape(student)})"
+    from kltd.toy_tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    if args.quick:
+        shapes, note = ((32, 2), (32, 1)), "tiny random stand-ins (--quick)"
+    else:
+        shapes, note = ((256, 4), (128, 2)), f"RANDOM stand-ins: no toy pair at {teacher} / {student}"
+    t = random_llama(work / "toy_teacher", tokenizer, width=shapes[0][0], layers=shapes[0][1], seed=1,
+                     max_positions=128, init_range=0.1)
+    s = random_llama(work / "toy_student", tokenizer, width=shapes[1][0], layers=shapes[1][1], seed=2,
+                     max_positions=128, init_range=0.1)
+    return t, s, note
+
+
+def build_scales(args, work: Path) -> list[Scale]:
+    from kltd.task import make_splits
+
+    scales = []
+    for name in args.scales:
+        if name == "toy":
+            teacher, student, note = toy_pair(args, work)
+            batch, new_tokens = (4, 8) if args.quick else (32, 48)
+            train, _ = make_splits(SEED, n_train=4000, n_eval=0)
+            rows = [{"prompt": e.prompt, "response": e.response} for e in train]
+        elif name == "32k":
+            vocab = 32000
+            batch, prompt_len, new_tokens = (2, 8, 8) if args.quick else (16, 32, 224)
+            tokenizer = synthetic_tokenizer(vocab)
+            width = (32, 32) if args.quick else (256, 128)
+            layers = (1, 1) if args.quick else (4, 2)
+            max_pos = prompt_len + new_tokens + 8
+            # init_range 0.1: logits spread enough that the two models' distributions differ by O(1) nats
+            teacher = random_llama(work / "32k_teacher", tokenizer, width=width[0], layers=layers[0], seed=1,
+                                   max_positions=max_pos, init_range=0.1)
+            student = random_llama(work / "32k_student", tokenizer, width=width[1], layers=layers[1], seed=2,
+                                   max_positions=max_pos, init_range=0.1)
+            rng = random.Random(SEED)
+
+            def words(n):
+                return " ".join(f"t{rng.randrange(3, vocab)}" for _ in range(n))
+
+            # fixed length: prompt + response + EOS = prompt_len + new_tokens tokens in every row
+            rows = [{"prompt": words(prompt_len), "response": words(new_tokens - 1)} for _ in range(1000)]
+            note = (f"random Llama, vocab {vocab}, teacher {layers[0]}x{width[0]}, student {layers[1]}x{width[1]}, "
+                    f"{prompt_len}-token prompts + {new_tokens} response tokens")
+        else:
+            raise SystemExit(f"unknown scale {name!r}; choose from toy, 32k")
+        data = work / f"{name}_data.json"
+        data.write_text(json.dumps(rows))
+        scales.append(Scale(name, teacher, student, str(data), batch, new_tokens, note))
+    return scales
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Measurement helpers (used inside a worker)
+
+
+class PeakRSS:
+    """Peak resident set size of this process, sampled from /proc/self/statm on a background thread."""
+
+    PAGE = os.sysconf("SC_PAGE_SIZE")
+
+    def __init__(self, interval: float = 0.002):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self._file = open("/proc/self/statm", "rb")  # noqa: SIM115 (closed in stop)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def rss(self) -> int:
+        self._file.seek(0)
+        return int(self._file.read().split()[1]) * self.PAGE
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(self.interval)
+
+    def start(self) -> "PeakRSS":
+        self.peak = self.rss()
+        self._thread.start()
+        return self
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+        self._file.close()
+        return self.peak
+
+
+def current_rss() -> int:
+    with open("/proc/self/statm", "rb") as f:
+        return int(f.read().split()[1]) * PeakRSS.PAGE
+
+
+def body_and_head_params(model) -> tuple[int, int]:
+    """(parameters outside the embedding and output layers, parameters of the output layer)."""
+    head = model.get_output_embeddings().weight
+    embed = model.get_input_embeddings().weight
+    total = sum(p.numel() for p in model.parameters())
+    return total - head.numel() - (embed.numel() if embed is not head else 0), head.numel()
+
+
+def load_rows(spec) -> list[dict]:
+    return json.loads(Path(spec["data"]).read_text())
+
+
+def run_kltd(spec) -> dict:
+    import torch
+
+    from kltd.config import Config, validate
+    from kltd.models import load_pair
+    from kltd.task import Example
+    from kltd.trainer import Trainer, seed_everything
+
+    case = spec["case"]
+    total = spec["warmup"] + spec["steps"]
+    cfg = Config()
+    cfg.seed = SEED
+    cfg.model.teacher, cfg.model.student, cfg.model.device = spec["teacher"], spec["student"], "cpu"
+    cfg.cache.teacher = "off"  # the teacher is scored live, as TRL does
+    cfg.prefix.source, cfg.trajectory.supervisor = ("student", "student") if case == "opd" else ("fixed", "expert")
+    cfg.trainer.batch_size, cfg.trainer.max_steps = spec["batch_size"], total
+    cfg.trainer.lr, cfg.trainer.warmup_steps, cfg.trainer.min_lr_ratio = LR, 0, 1.0  # constant lr, like TRL below
+    cfg.trainer.weight_decay, cfg.trainer.max_grad_norm = 0.0, 1.0
+    cfg.sampling.max_new_tokens, cfg.sampling.temperature, cfg.sampling.top_p = spec["max_new_tokens"], 1.0, 1.0
+    validate(cfg)
+    seed_everything(SEED)
+    pair = load_pair(spec["teacher"], spec["student"], device="cpu")
+    examples = [Example(r["prompt"], r["response"], 0) for r in load_rows(spec)]
+    trainer = Trainer(cfg, pair, examples)
+    # the data file's order, batch after batch, exactly as the TRL runs read it (sequential samplers)
+    cursor = iter(range(10**9))
+    trainer.next_examples = lambda n: [examples[next(cursor) % len(examples)] for _ in range(n)]
+
+    seen = []  # (real tokens in the batch, supervised tokens) per micro-batch
+    plain_loss = trainer.loss
+
+    def counting_loss(batch, denominator):
+        seen.append((int(batch.attention_mask.sum()), int(batch.supervised.sum())))
+        return plain_loss(batch, denominator)
+
+    trainer.loss = counting_loss
+    gc.collect()
+    baseline = current_rss()
+    for _ in range(spec["warmup"]):
+        trainer.step()
+    seen.clear()
+    meter = PeakRSS().start()
+    times, trained = [], []
+    for _ in range(spec["steps"]):
+        start = time.perf_counter()
+        stats = trainer.step()
+        times.append(time.perf_counter() - start)
+        trained.append(stats.trained_tokens)
+    peak = meter.stop()
+    return dict(times=times, trained=trained, real_tokens=[a for a, _ in seen],
+                params={"student": body_and_head_params(pair.student), "teacher": body_and_head_params(pair.teacher)},
+                fused=trainer.can_fuse(), baseline=baseline, peak=peak, threads=torch.get_num_threads())
+
+
+def run_trl(spec) -> dict:
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    setup = spec["case"]
+    gc_on = not setup.endswith("_nogc")
+    total = spec["warmup"] + spec["steps"]
+    torch.manual_seed(SEED)
+    random.seed(SEED)
+    tokenizer = AutoTokenizer.from_pretrained(spec["student"], local_files_only=True)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    student = AutoModelForCausalLM.from_pretrained(spec["student"], dtype=torch.float32, local_files_only=True)
+    teacher = AutoModelForCausalLM.from_pretrained(spec["teacher"], dtype=torch.float32, local_files_only=True)
+    rows = load_rows(spec)
+    need = spec["batch_size"] * total
+    rows = (rows * (need // len(rows) + 1))[:need]  # one pass, in file order: the batches kltd gets
+    common = dict(
+        output_dir=spec["workdir"], per_device_train_batch_size=spec["batch_size"], gradient_accumulation_steps=1,
+        max_steps=total, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+        max_grad_norm=1.0, optim="adamw_torch", logging_strategy="no", save_strategy="no", eval_strategy="no",
+        report_to=[], disable_tqdm=True, use_cpu=True, bf16=False, fp16=False, seed=SEED,
+        dataloader_num_workers=0, gradient_checkpointing=gc_on, train_sampling_strategy="sequential",
+    )
+    counts = []  # (real tokens, supervised tokens) per micro-batch, read from the loss inputs
+
+    if setup.startswith("distill"):
+        from trl import DistillationConfig, DistillationTrainer
+
+        config = DistillationConfig(**common, beta=1.0, max_completion_length=spec["max_new_tokens"],
+                                    temperature=1.0, top_p=1.0, top_k=0, shuffle_dataset=False)
+        dataset = datasets.Dataset.from_list([{"prompt": r["prompt"]} for r in rows])
+        trainer = DistillationTrainer(model=student, teacher_model=teacher, args=config, train_dataset=dataset,
+                                      processing_class=tokenizer)
+
+        def count(inputs):
+            return int(inputs["prompt_mask"].sum() + inputs["completion_mask"].sum()), int(inputs["completion_mask"].sum())
+    else:
+        from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+        lmbda, beta = (1.0, 1.0) if setup.startswith("gkd1") else (0.0, 0.0)
+        config = GKDConfig(**common, lmbda=lmbda, beta=beta, temperature=1.0, max_new_tokens=spec["max_new_tokens"])
+        eos = tokenizer.eos_token_id
+        data = []
+        for r in rows:  # prompt + response + EOS, loss on response + EOS: kltd's fixed states exactly
+            p = tokenizer.encode(r["prompt"], add_special_tokens=False)
+            y = tokenizer.encode(r["response"], add_special_tokens=False) + [eos]
+            # "prompt" is only read by the collator when input_ids are absent; it must exist all the same
+            data.append({"prompt": r["prompt"], "input_ids": p + y, "completion_mask": [0] * len(p) + [1] * len(y)})
+        trainer = GKDTrainer(model=student, teacher_model=teacher, args=config,
+                             train_dataset=datasets.Dataset.from_list(data), processing_class=tokenizer)
+
+        def count(inputs):
+            return int(inputs["attention_mask"].sum()), int((inputs["labels"][:, 1:] != -100).sum())
+
+    plain_compute_loss = trainer.compute_loss
+
+    def counting_compute_loss(model, inputs, *a, **k):
+        counts.append(count(inputs))
+        return plain_compute_loss(model, inputs, *a, **k)
+
+    trainer.compute_loss = counting_compute_loss
+    trainer.log = lambda *a, **k: None  # no logging of any kind (report_to=[] still prints end-of-train metrics)
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.ends, self.meter = [], None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.ends.append(time.perf_counter())
+            if len(self.ends) == spec["warmup"]:
+                self.meter = PeakRSS().start()
+
+    clock = Clock()
+    trainer.add_callback(clock)
+    gc.collect()
+    baseline = current_rss()
+    trainer.train()
+    peak = clock.meter.stop()
+    ends = clock.ends
+    times = [b - a for a, b in zip(ends[spec["warmup"] - 1 :], ends[spec["warmup"] :])]
+    timed = counts[spec["warmup"] :]
+    return dict(times=times, trained=[s for _, s in timed], real_tokens=[a for a, _ in timed],
+                params={"student": body_and_head_params(student), "teacher": body_and_head_params(teacher)},
+                gradient_checkpointing=gc_on, baseline=baseline, peak=peak, threads=torch.get_num_threads())
+
+
+def worker(spec: dict) -> dict:
+    import warnings
+
+    import torch
+
+    warnings.filterwarnings("ignore")  # deprecation chatter from transformers/TRL; nothing the numbers depend on
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    result = run_kltd(spec) if spec["system"] == "kltd" else run_trl(spec)
+    return {**spec, **result}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Orchestration (main process)
+
+
+def run_one(spec: dict, in_process: bool) -> dict:
+    if in_process:
+        return worker(spec)
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+        raise SystemExit(f"worker failed: {spec['system']}:{spec['case']} at scale {spec['scale']}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def matmul_gflops(n: int = 1024, seconds: float = 1.5) -> float:
+    """Best observed fp32 GEMM rate (all of torch's threads), GFLOP/s."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - start))
+    return best / 1e9
+
+
+def rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-30)
+
+
+def parity(scale: Scale) -> list[tuple[str, float, float, float]]:
+    """One batch, one set of logits: kltd's loss values against TRL's loss functions."""
+    import torch
+    from trl.experimental.gkd import GKDTrainer
+    from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+    from kltd.config import Config
+    from kltd.divergences import DivergenceSpec
+    from kltd.fused_head import response_hidden
+    from kltd.losses import trajectory_loss
+    from kltd.models import load_pair
+    from kltd.sampling import position_ids_from_mask
+    from kltd.states import response_logits
+    from kltd.task import Example
+    from kltd.trainer import Trainer, seed_everything
+
+    seed_everything(SEED)
+    pair = load_pair(scale.teacher, scale.student, device="cpu")
+    rows = json.loads(Path(scale.data).read_text())[: scale.batch_size]
+    examples = [Example(r["prompt"], r["response"], 0) for r in rows]
+    generalized_jsd = GKDTrainer.generalized_jsd_loss
+    out = []
+    for prefix, trajectory in (("fixed", "expert"), ("student", "student")):
+        cfg = Config()
+        cfg.prefix.source, cfg.trajectory.supervisor, cfg.cache.teacher = prefix, trajectory, "off"
+        cfg.sampling.max_new_tokens = scale.max_new_tokens
+        trainer = Trainer(cfg, pair, examples)
+        batch, _ = trainer.states.build(examples, trainer.generator)
+        targets, mask = batch.responses.tokens, batch.supervised
+        labels = targets.masked_fill(~mask, -100)
+        n, tokens = targets.shape[1], int(mask.sum())
+        positions = position_ids_from_mask(batch.attention_mask)
+        with torch.no_grad():
+            s_logits, t_logits = response_logits(pair.student, batch), response_logits(pair.teacher, batch)
+            s_hidden = response_hidden(pair.student, batch.input_ids, batch.attention_mask, positions, n)
+            t_hidden = response_hidden(pair.teacher, batch.input_ids, batch.attention_mask, positions, n)
+        where = f"{prefix} states"
+        default = "forward_kl" if trajectory == "expert" else "reverse_kl"
+        beta_default = 0.0 if trajectory == "expert" else 1.0
+        for beta in (0.0, 0.5, 1.0):
+            trl = float(generalized_jsd(s_logits, t_logits, labels=labels, beta=beta))
+            mine = float(trajectory_loss(s_logits, t_logits, targets, mask, trajectory=trajectory,
+                                         spec=DivergenceSpec("jsd", beta=beta)))
+            out.append((f"{where}: kltd trajectory_loss jsd({beta}) vs TRL generalized_jsd_loss", mine, trl,
+                        rel(mine, trl)))
+            if beta == beta_default:
+                mine = float(trajectory_loss(s_logits, t_logits, targets, mask, trajectory=trajectory))
+                out.append((f"{where}: kltd trajectory_loss {default} vs TRL generalized_jsd_loss({beta})", mine,
+                            trl, rel(mine, trl)))
+                # the loss each trainer actually trains with: kltd's fused head vs DistillationTrainer's chunks
+                mine = float(trainer.loss(batch, float(tokens))[0].detach())
+                with torch.no_grad():
+                    theirs = float(_chunked_divergence_loss(
+                        s_hidden, t_hidden, pair.student.get_output_embeddings().weight,
+                        pair.teacher.get_output_embeddings().weight, mask.long(), beta)[0])
+                out.append((f"{where}: kltd Trainer.loss ({'fused' if trainer.can_fuse() else 'logits'}) "
+                            f"vs TRL generalized_jsd_loss({beta})", mine, trl, rel(mine, trl)))
+                out.append((f"{where}: kltd Trainer.loss vs TRL DistillationTrainer chunked loss({beta})", mine,
+                            theirs, rel(mine, theirs)))
+    return out
+
+
+def machine_line() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import transformers
+    import trl
+
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"transformers {transformers.__version__}, trl {trl.__version__}, python {platform.python_version()}")
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Across runs of one setup: median of per-run median s/step, etc."""
+    per_step = [statistics.median(r["times"]) for r in runs]
+    tok_s = [sum(r["trained"]) / sum(r["times"]) for r in runs]
+    peak = [(r["peak"] - r["baseline"]) / 2**20 for r in runs]
+    real = [statistics.mean(r["real_tokens"]) for r in runs]
+    trained = [statistics.mean(r["trained"]) for r in runs]
+    return dict(s_step=statistics.median(per_step), s_min=min(per_step), s_max=max(per_step),
+                tok_s=statistics.median(tok_s), peak_mb=statistics.median(peak), real_tokens=statistics.mean(real),
+                trained_tokens=statistics.mean(trained), runs=len(runs), params=runs[0]["params"])
+
+
+def model_flops_per_step(s: dict) -> float:
+    """(6 N_student + 2 N_teacher) per token: the bodies on every real token, the output layers on the
+    supervised ones (kltd projects only those; the work TRL does on prompt logits is not counted)."""
+    (sb, sh), (tb, th) = s["params"]["student"], s["params"]["teacher"]
+    return 6 * sb * s["real_tokens"] + 6 * sh * s["trained_tokens"] + 2 * tb * s["real_tokens"] + 2 * th * s["trained_tokens"]
+
+
+def fmt_ratio(x: float) -> str:
+    return "nan" if x is None or math.isnan(x) else f"{x:.3f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=5, help="timed optimiser steps per run")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them (>= 1)")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating kltd/TRL rounds per setup")
+    parser.add_argument("--scales", default="toy,32k", help="comma-separated: toy, 32k")
+    parser.add_argument("--toy-teacher", default=str(REPO / "kltd" / "assets" / "toy" / "teacher"))
+    parser.add_argument("--toy-student", default=str(REPO / "kltd" / "assets" / "toy" / "student"))
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny models and sizes, 1 repeat, runs in this process: a smoke test, not a benchmark")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads in every run (default: torch's own choice, one per core; 1 with --quick)")
+    parser.add_argument("--json", help="also write every run and the summary to this file")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        spec = json.loads(args.worker)
+        try:
+            result = worker(spec)
+        except Exception:
+            traceback.print_exc()
+            raise SystemExit(1)
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        raise SystemExit("TRL is the baseline and is not installed: pip install -e '.[bench]'")
+    if args.quick:
+        args.steps, args.warmup, args.repeats = min(args.steps, 2), 1, 1
+        args.threads = args.threads or 1  # a loaded machine makes multi-threaded tiny ops crawl
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.warmup < 1:
+        raise SystemExit("--warmup must be >= 1 (the first step pays one-time costs)")
+    args.scales = [s.strip() for s in args.scales.split(",") if s.strip()]
+
+    with tempfile.TemporaryDirectory(prefix="bench_vs_trl_") as tmp:
+        work = Path(tmp)
+        print(f"machine: {machine_line()}", flush=True)
+        print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())} (other work on the machine "
+              "slows multi-threaded runs unevenly)", flush=True)
+        scales = build_scales(args, work)
+        gflops = [matmul_gflops(seconds=0.3 if args.quick else 1.5)]
+        print(f"fp32 matmul (1024^3, torch): {gflops[0]:.1f} GFLOP/s", flush=True)
+
+        parity_rows = []
+        for scale in scales:
+            parity_rows += [(scale.name, *row) for row in parity(scale)]
+        parity_ok = all(r[4] < PARITY_TOLERANCE for r in parity_rows)
+
+        runs: dict[tuple[str, str], list[dict]] = {}
+        for scale in scales:
+            print(f"\n[{scale.name}] {scale.note}; batch {scale.batch_size}, max_new_tokens {scale.max_new_tokens}",
+                  flush=True)
+            for rep in range(args.repeats):
+                for case, setups in TRL_SETUPS.items():
+                    for setup in setups:
+                        for system, name in (("kltd", case), ("trl", setup)):
+                            spec = dict(system=system, case=name, scale=scale.name, teacher=scale.teacher,
+                                        student=scale.student, data=scale.data, batch_size=scale.batch_size,
+                                        max_new_tokens=scale.max_new_tokens, warmup=args.warmup, steps=args.steps,
+                                        workdir=str(work / "trl_out"), threads=args.threads)
+                            r = run_one(spec, in_process=args.quick)
+                            runs.setdefault((scale.name, f"{system}:{name}"), []).append(r)
+                            print(f"  round {rep + 1}: {system}:{name:<13} {statistics.median(r['times']):7.3f} s/step"
+                                  f"  peak +{(r['peak'] - r['baseline']) / 2**20:7.0f} MB", flush=True)
+        gflops.append(matmul_gflops(seconds=0.3 if args.quick else 1.5))
+        print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        peak_rate = max(gflops) * 1e9
+
+        summary = {key: summarize(value) for key, value in runs.items()}
+        ratios = {"opd": [], "fixed": [], "mem": []}
+        print(f"\nfp32 matmul rate: {max(gflops):.1f} GFLOP/s (best of start/end: "
+              f"{', '.join(f'{g:.1f}' for g in gflops)})")
+        print(f"\n{'scale':<5} {'setup':<50} {'s/step':>8} {'(min-max over runs)':>19} {'tok/step':>8} "
+              f"{'tok/s':>7} {'peak MB':>8} {'kltd/this':>9} {'mem k/this':>10}")
+        for scale in scales:
+            for case, setups in TRL_SETUPS.items():
+                k = summary[(scale.name, f"kltd:{case}")]
+                rows = [(f"kltd:{case}", k)] + [(f"trl:{s}", summary[(scale.name, f"trl:{s}")]) for s in setups]
+                for key, s in rows:
+                    time_ratio = k["s_step"] / s["s_step"]
+                    mem_ratio = k["peak_mb"] / s["peak_mb"] if s["peak_mb"] > 0 else float("nan")
+                    print(f"{scale.name:<5} {LABELS[key]:<50} {s['s_step']:8.3f} "
+                          f"{'(' + format(s['s_min'], '.3f') + '-' + format(s['s_max'], '.3f') + ')':>19} "
+                          f"{s['trained_tokens']:8.0f} {s['tok_s']:7.0f} {s['peak_mb']:8.0f} "
+                          f"{'' if key.startswith('kltd') else format(time_ratio, '.3f'):>9} "
+                          f"{'' if key.startswith('kltd') else format(mem_ratio, '.3f'):>10}")
+                fastest = min(setups, key=lambda x: summary[(scale.name, f"trl:{x}")]["s_step"])
+                ratio = k["s_step"] / summary[(scale.name, f"trl:{fastest}")]["s_step"]
+                ratios[case].append(ratio)
+                print(f"{scale.name:<5} -> {case}: kltd / fastest TRL ({fastest}) = {ratio:.3f}")
+            if scale is scales[-1]:  # memory: against GKDTrainer (lower of its settings) at the largest scale
+                for case, setups in TRL_SETUPS.items():
+                    gkd = [s for s in setups if s.startswith("gkd")]
+                    lowest = min(summary[(scale.name, f"trl:{s}")]["peak_mb"] for s in gkd)
+                    ratios["mem"].append(summary[(scale.name, f"kltd:{case}")]["peak_mb"] / max(lowest, 1e-9))
+            for system, case in (("kltd", "fixed"), ("trl", "gkd0"), ("trl", "gkd0_nogc")):
+                s = summary[(scale.name, f"{system}:{case}")]
+                rate = model_flops_per_step(s) / s["s_step"]
+                print(f"{scale.name:<5} fixed-prefix model FLOP/s, {system}:{case}: {rate / 1e9:.2f} GFLOP/s = "
+                      f"{rate / peak_rate:.1%} of the matmul rate")
+
+        print("\nloss parity (same batch, same logits; relative difference, tolerance 1e-5):")
+        for scale_name, what, mine, theirs, r in parity_rows:
+            print(f"  [{scale_name}] {what}: {mine:.8g} vs {theirs:.8g}  rel {r:.1e} {'ok' if r < PARITY_TOLERANCE else 'FAIL'}")
+
+        if args.json:
+            Path(args.json).write_text(json.dumps({
+                "machine": machine_line(), "gflops": gflops, "parity": parity_rows,
+                "summary": {f"{a}|{b}": v for (a, b), v in summary.items()},
+                "runs": {f"{a}|{b}": v for (a, b), v in runs.items()}, "ratios": ratios,
+                "scales": [asdict(s) for s in scales], "args": vars(args)}, indent=1))
+        print(f"\nratio_opd: max over scales of {[fmt_ratio(x) for x in ratios['opd']]}; ratio_fixed: of "
+              f"{[fmt_ratio(x) for x in ratios['fixed']]}; ratio_mem ({scales[-1].name}, opd and fixed vs GKDTrainer): "
+              f"max of {[fmt_ratio(x) for x in ratios['mem']]}")
+        print(f"ratio_opd={fmt_ratio(max(ratios['opd']))} ratio_fixed={fmt_ratio(max(ratios['fixed']))} "
+              f"ratio_mem={fmt_ratio(max(ratios['mem']))} parity={'ok' if parity_ok else 'fail'}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
