@@ -17,15 +17,6 @@ from kltd.divergences import (
 V = 11
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tensors here are tiny: on a busy machine intra-op threads cost far more than the work.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _probs(logits, temperature):
     z = logits.double() / temperature
     e = torch.exp(z - z.max(-1, keepdim=True).values)

@@ -44,15 +44,6 @@ Z = 4.0  # tolerance in standard errors (norm)
 SEQ = dict(normalization="sequence")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tensors here are tiny: on a busy machine intra-op threads cost far more than the work.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Exact targets, computed on the tables without kltd
 
@@ -79,7 +70,7 @@ def reward(y):
 def exact_targets():
     tb = make_testbed(TESTBED_SEED)
     fkl, rkl = sequence_kls(tb)
-    dq, dp = occupancy(tb.theta).detach(), occupancy(tb.teacher).detach()
+    dq = occupancy(tb.theta).detach()
     seqs = all_sequences()
     w = torch.tensor([reward(y) for y in seqs], dtype=torch.float64)
     targets = {

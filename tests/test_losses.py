@@ -22,15 +22,6 @@ B, T, V = 4, 6, 9
 ESTIMATORS = ["exact", "topk", "sampled_k1", "sampled_k2", "sampled_k3", "sampled_reward"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tensors here are tiny: on a busy machine intra-op threads cost far more than the work.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _inputs(seed=0, b=B):
     g = torch.Generator().manual_seed(seed)
     s = torch.randn(b, T, V, generator=g, dtype=torch.float64)

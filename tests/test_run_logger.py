@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 
 from kltd.run_logger import RunLogger, resolve_wandb_mode
 from wandb_records import read_run
