@@ -36,13 +36,28 @@ def raw_records(path: Path):
             pending = b""
 
 
-def read_run(path: Path) -> dict:
-    """{'run': {'group', 'tags', 'name', 'job_type'}, 'history': [{key: value}], 'config': {key: value}}."""
+def read_run(path: Path, timeout_s: float = 30.0) -> dict:
+    """{'run': {'group', 'tags', 'name', 'job_type'}, 'history': [{key: value}], 'config': {key: value}}.
+
+    wandb's writer process may still be flushing after run.finish() returns on a busy machine, so this
+    waits (up to timeout_s) for the run's closing "exit" record before trusting the file.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        out, complete = _parse(path)
+        if complete or time.monotonic() > deadline:
+            return out
+        time.sleep(0.2)
+
+
+def _parse(path: Path) -> tuple[dict, bool]:
     import json
 
     from wandb.proto import wandb_internal_pb2 as pb
 
-    out = {"run": {}, "history": [], "config": {}}
+    out, complete = {"run": {}, "history": [], "config": {}}, False
     for data in raw_records(path):
         record = pb.Record()
         record.ParseFromString(data)
@@ -55,4 +70,6 @@ def read_run(path: Path) -> dict:
             out["history"].append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
         elif kind == "config":
             out["config"].update({i.key: json.loads(i.value_json) for i in record.config.update})
-    return out
+        elif kind == "exit":
+            complete = True
+    return out, complete
