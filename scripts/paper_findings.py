@@ -157,8 +157,8 @@ def write_report(args, result, minutes: float) -> None:
             shutil.copy(path, figures / path.name)
     table = (args.out / "compare" / "results.md").read_text()
     table = table.replace("](", "](results/") if args.doc.name == "results.md" else table
-    command = "python scripts/paper_findings.py " + " ".join(a for a in sys.argv[1:] if a not in ("--report-only",))
-    command = command.split(" --minutes")[0]
+    seeds = [] if args.seeds == [0, 1, 2] else ["--seeds", *map(str, args.seeds)]
+    command = " ".join(["python scripts/paper_findings.py", *seeds, *args.overrides])
     doc = [
         "# The paper's findings on kltd's built-in task",
         "",
