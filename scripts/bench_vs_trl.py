@@ -135,7 +135,9 @@ def toy_pair(args, work: Path) -> tuple[str, str, str]:
     """The shipped toy pair, or random stand-ins of the documented shape (teacher 4x256, student 2x128)."""
     teacher, student = Path(args.toy_teacher), Path(args.toy_student)
     if not args.quick and (teacher / "config.json").is_file() and (student / "config.json").is_file():
-        shape = lambda d: "{num_hidden_layers}x{hidden_size}".format(**json.loads((d / "config.json").read_text()))  # noqa: E731
+        def shape(d: Path) -> str:
+            return "{num_hidden_layers}x{hidden_size}".format(**json.loads((d / "config.json").read_text()))
+
         return str(teacher), str(student), f"shipped toy pair (teacher {shape(teacher)}, student {shape(student)})"
     from kltd.toy_tokenizer import build_tokenizer
 
@@ -175,7 +177,7 @@ def build_scales(args, work: Path) -> list[Scale]:
                                    max_positions=max_pos, init_range=0.1)
             rng = random.Random(SEED)
 
-            def words(n):
+            def words(n, rng=rng, vocab=vocab):
                 return " ".join(f"t{rng.randrange(3, vocab)}" for _ in range(n))
 
             # fixed length: prompt + response + EOS = prompt_len + new_tokens tokens in every row
@@ -213,7 +215,7 @@ class PeakRSS:
             self.peak = max(self.peak, self.rss())
             time.sleep(self.interval)
 
-    def start(self) -> "PeakRSS":
+    def start(self) -> PeakRSS:
         self.peak = self.rss()
         self._thread.start()
         return self
@@ -335,7 +337,8 @@ def run_trl(spec) -> dict:
                                       processing_class=tokenizer)
 
         def count(inputs):
-            return int(inputs["prompt_mask"].sum() + inputs["completion_mask"].sum()), int(inputs["completion_mask"].sum())
+            completion = int(inputs["completion_mask"].sum())
+            return int(inputs["prompt_mask"].sum()) + completion, completion
     else:
         from trl.experimental.gkd import GKDConfig, GKDTrainer
 
@@ -379,7 +382,7 @@ def run_trl(spec) -> dict:
     trainer.train()
     peak = clock.meter.stop()
     ends = clock.ends
-    times = [b - a for a, b in zip(ends[spec["warmup"] - 1 :], ends[spec["warmup"] :])]
+    times = [b - a for a, b in zip(ends[spec["warmup"] - 1 : -1], ends[spec["warmup"] :], strict=True)]
     timed = counts[spec["warmup"] :]
     return dict(times=times, trained=[s for _, s in timed], real_tokens=[a for a, _ in timed],
                 params={"student": body_and_head_params(student), "teacher": body_and_head_params(teacher)},
@@ -405,8 +408,9 @@ def worker(spec: dict) -> dict:
 def run_one(spec: dict, in_process: bool) -> dict:
     if in_process:
         return worker(spec)
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
+                          check=False)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
         raise SystemExit(f"worker failed: {spec['system']}:{spec['case']} at scale {spec['scale']}")
@@ -487,8 +491,9 @@ def parity(scale: Scale) -> list[tuple[str, float, float, float]]:
                     theirs = float(_chunked_divergence_loss(
                         s_hidden, t_hidden, pair.student.get_output_embeddings().weight,
                         pair.teacher.get_output_embeddings().weight, mask.long(), beta)[0])
-                out.append((f"{where}: kltd Trainer.loss ({'fused' if trainer.can_fuse() else 'logits'}) "
-                            f"vs TRL generalized_jsd_loss({beta})", mine, trl, rel(mine, trl)))
+                path = "fused" if trainer.can_fuse() else "logits"
+                out.append((f"{where}: kltd Trainer.loss ({path}) vs TRL generalized_jsd_loss({beta})", mine, trl,
+                            rel(mine, trl)))
                 out.append((f"{where}: kltd Trainer.loss vs TRL DistillationTrainer chunked loss({beta})", mine,
                             theirs, rel(mine, theirs)))
     return out
@@ -528,11 +533,75 @@ def model_flops_per_step(s: dict) -> float:
     """(6 N_student + 2 N_teacher) per token: the bodies on every real token, the output layers on the
     supervised ones (kltd projects only those; the work TRL does on prompt logits is not counted)."""
     (sb, sh), (tb, th) = s["params"]["student"], s["params"]["teacher"]
-    return 6 * sb * s["real_tokens"] + 6 * sh * s["trained_tokens"] + 2 * tb * s["real_tokens"] + 2 * th * s["trained_tokens"]
+    return (6 * sb + 2 * tb) * s["real_tokens"] + (6 * sh + 2 * th) * s["trained_tokens"]
 
 
 def fmt_ratio(x: float) -> str:
     return "nan" if x is None or math.isnan(x) else f"{x:.3f}"
+
+
+def paired_ratio(kltd_runs: list[dict], trl_runs: list[dict], setups: list[str], setup: str) -> float:
+    """Median over rounds of (kltd run / the TRL run right after it): robust to load that drifts over time.
+
+    Round r runs kltd, setups[0], kltd, setups[1], ...; so the kltd run paired with `setup` in round r is
+    kltd_runs[r * len(setups) + setups.index(setup)]."""
+    j, n = setups.index(setup), len(setups)
+    return statistics.median(statistics.median(kltd_runs[r * n + j]["times"]) / statistics.median(t["times"])
+                             for r, t in enumerate(trl_runs))
+
+
+def report(data: dict) -> None:
+    """Print the table, the FLOP/s fractions, parity and the final line from the collected runs."""
+    runs, scales = data["runs"], [s["name"] for s in data["scales"]]
+    summary = {key: summarize(value) for key, value in runs.items()}
+    peak_rate = max(data["gflops"]) * 1e9
+    ratios = {"opd": [], "fixed": [], "mem": []}
+    print(f"\nfp32 matmul rate: {max(data['gflops']):.1f} GFLOP/s (best of start/end: "
+          f"{', '.join(f'{g:.1f}' for g in data['gflops'])})")
+    print("s/step: median over runs of each run's median step; kltd/this: ratio of those medians; paired: median "
+          "over rounds of (kltd run / the TRL run right after it)")
+    print(f"\n{'scale':<5} {'setup':<50} {'s/step':>8} {'(min-max over runs)':>19} {'tok/step':>8} "
+          f"{'tok/s':>7} {'peak MB':>8} {'kltd/this':>9} {'paired':>7} {'mem k/this':>10}")
+    for scale in scales:
+        for case, setups in TRL_SETUPS.items():
+            k_runs = runs[f"{scale}|kltd:{case}"]
+            k = summary[f"{scale}|kltd:{case}"]
+            rows = [(f"kltd:{case}", k, None)] + [
+                (f"trl:{s}", summary[f"{scale}|trl:{s}"], paired_ratio(k_runs, runs[f"{scale}|trl:{s}"], setups, s))
+                for s in setups]
+            for key, s, paired in rows:
+                mine = key.startswith("kltd")
+                mem_ratio = k["peak_mb"] / s["peak_mb"] if s["peak_mb"] > 0 else float("nan")
+                print(f"{scale:<5} {LABELS[key]:<50} {s['s_step']:8.3f} "
+                      f"{'(' + format(s['s_min'], '.3f') + '-' + format(s['s_max'], '.3f') + ')':>19} "
+                      f"{s['trained_tokens']:8.0f} {s['tok_s']:7.0f} {s['peak_mb']:8.0f} "
+                      f"{'' if mine else format(k['s_step'] / s['s_step'], '.3f'):>9} "
+                      f"{'' if mine else format(paired, '.3f'):>7} {'' if mine else format(mem_ratio, '.3f'):>10}")
+            fastest = min(setups, key=lambda x: summary[f"{scale}|trl:{x}"]["s_step"])
+            ratio = paired_ratio(k_runs, runs[f"{scale}|trl:{fastest}"], setups, fastest)
+            ratios[case].append(ratio)
+            print(f"{scale:<5} -> {case}: kltd / fastest TRL setup ({fastest}), paired = {ratio:.3f} "
+                  f"(ratio of medians {k['s_step'] / summary[f'{scale}|trl:{fastest}']['s_step']:.3f})")
+        if scale == scales[-1]:  # memory: against GKDTrainer (lower of its two settings) at the largest scale
+            for case, setups in TRL_SETUPS.items():
+                lowest = min(summary[f"{scale}|trl:{s}"]["peak_mb"] for s in setups if s.startswith("gkd"))
+                ratios["mem"].append(summary[f"{scale}|kltd:{case}"]["peak_mb"] / max(lowest, 1e-9))
+        for key in ("kltd:fixed", "trl:gkd0", "trl:gkd0_nogc"):
+            s = summary[f"{scale}|{key}"]
+            rate = model_flops_per_step(s) / s["s_step"]
+            print(f"{scale:<5} fixed-prefix model FLOP/s, {key}: {rate / 1e9:.2f} GFLOP/s = "
+                  f"{rate / peak_rate:.1%} of the matmul rate")
+
+    print("\nloss parity (same batch, same logits; relative difference, tolerance 1e-5):")
+    for scale_name, what, mine, theirs, r in data["parity"]:
+        verdict = "ok" if r < PARITY_TOLERANCE else "FAIL"
+        print(f"  [{scale_name}] {what}: {mine:.8g} vs {theirs:.8g}  rel {r:.1e} {verdict}")
+    parity_ok = all(r[4] < PARITY_TOLERANCE for r in data["parity"])
+    print(f"\nratio_opd: max over scales {scales} of {[fmt_ratio(x) for x in ratios['opd']]}; ratio_fixed: of "
+          f"{[fmt_ratio(x) for x in ratios['fixed']]}; ratio_mem ({scales[-1]}, opd and fixed vs GKDTrainer): "
+          f"max of {[fmt_ratio(x) for x in ratios['mem']]}")
+    print(f"ratio_opd={fmt_ratio(max(ratios['opd']))} ratio_fixed={fmt_ratio(max(ratios['fixed']))} "
+          f"ratio_mem={fmt_ratio(max(ratios['mem']))} parity={'ok' if parity_ok else 'fail'}", flush=True)
 
 
 def main() -> None:
@@ -547,7 +616,8 @@ def main() -> None:
                         help="tiny models and sizes, 1 repeat, runs in this process: a smoke test, not a benchmark")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads in every run (default: torch's own choice, one per core; 1 with --quick)")
-    parser.add_argument("--json", help="also write every run and the summary to this file")
+    parser.add_argument("--json", help="also write every run to this file (re-print it with --report)")
+    parser.add_argument("--report", metavar="JSON", help="print the report of a run saved with --json; run nothing")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -555,16 +625,21 @@ def main() -> None:
         spec = json.loads(args.worker)
         try:
             result = worker(spec)
-        except Exception:
+        except Exception:  # noqa: BLE001 (reported, then the worker fails)
             traceback.print_exc()
-            raise SystemExit(1)
+            raise SystemExit(1) from None
         print("RESULT " + json.dumps(result), flush=True)
+        return
+    if args.report:
+        data = json.loads(Path(args.report).read_text())
+        print(f"machine: {data['machine']}\nrun: {data.get('command', '')}")
+        report(data)
         return
 
     try:
         import trl  # noqa: F401
     except ImportError:
-        raise SystemExit("TRL is the baseline and is not installed: pip install -e '.[bench]'")
+        raise SystemExit("TRL is the baseline and is not installed: pip install -e '.[bench]'") from None
     if args.quick:
         args.steps, args.warmup, args.repeats = min(args.steps, 2), 1, 1
         args.threads = args.threads or 1  # a loaded machine makes multi-threaded tiny ops crawl
@@ -580,9 +655,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench_vs_trl_") as tmp:
         work = Path(tmp)
+        loads = [os.getloadavg()]
         print(f"machine: {machine_line()}", flush=True)
-        print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())} (other work on the machine "
-              "slows multi-threaded runs unevenly)", flush=True)
+        print(f"load average at start: {' '.join(f'{x:.2f}' for x in loads[0])} (other work on the machine "
+              "slows every run, multi-threaded ones unevenly)", flush=True)
         scales = build_scales(args, work)
         gflops = [matmul_gflops(seconds=0.3 if args.quick else 1.5)]
         print(f"fp32 matmul (1024^3, torch): {gflops[0]:.1f} GFLOP/s", flush=True)
@@ -590,9 +666,8 @@ def main() -> None:
         parity_rows = []
         for scale in scales:
             parity_rows += [(scale.name, *row) for row in parity(scale)]
-        parity_ok = all(r[4] < PARITY_TOLERANCE for r in parity_rows)
 
-        runs: dict[tuple[str, str], list[dict]] = {}
+        runs: dict[str, list[dict]] = {}
         for scale in scales:
             print(f"\n[{scale.name}] {scale.note}; batch {scale.batch_size}, max_new_tokens {scale.max_new_tokens}",
                   flush=True)
@@ -605,61 +680,17 @@ def main() -> None:
                                         max_new_tokens=scale.max_new_tokens, warmup=args.warmup, steps=args.steps,
                                         workdir=str(work / "trl_out"), threads=args.threads)
                             r = run_one(spec, in_process=args.quick)
-                            runs.setdefault((scale.name, f"{system}:{name}"), []).append(r)
+                            runs.setdefault(f"{scale.name}|{system}:{name}", []).append(r)
                             print(f"  round {rep + 1}: {system}:{name:<13} {statistics.median(r['times']):7.3f} s/step"
                                   f"  peak +{(r['peak'] - r['baseline']) / 2**20:7.0f} MB", flush=True)
         gflops.append(matmul_gflops(seconds=0.3 if args.quick else 1.5))
-        print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-        peak_rate = max(gflops) * 1e9
-
-        summary = {key: summarize(value) for key, value in runs.items()}
-        ratios = {"opd": [], "fixed": [], "mem": []}
-        print(f"\nfp32 matmul rate: {max(gflops):.1f} GFLOP/s (best of start/end: "
-              f"{', '.join(f'{g:.1f}' for g in gflops)})")
-        print(f"\n{'scale':<5} {'setup':<50} {'s/step':>8} {'(min-max over runs)':>19} {'tok/step':>8} "
-              f"{'tok/s':>7} {'peak MB':>8} {'kltd/this':>9} {'mem k/this':>10}")
-        for scale in scales:
-            for case, setups in TRL_SETUPS.items():
-                k = summary[(scale.name, f"kltd:{case}")]
-                rows = [(f"kltd:{case}", k)] + [(f"trl:{s}", summary[(scale.name, f"trl:{s}")]) for s in setups]
-                for key, s in rows:
-                    time_ratio = k["s_step"] / s["s_step"]
-                    mem_ratio = k["peak_mb"] / s["peak_mb"] if s["peak_mb"] > 0 else float("nan")
-                    print(f"{scale.name:<5} {LABELS[key]:<50} {s['s_step']:8.3f} "
-                          f"{'(' + format(s['s_min'], '.3f') + '-' + format(s['s_max'], '.3f') + ')':>19} "
-                          f"{s['trained_tokens']:8.0f} {s['tok_s']:7.0f} {s['peak_mb']:8.0f} "
-                          f"{'' if key.startswith('kltd') else format(time_ratio, '.3f'):>9} "
-                          f"{'' if key.startswith('kltd') else format(mem_ratio, '.3f'):>10}")
-                fastest = min(setups, key=lambda x: summary[(scale.name, f"trl:{x}")]["s_step"])
-                ratio = k["s_step"] / summary[(scale.name, f"trl:{fastest}")]["s_step"]
-                ratios[case].append(ratio)
-                print(f"{scale.name:<5} -> {case}: kltd / fastest TRL ({fastest}) = {ratio:.3f}")
-            if scale is scales[-1]:  # memory: against GKDTrainer (lower of its settings) at the largest scale
-                for case, setups in TRL_SETUPS.items():
-                    gkd = [s for s in setups if s.startswith("gkd")]
-                    lowest = min(summary[(scale.name, f"trl:{s}")]["peak_mb"] for s in gkd)
-                    ratios["mem"].append(summary[(scale.name, f"kltd:{case}")]["peak_mb"] / max(lowest, 1e-9))
-            for system, case in (("kltd", "fixed"), ("trl", "gkd0"), ("trl", "gkd0_nogc")):
-                s = summary[(scale.name, f"{system}:{case}")]
-                rate = model_flops_per_step(s) / s["s_step"]
-                print(f"{scale.name:<5} fixed-prefix model FLOP/s, {system}:{case}: {rate / 1e9:.2f} GFLOP/s = "
-                      f"{rate / peak_rate:.1%} of the matmul rate")
-
-        print("\nloss parity (same batch, same logits; relative difference, tolerance 1e-5):")
-        for scale_name, what, mine, theirs, r in parity_rows:
-            print(f"  [{scale_name}] {what}: {mine:.8g} vs {theirs:.8g}  rel {r:.1e} {'ok' if r < PARITY_TOLERANCE else 'FAIL'}")
-
+        loads.append(os.getloadavg())
+        print(f"load average at end: {' '.join(f'{x:.2f}' for x in loads[-1])}")
+        data = {"machine": machine_line(), "command": " ".join(sys.argv), "gflops": gflops, "loadavg": loads,
+                "parity": parity_rows, "runs": runs, "scales": [asdict(s) for s in scales], "args": vars(args)}
         if args.json:
-            Path(args.json).write_text(json.dumps({
-                "machine": machine_line(), "gflops": gflops, "parity": parity_rows,
-                "summary": {f"{a}|{b}": v for (a, b), v in summary.items()},
-                "runs": {f"{a}|{b}": v for (a, b), v in runs.items()}, "ratios": ratios,
-                "scales": [asdict(s) for s in scales], "args": vars(args)}, indent=1))
-        print(f"\nratio_opd: max over scales of {[fmt_ratio(x) for x in ratios['opd']]}; ratio_fixed: of "
-              f"{[fmt_ratio(x) for x in ratios['fixed']]}; ratio_mem ({scales[-1].name}, opd and fixed vs GKDTrainer): "
-              f"max of {[fmt_ratio(x) for x in ratios['mem']]}")
-        print(f"ratio_opd={fmt_ratio(max(ratios['opd']))} ratio_fixed={fmt_ratio(max(ratios['fixed']))} "
-              f"ratio_mem={fmt_ratio(max(ratios['mem']))} parity={'ok' if parity_ok else 'fail'}", flush=True)
+            Path(args.json).write_text(json.dumps(data, indent=1))
+        report(data)
 
 
 if __name__ == "__main__":
