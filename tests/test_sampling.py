@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from kltd.sampling import _choose, decode_responses, encode_prompts, encode_responses, position_ids_from_mask, sample
+from kltd.sampling import _choose, decode_responses, draw_categorical, encode_prompts, encode_responses, position_ids_from_mask, sample
 from kltd.toy_tokenizer import build_tokenizer
 
 
@@ -95,3 +95,44 @@ def test_sampling_with_a_given_prefix_continues_after_it(tiny):
     expected = reference_greedy(model, tok, "1+2=3", 4)
     assert got.tokens[0, 0] == prefix.tokens[0, 0]
     assert got.tokens[0][got.mask[0]].tolist()[1:] == expected
+
+
+def assert_frequencies_match(draws: torch.Tensor, probs: torch.Tensor, sigmas: float = 5.0):
+    """Empirical frequencies within `sigmas` binomial standard errors of probs; zero-probability tokens never drawn."""
+    n = draws.numel()
+    freq = torch.bincount(draws, minlength=probs.numel()).double() / n
+    p = probs.double() / probs.double().sum()
+    se = (p * (1 - p) / n).sqrt()
+    assert (freq[p == 0] == 0).all()
+    assert ((freq - p).abs() <= sigmas * se + 1e-12).all(), float(((freq - p).abs() / se.clamp(min=1e-12)).max())
+
+
+@pytest.mark.parametrize("vocab, block", [(5, 2), (1000, 256), (300, 16)])
+def test_draw_categorical_matches_the_distribution_and_never_draws_a_zero(vocab, block):
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.rand(vocab, generator=gen) ** 4  # uneven, unnormalised
+    probs[torch.randperm(vocab, generator=gen)[: vocab // 3]] = 0.0
+    probs[-1] = 0.0  # a trailing zero, where rounding could otherwise land
+    probs[block - 1 if block < vocab else 0] = 0.0  # a zero at a block edge
+    draws = draw_categorical(probs.expand(200_000, vocab), gen, block=block)
+    assert_frequencies_match(draws, probs)
+
+
+def test_draw_categorical_draws_each_row_from_its_own_distribution():
+    gen = torch.Generator().manual_seed(1)
+    probs = torch.tensor([[0.9, 0.1, 0.0], [0.0, 0.2, 0.8]])
+    draws = draw_categorical(probs.repeat(50_000, 1), gen, block=2).view(50_000, 2)
+    assert_frequencies_match(draws[:, 0], probs[0])
+    assert_frequencies_match(draws[:, 1], probs[1])
+    again = draw_categorical(probs.repeat(50_000, 1), torch.Generator().manual_seed(1), block=2).view(50_000, 2)
+    assert torch.equal(draws, again)  # the same seed gives the same draws
+
+
+def test_sampled_first_tokens_follow_the_model_distribution(tiny):
+    model, tok = tiny
+    ids, mask = encode_prompts(tok, ["12+3="] * 20_000, "cpu")
+    got = sample(model, ids, mask, max_new_tokens=1, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                 temperature=0.7, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        probs = torch.softmax(model(ids[:1]).logits[0, -1] / 0.7, -1)
+    assert_frequencies_match(got.tokens[:, 0], probs)
