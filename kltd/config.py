@@ -99,6 +99,9 @@ class SamplingConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 64
+    # decode Llama/Qwen2/Qwen3 models with kltd's preallocated-cache decoder (same logits, less overhead);
+    # false: always the model's own forward
+    lean_decoder: bool = True
 
 
 @dataclass

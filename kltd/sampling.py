@@ -14,6 +14,8 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
+from kltd.lean_decode import LeanDecoder
+
 
 @dataclass
 class Responses:
@@ -120,6 +122,30 @@ def draw_categorical(probs: Tensor, generator=None, block: int = 256) -> Tensor:
     return (b * block + torch.minimum(j, last_positive)).squeeze(-1)
 
 
+class ForwardDecoder:
+    """Decoding through the model's own forward and cache: works for any causal LM."""
+
+    def __init__(self, model):
+        self.model, self.cache_arg = model, _cache_argument(type(model))
+
+    def start(self, ids: Tensor, mask: Tensor, positions: Tensor, capacity: int) -> Tensor:
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        self.cache, self.mask = _returned_cache(out), mask.long()
+        return out.logits[:, -1]
+
+    def next(self, token: Tensor, alive: Tensor, position: Tensor) -> Tensor:
+        self.mask = torch.cat([self.mask, alive.long().unsqueeze(1)], 1)
+        out = self.model(input_ids=token.unsqueeze(1), attention_mask=self.mask, position_ids=position.unsqueeze(1),
+                         use_cache=True, **{self.cache_arg: self.cache})
+        self.cache = _returned_cache(out)
+        return out.logits[:, -1]
+
+
+def decoder_for(model, lean: bool = True):
+    """The lean decoder where the architecture allows it (much less overhead per token), else the forward."""
+    return LeanDecoder(model) if lean and LeanDecoder.supports(model) else ForwardDecoder(model)
+
+
 def sample(
     model,
     prompt_ids: Tensor,
@@ -132,21 +158,23 @@ def sample(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     prefix: Responses | None = None,
+    lean: bool = True,
 ) -> Responses:
     """Sample continuations of left-padded prompts, stopping when every row has produced EOS.
 
     `prefix` (optional) holds response tokens already written (for example by another model); they
     are fed as given and sampling continues after them, up to `max_new_tokens` response tokens in all.
-    Returns the whole response (prefix included). One model call per new token, with the KV cache;
-    rows that have ended are fed padding, masked out.
+    Returns the whole response (prefix included). One decoding step per new token, with a KV cache;
+    rows that have ended are fed padding, masked out. `lean=False` forces the model's own forward.
     """
     with torch.inference_mode():
-        out = _sample(model, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temperature, top_p, generator, prefix)
+        out = _sample(decoder_for(model, lean), prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temperature,
+                      top_p, generator, prefix)
     # plain tensors again: the states feed the autograd-tracked loss
     return Responses(out.tokens.clone(), out.mask.clone())
 
 
-def _sample(model, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temperature, top_p, generator, prefix):
+def _sample(decoder, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temperature, top_p, generator, prefix):
     batch = prompt_ids.shape[0]
     device = prompt_ids.device
     mask = prompt_mask.long()
@@ -160,34 +188,26 @@ def _sample(model, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temp
         tokens = list(prefix.tokens.unbind(1))
         alive_cols = list(prefix.mask.unbind(1))
         finished = ((prefix.tokens == eos_id) & prefix.mask).any(1)
+    if len(tokens) >= max_new_tokens or bool(finished.all()):
+        return _stacked(tokens, alive_cols, batch, device)
     positions = position_ids_from_mask(context_mask)
-    out = model(
-        input_ids=context, attention_mask=context_mask, position_ids=positions, use_cache=True, logits_to_keep=1
-    )
-    cache_arg = _cache_argument(type(model))
-    cache, next_pos, mask = _returned_cache(out), positions.max(-1).values + 1, context_mask
-    logits = out.logits[:, -1]
+    logits = decoder.start(context, context_mask, positions, context.shape[1] + max_new_tokens - len(tokens))
     # rows whose prompt is empty of real context still start at position 0
-    next_pos = torch.where(context_mask.sum(-1) > 0, next_pos, torch.zeros_like(next_pos))
-    while len(tokens) < max_new_tokens and not bool(finished.all()):
+    next_pos = torch.where(context_mask.sum(-1) > 0, positions.max(-1).values + 1, 0)
+    while True:
         token = _choose(logits, temperature, top_p, generator)
         alive = ~finished
-        token = torch.where(alive, token, torch.full_like(token, pad_id))
+        token = torch.where(alive, token, pad_id)
         tokens.append(token)
         alive_cols.append(alive)
         finished = finished | (token == eos_id)
         if len(tokens) == max_new_tokens or bool(finished.all()):
-            break
-        mask = torch.cat([mask, alive.long().unsqueeze(1)], 1)
-        out = model(
-            input_ids=token.unsqueeze(1),
-            attention_mask=mask,
-            position_ids=next_pos.unsqueeze(1),
-            use_cache=True,
-            **{cache_arg: cache},
-        )
-        cache, logits = _returned_cache(out), out.logits[:, -1]
+            return _stacked(tokens, alive_cols, batch, device)
+        logits = decoder.next(token, alive, next_pos)
         next_pos = next_pos + alive.long()
+
+
+def _stacked(tokens: list[Tensor], alive_cols: list[Tensor], batch: int, device) -> Responses:
     if not tokens:
         empty = torch.zeros((batch, 0), dtype=torch.long, device=device)
         return Responses(empty, empty.bool())

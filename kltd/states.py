@@ -79,6 +79,7 @@ class Sampler:
     max_new_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
+    lean: bool = True
 
     def __call__(self, prompt_ids, prompt_mask, generator, prefix: Responses | None = None) -> Responses:
         return sample(
@@ -92,6 +93,7 @@ class Sampler:
             top_p=self.top_p,
             generator=generator,
             prefix=prefix,
+            lean=self.lean,
         )
 
 

@@ -80,8 +80,8 @@ class Trainer:
         s = cfg.sampling
         self.states = StateSource(
             cfg.prefix,
-            student=Sampler(self.student, self.tokenizer, s.max_new_tokens, s.temperature, s.top_p),
-            teacher=Sampler(self.teacher, self.tokenizer, s.max_new_tokens, s.temperature, s.top_p),
+            student=Sampler(self.student, self.tokenizer, s.max_new_tokens, s.temperature, s.top_p, s.lean_decoder),
+            teacher=Sampler(self.teacher, self.tokenizer, s.max_new_tokens, s.temperature, s.top_p, s.lean_decoder),
             tokenizer=self.tokenizer,
             seed=cfg.seed,
         )

@@ -49,7 +49,7 @@ def test_rows_stop_at_eos_and_are_padded_after(tiny):
     def bias_eos(module, inputs, output):
         calls["n"] += 1
         if calls["n"] == 2:  # second model call: first decoding step
-            output[0, -1, tok.eos_token_id] = 1e4
+            output[0, ..., tok.eos_token_id] = 1e4
         return output
 
     handle = model.lm_head.register_forward_hook(bias_eos)
