@@ -109,6 +109,9 @@ class TrainerConfig:
     max_steps: int = 200
     batch_size: int = 32
     grad_accum: int = 1
+    # score each micro-batch in up to this many groups of rows of similar length, so padding columns are
+    # not computed (only for losses that are sums over rows); 1: off
+    length_groups: int = 4
     lr: float = 1e-3
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1  # cosine decay floor, as a fraction of lr
@@ -280,6 +283,7 @@ def validate(cfg: Config) -> None:
         ("sampling.max_new_tokens", cfg.sampling.max_new_tokens),
         ("trainer.batch_size", cfg.trainer.batch_size),
         ("trainer.grad_accum", cfg.trainer.grad_accum),
+        ("trainer.length_groups", cfg.trainer.length_groups),
         ("trainer.log_every", cfg.trainer.log_every),
         ("eval.num_prompts", cfg.eval.num_prompts),
         ("eval.batch_size", cfg.eval.batch_size),

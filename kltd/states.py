@@ -57,6 +57,45 @@ class StateBatch:
     def num_sequences(self) -> int:
         return self.prompt_ids.shape[0]
 
+    def select(self, rows: list[int]) -> StateBatch:
+        """These rows only, without the columns that are padding in every one of them."""
+        idx = torch.tensor(rows, device=self.prompt_ids.device)
+        prompt_mask, response_mask = self.prompt_mask[idx], self.responses.mask[idx]
+        first = int(prompt_mask.any(0).long().argmax()) if bool(prompt_mask.any()) else prompt_mask.shape[1]
+        used = response_mask.any(0)
+        end = int(used.nonzero().max()) + 1 if bool(used.any()) else 0
+        return StateBatch(
+            self.prompt_ids[idx, first:], prompt_mask[:, first:],
+            Responses(self.responses.tokens[idx, :end], response_mask[:, :end]),
+            self.student_written[idx, :end], self.supervised[idx, :end],
+            [self.examples[i] for i in rows] if self.examples else [],
+        )
+
+    def by_length(self, max_groups: int, overhead_tokens: int = 64) -> list[StateBatch]:
+        """The rows in up to `max_groups` groups of similar length, each trimmed of its own padding.
+
+        Rows are sorted by response then prompt length and cut into k equal groups, k chosen to minimise
+        the padded size (rows x (prompt width + response width)) plus `overhead_tokens` per extra group,
+        the fixed cost of another model call in token-equivalents. Losses that are sums over rows are
+        unchanged by the split; padding columns are simply not computed.
+        """
+        n = self.num_sequences
+        if max_groups <= 1 or n < 2:
+            return [self]
+        prompt_len, response_len = self.prompt_mask.sum(1).tolist(), self.responses.mask.sum(1).tolist()
+        order = sorted(range(n), key=lambda i: (response_len[i], prompt_len[i]))
+
+        def groups(k: int) -> list[list[int]]:
+            bounds = [round(j * n / k) for j in range(k + 1)]
+            return [order[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+
+        def cost(parts: list[list[int]]) -> int:
+            return sum(len(g) * (max(prompt_len[i] for i in g) + max(response_len[i] for i in g)) + overhead_tokens
+                       for g in parts)
+
+        best = min((groups(k) for k in range(1, min(max_groups, n) + 1)), key=cost)
+        return [self] if len(best) == 1 else [self.select(g) for g in best]
+
 
 @dataclass
 class TokenCounts:

@@ -153,6 +153,11 @@ class Trainer:
         return sequence_weights(rewards, traj.weighting, keep_fraction=traj.keep_fraction,
                                 temperature=traj.awr_temperature, max_weight=traj.awr_max_weight)
 
+    def loss_is_sum_over_rows(self) -> bool:
+        """True unless a batch-level term couples the rows (prefix-term baselines, offline-RL weights)."""
+        loss, traj = self.cfg.loss, self.cfg.trajectory
+        return loss.kl_prefix_weight == 0 and (traj.supervisor != "dataset" or traj.reward == "none")
+
     def can_fuse(self) -> bool:
         """The exact trajectory divergence alone, through plain output layers: no logits tensor is needed."""
         loss, traj = self.cfg.loss, self.cfg.trajectory
@@ -245,7 +250,8 @@ class Trainer:
         tokens = sum(int(b.supervised.sum()) for b in batches)
         denominator = float(tokens if self.cfg.loss.normalization == "token" else sum(b.num_sequences for b in batches))
         self.optimizer.zero_grad(set_to_none=True)
-        for batch in batches:
+        groups = t.length_groups if self.loss_is_sum_over_rows() else 1
+        for batch in (part for b in batches for part in b.by_length(groups)):
             loss, parts = self.loss(batch, denominator)
             if not torch.isfinite(loss):
                 raise TrainingError(

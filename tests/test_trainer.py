@@ -89,3 +89,56 @@ def test_nan_loss_stops_with_a_clear_error(model_dirs):
         next(trainer.student.parameters()).fill_(float("nan"))
     with pytest.raises(TrainingError, match="lower trainer.lr"):
         trainer.step()
+
+
+def group_gradients(trainer: Trainer, parts, denominator):
+    trainer.student.zero_grad(set_to_none=True)
+    total = 0.0
+    for part in parts:
+        loss, _ = trainer.loss(part, denominator)
+        loss.backward()
+        total += float(loss.detach())
+    return total, {n: p.grad.clone() for n, p in trainer.student.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("cell", [
+    dict(prefix__source="fixed", trajectory__supervisor="expert"),
+    dict(prefix__source="student", trajectory__supervisor="student", trainer__fused_head=False),
+    dict(prefix__source="mixed", trajectory__supervisor="student", loss__normalization="sequence"),
+    dict(prefix__source="fixed", trajectory__supervisor="dataset"),
+])
+def test_length_groups_give_the_gradient_of_the_whole_batch(model_dirs, cell):
+    trainer = make_trainer(model_dirs, **cell)
+    assert trainer.loss_is_sum_over_rows()
+    batch, _ = trainer.states.build(trainer.next_examples(12), trainer.generator)
+    parts = batch.by_length(4, overhead_tokens=0)
+    assert len(parts) > 1 and sum(p.num_sequences for p in parts) == 12
+    # each group is narrower than the batch (its own padding gone) and keeps every supervised token
+    assert sum(int(p.supervised.sum()) for p in parts) == int(batch.supervised.sum())
+    assert sum(p.input_ids.numel() for p in parts) < batch.input_ids.numel()
+    denominator = float(batch.supervised.sum() if trainer.cfg.loss.normalization == "token" else 12)
+    whole, grads_whole = group_gradients(trainer, [batch], denominator)
+    split, grads_split = group_gradients(trainer, parts, denominator)
+    assert split == pytest.approx(whole, rel=1e-5)
+    for name in grads_whole:
+        assert torch.allclose(grads_whole[name], grads_split[name], rtol=1e-4, atol=1e-7), name
+
+
+def test_selected_rows_keep_their_tokens_without_shared_padding(model_dirs):
+    trainer = make_trainer(model_dirs, prefix__source="student", trajectory__supervisor="student")
+    batch, _ = trainer.states.build(trainer.next_examples(8), trainer.generator)
+    rows = [5, 1, 2]
+    part = batch.select(rows)
+    for j, i in enumerate(rows):
+        def real(ids, mask):
+            return ids[mask.bool()].tolist()
+        assert real(part.input_ids[j], part.attention_mask[j]) == real(batch.input_ids[i], batch.attention_mask[i])
+        assert part.examples[j] is batch.examples[i]
+    assert part.prompt_mask[:, 0].any() and part.responses.mask[:, -1].any()  # no all-padding edge column
+
+
+def test_batch_coupled_losses_are_not_split(model_dirs):
+    assert not make_trainer(model_dirs, loss__kl_prefix_weight=1.0, prefix__source="student",
+                            trajectory__supervisor="student").loss_is_sum_over_rows()
+    assert not make_trainer(model_dirs, prefix__source="fixed", trajectory__supervisor="dataset",
+                            trajectory__reward="correctness").loss_is_sum_over_rows()
