@@ -23,6 +23,11 @@ from kltd.compare_tables import (LOWER_IS_BETTER, MethodSummary, Stat, all_table
 from kltd.run_records import CompareError, Run, is_number, is_run_dir, load_runs
 
 
+# The matrices shown when none are named; the sweep-end callback uses the same, so `kltd compare` on a
+# sweep directory reproduces exactly what the sweep printed and wrote.
+DEFAULT_METRICS = ["accuracy", "reverse_kl_student_states"]
+
+
 @dataclass
 class CompareResult:
     runs: list[Run]
@@ -135,7 +140,7 @@ def compare(paths: list[Path], out: Path | None, metrics: list[str]) -> CompareR
     paths = [Path(p) for p in paths]
     if not paths:
         raise CompareError("give at least one run or sweep directory")
-    metrics = list(dict.fromkeys(metrics or ["accuracy"]))
+    metrics = list(dict.fromkeys(metrics or DEFAULT_METRICS))
     runs = load_runs(paths)
     check_metrics(metrics, runs)
     rows = summarize(runs)
@@ -172,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("dirs", nargs="+", type=Path, metavar="DIR",
                         help="a run directory, or any directory with run directories below it (e.g. a sweep)")
     parser.add_argument("--metric", action="append", metavar="NAME",
-                        help="eval_after metric for the matrix (default: accuracy); repeat or comma-separate "
+                        help=f"eval_after metric for the matrix (default: {','.join(DEFAULT_METRICS)}); repeat or comma-separate "
                              "for several tables, e.g. accuracy,pass_at_k,reverse_kl_student_states")
     parser.add_argument("--out", type=Path, metavar="DIR",
                         help="where results.md, results.csv and the PNGs go (default: the first DIR if it is a "
@@ -201,7 +206,7 @@ def print_result(result: CompareResult, console=None) -> None:
 
 def main(argv: list[str]) -> None:
     args = build_parser().parse_args(argv)
-    metrics = [name.strip() for value in (args.metric or ["accuracy"]) for name in value.split(",") if name.strip()]
+    metrics = [name.strip() for value in (args.metric or DEFAULT_METRICS) for name in value.split(",") if name.strip()]
     try:
         result = compare(args.dirs, args.out, metrics)
     except CompareError as error:

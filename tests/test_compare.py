@@ -200,8 +200,10 @@ def test_cli_prints_the_tables_and_writes_into_the_sweep_dir(sweep, tmp_path):
     assert "0.533 ± 0.153 (n=3)" in out.stdout
     assert "failed: RuntimeError: CUDA out of memory [rank 0]" in out.stdout
     assert "missing" in out.stdout and "Quality next to cost" in out.stdout
-    assert f"wrote 5 files to {sweep}" in out.stdout  # a sweep dir is the default --out
+    assert "Method matrix: reverse_kl_student_states" in out.stdout  # the defaults: what a sweep's end shows
+    assert f"wrote 6 files to {sweep}" in out.stdout  # a sweep dir is the default --out
     assert (sweep / "results.md").is_file() and (sweep / "matrix_accuracy.png").is_file()
+    assert (sweep / "matrix_reverse_kl_student_states.png").is_file()
 
 
 def test_cli_given_a_run_dir_writes_to_the_cwd(sweep, tmp_path):
