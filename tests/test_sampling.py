@@ -4,7 +4,15 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from kltd.sampling import _choose, decode_responses, draw_categorical, encode_prompts, encode_responses, position_ids_from_mask, sample
+from kltd.sampling import (
+    _choose,
+    decode_responses,
+    draw_categorical,
+    encode_prompts,
+    encode_responses,
+    position_ids_from_mask,
+    sample,
+)
 from kltd.toy_tokenizer import build_tokenizer
 
 
