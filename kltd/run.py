@@ -158,7 +158,7 @@ def _train_and_evaluate(cfg: Config, run_dir: Path, logger: RunLogger, console: 
         trainer.attach_teacher_cache(cached_teacher(
             pair.teacher, pair.tokenizer, resolve_model_path(cfg.model.teacher), resolve_model_path(cfg.model.student),
             train_examples, cache_dir=Path(cfg.cache.dir), dtype=cfg.model.dtype, fmt=cfg.cache.format,
-            top_k=cfg.cache.top_k, counter=count, echo=console.print))
+            top_k=cfg.cache.top_k, needed=trainer.planned_examples(), counter=count, echo=console.print))
     tokens, trained_tokens, loss = TokenCounts(), 0, float("nan")
     t = cfg.trainer
     columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),

@@ -92,6 +92,8 @@ class TeacherCache:
         """One teacher forward pass per batch of examples; `counter(n)` is told how many passes ran."""
         device = next(teacher.parameters()).device
         values, indices, tails, offsets = [], [], [], [0]
+        # batches of similar length carry less padding; entries are found by prompt, so order is free
+        examples = sorted(examples, key=lambda e: (len(e.prompt) + len(e.response), e.prompt))
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
             prompt_ids, prompt_mask = encode_prompts(tokenizer, [e.prompt for e in chunk], device)
@@ -113,6 +115,25 @@ class TeacherCache:
         if fmt == "topk":
             return TeacherCache(torch.cat(values), torch.tensor(offsets), index, vocab, torch.cat(indices), torch.cat(tails))
         return TeacherCache(torch.cat(values), torch.tensor(offsets), index, vocab)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def merged(self, other: "TeacherCache") -> "TeacherCache":
+        """This cache's entries plus those of `other` for prompts this one lacks."""
+        new = [(prompt, i) for prompt, i in other.index.items() if prompt not in self.index]
+        if not new:
+            return self
+        spans = [(int(other.offsets[i]), int(other.offsets[i + 1])) for _, i in new]
+
+        def joined(mine: Tensor | None, theirs: Tensor | None) -> Tensor | None:
+            return None if mine is None else torch.cat([mine] + [theirs[a:b] for a, b in spans])
+
+        lengths = torch.tensor([b - a for a, b in spans])
+        offsets = torch.cat([self.offsets, self.offsets[-1] + lengths.cumsum(0)])
+        index = {**self.index, **{prompt: len(self.index) + j for j, (prompt, _) in enumerate(new)}}
+        return TeacherCache(joined(self.values, other.values), offsets, index, self.vocab_size,
+                            joined(self.indices, other.indices), joined(self.tail, other.tail))
 
     def save(self, path: Path) -> None:
         """Atomic: written next to its final name and renamed, so a cache file that exists is whole."""
@@ -141,15 +162,27 @@ def _topk_with_even_tail(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor
 
 
 def cached_teacher(teacher, tokenizer, teacher_dir: str, tokenizer_dir: str, examples: list, *, cache_dir: Path,
-                   dtype: str, fmt: str = "full", top_k: int = 64, counter=None, echo=print) -> TeacherCache:
-    """Load the cache entry for these exact inputs, or build and store it."""
+                   dtype: str, fmt: str = "full", top_k: int = 64, needed: list | None = None, counter=None,
+                   echo=print) -> TeacherCache:
+    """The cache entry for these exact inputs, holding at least the `needed` examples (default: all).
+
+    The entry is keyed by the whole training split but filled lazily: a run scores only the examples it
+    will train on and the entry lacks, so a short run does not pay for the whole split, and the next
+    cell or seed reuses what is there. Entries another job stored meanwhile are kept.
+    """
     key = CacheKey(directory_fingerprint(teacher_dir), directory_fingerprint(tokenizer_dir),
                    examples_fingerprint(examples), dtype, fmt, top_k if fmt == "topk" else 0)
     path = Path(cache_dir) / f"teacher-{key.digest()}.pt"
-    if path.is_file():
-        echo(f"teacher cache: hit {path}")
-        return TeacherCache.load(path)
-    echo(f"teacher cache: building {path} ({len(examples)} examples)")
-    cache = TeacherCache.build(teacher, tokenizer, examples, fmt=fmt, top_k=top_k, counter=counter)
+    cache = TeacherCache.load(path) if path.is_file() else None
+    wanted = list({e.prompt: e for e in (examples if needed is None else needed)}.values())
+    missing = [e for e in wanted if cache is None or e.prompt not in cache.index]
+    if not missing:
+        echo(f"teacher cache: hit {path} ({len(wanted)} examples)")
+        return cache
+    echo(f"teacher cache: adding {len(missing)} of {len(wanted)} examples to {path}")
+    built = TeacherCache.build(teacher, tokenizer, missing, fmt=fmt, top_k=top_k, counter=counter)
+    cache = built if cache is None else cache.merged(built)
+    if path.is_file():  # a parallel job may have stored entries since we read the file
+        cache = cache.merged(TeacherCache.load(path))
     cache.save(path)
     return cache

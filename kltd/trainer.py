@@ -13,7 +13,9 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 
 import torch
 
@@ -57,6 +59,15 @@ def divergence_spec(cfg: Config) -> DivergenceSpec | None:
     )
 
 
+def shuffled_indices(n: int, seed: int) -> Iterator[int]:
+    """0..n-1 in a fresh seeded shuffle per epoch, epoch after epoch."""
+    order = random.Random(seed)
+    while True:
+        permutation = list(range(n))
+        order.shuffle(permutation)
+        yield from permutation
+
+
 @dataclass
 class StepStats:
     loss: float = 0.0
@@ -89,22 +100,17 @@ class Trainer:
         self.teacher_forwards = 0  # live teacher passes during training (the cache avoids them)
         self.teacher_cache = None
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
-        self.order = random.Random(cfg.seed)
-        self.cursor = len(train_examples)
-        self.permutation: list[int] = []
+        self.order = shuffled_indices(len(train_examples), cfg.seed)
 
     def next_examples(self, n: int) -> list:
         """Epochs over the training split in a seeded shuffled order."""
-        out = []
-        while len(out) < n:
-            if self.cursor >= len(self.permutation):
-                self.permutation = list(range(len(self.examples)))
-                self.order.shuffle(self.permutation)
-                self.cursor = 0
-            take = self.permutation[self.cursor : self.cursor + n - len(out)]
-            self.cursor += len(take)
-            out += [self.examples[i] for i in take]
-        return out
+        return [self.examples[next(self.order)] for _ in range(n)]
+
+    def planned_examples(self) -> list:
+        """The examples the whole run will draw, in order (the same stream next_examples reads)."""
+        t = self.cfg.trainer
+        return [self.examples[i] for i in islice(shuffled_indices(len(self.examples), self.cfg.seed),
+                                                 t.max_steps * t.grad_accum * t.batch_size)]
 
     def uses_teacher_cache(self) -> bool:
         """auto: cache whenever the states are fixed and the loss needs the teacher's logits at them."""

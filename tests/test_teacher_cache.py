@@ -67,3 +67,37 @@ def test_second_use_is_a_hit_with_no_teacher_pass_and_changes_invalidate(setup, 
     cached_teacher(teacher, tokenizer, str(teacher_dir), str(teacher_dir), train, **kwargs)
     assert len(passes) > n
     assert len(list(tmp_path.glob("teacher-*.pt"))) == 4 and not list(tmp_path.glob("*.tmp*"))
+
+
+@pytest.mark.parametrize("fmt", ["full", "topk"])
+def test_the_entry_fills_lazily_with_the_examples_a_run_needs(setup, tmp_path, fmt):
+    teacher, tokenizer, teacher_dir, train = setup
+    passes = []
+    kwargs = dict(cache_dir=tmp_path, dtype="float32", fmt=fmt, top_k=4, counter=passes.append,
+                  echo=lambda *_: None)
+    first = cached_teacher(teacher, tokenizer, str(teacher_dir), str(teacher_dir), train, needed=train[:10], **kwargs)
+    assert len(first) == 10 and len(passes) == 1
+    again = cached_teacher(teacher, tokenizer, str(teacher_dir), str(teacher_dir), train, needed=train[2:8], **kwargs)
+    assert len(passes) == 1 and len(again) == 10  # all there: no teacher pass
+    grown = cached_teacher(teacher, tokenizer, str(teacher_dir), str(teacher_dir), train, needed=train[5:25], **kwargs)
+    assert len(passes) == 2 and len(grown) == 25  # only the 15 missing ones were scored
+    stored = TeacherCache.load(next(tmp_path.glob("teacher-*.pt")))
+    whole = TeacherCache.build(teacher, tokenizer, train[:25], fmt=fmt, top_k=4)
+    for cache in (grown, stored):  # every entry equals a cache built in one go, whatever the order of filling
+        batch, _ = live_logits(teacher, tokenizer, train[:25])
+        mask = batch.responses.mask
+        assert torch.allclose(cache.lookup(batch)[mask], whole.lookup(batch)[mask], atol=1e-5)
+
+
+def test_merging_keeps_entries_written_by_another_job(setup, tmp_path):
+    teacher, tokenizer, teacher_dir, train = setup
+    kwargs = dict(cache_dir=tmp_path, dtype="float32", echo=lambda *_: None)
+    cached_teacher(teacher, tokenizer, str(teacher_dir), str(teacher_dir), train, needed=train[:6], **kwargs)
+    path = next(tmp_path.glob("teacher-*.pt"))
+
+    def another_job_stores_its_entries(_passes):  # runs while this job scores its missing examples
+        TeacherCache.build(teacher, tokenizer, train[20:30]).merged(TeacherCache.load(path)).save(path)
+
+    cached_teacher(teacher, tokenizer, str(teacher_dir), str(teacher_dir), train, needed=train[6:12],
+                   counter=another_job_stores_its_entries, **kwargs)
+    assert set(TeacherCache.load(path).index) == {e.prompt for e in train[:12] + train[20:30]}

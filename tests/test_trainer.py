@@ -142,3 +142,11 @@ def test_batch_coupled_losses_are_not_split(model_dirs):
                             trajectory__supervisor="student").loss_is_sum_over_rows()
     assert not make_trainer(model_dirs, prefix__source="fixed", trajectory__supervisor="dataset",
                             trajectory__reward="correctness").loss_is_sum_over_rows()
+
+
+def test_planned_examples_are_the_ones_training_draws(model_dirs):
+    trainer = make_trainer(model_dirs, trainer__max_steps=7, trainer__batch_size=10, trainer__grad_accum=2)
+    planned = trainer.planned_examples()
+    drawn = [e for _ in range(7 * 2) for e in trainer.next_examples(10)]  # 140 draws: more than two epochs of 64
+    assert [e.prompt for e in planned] == [e.prompt for e in drawn]
+    assert len({e.prompt for e in drawn[:64]}) == 64  # each epoch is a permutation of the split
