@@ -36,7 +36,8 @@ class LeanDecoder:
         self.layers = list(self.body.layers[: config.num_hidden_layers])
         attn = self.layers[0].self_attn
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.head_dim, self.scaling = attn.head_dim, attn.scaling
+        self.head_dim = attn.head_dim
+        self.scaling = getattr(attn, "scaling", self.head_dim**-0.5)  # older transformers: the default
 
     @staticmethod
     def supports(model) -> bool:
