@@ -29,8 +29,12 @@ class EvalSettings:
     pass_k: int = 4  # student samples per prompt (temperature 1) for pass@k and the reverse KL
 
 
-class _PositionCurve:
+class PositionCurve:
     """Running sum and count of a per-token quantity by response position."""
+
+    # a position is reported while at least this share of the sequences reach it; past that a mean rests
+    # on a handful of long responses and one of them can put a spike in the plot
+    MIN_SHARE = 0.05
 
     def __init__(self):
         self.total, self.count = [], []
@@ -45,7 +49,14 @@ class _PositionCurve:
             self.count[i] += int(c)
 
     def means(self) -> list[float]:
-        return [s / c for s, c in zip(self.total, self.count) if c > 0]
+        """The mean at each position, up to the last one that MIN_SHARE of the sequences reach."""
+        floor = max(1, math.ceil(self.MIN_SHARE * self.count[0])) if self.count else 1
+        out = []
+        for total, count in zip(self.total, self.count):
+            if count < floor:
+                break
+            out.append(total / count)
+        return out
 
 
 def _per_token(student, teacher, batch: StateBatch, spec: DivergenceSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,7 +95,7 @@ def evaluate(student, teacher, tokenizer, examples: list, settings: EvalSettings
     examples = examples[: settings.num_prompts]
     k = max(1, settings.pass_k)
     correct, lengths, rkl, fkl, entropy, sampled_correct = [], [], [], [], [], []
-    curves = {"student_states": _PositionCurve(), "teacher_states": _PositionCurve()}
+    curves = {"student_states": PositionCurve(), "teacher_states": PositionCurve()}
     generated = {"student": 0, "teacher": 0}
     for start in range(0, len(examples), settings.batch_size):
         chunk = examples[start : start + settings.batch_size]
