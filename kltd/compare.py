@@ -17,7 +17,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kltd.compare_tables import (LOWER_IS_BETTER, MethodSummary, Stat, all_tables, check_metrics,
+from kltd.compare_tables import (LOWER_IS_BETTER, MethodSummary, Stat, all_tables, better_direction, check_metrics,
                                  duplicate_seed_notes, empty_cell, has_matrix, matrix_grid, summarize, to_rich,
                                  write_csv, write_markdown)
 from kltd.run_records import CompareError, Run, is_number, is_run_dir, load_runs
@@ -113,7 +113,7 @@ def write_plots(result: CompareResult) -> None:
         prefixes, trajectories, grid = heat_cells(result.rows, metric)
         path = result.out_dir / f"matrix_{metric}.png"
         result.files.append(plots.matrix_heatmap(path, metric, prefixes, trajectories, grid,
-                                                 lower_is_better=metric in LOWER_IS_BETTER,
+                                                 better=better_direction(metric),
                                                  unit_interval=metric in ("accuracy", "pass_at_k")))
     curves = divergence_curves(result.rows)
     if curves:

@@ -26,6 +26,11 @@ COST_FIELDS = ("wall_time_s", "train_time_s", "steps", "steps_per_s", "final_los
 COUNT_FIELDS = {"steps", "tokens_student_generated", "tokens_teacher_generated", "tokens_generated", "tokens_scored",
                 "tokens_trained"}
 LOWER_IS_BETTER = {"reverse_kl_student_states", "forward_kl_teacher_states"}
+HIGHER_IS_BETTER = {"accuracy", "pass_at_k"}  # the rest (entropy, length, ...) describe; neither way is better
+
+
+def better_direction(metric: str) -> str | None:
+    return "lower" if metric in LOWER_IS_BETTER else "higher" if metric in HIGHER_IS_BETTER else None
 
 
 # ---------------------------------------------------------------------------------------- aggregation

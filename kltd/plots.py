@@ -52,8 +52,12 @@ def _text_color(rgba) -> str:
 
 
 def matrix_heatmap(path: Path, metric: str, prefixes: list[str], trajectories: list[str], grid: list[list[HeatCell]],
-                   *, lower_is_better: bool = False, unit_interval: bool = False) -> Path:
-    """prefix rows x trajectory columns, coloured by the metric; failed/missing/empty cells grey."""
+                   *, better: str | None = "higher", unit_interval: bool = False) -> Path:
+    """prefix rows x trajectory columns, coloured by the metric; failed/missing/empty cells grey.
+
+    `better`: "higher", "lower" (the colour map is flipped so that better is always brighter) or None for
+    a descriptive metric such as entropy or length, where neither direction is better.
+    """
     most_lines = max((cell.text.count("\n") + 1 for line in grid for cell in line), default=1)
     row_height = max(1.25, 0.2 * most_lines + 0.4)  # tall enough for the busiest cell's text
     figure = _new_figure(max(7.5, 2.9 * len(trajectories) + 2.2), row_height * len(prefixes) + 1.6)
@@ -63,7 +67,7 @@ def matrix_heatmap(path: Path, metric: str, prefixes: list[str], trajectories: l
     if low == high:  # one value, or all equal: still give the colour bar a range
         low, high = low - 0.5, high + 0.5
     norm = Normalize(low, high)
-    cmap = colormaps["viridis_r" if lower_is_better else "viridis"]
+    cmap = colormaps["viridis_r" if better == "lower" else "viridis"]
     for row, line in enumerate(grid):
         for column, cell in enumerate(line):
             color = EMPTY_GREY if cell.empty else FAILED_GREY if cell.value is None else cmap(norm(cell.value))
@@ -79,9 +83,8 @@ def matrix_heatmap(path: Path, metric: str, prefixes: list[str], trajectories: l
     axes.tick_params(length=0)
     for side in axes.spines.values():
         side.set_visible(False)
-    direction = "lower is better" if lower_is_better else "higher is better"
     colorbar = figure.colorbar(_scalar_mappable(norm, cmap), ax=axes, shrink=0.85)
-    colorbar.set_label(f"{metric} ({direction})")
+    colorbar.set_label(f"{metric} ({better} is better)" if better else metric)
     axes.set_title(f"Method matrix: {metric} after training\nmean ± std over seeds; grey = failed or missing",
                    fontsize=10)
     return _save(figure, path)
