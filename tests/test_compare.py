@@ -256,3 +256,11 @@ def test_a_missing_seed_joins_its_methods_row_by_the_label_its_config_gives(tmp_
     result = compare([tmp_path / "runs"], tmp_path / "report", ["accuracy"])
     (row,) = result.rows
     assert row.label == label and row.seeds_text() == "1 (1 missing)"
+
+
+def test_only_quality_metrics_have_a_better_direction():
+    from kltd.compare_tables import better_direction
+
+    assert better_direction("accuracy") == "higher" and better_direction("pass_at_k") == "higher"
+    assert better_direction("reverse_kl_student_states") == "lower"
+    assert better_direction("student_entropy") is None and better_direction("response_length") is None
