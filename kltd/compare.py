@@ -206,7 +206,7 @@ def print_result(result: CompareResult, console=None) -> None:
 
 def main(argv: list[str]) -> None:
     args = build_parser().parse_args(argv)
-    metrics = [name.strip() for value in (args.metric or DEFAULT_METRICS) for name in value.split(",") if name.strip()]
+    metrics = [name.strip() for value in args.metric or [] for name in value.split(",") if name.strip()]
     try:
         result = compare(args.dirs, args.out, metrics)
     except CompareError as error:

@@ -15,15 +15,15 @@ from omegaconf import DictConfig
 
 class CompareOnSweepEnd(Callback):
     def __init__(self, metrics: list[str] | None = None):
-        self.metrics = list(metrics) if metrics else None  # None: kltd compare's defaults
+        self.metrics = list(metrics or [])  # empty: kltd compare's defaults
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        from kltd.compare import DEFAULT_METRICS, CompareError, compare, print_result
+        from kltd.compare import CompareError, compare, print_result
         from kltd.wandb_compare import log_comparison
 
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
-            result = compare([sweep_dir], sweep_dir, self.metrics or DEFAULT_METRICS)
+            result = compare([sweep_dir], sweep_dir, self.metrics)
         except CompareError as error:
             print(f"kltd: comparison skipped: {error}", file=sys.stderr)
             return
