@@ -161,6 +161,15 @@ def _topk_with_even_tail(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor
     return top, idx.to(torch.int32), tail
 
 
+def _modified(path: Path) -> tuple[int, int] | None:
+    """(mtime, size) of the file, None if there is none: tells whether it changed since it was read."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
+
+
 def cached_teacher(teacher, tokenizer, teacher_dir: str, tokenizer_dir: str, examples: list, *, cache_dir: Path,
                    dtype: str, fmt: str = "full", top_k: int = 64, needed: list | None = None, counter=None,
                    echo=print) -> TeacherCache:
@@ -173,7 +182,8 @@ def cached_teacher(teacher, tokenizer, teacher_dir: str, tokenizer_dir: str, exa
     key = CacheKey(directory_fingerprint(teacher_dir), directory_fingerprint(tokenizer_dir),
                    examples_fingerprint(examples), dtype, fmt, top_k if fmt == "topk" else 0)
     path = Path(cache_dir) / f"teacher-{key.digest()}.pt"
-    cache = TeacherCache.load(path) if path.is_file() else None
+    read = _modified(path)
+    cache = TeacherCache.load(path) if read else None
     wanted = list({e.prompt: e for e in (examples if needed is None else needed)}.values())
     missing = [e for e in wanted if cache is None or e.prompt not in cache.index]
     if not missing:
@@ -182,7 +192,7 @@ def cached_teacher(teacher, tokenizer, teacher_dir: str, tokenizer_dir: str, exa
     echo(f"teacher cache: adding {len(missing)} of {len(wanted)} examples to {path}")
     built = TeacherCache.build(teacher, tokenizer, missing, fmt=fmt, top_k=top_k, counter=counter)
     cache = built if cache is None else cache.merged(built)
-    if path.is_file():  # a parallel job may have stored entries since we read the file
+    if _modified(path) != read:  # a parallel job stored entries since we read the file: keep them
         cache = cache.merged(TeacherCache.load(path))
     cache.save(path)
     return cache
