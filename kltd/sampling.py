@@ -103,23 +103,33 @@ def draw_categorical(probs: Tensor, generator=None, block: int = 256) -> Tensor:
     """[B, V] probabilities (rows need not be normalised) -> [B] one draw per row, by inverting the CDF.
 
     One uniform number per row, where torch.multinomial draws V exponentials per row (at a 32k
-    vocabulary those draws were most of the sampling time). Two levels keep it cheap: the CDF over
-    blocks of `block` tokens picks a block, the CDF inside that block picks the token; CDFs in float64.
-    A token of zero probability is never drawn.
+    vocabulary those draws were most of the sampling time). Above `block` tokens two levels keep it
+    cheap: the CDF over blocks of `block` tokens picks a block, the CDF inside that block picks the
+    token. CDFs in float64. A token of zero probability is never drawn.
     """
     rows, vocab = probs.shape
+    u = torch.rand((rows, 1), generator=generator, device=probs.device, dtype=torch.float64)
+    if vocab <= block:
+        cdf = probs.double().cumsum(-1)
+        return _invert(cdf, u * cdf[:, -1:]).squeeze(-1)
     blocks = torch.nn.functional.pad(probs, (0, -vocab % block)).view(rows, -1, block)
     block_cdf = blocks.sum(-1).double().cumsum(-1)  # [B, nb]; float32 block sums are 10x cheaper
-    u = torch.rand((rows, 1), generator=generator, device=probs.device, dtype=torch.float64)
     target = u * block_cdf[:, -1:]
-    # the first block whose cumulative mass exceeds the target has positive mass
-    b = torch.searchsorted(block_cdf, target, right=True).clamp_(max=block_cdf.shape[1] - 1)
+    b = _invert(block_cdf, target)
     before = torch.where(b > 0, block_cdf.gather(1, (b - 1).clamp(min=0)), torch.zeros_like(target))
     inside = blocks.gather(1, b.unsqueeze(-1).expand(rows, 1, block)).squeeze(1)  # [B, block]
-    j = torch.searchsorted(inside.double().cumsum(-1), target - before, right=True)
-    # rounding can put the target past the block's own sum: fall back to its last token of positive mass
-    last_positive = (torch.arange(block, device=probs.device) * (inside > 0)).max(-1, keepdim=True).values
-    return (b * block + torch.minimum(j, last_positive)).squeeze(-1)
+    return (b * block + _invert(inside.double().cumsum(-1), target - before)).squeeze(-1)
+
+
+def _invert(cdf: Tensor, target: Tensor) -> Tensor:
+    """[B, n] cumulative masses, [B, 1] targets -> [B, 1]: the first index whose mass exceeds the target.
+
+    Rounding can put a target at or past the row's total; the index is then capped at the first one that
+    reaches the total, which always carries positive mass.
+    """
+    total = cdf[:, -1:]
+    reaches_total = torch.nextafter(total, torch.zeros_like(total))  # "> this" is ">= total"
+    return torch.searchsorted(cdf, torch.cat([target, reaches_total], 1), right=True).amin(1, keepdim=True)
 
 
 class ForwardDecoder:

@@ -61,8 +61,9 @@ def test_rows_stop_at_eos_and_are_padded_after(tiny):
         return output
 
     handle = model.lm_head.register_forward_hook(bias_eos)
-    try:
-        got = sample(model, ids, mask, max_new_tokens=6, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=0)
+    try:  # the model's own forward calls lm_head (the lean decoder uses its weight directly); same loop either way
+        got = sample(model, ids, mask, max_new_tokens=6, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=0,
+                     lean=False)
     finally:
         handle.remove()
     assert got.tokens[0, 1] == tok.eos_token_id
