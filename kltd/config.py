@@ -118,6 +118,10 @@ class TrainerConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     log_every: int = 10
+    # with the exact divergence loss, score Llama/Qwen2/Qwen3 models on their real tokens only, packed
+    # (kltd.packed_forward; same hidden states); batches are then not split into length groups. false: the
+    # models' own forward over the padded batch
+    packed_forward: bool = True
     # exact divergence losses straight from hidden states, chunk by chunk (no [B, T, V] logits) where the
     # output layer allows it; false: the reference path through full logits
     fused_head: bool = True

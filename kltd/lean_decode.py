@@ -37,8 +37,9 @@ class LeanDecoder:
         dtype = blocks.final_norm.dtype
         self.rotations = blocks.rotary(torch.arange(capacity + int(positions.max()) + 1, device=device))
         # zeros, not empty: unwritten columns are multiplied by a zero weight, and garbage could be NaN
+        # keys stored transposed ([B, Hkv, d, capacity]): a new query's scores are then one plain batched product
         shape = (b, blocks.kv_heads, capacity, blocks.head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in blocks.layers]
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device).transpose(2, 3).contiguous() for _ in blocks.layers]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in blocks.layers]
         # additive mask over the cache, one row per (row, kv head): 0 where a real token sits, -inf elsewhere
         self.bias = torch.full((b, blocks.kv_heads, 1, capacity), float("-inf"), dtype=dtype, device=device)
@@ -51,11 +52,10 @@ class LeanDecoder:
         hidden = self.embed(ids)
         rotations = self.rotations[positions]
         for layer, keys, values in zip(blocks.layers, self.keys, self.values):
-            q, k, v = blocks.qkv(layer, hidden, rotations)
-            keys[:, :, :width] = k.transpose(1, 2)
-            values[:, :, :width] = v.transpose(1, 2)
-            out = scaled_dot_product_attention(q.transpose(1, 2), keys[:, :, :width], values[:, :, :width],
-                                               attn_mask=allowed.unsqueeze(1), scale=1.0,
+            q, k, v = (x.transpose(1, 2) for x in blocks.qkv(layer, hidden, rotations))  # [B, heads, P, d]
+            keys[..., :width] = k.transpose(2, 3)
+            values[:, :, :width] = v
+            out = scaled_dot_product_attention(q, k, v, attn_mask=allowed.unsqueeze(1), scale=1.0,
                                                enable_gqa=blocks.heads != blocks.kv_heads)
             hidden = blocks.mlp(layer, blocks.attention_out(layer, hidden, out.transpose(1, 2).flatten(2)))
         return blocks.logits(hidden[:, -1])
@@ -67,15 +67,14 @@ class LeanDecoder:
         group = blocks.heads // kv
         self.bias.view(b, kv, -1)[:, :, column] = torch.where(alive, 0.0, float("-inf"))[:, None]
         self.width = end = column + 1
-        hidden = self.embed(token)
+        hidden = torch.nn.functional.embedding(token, self.embed.weight)
         rotations = self.rotations[position]
         for layer, keys, values in zip(blocks.layers, self.keys, self.values):
             q, k, v = blocks.qkv(layer, hidden, rotations)  # [B, H, d]
-            keys[:, :, column] = k
+            keys[..., column] = k
             values[:, :, column] = v
-            # heads sharing a kv head form one batch entry: [B * Hkv, group, d] against [B * Hkv, capacity, d]
-            scores = torch.baddbmm(self.bias[..., :end], q.reshape(b * kv, group, d),
-                                   keys.flatten(0, 1)[:, :end].transpose(1, 2))
+            # heads sharing a kv head form one batch entry: [B * Hkv, group, d] against [B * Hkv, d, filled]
+            scores = torch.bmm(q.reshape(b * kv, group, d), keys.flatten(0, 1)[..., :end]) + self.bias[..., :end]
             attended = torch.bmm(scores.softmax(-1), values.flatten(0, 1)[:, :end]).view(b, -1)
             hidden = blocks.mlp(layer, blocks.attention_out(layer, hidden, attended))
         return blocks.logits(hidden)

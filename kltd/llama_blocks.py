@@ -60,7 +60,6 @@ class Layer:
     out: Tensor  # [D, Hq * d]
     gate_up: Tensor  # [2 I, D], the MLP norm's weight folded in
     down: Tensor  # [D, I]
-    act: object
 
 
 class LlamaBlocks:
@@ -79,6 +78,8 @@ class LlamaBlocks:
         scale = getattr(attn, "scaling", self.head_dim**-0.5)
         self.layers = [self._arrange(layer, scale) for layer in body.layers[: config.num_hidden_layers]]
         self.final_norm = body.norm.weight
+        # the MLP's activation (a plain function where it is SiLU: a module call costs more than the op)
+        self.act = F.silu if getattr(config, "hidden_act", None) == "silu" else body.layers[0].mlp.act_fn
         self.head = None  # arranged on first use (only decoding needs logits)
 
     def _arrange(self, layer, scale: float) -> Layer:
@@ -104,7 +105,6 @@ class LlamaBlocks:
             out=a.o_proj.weight,
             gate_up=torch.cat([m.gate_proj.weight, m.up_proj.weight]) * (layer.post_attention_layernorm.weight * self.root),
             down=m.down_proj.weight,
-            act=m.act_fn,
         )
 
     def rotary(self, positions: Tensor) -> Tensor:
@@ -121,8 +121,8 @@ class LlamaBlocks:
 
     def normed_linear(self, x: Tensor, weight: Tensor) -> Tensor:
         """norm(x) @ W^T for a weight arranged with its norm folded in."""
-        rms = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32).hypot_(self.norm_floor)
-        return F.linear(x, weight) / rms.to(x.dtype)
+        rms = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32).hypot(self.norm_floor)
+        return F.linear(x, weight) / (rms if x.dtype == torch.float32 else rms.to(x.dtype))
 
     def qkv(self, layer: Layer, hidden: Tensor, rotations: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """hidden [..., D], rotations [..., d/2] -> q [..., Hq, d] (scaled), k and v [..., Hkv, d]."""
@@ -134,8 +134,10 @@ class LlamaBlocks:
         qk, v = x[..., : h + kv, :], x[..., h + kv :, :]
         if layer.q_norm is not None:
             qk = torch.cat([self.norm(qk[..., :h, :], layer.q_norm), self.norm(qk[..., h:, :], layer.k_norm)], -2)
-        turned = torch.view_as_complex(qk.float().unflatten(-1, (d // 2, 2))) * rotations.unsqueeze(-2)
-        qk = torch.view_as_real(turned).flatten(-2).to(x.dtype)
+        wide = x.dtype == torch.float32  # the rotation is done in float32 (complex64)
+        turned = torch.view_as_complex((qk if wide else qk.float()).unflatten(-1, (d // 2, 2))) * rotations.unsqueeze(-2)
+        qk = torch.view_as_real(turned).flatten(-2)
+        qk = qk if wide else qk.to(x.dtype)
         return qk[..., :h, :], qk[..., h:, :], v
 
     def attention_out(self, layer: Layer, hidden: Tensor, attended: Tensor) -> Tensor:
@@ -144,7 +146,7 @@ class LlamaBlocks:
 
     def mlp(self, layer: Layer, hidden: Tensor) -> Tensor:
         gate, up = self.normed_linear(hidden, layer.gate_up).chunk(2, -1)
-        return _plus_linear(hidden, layer.act(gate) * up, layer.down)
+        return _plus_linear(hidden, self.act(gate) * up, layer.down)
 
     def final_hidden(self, hidden: Tensor) -> Tensor:
         return self.norm(hidden, self.final_norm)
@@ -161,4 +163,6 @@ class LlamaBlocks:
 
 def _plus_linear(residual: Tensor, x: Tensor, weight: Tensor) -> Tensor:
     """residual + x @ W^T in one operation."""
+    if residual.dim() == 2:
+        return torch.addmm(residual, x, weight.t())
     return torch.addmm(residual.flatten(0, -2), x.flatten(0, -2), weight.t()).view_as(residual)

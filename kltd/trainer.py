@@ -21,8 +21,10 @@ import torch
 
 from kltd.config import Config
 from kltd.divergences import DivergenceSpec
-from kltd.fused_head import fused_divergence, plain_output_layer, response_hidden
+from kltd.fused_head import fused_divergence, plain_output_layer
+from kltd.llama_blocks import supports as packs
 from kltd.losses import dataset_loss, prefix_loss, trajectory_loss
+from kltd.packed_forward import response_states
 from kltd.rewards import VERIFIERS, sequence_weights, teacher_loglik
 from kltd.sampling import position_ids_from_mask
 from kltd.states import Sampler, StateBatch, StateSource, TokenCounts, response_logits
@@ -171,19 +173,23 @@ class Trainer:
                 and traj.supervisor != "dataset" and plain_output_layer(self.student) is not None
                 and plain_output_layer(self.teacher) is not None)
 
+    def packs_both(self) -> bool:
+        """Both models score real tokens only (kltd.packed_forward): splitting a batch by length gains nothing."""
+        return self.can_fuse() and self.cfg.trainer.packed_forward and packs(self.student) and packs(self.teacher)
+
     def fused_loss(self, batch: StateBatch, denominator: float) -> torch.Tensor:
         """kl_trajectory_weight * L_traj from hidden states; equals the logits path (tested)."""
         mask = batch.supervised
-        n = batch.responses.tokens.shape[1]
         ids, attention = batch.input_ids, batch.attention_mask
         positions = position_ids_from_mask(attention)
-        hidden = response_hidden(self.student, ids, attention, positions, n)[mask]
+        packed = self.cfg.trainer.packed_forward
+        hidden = response_states(self.student, ids, attention, positions, mask, packed)
         if self.cache_serves(batch):
             teacher_rows = self.teacher_cache.lookup(batch)[mask]
             rows = lambda part: teacher_rows[part]  # noqa: E731
         else:
             with torch.inference_mode():
-                teacher_hidden = response_hidden(self.teacher, ids, attention, positions, n)[mask]
+                teacher_hidden = response_states(self.teacher, ids, attention, positions, mask, packed)
             self.teacher_forwards += 1
             teacher_head = plain_output_layer(self.teacher).weight
             rows = lambda part: teacher_hidden[part] @ teacher_head.T  # noqa: E731
@@ -256,7 +262,7 @@ class Trainer:
         tokens = sum(int(b.supervised.sum()) for b in batches)
         denominator = float(tokens if self.cfg.loss.normalization == "token" else sum(b.num_sequences for b in batches))
         self.optimizer.zero_grad(set_to_none=True)
-        groups = t.length_groups if self.loss_is_sum_over_rows() else 1
+        groups = t.length_groups if self.loss_is_sum_over_rows() and not self.packs_both() else 1
         for batch in (part for b in batches for part in b.by_length(groups)):
             loss, parts = self.loss(batch, denominator)
             if not torch.isfinite(loss):
