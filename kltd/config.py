@@ -128,6 +128,9 @@ class TrainerConfig:
     # CPU threads for PyTorch. 0: one thread when both models are small (the toy pair), where a second
     # thread only adds synchronisation and, on a busy machine, stalls every tiny matmul; else torch's default.
     num_threads: int = 0
+    # keep freed memory in the process for reuse (glibc malloc; kltd.allocator): saves the page faults of
+    # re-allocating the same tensors every step, and the process holds its peak memory until it exits
+    keep_freed_memory: bool = True
     save_checkpoint: bool = True
     progress: bool = True
 

@@ -34,13 +34,6 @@ def plain_output_layer(model) -> torch.nn.Linear | None:
     return head
 
 
-def response_hidden(model, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, n: int) -> Tensor:
-    """[B, n, H] final hidden states at the n response states (entry t predicts response token t)."""
-    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                           use_cache=False)
-    return out.last_hidden_state[:, -(n + 1) : -1]
-
-
 class _FusedDivergence(torch.autograd.Function):
     """sum_i w_i D(p_i, softmax(h_i W^T)) over rows i, with the gradient formed chunk by chunk in forward."""
 

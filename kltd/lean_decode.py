@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.nn.functional import scaled_dot_product_attention
 
 from kltd.llama_blocks import LlamaBlocks, supports
+from kltd.packed_forward import packed_layers
 
 
 class LeanDecoder:
@@ -46,19 +46,18 @@ class LeanDecoder:
         self.bias[..., :width] = torch.where(mask.bool(), 0.0, float("-inf"))[:, None, None, :]
         self.bias = self.bias.flatten(0, 1)
         self.width = width
-        causal = torch.ones((width, width), dtype=torch.bool, device=device).tril()
-        # a padding query sees only itself, so no row of the mask is empty (its output is never used)
-        allowed = (causal & mask.bool()[:, None, :]) | torch.eye(width, dtype=torch.bool, device=device)
-        hidden = self.embed(ids)
-        rotations = self.rotations[positions]
-        for layer, keys, values in zip(blocks.layers, self.keys, self.values):
-            q, k, v = (x.transpose(1, 2) for x in blocks.qkv(layer, hidden, rotations))  # [B, heads, P, d]
-            keys[..., :width] = k.transpose(2, 3)
-            values[:, :, :width] = v
-            out = scaled_dot_product_attention(q, k, v, attn_mask=allowed.unsqueeze(1), scale=1.0,
-                                               enable_gqa=blocks.heads != blocks.kv_heads)
-            hidden = blocks.mlp(layer, blocks.attention_out(layer, hidden, out.transpose(1, 2).flatten(2)))
-        return blocks.logits(hidden[:, -1])
+
+        def keep(i: int, k: Tensor, v: Tensor, places: Tensor) -> None:  # packed [N, Hkv, d] -> cache columns
+            rows, columns = places // width, places % width
+            self.keys[i].permute(0, 3, 1, 2)[rows, columns] = k
+            self.values[i].permute(0, 2, 1, 3)[rows, columns] = v
+
+        # the prompt through the packed forward (real tokens only); a row with no real token is scored at its
+        # last column all the same, attending to itself alone
+        last = torch.zeros_like(mask, dtype=torch.bool)
+        last[:, -1] = True
+        hidden = packed_layers(blocks, ids, mask, positions, last, keep=keep)
+        return blocks.logits(hidden)
 
     def next(self, token: Tensor, alive: Tensor, position: Tensor) -> Tensor:
         """Feed one token per row ([B]); rows that have ended (alive False) are masked out of later steps."""

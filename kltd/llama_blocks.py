@@ -122,7 +122,8 @@ class LlamaBlocks:
     def normed_linear(self, x: Tensor, weight: Tensor) -> Tensor:
         """norm(x) @ W^T for a weight arranged with its norm folded in."""
         rms = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32).hypot(self.norm_floor)
-        return F.linear(x, weight) / (rms if x.dtype == torch.float32 else rms.to(x.dtype))
+        # divide the input, not the (wider) output: the division and its backward cost less
+        return F.linear(x / (rms if x.dtype == torch.float32 else rms.to(x.dtype)), weight)
 
     def qkv(self, layer: Layer, hidden: Tensor, rotations: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """hidden [..., D], rotations [..., d/2] -> q [..., Hq, d] (scaled), k and v [..., Hkv, d]."""

@@ -11,31 +11,45 @@ model's parameters (tested against the Hugging Face forward); unsupported archit
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.functional import scaled_dot_product_attention
 
 from kltd.llama_blocks import LlamaBlocks, supports
 
 
-def packed_hidden(model, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, select: Tensor,
-                  attention_groups: int = 4) -> Tensor:
+def packed_hidden(model, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, select: Tensor) -> Tensor:
     """[M, D] final hidden states (after the final norm) at the positions `select` ([B, L] bool) marks, row-major."""
     blocks = LlamaBlocks(model)
+    return blocks.final_hidden(packed_layers(blocks, input_ids, attention_mask, position_ids, select))
+
+
+def packed_layers(blocks: LlamaBlocks, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, select: Tensor,
+                  keep: Callable[[int, Tensor, Tensor, Tensor], None] | None = None, attention_groups: int = 4) -> Tensor:
+    """[M, D] last-layer hidden states (before the final norm) at the `select` positions, row-major.
+
+    keep(layer, k, v, places): receives each layer's keys and values ([N, Hkv, d], rotated) and their
+    places in the B x L grid (a decoder fills its cache from them).
+    """
     real = attention_mask.bool() | select
     tokens = real.flatten().nonzero().squeeze(1)  # [N] indices into the B x L grid, row-major
     wanted = select.flatten()[tokens]  # [N] bool: the rows of the packed matrix to return
-    hidden = blocks.body.embed_tokens(input_ids.flatten()[tokens])
+    hidden = F.embedding(input_ids.flatten()[tokens], blocks.body.embed_tokens.weight)
     rotations = blocks.rotary(position_ids.flatten()[tokens])
     layout = AttentionLayout(real, attention_groups)
     last = len(blocks.layers) - 1
     for i, layer in enumerate(blocks.layers):
         q, k, v = blocks.qkv(layer, hidden, rotations)
+        if keep is not None:
+            keep(i, k, v, tokens)
         attended = layout.attend(q, k, v, gqa=blocks.heads != blocks.kv_heads)
         if i == last:  # only the asked-for positions are read from here on
             hidden, attended = hidden[wanted], attended[wanted]
         hidden = blocks.mlp(layer, blocks.attention_out(layer, hidden, attended))
-    return blocks.final_hidden(hidden)
+    return hidden
 
 
 class AttentionLayout:

@@ -19,6 +19,7 @@ from itertools import islice
 
 import torch
 
+from kltd.allocator import keep_freed_memory
 from kltd.config import Config
 from kltd.divergences import DivergenceSpec
 from kltd.fused_head import fused_divergence, plain_output_layer
@@ -81,6 +82,8 @@ class StepStats:
 class Trainer:
     def __init__(self, cfg: Config, pair, train_examples: list):
         self.cfg = cfg
+        if cfg.trainer.keep_freed_memory:
+            keep_freed_memory()
         self.student, self.teacher, self.tokenizer = pair.student, pair.teacher, pair.tokenizer
         self.device = pair.device
         self.examples = train_examples

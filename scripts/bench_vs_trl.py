@@ -430,7 +430,6 @@ def parity(scale: Scale) -> list[tuple[str, float, float, float]]:
 
     from kltd.config import Config
     from kltd.divergences import DivergenceSpec
-    from kltd.fused_head import response_hidden
     from kltd.losses import trajectory_loss
     from kltd.models import load_pair
     from kltd.sampling import position_ids_from_mask
@@ -456,8 +455,10 @@ def parity(scale: Scale) -> list[tuple[str, float, float, float]]:
         positions = position_ids_from_mask(batch.attention_mask)
         with torch.no_grad():
             s_logits, t_logits = response_logits(pair.student, batch), response_logits(pair.teacher, batch)
-            s_hidden = response_hidden(pair.student, batch.input_ids, batch.attention_mask, positions, n)
-            t_hidden = response_hidden(pair.teacher, batch.input_ids, batch.attention_mask, positions, n)
+            # TRL's side gets the models' own forward ([B, n, H] at the response states), as TRL computes it
+            s_hidden, t_hidden = (m.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                               position_ids=positions).last_hidden_state[:, -(n + 1) : -1]
+                                  for m in (pair.student, pair.teacher))
         where = f"{prefix} states"
         default = "forward_kl" if trajectory == "expert" else "reverse_kl"
         beta_default = 0.0 if trajectory == "expert" else 1.0

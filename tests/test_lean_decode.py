@@ -2,33 +2,11 @@
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from tiny_models import ARCHITECTURES
+from tiny_models import tiny_architecture as tiny_model
 
 from kltd.lean_decode import LeanDecoder
 from kltd.sampling import ForwardDecoder, encode_prompts, position_ids_from_mask, sample
-from kltd.toy_tokenizer import build_tokenizer
-
-ARCHITECTURES = {
-    "llama": (LlamaConfig, LlamaForCausalLM, {}),
-    "llama-gqa": (LlamaConfig, LlamaForCausalLM, {"num_key_value_heads": 2}),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {"num_key_value_heads": 2}),  # q/k/v biases
-    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 16}),  # per-head q/k norms
-}
-
-
-def tiny_model(name):
-    config_class, model_class, extra = ARCHITECTURES[name]
-    tok = build_tokenizer()
-    torch.manual_seed(0)
-    config = config_class(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, max_position_embeddings=64, eos_token_id=tok.eos_token_id,
-                          pad_token_id=tok.pad_token_id, **{"num_key_value_heads": 4, **extra})
-    model = model_class(config).eval()
-    with torch.no_grad():  # random biases too, so that a dropped one shows
-        for name_, p in model.named_parameters():
-            if name_.endswith("bias"):
-                p.normal_(0, 0.5)
-    return model, tok
 
 
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
