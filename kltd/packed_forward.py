@@ -37,7 +37,8 @@ def packed_layers(blocks: LlamaBlocks, input_ids: Tensor, attention_mask: Tensor
     real = attention_mask.bool() | select
     tokens = real.flatten().nonzero().squeeze(1)  # [N] indices into the B x L grid, row-major
     wanted = select.flatten()[tokens]  # [N] bool: the rows of the packed matrix to return
-    hidden = F.embedding(input_ids.flatten()[tokens], blocks.body.embed_tokens.weight)
+    embed = blocks.body.embed_tokens  # its padding_idx too: that row gets no gradient, as in the model's forward
+    hidden = F.embedding(input_ids.flatten()[tokens], embed.weight, embed.padding_idx)
     rotations = blocks.rotary(position_ids.flatten()[tokens])
     layout = AttentionLayout(real, attention_groups)
     last = len(blocks.layers) - 1

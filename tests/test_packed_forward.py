@@ -28,6 +28,8 @@ def test_hidden_states_and_gradients_match_the_models_forward(name):
     model, tok = tiny_architecture(name)
     assert supports(model)
     ids, attention, positions, supervised = state_batch(tok, PROMPTS, RESPONSES)
+    ids[1, -3] = tok.pad_token_id  # a sampled token can be the padding id: as a real token its row gets no gradient
+    assert attention[1, -3] == 1
     weights = torch.randn(int(supervised.sum()), model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     results = []
     for packed in (True, False):
