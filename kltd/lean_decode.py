@@ -77,3 +77,9 @@ class LeanDecoder:
             attended = torch.bmm(scores.softmax(-1), values.flatten(0, 1)[:, :end]).view(b, -1)
             hidden = blocks.mlp(layer, blocks.attention_out(layer, hidden, attended))
         return blocks.logits(hidden)
+
+    def keep(self, rows: Tensor) -> None:
+        """Go on with these rows only (indices into the current batch): later steps compute nothing for the rest."""
+        self.keys = [k[rows] for k in self.keys]
+        self.values = [v[rows] for v in self.values]
+        self.bias = self.bias.unflatten(0, (-1, self.blocks.kv_heads))[rows].flatten(0, 1)

@@ -150,6 +150,11 @@ class ForwardDecoder:
         self.cache = _returned_cache(out)
         return out.logits[:, -1]
 
+    def keep(self, rows: Tensor) -> None:
+        """Go on with these rows only (indices into the current batch)."""
+        self.mask = self.mask[rows]
+        self.cache.batch_select_indices(rows)
+
 
 def decoder_for(model, lean: bool = True):
     """The lean decoder where the architecture allows it (much less overhead per token), else the forward."""
@@ -184,41 +189,51 @@ def sample(
     return Responses(out.tokens.clone(), out.mask.clone())
 
 
+# Drop ended rows from the decoder once this share or fewer of its rows are still writing: every later step
+# then computes only the live rows (responses differ in length, so late steps are mostly ended rows).
+COMPACT_BELOW = 0.75
+
+
 def _sample(decoder, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temperature, top_p, generator, prefix):
     batch = prompt_ids.shape[0]
     device = prompt_ids.device
     mask = prompt_mask.long()
-    tokens, alive_cols = [], []
+    out_tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    out_mask = torch.zeros((batch, max_new_tokens), dtype=torch.bool, device=device)
+    written = 0
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     context, context_mask = prompt_ids, mask
     if prefix is not None and prefix.tokens.shape[1] > 0:
         # a prefix ends early for a row that already emitted EOS inside it
         context = torch.cat([prompt_ids, prefix.tokens], 1)
         context_mask = torch.cat([mask, prefix.mask.long()], 1)
-        tokens = list(prefix.tokens.unbind(1))
-        alive_cols = list(prefix.mask.unbind(1))
+        written = min(prefix.tokens.shape[1], max_new_tokens)
+        out_tokens[:, :written], out_mask[:, :written] = prefix.tokens[:, :written], prefix.mask[:, :written]
         finished = ((prefix.tokens == eos_id) & prefix.mask).any(1)
-    if len(tokens) >= max_new_tokens or bool(finished.all()):
-        return _stacked(tokens, alive_cols, batch, device)
+    if written >= max_new_tokens or bool(finished.all()):
+        return Responses(out_tokens[:, :written], out_mask[:, :written])
     positions = position_ids_from_mask(context_mask)
-    logits = decoder.start(context, context_mask, positions, context.shape[1] + max_new_tokens - len(tokens))
+    logits = decoder.start(context, context_mask, positions, context.shape[1] + max_new_tokens - written)
     # rows whose prompt is empty of real context still start at position 0
     next_pos = torch.where(context_mask.sum(-1) > 0, positions.max(-1).values + 1, 0)
+    rows = None  # the original row of each row the decoder still runs; None: all of them, in order
     while True:
         token = _choose(logits, temperature, top_p, generator)
         alive = ~finished
         token = torch.where(alive, token, pad_id)
-        tokens.append(token)
-        alive_cols.append(alive)
+        if rows is None:
+            out_tokens[:, written], out_mask[:, written] = token, alive
+        else:
+            out_tokens[rows, written], out_mask[rows, written] = token, alive
+        written += 1
         finished = finished | (token == eos_id)
-        if len(tokens) == max_new_tokens or bool(finished.all()):
-            return _stacked(tokens, alive_cols, batch, device)
+        live = int((~finished).sum())
+        if written == max_new_tokens or live == 0:
+            return Responses(out_tokens[:, :written], out_mask[:, :written])
+        if live <= COMPACT_BELOW * finished.shape[0]:
+            keep = (~finished).nonzero().squeeze(1)
+            decoder.keep(keep)
+            rows = keep if rows is None else rows[keep]
+            token, alive, finished, next_pos = token[keep], alive[keep], finished[keep], next_pos[keep]
         logits = decoder.next(token, alive, next_pos)
         next_pos = next_pos + alive.long()
-
-
-def _stacked(tokens: list[Tensor], alive_cols: list[Tensor], batch: int, device) -> Responses:
-    if not tokens:
-        empty = torch.zeros((batch, 0), dtype=torch.long, device=device)
-        return Responses(empty, empty.bool())
-    return Responses(torch.stack(tokens, 1), torch.stack(alive_cols, 1))

@@ -1,5 +1,7 @@
 """The KV-cache sampler against a plain recompute-everything decoder, on a tiny random Llama."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -145,3 +147,31 @@ def test_sampled_first_tokens_follow_the_model_distribution(tiny):
     with torch.no_grad():
         probs = torch.softmax(model(ids[:1]).logits[0, -1] / 0.7, -1)
     assert_frequencies_match(got.tokens[:, 0], probs)
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_dropping_ended_rows_changes_no_greedy_output(monkeypatch, lean):
+    """The shipped toy student ends its answers at different lengths; the decoder sheds ended rows as it goes."""
+    import kltd.sampling as sampling
+    from kltd.models import load_model, load_tokenizer
+    from kltd.task import make_splits
+
+    toy = Path(sampling.__file__).parent / "assets" / "toy" / "student"
+    model, tok = load_model(str(toy)), load_tokenizer(str(toy))
+    prompts = [e.prompt for e in make_splits(0, 16, 0)[0]]
+    ids, mask = encode_prompts(tok, prompts, "cpu")
+    kept = []
+    for decoder in (sampling.LeanDecoder, sampling.ForwardDecoder):
+        plain_keep = decoder.keep
+        monkeypatch.setattr(decoder, "keep", lambda self, rows, plain_keep=plain_keep: kept.append(len(rows))
+                            or plain_keep(self, rows))
+    runs = []
+    for share in (0.0, 1.0):  # never drop ended rows; drop them as soon as one ends
+        monkeypatch.setattr(sampling, "COMPACT_BELOW", share)
+        kept.clear()
+        runs.append(sample(model, ids, mask, max_new_tokens=40, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                           temperature=0, lean=lean))
+    assert len(kept) >= 3 and kept == sorted(kept, reverse=True)  # rows were shed several times, never regained
+    lengths = runs[0].mask.sum(1)
+    assert lengths.min() < lengths.max()  # answers of different lengths, so there was something to shed
+    assert torch.equal(runs[0].tokens, runs[1].tokens) and torch.equal(runs[0].mask, runs[1].mask)
