@@ -22,6 +22,9 @@ random Llama pair (4x256 / 2x128) with a 32,000-token vocabulary, batch 16 and 2
 (32 prompt + 224 response tokens), where the [B, T, V] logits dominate memory. Both systems read the
 examples in the same order (sequential samplers), so step i trains on the same prompts in every run.
 
+kltd's runs keep freed memory for reuse (kltd.allocator, as its trainer always does unless
+trainer.keep_freed_memory=false); TRL runs as shipped unless --trl-keep-freed-memory gives it the same.
+
 Every measured run is a fresh subprocess (so peak memory is per run); kltd and TRL runs alternate
 after warm-up steps. Per run: median seconds per optimiser step, trained (supervised) tokens per
 second, and peak resident memory above the level right after setup (sampled every 2 ms during the
@@ -383,6 +386,10 @@ def worker(spec: dict) -> dict:
     warnings.filterwarnings("ignore")  # deprecation chatter from transformers/TRL; nothing the numbers depend on
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
+    if spec["system"] == "trl" and spec.get("trl_keep_freed_memory"):  # kltd's trainer does this in its own runs
+        from kltd.allocator import keep_freed_memory
+
+        keep_freed_memory()
     result = run_kltd(spec) if spec["system"] == "kltd" else run_trl(spec)
     return {**spec, **result}
 
@@ -516,6 +523,8 @@ def main() -> None:
                         help="tiny models and sizes, 1 repeat, runs in this process: a smoke test, not a benchmark")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads in every run (default: torch's own choice, one per core; 1 with --quick)")
+    parser.add_argument("--trl-keep-freed-memory", action="store_true",
+                        help="give TRL's runs kltd's malloc setting too (kltd.allocator); default: TRL as shipped")
     parser.add_argument("--json", help="also write every run to this file (re-print it with --report)")
     parser.add_argument("--report", metavar="JSON", help="print the report of a run saved with --json; run nothing")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -578,7 +587,8 @@ def main() -> None:
                             spec = dict(system=system, case=name, scale=scale.name, teacher=scale.teacher,
                                         student=scale.student, data=scale.data, batch_size=scale.batch_size,
                                         max_new_tokens=scale.max_new_tokens, warmup=args.warmup, steps=args.steps,
-                                        workdir=str(work / "trl_out"), threads=args.threads)
+                                        workdir=str(work / "trl_out"), threads=args.threads,
+                                        trl_keep_freed_memory=args.trl_keep_freed_memory)
                             r = run_one(spec, in_process=args.quick)
                             runs.setdefault(f"{scale.name}|{system}:{name}", []).append(r)
                             print(f"  round {rep + 1}: {system}:{name:<13} {statistics.median(r['times']):7.3f} s/step"
