@@ -3,8 +3,7 @@
 A padded batch of sampled responses is mostly padding, and a Hugging Face forward computes every column
 of it. Here the projections and MLPs run on the real tokens alone, packed into one [N, D] matrix; only
 attention needs a grid, and it gets small ones: rows of similar length together, each row's tokens from
-column 0, under a plain causal mask.
-The last layer's output projection and MLP run only at the positions asked for, since nothing else is
+column 0, under a plain causal mask. The last layer's output projection and MLP run only at the positions asked for, since nothing else is
 read from them. Hidden states equal the model's own forward to float rounding, and gradients flow to the
 model's parameters (tested against the Hugging Face forward); unsupported architectures use that forward.
 """
@@ -56,8 +55,8 @@ def packed_layers(blocks: LlamaBlocks, input_ids: Tensor, attention_mask: Tensor
 class AttentionLayout:
     """Causal attention for packed rows: rows sorted by length into a few groups, each row's tokens from column 0.
 
-    A row's real tokens are contiguous in its causal order, so packed to the left of a grid as wide as the
-    group's longest row, a plain causal mask is exact for every real query (padding sits only after them).
+    A row's real tokens, packed in order to the left of a grid as wide as the group's longest row, see each
+    other under a plain causal mask exactly as in the padded row (the grid's padding sits only after them).
     Grouping rows of similar length keeps the grids small: attention is the one cost that grows with them.
     """
 
