@@ -42,7 +42,8 @@ class LeanDecoder:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device).transpose(2, 3).contiguous() for _ in blocks.layers]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in blocks.layers]
         # additive mask over the cache, one row per (row, kv head): 0 where a real token sits, -inf elsewhere
-        self.bias = torch.full((b, blocks.kv_heads, 1, capacity), float("-inf"), dtype=dtype, device=device)
+        # (columns written later stay 0: a row that has ended computes on, harmlessly, and its output is not read)
+        self.bias = torch.zeros((b, blocks.kv_heads, 1, capacity), dtype=dtype, device=device)
         self.bias[..., :width] = torch.where(mask.bool(), 0.0, float("-inf"))[:, None, None, :]
         self.bias = self.bias.flatten(0, 1)
         self.width = width
@@ -60,11 +61,10 @@ class LeanDecoder:
         return blocks.logits(hidden)
 
     def next(self, token: Tensor, alive: Tensor, position: Tensor) -> Tensor:
-        """Feed one token per row ([B]); rows that have ended (alive False) are masked out of later steps."""
+        """Feed one token per row ([B]); rows that have ended (alive False) get outputs nobody reads."""
         blocks, column = self.blocks, self.width
         b, kv, d = token.shape[0], blocks.kv_heads, blocks.head_dim
         group = blocks.heads // kv
-        self.bias.view(b, kv, -1)[:, :, column] = torch.where(alive, 0.0, float("-inf"))[:, None]
         self.width = end = column + 1
         hidden = torch.nn.functional.embedding(token, self.embed.weight)
         rotations = self.rotations[position]
