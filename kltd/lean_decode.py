@@ -6,8 +6,9 @@ decoder runs the model's weights arranged by kltd.llama_blocks (one q/k/v matrix
 rotary embedding as one complex product), prefills the prompt through the packed forward
 (kltd.packed_forward) into a cache allocated once, and for each new token attends with three batched
 operations over the filled part of the cache under an additive mask. Rows that have ended can be dropped
-(`keep`), so later steps compute only the rows still writing. Its logits equal the Hugging Face forward's to float rounding (tested on Llama, Qwen2 and Qwen3
-configurations); any other architecture uses the plain forward instead.
+(`keep`), so later steps compute only the rows still writing. Its logits equal the Hugging Face forward's
+to float rounding (tested on Llama, Qwen2 and Qwen3 configurations); any other architecture uses the
+plain forward instead.
 """
 
 from __future__ import annotations

@@ -43,10 +43,8 @@ def supports(model) -> bool:
     return all(t == "full_attention" for t in layer_types) and hasattr(body, "rotary_emb")
 
 
-def _pairs_side_by_side(w: Tensor | None, heads: int, head_dim: int) -> Tensor | None:
-    """Reorder each head's features from [x_0..x_{h-1}, y_0..y_{h-1}] to [x_0, y_0, x_1, y_1, ...]."""
-    if w is None:
-        return None
+def _pairs_side_by_side(w: Tensor, heads: int, head_dim: int) -> Tensor:
+    """Reorder each head's features (rows of w) from [x_0..x_{h-1}, y_0..y_{h-1}] to [x_0, y_0, x_1, y_1, ...]."""
     order = torch.arange(head_dim, device=w.device).view(2, head_dim // 2).t().reshape(-1)
     return w.unflatten(0, (heads, head_dim))[:, order].flatten(0, 1)
 
@@ -87,21 +85,21 @@ class LlamaBlocks:
         h, kv, d = self.heads, self.kv_heads, self.head_dim
         qk_norm = hasattr(a, "q_norm")  # Qwen3: the scale goes on q's norm, applied after the projection
         q_scale = 1.0 if qk_norm else scale
-        weights = [_pairs_side_by_side(a.q_proj.weight, h, d) * q_scale, _pairs_side_by_side(a.k_proj.weight, kv, d),
-                   a.v_proj.weight]
-        biases = [a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]
+        # (projection, its heads, factor, rotated?): q and k get their rotary pairs side by side
+        parts = [(a.q_proj, h, q_scale, True), (a.k_proj, kv, 1.0, True), (a.v_proj, kv, 1.0, False)]
+
+        def arranged(w: Tensor, heads: int, factor: float, rotated: bool) -> Tensor:
+            return (_pairs_side_by_side(w, heads, d) if rotated else w) * factor
+
         bias = None
-        if any(b is not None for b in biases):
-            zero = a.q_proj.weight.new_zeros(())
-            bias = torch.cat([_pairs_side_by_side(biases[0], h, d) * q_scale if biases[0] is not None else zero.expand(h * d),
-                              _pairs_side_by_side(biases[1], kv, d) if biases[1] is not None else zero.expand(kv * d),
-                              biases[2] if biases[2] is not None else zero.expand(kv * d)])
-        order = torch.arange(d).view(2, d // 2).t().reshape(-1)
+        if any(p.bias is not None for p, *_ in parts):  # Qwen2: a missing one is zeros
+            bias = torch.cat([arranged(p.bias, *rest) if p.bias is not None else p.weight.new_zeros(p.weight.shape[0])
+                              for p, *rest in parts])
         return Layer(
-            qkv=torch.cat(weights) * (layer.input_layernorm.weight * self.root),
+            qkv=torch.cat([arranged(p.weight, *rest) for p, *rest in parts]) * (layer.input_layernorm.weight * self.root),
             qkv_bias=bias,
-            q_norm=a.q_norm.weight[order] * scale if qk_norm else None,
-            k_norm=a.k_norm.weight[order] if qk_norm else None,
+            q_norm=_pairs_side_by_side(a.q_norm.weight, 1, d) * scale if qk_norm else None,
+            k_norm=_pairs_side_by_side(a.k_norm.weight, 1, d) if qk_norm else None,
             out=a.o_proj.weight,
             gate_up=torch.cat([m.gate_proj.weight, m.up_proj.weight]) * (layer.post_attention_layernorm.weight * self.root),
             down=m.down_proj.weight,
@@ -164,6 +162,4 @@ class LlamaBlocks:
 
 def _plus_linear(residual: Tensor, x: Tensor, weight: Tensor) -> Tensor:
     """residual + x @ W^T in one operation."""
-    if residual.dim() == 2:
-        return torch.addmm(residual, x, weight.t())
     return torch.addmm(residual.flatten(0, -2), x.flatten(0, -2), weight.t()).view_as(residual)
