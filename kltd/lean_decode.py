@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kltd.llama_blocks import LlamaBlocks, supports
+from kltd.llama_blocks import arranged, supports
 from kltd.packed_forward import packed_layers
 
 
@@ -24,7 +24,7 @@ class LeanDecoder:
     """Prefill a left-padded context, then feed one token per row per step; returns last-position logits."""
 
     def __init__(self, model):
-        self.blocks = LlamaBlocks(model)
+        self.blocks = arranged(model)
         self.embed = model.base_model.embed_tokens
 
     @staticmethod

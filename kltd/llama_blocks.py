@@ -13,6 +13,7 @@ student trains through it and its gradients reach the model's own parameters.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from weakref import WeakKeyDictionary
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,25 @@ def supports(model) -> bool:
     return all(t == "full_attention" for t in layer_types) and hasattr(body, "rotary_emb")
 
 
+_reusable: WeakKeyDictionary = WeakKeyDictionary()  # model -> (weights' identity and versions, LlamaBlocks)
+
+
+def arranged(model) -> LlamaBlocks:
+    """The model's weights arranged; without autograd, reused for as long as no parameter has changed.
+
+    A frozen teacher is arranged once, not at every step (its arranged copy then stays in memory); a
+    student's weights change every optimiser step, which bumps their versions, so it is arranged anew.
+    With autograd on, the arrangement is part of the graph and always built fresh.
+    """
+    if torch.is_grad_enabled():
+        return LlamaBlocks(model)
+    state = tuple((p.data_ptr(), p._version) for p in model.parameters())
+    cached = _reusable.get(model)
+    if cached is None or cached[0] != state:
+        cached = _reusable[model] = (state, LlamaBlocks(model))
+    return cached[1]
+
+
 def _pairs_side_by_side(w: Tensor, heads: int, head_dim: int) -> Tensor:
     """Reorder each head's features (rows of w) from [x_0..x_{h-1}, y_0..y_{h-1}] to [x_0, y_0, x_1, y_1, ...]."""
     order = torch.arange(head_dim, device=w.device).view(2, head_dim // 2).t().reshape(-1)
@@ -61,7 +81,7 @@ class Layer:
 
 
 class LlamaBlocks:
-    """The weights of one Llama-family model, arranged; build one per use (weights change as a student trains)."""
+    """The weights of one Llama-family model, arranged (kltd.llama_blocks.arranged builds or reuses one)."""
 
     def __init__(self, model):
         config, body = model.config, model.base_model

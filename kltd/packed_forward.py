@@ -17,12 +17,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.functional import scaled_dot_product_attention
 
-from kltd.llama_blocks import LlamaBlocks, supports
+from kltd.llama_blocks import LlamaBlocks, arranged, supports
 
 
 def packed_hidden(model, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, select: Tensor) -> Tensor:
     """[M, D] final hidden states (after the final norm) at the positions `select` ([B, L] bool) marks, row-major."""
-    blocks = LlamaBlocks(model)
+    blocks = arranged(model)
     return blocks.final_hidden(packed_layers(blocks, input_ids, attention_mask, position_ids, select))
 
 

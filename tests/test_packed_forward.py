@@ -4,7 +4,7 @@ import pytest
 import torch
 from tiny_models import ARCHITECTURES, tiny_architecture
 
-from kltd.llama_blocks import supports
+from kltd.llama_blocks import arranged, supports
 from kltd.packed_forward import AttentionLayout, response_states
 from kltd.sampling import encode_prompts, pad_responses, position_ids_from_mask
 
@@ -62,3 +62,21 @@ def test_attention_layout_groups_rows_by_length_and_starts_each_row_at_column_ze
     expected = torch.cat([torch.arange(len(r), dtype=torch.float32).cumsum(0) / torch.arange(1, len(r) + 1) + r[0]
                           for r in torch.arange(n).split(real.sum(1).tolist())])
     torch.testing.assert_close(out, expected)
+
+
+def test_arranged_weights_are_reused_until_a_parameter_changes():
+    model, tok = tiny_architecture("llama")
+    ids, attention, positions, supervised = state_batch(tok, PROMPTS, RESPONSES)
+    with torch.inference_mode():
+        first = arranged(model)
+        assert arranged(model) is first  # a frozen model (the teacher) is arranged once
+        before = response_states(model, ids, attention, positions, supervised)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.mul_(1.5)  # what an optimiser step does to a student
+    with torch.inference_mode():
+        assert arranged(model) is not first
+        after = response_states(model, ids, attention, positions, supervised)
+        reference = response_states(model, ids, attention, positions, supervised, packed=False)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, reference, atol=2e-5, rtol=1e-5)
+    assert arranged(model) is not arranged(model)  # with autograd on, always fresh (it is part of the graph)
