@@ -36,7 +36,7 @@ def machine() -> str:
 
 def run_cell(prefix: str, trajectory: str, extra: list[str], workdir: Path) -> dict:
     run_dir = workdir / f"{prefix}-{trajectory}"
-    cmd = [sys.executable, "-m", "kltd.cli", "train", f"prefix={prefix}", f"trajectory={trajectory}",
+    cmd = [sys.executable, "-m", "kltd.app.cli", "train", f"prefix={prefix}", f"trajectory={trajectory}",
            "trainer.progress=false", f"hydra.run.dir={run_dir}", *extra]
     subprocess.run(cmd, check=True, cwd=workdir, env={**os.environ, "WANDB_MODE": "disabled"},
                    stdout=subprocess.DEVNULL)

@@ -68,7 +68,7 @@ def toy_pair(args, work: Path) -> tuple[str, str, str]:
             return "{num_hidden_layers}x{hidden_size}".format(**json.loads((d / "config.json").read_text()))
 
         return str(teacher), str(student), f"shipped toy pair (teacher {shape(teacher)}, student {shape(student)})"
-    from kltd.toy_tokenizer import build_tokenizer
+    from kltd.data.toy_tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer()
     if args.quick:
@@ -83,7 +83,7 @@ def toy_pair(args, work: Path) -> tuple[str, str, str]:
 
 
 def build_scales(args, work: Path) -> list[Scale]:
-    from kltd.task import make_splits
+    from kltd.data.addition import make_splits
 
     scales = []
     for name in args.scales:

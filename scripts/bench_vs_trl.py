@@ -22,7 +22,7 @@ random Llama pair (4x256 / 2x128) with a 32,000-token vocabulary, batch 16 and 2
 (32 prompt + 224 response tokens), where the [B, T, V] logits dominate memory. Both systems read the
 examples in the same order (sequential samplers), so step i trains on the same prompts in every run.
 
-kltd's runs keep freed memory for reuse (kltd.allocator, as its trainer always does unless
+kltd's runs keep freed memory for reuse (kltd.fast.memory, as its trainer always does unless
 trainer.keep_freed_memory=false); TRL runs as shipped unless --trl-keep-freed-memory gives it the same.
 
 Every measured run is a fresh subprocess (so peak memory is per run); kltd and TRL runs alternate
@@ -130,10 +130,10 @@ def load_rows(spec) -> list[dict]:
 def run_kltd(spec) -> dict:
     import torch
 
-    from kltd.config import Config, validate
-    from kltd.models import load_pair
-    from kltd.task import Example
-    from kltd.trainer import Trainer, seed_everything
+    from kltd.spec.config import Config, validate
+    from kltd.train.models import load_pair
+    from kltd.data.addition import Example
+    from kltd.train.trainer import Trainer, seed_everything
 
     case = spec["case"]
     total = spec["warmup"] + spec["steps"]
@@ -281,7 +281,7 @@ def worker(spec: dict) -> dict:
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     if spec["system"] == "trl" and spec.get("trl_keep_freed_memory"):  # kltd's trainer does this in its own runs
-        from kltd.allocator import keep_freed_memory
+        from kltd.fast.memory import keep_freed_memory
 
         keep_freed_memory()
     result = run_kltd(spec) if spec["system"] == "kltd" else run_trl(spec)
@@ -329,14 +329,14 @@ def parity(scale: Scale) -> list[tuple[str, float, float, float]]:
     from trl.experimental.gkd import GKDTrainer
     from trl.trainer.distillation_trainer import _chunked_divergence_loss
 
-    from kltd.config import Config
-    from kltd.divergences import DivergenceSpec
-    from kltd.losses import trajectory_loss
-    from kltd.models import load_pair
-    from kltd.sampling import position_ids_from_mask
-    from kltd.states import response_logits
-    from kltd.task import Example
-    from kltd.trainer import Trainer, seed_everything
+    from kltd.spec.config import Config
+    from kltd.objectives.divergences import DivergenceSpec
+    from kltd.objectives.losses import trajectory_loss
+    from kltd.train.models import load_pair
+    from kltd.rollout.sampling import position_ids_from_mask
+    from kltd.rollout.states import response_logits
+    from kltd.data.addition import Example
+    from kltd.train.trainer import Trainer, seed_everything
 
     seed_everything(SEED)
     pair = load_pair(scale.teacher, scale.student, device="cpu")
@@ -418,7 +418,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads in every run (default: torch's own choice, one per core; 1 with --quick)")
     parser.add_argument("--trl-keep-freed-memory", action="store_true",
-                        help="give TRL's runs kltd's malloc setting too (kltd.allocator); default: TRL as shipped")
+                        help="give TRL's runs kltd's malloc setting too (kltd.fast.memory); default: TRL as shipped")
     parser.add_argument("--json", help="also write every run to this file (re-print it with --report)")
     parser.add_argument("--report", metavar="JSON", help="print the report of a run saved with --json; run nothing")
     parser.add_argument("--worker", help=argparse.SUPPRESS)

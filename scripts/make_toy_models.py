@@ -35,8 +35,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from kltd.task import Example, is_correct, make_splits  # noqa: E402
-from kltd.toy_tokenizer import build_tokenizer, save_tokenizer  # noqa: E402
+from kltd.data.addition import Example, is_correct, make_splits  # noqa: E402
+from kltd.data.toy_tokenizer import build_tokenizer, save_tokenizer  # noqa: E402
 
 ASSETS = REPO / "kltd" / "assets" / "toy"
 NUM_THREADS = 1  # one thread: reproducible bit for bit, and fastest for models this small

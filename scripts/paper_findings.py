@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from kltd.compare import compare
+from kltd.report.compare import compare
 
 METRICS = ["accuracy", "reverse_kl_student_states", "forward_kl_teacher_states", "student_entropy", "response_length"]
 KL_LABELS = {  # prefix -> divergence -> method label that kltd derives for that run
@@ -32,7 +32,7 @@ KL_LABELS = {  # prefix -> divergence -> method label that kltd derives for that
 
 
 def kltd_train(*overrides: str) -> None:
-    cmd = [sys.executable, "-m", "kltd.cli", "train", "-m", *overrides, "trainer.progress=false"]
+    cmd = [sys.executable, "-m", "kltd.app.cli", "train", "-m", *overrides, "trainer.progress=false"]
     print("+", " ".join(cmd[2:]), flush=True)
     subprocess.run(cmd, check=True, env={**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")},
                    stdout=subprocess.DEVNULL)

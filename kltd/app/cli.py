@@ -1,0 +1,47 @@
+"""`kltd`: the command-line entry point. Subcommands dispatch to their own modules."""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: kltd <command> [args]
+
+Knowledge distillation as a grid: which states the student trains on (prefix) x whose next-token
+choice supervises it there (trajectory).
+
+commands:
+  train     train one cell, or a sweep with -m (Hydra overrides; `kltd train --help` lists them)
+  compare   compare finished runs: kltd compare DIR [DIR ...]
+  make-data write a JSONL dataset of responses sampled from a model, for offline RL
+
+examples:
+  kltd train prefix=student trajectory=expert            # DAgger
+  kltd train -m prefix=fixed,student trajectory=expert,student
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        from kltd.app.train_command import main as train_main
+
+        train_main(rest)
+    elif command == "compare":
+        from kltd.report.compare import main as compare_main
+
+        compare_main(rest)
+    elif command == "make-data":
+        from kltd.app.make_data_command import main as make_data_main
+
+        make_data_main(rest)
+    else:
+        print(f"kltd: error: unknown command '{command}'; run `kltd --help` for the list", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

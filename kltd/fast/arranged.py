@@ -1,0 +1,185 @@
+"""A Llama-family model's weights arranged for few, large tensor operations.
+
+For small models most of a forward pass is per-operation overhead, not arithmetic. Arranged once per
+use, the same weights need far fewer operations: q, k and v come from one matrix (q's rows pre-scaled by
+the attention scale), gate and up from another, each RMS norm's weight is folded into the matrix after
+it (so a norm is one vector norm and one division), and q and k are stored with each rotary pair of
+features side by side, so the rotary embedding is one complex multiplication. Attention scores are
+unchanged by a common permutation of q's and k's features, so outputs equal the model's own forward to
+float rounding (tested on Llama, Qwen2 and Qwen3 configurations). The arrangement is differentiable: a
+student trains through it and its gradients reach the model's own parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from weakref import WeakKeyDictionary
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Architectures whose decoder layer is exactly: x + attn(norm(x)), then x + mlp(norm(x)), with rotary
+# embeddings on q and k (and, for Qwen3, a per-head norm on q and k before them).
+SUPPORTED = {"llama", "qwen2", "qwen3"}
+# Rotary variants whose frequencies do not depend on the sequence length (a table computed once is exact).
+STATIC_ROPE = {"default", "linear", "llama3", "yarn"}
+
+
+def _rope_type(config) -> str:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return params.get("rope_type", params.get("type", "default"))
+
+
+def supports(model) -> bool:
+    config = getattr(model, "config", None)
+    body = getattr(model, "base_model", None)
+    if config is None or getattr(config, "model_type", None) not in SUPPORTED or body is model:
+        return False
+    if getattr(config, "use_sliding_window", False) or getattr(config, "final_logit_softcapping", None):
+        return False
+    if getattr(config, "attention_dropout", 0.0) or _rope_type(config) not in STATIC_ROPE:
+        return False
+    layer_types = getattr(config, "layer_types", None) or []
+    return all(t == "full_attention" for t in layer_types) and hasattr(body, "rotary_emb")
+
+
+_reusable: WeakKeyDictionary = WeakKeyDictionary()  # model -> (weights' identity and versions, LlamaBlocks)
+
+
+def arranged(model) -> LlamaBlocks:
+    """The model's weights arranged; without autograd, reused for as long as no parameter has changed.
+
+    A frozen teacher is arranged once, not at every step (its arranged copy then stays in memory); a
+    student's weights change every optimiser step, which bumps their versions, so it is arranged anew.
+    With autograd on, the arrangement is part of the graph and always built fresh.
+    """
+    if torch.is_grad_enabled():
+        return LlamaBlocks(model)
+    state = tuple((p.data_ptr(), p._version) for p in model.parameters())
+    cached = _reusable.get(model)
+    if cached is None or cached[0] != state:
+        cached = _reusable[model] = (state, LlamaBlocks(model))
+    return cached[1]
+
+
+def _pairs_side_by_side(w: Tensor, heads: int, head_dim: int) -> Tensor:
+    """Reorder each head's features (rows of w) from [x_0..x_{h-1}, y_0..y_{h-1}] to [x_0, y_0, x_1, y_1, ...]."""
+    order = torch.arange(head_dim, device=w.device).view(2, head_dim // 2).t().reshape(-1)
+    return w.unflatten(0, (heads, head_dim))[:, order].flatten(0, 1)
+
+
+@dataclass
+class Layer:
+    qkv: Tensor  # [(Hq + 2 Hkv) * d, D], the attention norm's weight folded in
+    qkv_bias: Tensor | None
+    q_norm: Tensor | None  # Qwen3: per-head norms of q (scale folded in) and k
+    k_norm: Tensor | None
+    out: Tensor  # [D, Hq * d]
+    gate_up: Tensor  # [2 I, D], the MLP norm's weight folded in
+    down: Tensor  # [D, I]
+
+
+class LlamaBlocks:
+    """The weights of one Llama-family model, arranged (kltd.fast.arranged.arranged builds or reuses one)."""
+
+    def __init__(self, model):
+        config, body = model.config, model.base_model
+        self.model, self.body = model, body
+        attn = body.layers[0].self_attn
+        self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, attn.head_dim
+        self.hidden_size = config.hidden_size
+        self.eps = config.rms_norm_eps
+        # rms(x) = |x| / sqrt(D) (+ eps): with sqrt(D) folded into the weights, a norm divides by hypot(|x|, c)
+        self.root = self.hidden_size**0.5
+        self.norm_floor = torch.tensor((self.hidden_size * self.eps) ** 0.5)
+        scale = getattr(attn, "scaling", self.head_dim**-0.5)
+        self.layers = [self._arrange(layer, scale) for layer in body.layers[: config.num_hidden_layers]]
+        self.final_norm = body.norm.weight
+        # the MLP's activation (a plain function where it is SiLU: a module call costs more than the op)
+        self.act = F.silu if getattr(config, "hidden_act", None) == "silu" else body.layers[0].mlp.act_fn
+        self.head = None  # arranged on first use (only decoding needs logits)
+
+    def _arrange(self, layer, scale: float) -> Layer:
+        a, m = layer.self_attn, layer.mlp
+        h, kv, d = self.heads, self.kv_heads, self.head_dim
+        qk_norm = hasattr(a, "q_norm")  # Qwen3: the scale goes on q's norm, applied after the projection
+        q_scale = 1.0 if qk_norm else scale
+        # (projection, its heads, factor, rotated?): q and k get their rotary pairs side by side
+        parts = [(a.q_proj, h, q_scale, True), (a.k_proj, kv, 1.0, True), (a.v_proj, kv, 1.0, False)]
+
+        def arranged(w: Tensor, heads: int, factor: float, rotated: bool) -> Tensor:
+            return (_pairs_side_by_side(w, heads, d) if rotated else w) * factor
+
+        bias = None
+        if any(p.bias is not None for p, *_ in parts):  # Qwen2: a missing one is zeros
+            bias = torch.cat([arranged(p.bias, *rest) if p.bias is not None else p.weight.new_zeros(p.weight.shape[0])
+                              for p, *rest in parts])
+        return Layer(
+            qkv=torch.cat([arranged(p.weight, *rest) for p, *rest in parts]) * (layer.input_layernorm.weight * self.root),
+            qkv_bias=bias,
+            q_norm=_pairs_side_by_side(a.q_norm.weight, 1, d) * scale if qk_norm else None,
+            k_norm=_pairs_side_by_side(a.k_norm.weight, 1, d) if qk_norm else None,
+            out=a.o_proj.weight,
+            gate_up=torch.cat([m.gate_proj.weight, m.up_proj.weight]) * (layer.post_attention_layernorm.weight * self.root),
+            down=m.down_proj.weight,
+        )
+
+    def rotary(self, positions: Tensor) -> Tensor:
+        """Complex rotations [..., d/2] for integer positions of any shape (the model's own rotary module)."""
+        top = int(positions.max()) + 1 if positions.numel() else 1
+        anchor = self.final_norm.detach()[:1]  # carries dtype and device only
+        cos, sin = self.body.rotary_emb(anchor, torch.arange(top, device=positions.device)[None])
+        half = self.head_dim // 2
+        table = torch.complex(cos[0, :, :half].float(), sin[0, :, :half].float())
+        return table[positions]
+
+    def norm(self, x: Tensor, weight: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
+
+    def normed_linear(self, x: Tensor, weight: Tensor) -> Tensor:
+        """norm(x) @ W^T for a weight arranged with its norm folded in."""
+        rms = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32).hypot(self.norm_floor)
+        # divide the input, not the (wider) output: the division and its backward cost less
+        return F.linear(x / (rms if x.dtype == torch.float32 else rms.to(x.dtype)), weight)
+
+    def qkv(self, layer: Layer, hidden: Tensor, rotations: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """hidden [..., D], rotations [..., d/2] -> q [..., Hq, d] (scaled), k and v [..., Hkv, d]."""
+        h, kv, d = self.heads, self.kv_heads, self.head_dim
+        x = self.normed_linear(hidden, layer.qkv)
+        if layer.qkv_bias is not None:
+            x = x + layer.qkv_bias
+        x = x.unflatten(-1, (h + 2 * kv, d))
+        qk, v = x[..., : h + kv, :], x[..., h + kv :, :]
+        if layer.q_norm is not None:
+            qk = torch.cat([self.norm(qk[..., :h, :], layer.q_norm), self.norm(qk[..., h:, :], layer.k_norm)], -2)
+        wide = x.dtype == torch.float32  # the rotation is done in float32 (complex64)
+        turned = torch.view_as_complex((qk if wide else qk.float()).unflatten(-1, (d // 2, 2))) * rotations.unsqueeze(-2)
+        qk = torch.view_as_real(turned).flatten(-2)
+        qk = qk if wide else qk.to(x.dtype)
+        return qk[..., :h, :], qk[..., h:, :], v
+
+    def attention_out(self, layer: Layer, hidden: Tensor, attended: Tensor) -> Tensor:
+        """The residual stream after the attention output projection: hidden + attended @ W_o^T."""
+        return _plus_linear(hidden, attended, layer.out)
+
+    def mlp(self, layer: Layer, hidden: Tensor) -> Tensor:
+        gate, up = self.normed_linear(hidden, layer.gate_up).chunk(2, -1)
+        return _plus_linear(hidden, self.act(gate) * up, layer.down)
+
+    def final_hidden(self, hidden: Tensor) -> Tensor:
+        return self.norm(hidden, self.final_norm)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Logits from last-layer hidden states [B, D]; needs a plain (bias-free) output layer or takes the module."""
+        out = self.model.get_output_embeddings()
+        if type(out) is not torch.nn.Linear or out.bias is not None:
+            return out(self.final_hidden(hidden))
+        if self.head is None:
+            self.head = out.weight * (self.final_norm * self.root)
+        return self.normed_linear(hidden, self.head)
+
+
+def _plus_linear(residual: Tensor, x: Tensor, weight: Tensor) -> Tensor:
+    """residual + x @ W^T in one operation."""
+    return torch.addmm(residual.flatten(0, -2), x.flatten(0, -2), weight.t()).view_as(residual)

@@ -1,0 +1,141 @@
+"""Evaluation, identical for every cell: held-out prompts, a fixed seed, exact per-token divergences.
+
+Sequence-level KLs are sums of exact per-token divergences over the response (design §5), so they have
+low variance: reverse KL(q||p) on student samples, forward KL(p||q) on teacher samples.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kltd.objectives.divergences import DivergenceSpec, token_divergence
+from kltd.rollout.sampling import decode_responses, encode_prompts
+from kltd.rollout.states import Sampler, StateBatch, response_logits
+from kltd.data.addition import is_correct
+
+REVERSE = DivergenceSpec(name="reverse_kl")
+FORWARD = DivergenceSpec(name="forward_kl")
+
+
+@dataclass
+class EvalSettings:
+    num_prompts: int = 200
+    batch_size: int = 100
+    max_new_tokens: int = 64
+    seed: int = 1234
+    pass_k: int = 4  # student samples per prompt (temperature 1) for pass@k and the reverse KL
+
+
+class PositionCurve:
+    """Running sum and count of a per-token quantity by response position."""
+
+    # a position is reported while at least this share of the sequences reach it; past that a mean rests
+    # on a handful of long responses and one of them can put a spike in the plot
+    MIN_SHARE = 0.05
+
+    def __init__(self):
+        self.total, self.count = [], []
+
+    def add(self, per_token: torch.Tensor, mask: torch.Tensor) -> None:
+        sums, counts = (per_token * mask).sum(0).tolist(), mask.sum(0).tolist()
+        for i, (s, c) in enumerate(zip(sums, counts)):
+            if i == len(self.total):
+                self.total.append(0.0)
+                self.count.append(0)
+            self.total[i] += s
+            self.count[i] += int(c)
+
+    def means(self) -> list[float]:
+        """The mean at each position, up to the last one that MIN_SHARE of the sequences reach."""
+        floor = max(1, math.ceil(self.MIN_SHARE * self.count[0])) if self.count else 1
+        out = []
+        for total, count in zip(self.total, self.count):
+            if count < floor:
+                break
+            out.append(total / count)
+        return out
+
+
+def _per_token(student, teacher, batch: StateBatch, spec: DivergenceSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, N] exact per-token divergence and student entropy at the response states (0 past the end)."""
+    mask = batch.responses.mask
+    q_logits = response_logits(student, batch).float()
+    p_logits = response_logits(teacher, batch).float()
+    log_q = torch.log_softmax(q_logits, -1)
+    entropy = -(log_q.exp() * log_q).sum(-1)
+    return token_divergence(q_logits, p_logits, spec) * mask, entropy * mask
+
+
+def pass_at_k(correct_by_prompt: list[list[bool]], k: int) -> float:
+    """Unbiased pass@k (Chen et al. 2021) from n >= k samples per prompt."""
+    total = 0.0
+    for outcomes in correct_by_prompt:
+        n, c = len(outcomes), sum(outcomes)
+        total += 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
+    return total / len(correct_by_prompt)
+
+
+@torch.inference_mode()
+def evaluate(student, teacher, tokenizer, examples: list, settings: EvalSettings) -> dict:
+    """Greedy accuracy, pass@k, response length, sequence KLs, entropy and per-position curves.
+
+    Uses the first `num_prompts` examples and a generator seeded from `settings.seed`, so every cell of
+    a sweep is measured on the same prompts with the same random stream.
+    """
+    was_training = student.training
+    student.eval()
+    device = next(student.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(settings.seed)
+    greedy = Sampler(student, tokenizer, settings.max_new_tokens, temperature=0.0)
+    student_sampler = Sampler(student, tokenizer, settings.max_new_tokens, temperature=1.0)
+    teacher_sampler = Sampler(teacher, tokenizer, settings.max_new_tokens, temperature=1.0)
+    examples = examples[: settings.num_prompts]
+    k = max(1, settings.pass_k)
+    correct, lengths, rkl, fkl, entropy, sampled_correct = [], [], [], [], [], []
+    curves = {"student_states": PositionCurve(), "teacher_states": PositionCurve()}
+    generated = {"student": 0, "teacher": 0}
+    for start in range(0, len(examples), settings.batch_size):
+        chunk = examples[start : start + settings.batch_size]
+        prompt_ids, prompt_mask = encode_prompts(tokenizer, [e.prompt for e in chunk], device)
+
+        answers = greedy(prompt_ids, prompt_mask, None)
+        correct += [is_correct(t, e) for t, e in zip(decode_responses(tokenizer, answers), chunk)]
+        lengths += answers.mask.sum(1).tolist()
+        generated["student"] += answers.num_tokens
+
+        # k student samples per prompt: pass@k, and the reverse KL averaged over all of them
+        rep_ids, rep_mask = prompt_ids.repeat_interleave(k, 0), prompt_mask.repeat_interleave(k, 0)
+        on_student = student_sampler(rep_ids, rep_mask, generator)
+        texts = decode_responses(tokenizer, on_student)
+        sampled_correct += [[is_correct(texts[i * k + j], e) for j in range(k)] for i, e in enumerate(chunk)]
+        batch = StateBatch(rep_ids, rep_mask, on_student, torch.ones(len(texts), dtype=torch.bool, device=device))
+        per_token, token_entropy = _per_token(student, teacher, batch, REVERSE)
+        rkl += per_token.sum(1).view(len(chunk), k).mean(1).tolist()
+        entropy += (token_entropy.sum(1) / on_student.mask.sum(1).clamp(min=1)).view(len(chunk), k).mean(1).tolist()
+        curves["student_states"].add(per_token, on_student.mask)
+        generated["student"] += on_student.num_tokens
+
+        on_teacher = teacher_sampler(prompt_ids, prompt_mask, generator)
+        batch = StateBatch(prompt_ids, prompt_mask, on_teacher, torch.zeros(len(chunk), dtype=torch.bool, device=device))
+        per_token, _ = _per_token(student, teacher, batch, FORWARD)
+        fkl += per_token.sum(1).tolist()
+        curves["teacher_states"].add(per_token, on_teacher.mask)
+        generated["teacher"] += on_teacher.num_tokens
+    student.train(was_training)
+    n = len(examples)
+    return {
+        "accuracy": sum(correct) / n,
+        "pass_at_k": pass_at_k(sampled_correct, k),
+        "pass_k": k,
+        "response_length": sum(lengths) / n,
+        "reverse_kl_student_states": sum(rkl) / n,
+        "forward_kl_teacher_states": sum(fkl) / n,
+        "student_entropy": sum(entropy) / n,
+        "student_tokens_generated": generated["student"],
+        "teacher_tokens_generated": generated["teacher"],
+        # reverse KL(q||p) by position on student samples, forward KL(p||q) on teacher samples
+        "divergence_by_position": {name: curve.means() for name, curve in curves.items()},
+    }

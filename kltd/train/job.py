@@ -1,0 +1,199 @@
+"""One training job from a typed config to a finished run directory.
+
+The run directory holds config.yaml (resolved), metrics.jsonl (one line per logged step), metrics.json
+(the final summary; status "completed" only once everything else is written) and checkpoint/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from kltd.spec.config import Config, validate
+from kltd.train.evaluation import EvalSettings, evaluate
+from kltd.spec.matrix import slug
+from kltd.report.logger import RunLogger
+from kltd.rollout.states import TokenCounts
+
+SUMMARY_FILE = "metrics.json"
+HEADLINE = ("accuracy", "reverse_kl_student_states", "forward_kl_teacher_states", "student_entropy", "response_length")
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def run_identity(cfg: Config, sweep: str | None) -> dict:
+    return {
+        "method": cfg.method,
+        "method_slug": slug(cfg.method),
+        "prefix": cfg.prefix.source,
+        "trajectory": cfg.trajectory.supervisor,
+        "seed": cfg.seed,
+        "sweep": sweep,
+    }
+
+
+def wandb_axes(identity: dict) -> dict:
+    """Both axis choices as top-level config fields, so the W&B UI can group runs by them."""
+    return {"method": identity["method"], "axis_prefix": identity["prefix"], "axis_trajectory": identity["trajectory"],
+            "sweep": identity["sweep"]}
+
+
+def before_after_table(method: str, before: dict, after: dict) -> Table:
+    table = Table(title=f"{method}: held-out evaluation")
+    for column in ("metric", "before", "after", "change"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for key in HEADLINE:
+        if key in before:
+            table.add_row(key, f"{before[key]:.4g}", f"{after[key]:.4g}", f"{after[key] - before[key]:+.4g}")
+        else:
+            table.add_row(key, "-", f"{after[key]:.4g}", "-")
+    return table
+
+
+def save_checkpoint(model, tokenizer, run_dir: Path) -> Path:
+    """Written to a temporary directory first, so a checkpoint/ that exists is complete."""
+    final, tmp = run_dir / "checkpoint", run_dir / "checkpoint.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def train_job(cfg: Config, run_dir: Path, *, sweep: str | None = None, config_dict: dict | None = None,
+              console: Console | None = None) -> dict:
+    """Validate, train, evaluate and record one cell. Returns the summary written to metrics.json."""
+    console = console or Console()
+    validate(cfg)  # before any model is loaded
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    identity = run_identity(cfg, sweep)
+    config_dict = config_dict or dataclasses.asdict(cfg)
+    summary_path = run_dir / SUMMARY_FILE
+    if summary_path.exists():
+        summary_path.unlink()  # a summary from an earlier attempt would pass this one off as finished
+    logger = RunLogger(
+        run_dir, wandb_mode=cfg.wandb.mode, project=cfg.wandb.project, entity=cfg.wandb.entity,
+        name=f"{identity['method_slug']}-s{cfg.seed}" + (f"-{run_dir.name}" if sweep else ""),
+        group=sweep, job_type=identity["method_slug"],
+        tags=[f"prefix:{cfg.prefix.source}", f"trajectory:{cfg.trajectory.supervisor}", f"method:{cfg.method}"],
+        config={**config_dict, **wandb_axes(identity)}, init_timeout_s=cfg.wandb.init_timeout_s, echo=console.print,
+    )
+    started = time.perf_counter()
+    try:
+        summary = _train_and_evaluate(cfg, run_dir, logger, console)
+    except BaseException as error:
+        write_json_atomic(summary_path, {**identity, "status": "failed", "error": f"{type(error).__name__}: {error}",
+                                         "wall_time_s": time.perf_counter() - started, "config": config_dict})
+        logger.finish(exit_code=1)
+        raise
+    summary = {**identity, "status": "completed", "wall_time_s": time.perf_counter() - started, **summary,
+               "config": config_dict}
+    logger.summary({f"final/{k}": v for k, v in summary["eval_after"].items()})
+    logger.finish()
+    write_json_atomic(summary_path, summary)
+    return summary
+
+
+def examples_from_file(path: str, eval_examples: list, console: Console) -> list:
+    """Training examples whose responses come from a JSONL file (possibly wrong); held-out prompts are dropped."""
+    from kltd.data.responses_file import read_responses
+    from kltd.data.addition import Example
+
+    held_out = {e.prompt for e in eval_examples}
+    rows = read_responses(path)
+    kept = [Example(r.example.prompt, r.response, r.example.answer) for r in rows if r.example.prompt not in held_out]
+    if len(kept) < len(rows):
+        console.print(f"{path}: dropped {len(rows) - len(kept)} rows whose prompts are in the held-out split")
+    if not kept:
+        raise ValueError(f"{path}: every prompt is a held-out prompt; nothing left to train on")
+    return kept
+
+
+def _train_and_evaluate(cfg: Config, run_dir: Path, logger: RunLogger, console: Console) -> dict:
+    from kltd.train.models import load_pair, set_cpu_threads
+    from kltd.data.addition import make_splits
+    from kltd.train.trainer import Trainer, seed_everything
+
+    seed_everything(cfg.seed)
+    d = cfg.data
+    train_examples, eval_examples = make_splits(d.seed, d.n_train, d.n_eval, d.min_terms, d.max_terms)
+    if d.responses_file:
+        train_examples = examples_from_file(d.responses_file, eval_examples, console)
+    pair = load_pair(cfg.model.teacher, cfg.model.student, cfg.model.dtype, cfg.model.device)
+    set_cpu_threads(pair, cfg.trainer.num_threads)
+    e = cfg.eval
+    settings = EvalSettings(e.num_prompts, e.batch_size, e.max_new_tokens, e.seed, e.pass_k)
+
+    def run_eval(step: int) -> dict:
+        result = evaluate(pair.student, pair.teacher, pair.tokenizer, eval_examples, settings)
+        logger.log({f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))}, step=step)
+        return result
+
+    console.print(f"[bold]{cfg.method}[/] (prefix={cfg.prefix.source}, trajectory={cfg.trajectory.supervisor}) "
+                  f"on {pair.device}")
+    console.print(f"run directory: {run_dir}", soft_wrap=True, highlight=False)
+    before = run_eval(0) if e.before else None
+    trainer = Trainer(cfg, pair, train_examples)
+    if trainer.uses_teacher_cache():
+        from kltd.train.models import resolve_model_path
+        from kltd.train.teacher_cache import cached_teacher
+
+        def count(n: int) -> None:
+            trainer.teacher_forwards += n
+
+        trainer.attach_teacher_cache(cached_teacher(
+            pair.teacher, pair.tokenizer, resolve_model_path(cfg.model.teacher), resolve_model_path(cfg.model.student),
+            train_examples, cache_dir=Path(cfg.cache.dir), dtype=cfg.model.dtype, fmt=cfg.cache.format,
+            top_k=cfg.cache.top_k, needed=trainer.planned_examples(), counter=count, echo=console.print))
+    tokens, trained_tokens, loss = TokenCounts(), 0, float("nan")
+    t = cfg.trainer
+    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn()]
+    train_started = time.perf_counter()
+    with Progress(*columns, console=console, disable=not t.progress, transient=False) as progress:
+        bar = progress.add_task(cfg.method, total=t.max_steps, status="")
+        for step in range(1, t.max_steps + 1):
+            stats = trainer.step()
+            tokens.add(stats.tokens)
+            trained_tokens += stats.trained_tokens
+            loss = stats.loss
+            elapsed = time.perf_counter() - train_started
+            progress.update(bar, advance=1, status=f"loss {loss:.4f}  {trained_tokens / elapsed:,.0f} tok/s")
+            if step % t.log_every == 0 or step == t.max_steps:
+                logger.log({"train/loss": loss, **{f"train/{k}": v for k, v in stats.parts.items()},
+                            "train/tokens_per_s": trained_tokens / elapsed,
+                            "cost/student_tokens_generated": tokens.student_generated,
+                            "cost/teacher_tokens_generated": tokens.teacher_generated,
+                            "cost/tokens_scored": tokens.scored, "cost/wall_time_s": elapsed}, step=step)
+            if e.every and step % e.every == 0 and step != t.max_steps:
+                run_eval(step)
+    train_time = time.perf_counter() - train_started
+    after = run_eval(t.max_steps)
+    console.print(before_after_table(cfg.method, before or {}, after))
+    checkpoint = save_checkpoint(pair.student, pair.tokenizer, run_dir) if t.save_checkpoint else None
+    return {
+        "steps": t.max_steps,
+        "train_time_s": train_time,
+        "steps_per_s": t.max_steps / train_time if train_time > 0 else None,
+        "final_loss": loss,
+        "tokens": {"student_generated": tokens.student_generated, "teacher_generated": tokens.teacher_generated,
+                   "scored": tokens.scored, "trained": trained_tokens},
+        "teacher_forward_passes": trainer.teacher_forwards,  # training only (cache building included)
+        "eval_before": before,
+        "eval_after": after,
+        "checkpoint": str(checkpoint) if checkpoint else None,
+    }

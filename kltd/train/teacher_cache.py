@@ -1,0 +1,198 @@
+"""The teacher cache: teacher logits at fixed (dataset) states, computed once and kept on disk.
+
+With prefix=fixed the states never change, so every cell and seed of a sweep asks the teacher the same
+questions. The cache answers them from a file whose name is a hash of everything the answer depends on
+(teacher files, tokenizer, the training examples, the storage format), so a changed teacher, dataset or
+setting gets a new entry and a stale one is never read.
+
+Formats: "full" keeps every logit (exact); "topk" keeps the teacher's k largest logits per position and
+spreads the remaining probability mass evenly over the other tokens (an approximation that bounds the
+file at k numbers per position, for large vocabularies).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from kltd.rollout.sampling import encode_prompts, encode_responses
+from kltd.rollout.states import StateBatch, response_logits
+
+CACHE_VERSION = 1
+CONTENT_HASH_LIMIT = 256 * 2**20  # larger files are fingerprinted by name, size and mtime
+
+
+def _file_fingerprint(path: Path) -> str:
+    stat = path.stat()
+    if stat.st_size > CONTENT_HASH_LIMIT:
+        return f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}"
+    return f"{path.name}:{hashlib.sha256(path.read_bytes()).hexdigest()}"
+
+
+def directory_fingerprint(directory: str | Path) -> str:
+    files = sorted(p for p in Path(directory).rglob("*") if p.is_file())
+    return hashlib.sha256("\n".join(_file_fingerprint(p) for p in files).encode()).hexdigest()
+
+
+def examples_fingerprint(examples: list) -> str:
+    digest = hashlib.sha256()
+    for e in examples:
+        digest.update(f"{e.prompt}\x00{e.response}\x01".encode())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    teacher: str  # fingerprint of the teacher's directory
+    tokenizer: str  # fingerprint of the tokenizer's directory
+    examples: str
+    dtype: str
+    format: str
+    top_k: int
+
+    def digest(self) -> str:
+        payload = json.dumps({"version": CACHE_VERSION, **self.__dict__}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+class TeacherCache:
+    """Teacher logits [N_i, V] for every training example i, looked up by prompt."""
+
+    def __init__(self, values: Tensor, offsets: Tensor, index: dict[str, int], vocab_size: int,
+                 indices: Tensor | None = None, tail: Tensor | None = None):
+        self.values, self.offsets, self.index, self.vocab_size = values, offsets, index, vocab_size
+        self.indices, self.tail = indices, tail  # topk format only
+
+    def lookup(self, batch: StateBatch) -> Tensor:
+        """[B, N, V] teacher logits at the batch's response states (zeros past each row's end)."""
+        n = batch.responses.tokens.shape[1]
+        out = torch.zeros(batch.num_sequences, n, self.vocab_size, dtype=self.values.dtype)
+        for row, example in enumerate(batch.examples):
+            i = self.index[example.prompt]
+            start, end = int(self.offsets[i]), int(self.offsets[i + 1])
+            out[row, : end - start] = self._rows(start, end)
+        return out.to(batch.prompt_ids.device)
+
+    def _rows(self, start: int, end: int) -> Tensor:
+        if self.indices is None:
+            return self.values[start:end]
+        # topk: the kept logits, and the rest of the mass spread evenly (log-space, relative to the kept ones)
+        rows = self.tail[start:end].unsqueeze(1).expand(-1, self.vocab_size).clone()
+        return rows.scatter(1, self.indices[start:end].long(), self.values[start:end])
+
+    @staticmethod
+    def build(teacher, tokenizer, examples: list, *, fmt: str = "full", top_k: int = 64, batch_size: int = 256,
+              counter=None) -> "TeacherCache":
+        """One teacher forward pass per batch of examples; `counter(n)` is told how many passes ran."""
+        device = next(teacher.parameters()).device
+        values, indices, tails, offsets = [], [], [], [0]
+        # batches of similar length carry less padding; entries are found by prompt, so order is free
+        examples = sorted(examples, key=lambda e: (len(e.prompt) + len(e.response), e.prompt))
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            prompt_ids, prompt_mask = encode_prompts(tokenizer, [e.prompt for e in chunk], device)
+            responses = encode_responses(tokenizer, [e.response for e in chunk], device)
+            with torch.inference_mode():
+                logits = response_logits(teacher, StateBatch(prompt_ids, prompt_mask, responses)).float()
+            if counter:
+                counter(1)
+            for row in range(len(chunk)):
+                kept = logits[row, : int(responses.mask[row].sum())].cpu()
+                if fmt == "topk":
+                    kept, idx, tail = _topk_with_even_tail(kept, top_k)
+                    indices.append(idx)
+                    tails.append(tail)
+                values.append(kept)
+                offsets.append(offsets[-1] + kept.shape[0])
+        index = {e.prompt: i for i, e in enumerate(examples)}
+        vocab = logits.shape[-1]
+        if fmt == "topk":
+            return TeacherCache(torch.cat(values), torch.tensor(offsets), index, vocab, torch.cat(indices), torch.cat(tails))
+        return TeacherCache(torch.cat(values), torch.tensor(offsets), index, vocab)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def merged(self, other: "TeacherCache") -> "TeacherCache":
+        """This cache's entries plus those of `other` for prompts this one lacks."""
+        new = [(prompt, i) for prompt, i in other.index.items() if prompt not in self.index]
+        if not new:
+            return self
+        spans = [(int(other.offsets[i]), int(other.offsets[i + 1])) for _, i in new]
+
+        def joined(mine: Tensor | None, theirs: Tensor | None) -> Tensor | None:
+            return None if mine is None else torch.cat([mine] + [theirs[a:b] for a, b in spans])
+
+        lengths = torch.tensor([b - a for a, b in spans])
+        offsets = torch.cat([self.offsets, self.offsets[-1] + lengths.cumsum(0)])
+        index = {**self.index, **{prompt: len(self.index) + j for j, (prompt, _) in enumerate(new)}}
+        return TeacherCache(joined(self.values, other.values), offsets, index, self.vocab_size,
+                            joined(self.indices, other.indices), joined(self.tail, other.tail))
+
+    def save(self, path: Path) -> None:
+        """Atomic: written next to its final name and renamed, so a cache file that exists is whole."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save({"values": self.values, "offsets": self.offsets, "prompts": list(self.index),
+                    "vocab_size": self.vocab_size, "indices": self.indices, "tail": self.tail}, tmp)
+        os.replace(tmp, path)
+
+    @staticmethod
+    def load(path: Path) -> "TeacherCache":
+        data = torch.load(path, weights_only=True)
+        index = {prompt: i for i, prompt in enumerate(data["prompts"])}
+        return TeacherCache(data["values"], data["offsets"], index, data["vocab_size"], data["indices"], data["tail"])
+
+
+def _topk_with_even_tail(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """[N, V] -> top-k logits [N, k], their indices [N, k], and one logit [N] for every other token such that
+    the tail tokens share the teacher's remaining probability mass evenly."""
+    k = min(k, logits.shape[-1] - 1)
+    top, idx = logits.topk(k, dim=-1)
+    log_z = torch.logsumexp(logits, -1)
+    kept_mass = torch.exp(torch.logsumexp(top, -1) - log_z).clamp(max=1 - 1e-7)
+    tail = log_z + torch.log1p(-kept_mass) - torch.log(torch.tensor(float(logits.shape[-1] - k)))
+    return top, idx.to(torch.int32), tail
+
+
+def _modified(path: Path) -> tuple[int, int] | None:
+    """(mtime, size) of the file, None if there is none: tells whether it changed since it was read."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
+
+
+def cached_teacher(teacher, tokenizer, teacher_dir: str, tokenizer_dir: str, examples: list, *, cache_dir: Path,
+                   dtype: str, fmt: str = "full", top_k: int = 64, needed: list | None = None, counter=None,
+                   echo=print) -> TeacherCache:
+    """The cache entry for these exact inputs, holding at least the `needed` examples (default: all).
+
+    The entry is keyed by the whole training split but filled lazily: a run scores only the examples it
+    will train on and the entry lacks, so a short run does not pay for the whole split, and the next
+    cell or seed reuses what is there. Entries another job stored meanwhile are kept.
+    """
+    key = CacheKey(directory_fingerprint(teacher_dir), directory_fingerprint(tokenizer_dir),
+                   examples_fingerprint(examples), dtype, fmt, top_k if fmt == "topk" else 0)
+    path = Path(cache_dir) / f"teacher-{key.digest()}.pt"
+    read = _modified(path)
+    cache = TeacherCache.load(path) if read else None
+    wanted = list({e.prompt: e for e in (examples if needed is None else needed)}.values())
+    missing = [e for e in wanted if cache is None or e.prompt not in cache.index]
+    if not missing:
+        echo(f"teacher cache: hit {path} ({len(wanted)} examples)")
+        return cache
+    echo(f"teacher cache: adding {len(missing)} of {len(wanted)} examples to {path}")
+    built = TeacherCache.build(teacher, tokenizer, missing, fmt=fmt, top_k=top_k, counter=counter)
+    cache = built if cache is None else cache.merged(built)
+    if _modified(path) != read:  # a parallel job stored entries since we read the file: keep them
+        cache = cache.merged(TeacherCache.load(path))
+    cache.save(path)
+    return cache

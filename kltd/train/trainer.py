@@ -1,0 +1,295 @@
+"""One trainer for every cell of the method matrix.
+
+    kltd train                                          # 1 device (CUDA if present, else CPU)
+    kltd train prefix=student trajectory=expert         # DAgger
+    kltd train -m prefix=fixed,student trajectory=expert,student
+
+Each step: draw states from the prefix source, score them with the student (grad) and the teacher
+(inference_mode), form kl_trajectory_weight * L_traj + kl_prefix_weight * L_prefix, step AdamW.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+
+import torch
+
+from kltd.fast.memory import keep_freed_memory
+from kltd.spec.config import Config
+from kltd.objectives.divergences import DivergenceSpec
+from kltd.objectives.fused_head import fused_divergence, plain_output_layer
+from kltd.fast.arranged import supports as packs
+from kltd.objectives.losses import dataset_loss, prefix_loss, trajectory_loss
+from kltd.fast.packed import response_states
+from kltd.objectives.rewards import VERIFIERS, sequence_weights, teacher_loglik
+from kltd.rollout.sampling import position_ids_from_mask
+from kltd.rollout.states import Sampler, StateBatch, StateSource, TokenCounts, response_logits
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (for example a NaN loss); reported as one line."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_lambda(warmup: int, total: int, floor: float):
+    """Linear warm-up, then cosine decay to `floor` x lr."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def divergence_spec(cfg: Config) -> DivergenceSpec | None:
+    loss = cfg.loss
+    if cfg.trajectory.supervisor == "dataset":
+        return None
+    default = "forward_kl" if cfg.trajectory.supervisor == "expert" else "reverse_kl"
+    return DivergenceSpec(
+        name=loss.divergence or default, beta=loss.beta, alpha=loss.alpha, mix=loss.mix, temperature=loss.temperature
+    )
+
+
+def shuffled_indices(n: int, seed: int) -> Iterator[int]:
+    """0..n-1 in a fresh seeded shuffle per epoch, epoch after epoch."""
+    order = random.Random(seed)
+    while True:
+        permutation = list(range(n))
+        order.shuffle(permutation)
+        yield from permutation
+
+
+@dataclass
+class StepStats:
+    loss: float = 0.0
+    parts: dict = field(default_factory=dict)
+    tokens: TokenCounts = field(default_factory=TokenCounts)
+    trained_tokens: int = 0
+
+
+class Trainer:
+    def __init__(self, cfg: Config, pair, train_examples: list):
+        self.cfg = cfg
+        if cfg.trainer.keep_freed_memory:
+            keep_freed_memory()
+        self.student, self.teacher, self.tokenizer = pair.student, pair.teacher, pair.tokenizer
+        self.device = pair.device
+        self.examples = train_examples
+        self.spec = divergence_spec(cfg)
+        t = cfg.trainer
+        self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(t.warmup_steps, t.max_steps, t.min_lr_ratio)
+        )
+        s = cfg.sampling
+        self.states = StateSource(
+            cfg.prefix,
+            student=Sampler(self.student, self.tokenizer, s.max_new_tokens, s.temperature, s.top_p, s.lean_decoder),
+            teacher=Sampler(self.teacher, self.tokenizer, s.max_new_tokens, s.temperature, s.top_p, s.lean_decoder),
+            tokenizer=self.tokenizer,
+            seed=cfg.seed,
+        )
+        self.steps_done = 0
+        self.teacher_forwards = 0  # live teacher passes during training (the cache avoids them)
+        self.teacher_cache = None
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.order = shuffled_indices(len(train_examples), cfg.seed)
+
+    def next_examples(self, n: int) -> list:
+        """Epochs over the training split in a seeded shuffled order."""
+        return [self.examples[next(self.order)] for _ in range(n)]
+
+    def planned_examples(self) -> list:
+        """The examples the whole run will draw, in order (the same stream next_examples reads)."""
+        t = self.cfg.trainer
+        return [self.examples[i] for i in islice(shuffled_indices(len(self.examples), self.cfg.seed),
+                                                 t.max_steps * t.grad_accum * t.batch_size)]
+
+    def uses_teacher_cache(self) -> bool:
+        """auto: cache whenever the states are fixed and the loss needs the teacher's logits at them."""
+        c = self.cfg.cache
+        needed = self.cfg.prefix.source == "fixed" and self._loss_needs_teacher(fixed_states=True)
+        return needed and (c.teacher == "on" or c.teacher == "auto")
+
+    def attach_teacher_cache(self, cache) -> None:
+        self.teacher_cache = cache
+
+    def _loss_needs_teacher(self, fixed_states: bool) -> bool:
+        traj, loss = self.cfg.trajectory, self.cfg.loss
+        if loss.kl_trajectory_weight > 0 and (traj.supervisor != "dataset" or traj.reward == "teacher_loglik"):
+            return True
+        return loss.kl_prefix_weight > 0 and not fixed_states
+
+    def cache_serves(self, batch: StateBatch) -> bool:
+        """The cache holds fixed states only; any student-written row goes to the live teacher."""
+        return self.teacher_cache is not None and not bool(batch.from_student.any())
+
+    def teacher_logits(self, batch: StateBatch) -> torch.Tensor:
+        if self.cache_serves(batch):
+            return self.teacher_cache.lookup(batch)
+        with torch.inference_mode():
+            logits = response_logits(self.teacher, batch)
+        self.teacher_forwards += 1
+        return logits.clone()  # a normal tensor again, usable by autograd
+
+    def needs_teacher_logits(self, batch: StateBatch) -> bool:
+        return self._loss_needs_teacher(fixed_states=not bool(batch.from_student.any()))
+
+    def dataset_weights(self, batch: StateBatch, teacher_logits) -> torch.Tensor | None:
+        """Offline RL: per-sequence weights from the configured return, or None for plain BC."""
+        traj = self.cfg.trajectory
+        if traj.reward == "none":
+            return None
+        if traj.reward == "teacher_loglik":
+            rewards = teacher_loglik(teacher_logits, batch.responses.tokens, batch.responses.mask)
+        else:
+            texts = self.tokenizer.batch_decode(
+                [row[m & (row != self.tokenizer.eos_token_id)].tolist()
+                 for row, m in zip(batch.responses.tokens, batch.responses.mask)]
+            )
+            verifier = VERIFIERS[traj.reward]
+            rewards = torch.tensor([verifier(t, e) for t, e in zip(texts, batch.examples)], device=self.device)
+        return sequence_weights(rewards, traj.weighting, keep_fraction=traj.keep_fraction,
+                                temperature=traj.awr_temperature, max_weight=traj.awr_max_weight)
+
+    def loss_is_sum_over_rows(self) -> bool:
+        """True unless a batch-level term couples the rows (prefix-term baselines, offline-RL weights)."""
+        loss, traj = self.cfg.loss, self.cfg.trajectory
+        return loss.kl_prefix_weight == 0 and (traj.supervisor != "dataset" or traj.reward == "none")
+
+    def can_fuse(self) -> bool:
+        """The exact trajectory divergence alone, through plain output layers: no logits tensor is needed."""
+        loss, traj = self.cfg.loss, self.cfg.trajectory
+        return (self.cfg.trainer.fused_head and loss.estimator == "exact" and loss.kl_prefix_weight == 0
+                and traj.supervisor != "dataset" and plain_output_layer(self.student) is not None
+                and plain_output_layer(self.teacher) is not None)
+
+    def packs_both(self) -> bool:
+        """Both models score real tokens only (kltd.fast.packed): splitting a batch by length gains nothing."""
+        return self.can_fuse() and self.cfg.trainer.packed_forward and packs(self.student) and packs(self.teacher)
+
+    def fused_loss(self, batch: StateBatch, denominator: float) -> torch.Tensor:
+        """kl_trajectory_weight * L_traj from hidden states; equals the logits path (tested)."""
+        mask = batch.supervised
+        ids, attention = batch.input_ids, batch.attention_mask
+        positions = position_ids_from_mask(attention)
+        packed = self.cfg.trainer.packed_forward
+        hidden = response_states(self.student, ids, attention, positions, mask, packed)
+        if self.cache_serves(batch):
+            teacher_rows = self.teacher_cache.lookup(batch)[mask]
+            rows = lambda part: teacher_rows[part]  # noqa: E731
+        else:
+            with torch.inference_mode():
+                teacher_hidden = response_states(self.teacher, ids, attention, positions, mask, packed)
+            self.teacher_forwards += 1
+            teacher_head = plain_output_layer(self.teacher).weight
+            rows = lambda part: teacher_hidden[part] @ teacher_head.T  # noqa: E731
+        weights = torch.full((hidden.shape[0],), 1.0 / denominator, device=hidden.device)
+        head = plain_output_layer(self.student).weight
+        return self.cfg.loss.kl_trajectory_weight * fused_divergence(hidden, head, rows, weights, self.spec)
+
+    def loss(self, batch: StateBatch, denominator: float) -> tuple[torch.Tensor, dict[str, float]]:
+        """kl_trajectory_weight * L_traj + kl_prefix_weight * L_prefix for one micro-batch.
+
+        `denominator` is the normaliser of the whole optimiser step (tokens or sequences across every
+        micro-batch), so accumulated gradients equal those of one large batch.
+        """
+        cfg = self.cfg.loss
+        if self.can_fuse():
+            total = self.fused_loss(batch, denominator)
+            return total, {"loss_trajectory": float(total.detach()) / cfg.kl_trajectory_weight}
+        targets, mask = batch.responses.tokens, batch.supervised
+        student_logits = response_logits(self.student, batch)
+        teacher_logits = self.teacher_logits(batch) if self.needs_teacher_logits(batch) else None
+        common = dict(normalization=cfg.normalization, denominator=denominator)
+        total = student_logits.new_zeros(())
+        parts = {}
+        if cfg.kl_trajectory_weight > 0 and self.cfg.trajectory.supervisor == "dataset":
+            weights = self.dataset_weights(batch, teacher_logits)
+            traj = dataset_loss(student_logits, targets, mask, weights, **common)
+            if weights is not None:
+                parts["mean_weight"] = float(weights.mean())
+        elif cfg.kl_trajectory_weight > 0:
+            traj = trajectory_loss(
+                student_logits, teacher_logits, targets, mask, trajectory=self.cfg.trajectory.supervisor,
+                spec=self.spec, estimator=cfg.estimator, top_k=cfg.top_k, **common,
+            )
+        if cfg.kl_trajectory_weight > 0:
+            total = total + cfg.kl_trajectory_weight * traj
+            parts["loss_trajectory"] = float(traj.detach())
+        if cfg.kl_prefix_weight > 0:
+            pre = student_logits.new_zeros(())
+            rows = batch.from_student
+
+            def pick(x, which):  # no copy of the logits when every row is of one kind
+                return x if x is None or bool(which.all()) else x[which]
+
+            if rows.any():  # score-function term over the tokens the student wrote; returns along the whole response
+                pre = pre + prefix_loss(
+                    pick(student_logits, rows), pick(teacher_logits, rows), pick(targets, rows),
+                    pick(batch.responses.mask, rows), states="student", gamma=cfg.gamma, baseline=cfg.baseline,
+                    spec=self.spec or DivergenceSpec("reverse_kl"), score_mask=pick(batch.student_written, rows),
+                    sampling_temperature=self.cfg.sampling.temperature, **common,
+                )
+            if (~rows).any():  # states independent of theta: cross-entropy on the prefix tokens
+                pre = pre + prefix_loss(pick(student_logits, ~rows), None, pick(targets, ~rows), pick(mask, ~rows),
+                                        states="fixed", **common)
+            total = total + cfg.kl_prefix_weight * pre
+            parts["loss_prefix"] = float(pre.detach())
+        del student_logits, teacher_logits
+        return total, parts
+
+    def step(self) -> StepStats:
+        """One optimiser step over trainer.grad_accum micro-batches."""
+        t = self.cfg.trainer
+        stats = StepStats()
+        self.student.eval()  # sampling states: no dropout
+        batches = []
+        for _ in range(t.grad_accum):
+            batch, counts = self.states.build(self.next_examples(t.batch_size), self.generator, self.steps_done)
+            batches.append(batch)
+            stats.tokens.add(counts)
+        self.student.train()
+        tokens = sum(int(b.supervised.sum()) for b in batches)
+        denominator = float(tokens if self.cfg.loss.normalization == "token" else sum(b.num_sequences for b in batches))
+        self.optimizer.zero_grad(set_to_none=True)
+        groups = t.length_groups if self.loss_is_sum_over_rows() and not self.packs_both() else 1
+        for batch in (part for b in batches for part in b.by_length(groups)):
+            loss, parts = self.loss(batch, denominator)
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"the loss became {float(loss.detach())} at step {self.scheduler.last_epoch}; "
+                    "lower trainer.lr or raise loss.temperature, then rerun"
+                )
+            loss.backward()
+            stats.loss += float(loss.detach())
+            for k, v in parts.items():
+                stats.parts[k] = stats.parts.get(k, 0.0) + v
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), t.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        stats.parts["grad_norm"] = float(grad_norm)
+        stats.parts["lr"] = self.scheduler.get_last_lr()[0]
+        self.steps_done += 1
+        stats.trained_tokens = tokens
+        forward_passes = 2 if self.needs_teacher_logits(batches[0]) else 1
+        stats.tokens.scored += tokens * forward_passes  # student and (live or cached) teacher scores
+        return stats
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start

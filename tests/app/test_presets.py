@@ -1,0 +1,86 @@
+"""Every shipped preset composes, validates, and runs a few steps on the toy pair."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from kltd.spec.config import validate
+from kltd.app.train_command import config_dir, to_typed
+
+CONF = Path(config_dir())
+METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
+SWEEPS = sorted(p.stem for p in (CONF / "sweep").glob("*.yaml"))
+TINY = ["trainer.max_steps=2", "trainer.batch_size=4", "trainer.progress=false", "eval.num_prompts=4",
+        "eval.batch_size=4", "eval.pass_k=2", "data.n_train=64", "data.n_eval=8", "model.device=cpu"]
+
+
+def composed(*overrides, hydra_node=True):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=hydra_node)
+
+
+def typed(*overrides):
+    return to_typed(composed(*overrides, hydra_node=False))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_preset_composes_and_validates(method):
+    validate(typed(f"+method={method}"))
+
+
+def test_presets_name_what_they_compute():
+    labels = {method: typed(f"+method={method}").method for method in METHODS}
+    assert labels["sft"] == "SFT" and labels["dagger"] == "DAgger" and labels["opd"] == "OPD"
+    assert labels["minillm"] == "OPD +prefix(1)"
+    assert labels["distillm"] == "GKD λ=0.5 [skew_kl(0.1)]"
+    assert labels["handoff"] == "GKD hand-off λ=1"
+    assert labels["filtered-bc"] == "Offline RL (reward-weighted)"
+    assert len(set(labels.values())) == len(labels)
+
+
+@pytest.mark.parametrize("sweep", SWEEPS)
+def test_sweep_presets_are_multiruns_over_valid_cells(sweep):
+    cfg = composed(f"+sweep={sweep}")
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+    params = cfg.hydra.sweeper.params
+    assert params, "a sweep preset must sweep something"
+
+
+def test_matrix_sweep_covers_every_valid_cell():
+    from kltd.spec.matrix import METHOD_NAMES
+
+    cells = str(composed("+sweep=matrix").hydra.sweeper.params["+method"]).split(",")
+    got = set()
+    for cell in cells:
+        cfg = composed(f"+method={cell}")
+        got.add((cfg.prefix.source, cfg.trajectory.supervisor))
+    assert got == set(METHOD_NAMES)
+
+
+def test_every_method_preset_runs_a_few_steps(tmp_path):
+    if not METHODS:
+        pytest.fail("no method presets found")
+    responses = tmp_path / "responses.jsonl"
+    # filtered-bc needs imperfect data: a tiny file with one wrong response
+    responses.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "12+45=", "response": "57;57"}, {"prompt": "3+4+5=", "response": "7,13;13"},
+        {"prompt": "10+10=", "response": "20;20"}, {"prompt": "1+1+1=", "response": "2,3;3"}]) + "\n")
+    sweep = tmp_path / "sweep"
+    out = subprocess.run(
+        [sys.executable, "-m", "kltd.app.cli", "train", "-m", f"+method={','.join(m for m in METHODS if m != 'filtered-bc')}",
+         *TINY, f"hydra.sweep.dir={sweep}"],
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "WANDB_MODE": "disabled"}, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    out = subprocess.run(
+        [sys.executable, "-m", "kltd.app.cli", "train", "+method=filtered-bc", f"data.responses_file={responses}", *TINY,
+         f"hydra.run.dir={tmp_path / 'filtered'}"],
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "WANDB_MODE": "disabled"}, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summaries = [json.loads(p.read_text()) for p in [*sweep.glob("*/metrics.json"), tmp_path / "filtered/metrics.json"]]
+    assert len(summaries) == len(METHODS)
+    assert all(s["status"] == "completed" for s in summaries)

@@ -1,0 +1,44 @@
+"""The lean decoder against the model's own forward: same logits at every step, same greedy tokens."""
+
+import pytest
+import torch
+from tests.support.tiny_models import ARCHITECTURES
+from tests.support.tiny_models import tiny_architecture as tiny_model
+
+from kltd.fast.lean_decoder import LeanDecoder
+from kltd.rollout.sampling import ForwardDecoder, encode_prompts, position_ids_from_mask, sample
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_logits_match_the_forward_at_every_step(name):
+    model, tok = tiny_model(name)
+    assert LeanDecoder.supports(model)
+    ids, mask = encode_prompts(tok, ["1+2=", "12+45+7+88=", "99+9="], "cpu")
+    positions = position_ids_from_mask(mask)
+    lean, plain = LeanDecoder(model), ForwardDecoder(model)
+    with torch.inference_mode():
+        a, b = lean.start(ids, mask, positions, ids.shape[1] + 6), plain.start(ids, mask, positions, 0)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        pos = positions[:, -1] + 1
+        for step in range(6):
+            token = b.argmax(-1)
+            alive = torch.tensor([True, step < 2, True])  # row 1 ends early: its later columns are masked out
+            a, b = lean.next(token, alive, pos), plain.next(token, alive, pos)
+            torch.testing.assert_close(a[alive], b[alive], atol=1e-5, rtol=1e-5)
+            pos = pos + alive.long()
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_sampling_is_the_same_with_either_decoder(name):
+    model, tok = tiny_model(name)
+    ids, mask = encode_prompts(tok, ["1+2=", "12+45+7+88=", "3+4+5="] * 4, "cpu")
+    runs = [sample(model, ids, mask, max_new_tokens=10, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                   temperature=1.0, generator=torch.Generator().manual_seed(3), lean=lean) for lean in (True, False)]
+    assert torch.equal(runs[0].tokens, runs[1].tokens) and torch.equal(runs[0].mask, runs[1].mask)
+
+
+def test_unsupported_architectures_use_the_forward():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=17, n_embd=16, n_layer=1, n_head=2, n_positions=32))
+    assert not LeanDecoder.supports(model)

@@ -1,0 +1,82 @@
+"""The packed forward against the model's own forward: same hidden states, same gradients, per architecture."""
+
+import pytest
+import torch
+from tests.support.tiny_models import ARCHITECTURES, tiny_architecture
+
+from kltd.fast.arranged import arranged, supports
+from kltd.fast.packed import AttentionLayout, response_states
+from kltd.rollout.sampling import encode_prompts, pad_responses, position_ids_from_mask
+
+
+def state_batch(tok, prompts, responses):
+    """Left-padded prompts then right-padded responses, the layout every state batch has."""
+    ids, mask = encode_prompts(tok, prompts, "cpu")
+    resp = pad_responses([tok.encode(r, add_special_tokens=False) + [tok.eos_token_id] for r in responses],
+                         tok.pad_token_id, "cpu")
+    input_ids = torch.cat([ids, resp.tokens], 1)
+    attention = torch.cat([mask, resp.mask.long()], 1)
+    return input_ids, attention, position_ids_from_mask(attention), resp.mask
+
+
+PROMPTS = ["1+2=", "12+45+7+88=", "99+9=", "3+4+5+6=", "7="]
+RESPONSES = ["3", "12+45=57,57+7=64,64+88=152", "108", "3+4=7", ""]
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_hidden_states_and_gradients_match_the_models_forward(name):
+    model, tok = tiny_architecture(name)
+    assert supports(model)
+    ids, attention, positions, supervised = state_batch(tok, PROMPTS, RESPONSES)
+    ids[1, -3] = tok.pad_token_id  # a sampled token can be the padding id: as a real token its row gets no gradient
+    assert attention[1, -3] == 1
+    weights = torch.randn(int(supervised.sum()), model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    results = []
+    for packed in (True, False):
+        model.zero_grad(set_to_none=True)
+        hidden = response_states(model, ids, attention, positions, supervised, packed=packed)
+        (hidden * weights).sum().backward()
+        results.append((hidden.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (mine, my_grads), (theirs, their_grads) = results
+    assert mine.shape == (int(supervised.sum()), model.config.hidden_size)
+    torch.testing.assert_close(mine, theirs, atol=2e-5, rtol=1e-5)
+    assert my_grads.keys() == their_grads.keys() and len(my_grads) > 0
+    for n in my_grads:  # to float rounding, relative to each gradient's own scale (some entries are in the hundreds)
+        scale = float(their_grads[n].abs().max())
+        assert float((my_grads[n] - their_grads[n]).abs().max()) <= 1e-5 * scale + 1e-7, n
+
+
+def test_attention_layout_groups_rows_by_length_and_starts_each_row_at_column_zero():
+    real = torch.tensor([[0, 1, 1, 0, 0],   # 2 tokens
+                         [1, 1, 1, 1, 1],   # 5
+                         [0, 0, 1, 1, 1],   # 3
+                         [0, 0, 0, 1, 0]], dtype=torch.bool)  # 1
+    layout = AttentionLayout(real, groups=2)
+    # longest rows first: (row 1, row 2) in a grid 5 wide, then (row 0, row 3) in one 2 wide
+    assert layout.groups == [(0, 2, 5), (10, 2, 2)]
+    assert layout.index.tolist() == [10, 11, 0, 1, 2, 3, 4, 5, 6, 7, 12]
+    # one token per row seen by each query: attention over v = its own position's value equals a causal average
+    n = int(real.sum())
+    v = torch.arange(n, dtype=torch.float32).view(n, 1, 1)
+    out = layout.attend(torch.zeros(n, 1, 1), torch.zeros(n, 1, 1), v, gqa=False).squeeze(1)
+    expected = torch.cat([torch.arange(len(r), dtype=torch.float32).cumsum(0) / torch.arange(1, len(r) + 1) + r[0]
+                          for r in torch.arange(n).split(real.sum(1).tolist())])
+    torch.testing.assert_close(out, expected)
+
+
+def test_arranged_weights_are_reused_until_a_parameter_changes():
+    model, tok = tiny_architecture("llama")
+    ids, attention, positions, supervised = state_batch(tok, PROMPTS, RESPONSES)
+    with torch.inference_mode():
+        first = arranged(model)
+        assert arranged(model) is first  # a frozen model (the teacher) is arranged once
+        before = response_states(model, ids, attention, positions, supervised)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.mul_(1.5)  # what an optimiser step does to a student
+    with torch.inference_mode():
+        assert arranged(model) is not first
+        after = response_states(model, ids, attention, positions, supervised)
+        reference = response_states(model, ids, attention, positions, supervised, packed=False)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, reference, atol=2e-5, rtol=1e-5)
+    assert arranged(model) is not arranged(model)  # with autograd on, always fresh (it is part of the graph)

@@ -1,0 +1,152 @@
+"""The shared trainer on tiny real models: fused vs reference loss, gradient accumulation, determinism."""
+
+import copy
+
+import pytest
+import torch
+
+from kltd.spec.config import Config
+from kltd.train.models import load_pair
+from kltd.data.addition import make_splits
+from kltd.train.trainer import Trainer
+from tests.support.tiny_models import make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pair")
+    return str(make_tiny_model(root / "teacher", width=32, layers=2, seed=1)), str(make_tiny_model(root / "student", seed=2))
+
+
+def make_trainer(model_dirs, **changes) -> Trainer:
+    cfg = Config()
+    cfg.model.teacher, cfg.model.student = model_dirs
+    cfg.model.device = "cpu"
+    cfg.sampling.max_new_tokens = 10
+    cfg.cache.teacher = "off"
+    for key, value in changes.items():
+        section, name = key.split("__")
+        setattr(getattr(cfg, section), name, value)
+    torch.manual_seed(0)
+    pair = load_pair(cfg.model.teacher, cfg.model.student, device="cpu")
+    train, _ = make_splits(0, 64, 4)
+    return Trainer(cfg, pair, train)
+
+
+def gradients(trainer: Trainer, batch, denominator) -> dict[str, torch.Tensor]:
+    trainer.student.zero_grad(set_to_none=True)
+    loss, _ = trainer.loss(batch, denominator)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in trainer.student.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("cell", [
+    dict(prefix__source="fixed", trajectory__supervisor="expert"),
+    dict(prefix__source="student", trajectory__supervisor="student"),
+    dict(prefix__source="mixed", trajectory__supervisor="expert", loss__divergence="jsd", loss__beta=0.3,
+         loss__temperature=1.5, loss__normalization="sequence"),
+])
+def test_fused_head_equals_the_logits_path(model_dirs, cell):
+    fused = make_trainer(model_dirs, **cell)
+    reference = make_trainer(model_dirs, trainer__fused_head=False, **cell)
+    assert fused.can_fuse() and not reference.can_fuse()
+    batch, _ = fused.states.build(fused.next_examples(6), fused.generator)
+    denominator = float(batch.supervised.sum())
+    loss_f, grads_f = gradients(fused, batch, denominator)
+    loss_r, grads_r = gradients(reference, batch, denominator)
+    assert torch.allclose(loss_f, loss_r, rtol=1e-5, atol=1e-7)
+    assert grads_f.keys() == grads_r.keys()
+    for name in grads_f:
+        assert torch.allclose(grads_f[name], grads_r[name], rtol=1e-4, atol=1e-7), name
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_gradient_accumulation_matches_one_large_batch(model_dirs, fused):
+    """Two micro-batches of 4 normalised by the step's token count give the gradient of one batch of 8."""
+    big = make_trainer(model_dirs, trainer__batch_size=8, trainer__fused_head=fused, trainer__max_grad_norm=1e9)
+    small = make_trainer(model_dirs, trainer__batch_size=4, trainer__grad_accum=2, trainer__fused_head=fused,
+                         trainer__max_grad_norm=1e9)
+    before = copy.deepcopy(small.student.state_dict())
+    big.step()
+    small.step()
+    for name, value in big.student.state_dict().items():
+        assert torch.allclose(value, small.student.state_dict()[name], atol=1e-6), name
+    assert any(not torch.equal(before[n], v) for n, v in small.student.state_dict().items())
+
+
+def test_student_states_are_sampled_and_counted(model_dirs):
+    trainer = make_trainer(model_dirs, prefix__source="student", trajectory__supervisor="expert")
+    stats = trainer.step()
+    assert stats.tokens.student_generated > 0 and stats.tokens.teacher_generated == 0
+    assert trainer.teacher_forwards == 1
+
+
+def test_nan_loss_stops_with_a_clear_error(model_dirs):
+    from kltd.train.trainer import TrainingError
+
+    trainer = make_trainer(model_dirs)
+    with torch.no_grad():
+        next(trainer.student.parameters()).fill_(float("nan"))
+    with pytest.raises(TrainingError, match="lower trainer.lr"):
+        trainer.step()
+
+
+def group_gradients(trainer: Trainer, parts, denominator):
+    trainer.student.zero_grad(set_to_none=True)
+    total = 0.0
+    for part in parts:
+        loss, _ = trainer.loss(part, denominator)
+        loss.backward()
+        total += float(loss.detach())
+    return total, {n: p.grad.clone() for n, p in trainer.student.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("cell", [
+    dict(prefix__source="fixed", trajectory__supervisor="expert"),
+    dict(prefix__source="student", trajectory__supervisor="student", trainer__fused_head=False),
+    dict(prefix__source="mixed", trajectory__supervisor="student", loss__normalization="sequence"),
+    dict(prefix__source="fixed", trajectory__supervisor="dataset"),
+])
+def test_length_groups_give_the_gradient_of_the_whole_batch(model_dirs, cell):
+    trainer = make_trainer(model_dirs, **cell)
+    assert trainer.loss_is_sum_over_rows()
+    batch, _ = trainer.states.build(trainer.next_examples(12), trainer.generator)
+    parts = batch.by_length(4, overhead_tokens=0)
+    assert len(parts) > 1 and sum(p.num_sequences for p in parts) == 12
+    # each group is narrower than the batch (its own padding gone) and keeps every supervised token
+    assert sum(int(p.supervised.sum()) for p in parts) == int(batch.supervised.sum())
+    assert sum(p.input_ids.numel() for p in parts) < batch.input_ids.numel()
+    denominator = float(batch.supervised.sum() if trainer.cfg.loss.normalization == "token" else 12)
+    whole, grads_whole = group_gradients(trainer, [batch], denominator)
+    split, grads_split = group_gradients(trainer, parts, denominator)
+    assert split == pytest.approx(whole, rel=1e-5)
+    for name in grads_whole:
+        assert torch.allclose(grads_whole[name], grads_split[name], rtol=1e-4, atol=1e-7), name
+
+
+def test_selected_rows_keep_their_tokens_without_shared_padding(model_dirs):
+    trainer = make_trainer(model_dirs, prefix__source="student", trajectory__supervisor="student")
+    batch, _ = trainer.states.build(trainer.next_examples(8), trainer.generator)
+    rows = [5, 1, 2]
+    part = batch.select(rows)
+    for j, i in enumerate(rows):
+        def real(ids, mask):
+            return ids[mask.bool()].tolist()
+        assert real(part.input_ids[j], part.attention_mask[j]) == real(batch.input_ids[i], batch.attention_mask[i])
+        assert part.examples[j] is batch.examples[i]
+    assert part.prompt_mask[:, 0].any() and part.responses.mask[:, -1].any()  # no all-padding edge column
+
+
+def test_batch_coupled_losses_are_not_split(model_dirs):
+    assert not make_trainer(model_dirs, loss__kl_prefix_weight=1.0, prefix__source="student",
+                            trajectory__supervisor="student").loss_is_sum_over_rows()
+    assert not make_trainer(model_dirs, prefix__source="fixed", trajectory__supervisor="dataset",
+                            trajectory__reward="correctness").loss_is_sum_over_rows()
+
+
+def test_planned_examples_are_the_ones_training_draws(model_dirs):
+    trainer = make_trainer(model_dirs, trainer__max_steps=7, trainer__batch_size=10, trainer__grad_accum=2)
+    planned = trainer.planned_examples()
+    drawn = [e for _ in range(7 * 2) for e in trainer.next_examples(10)]  # 140 draws: more than two epochs of 64
+    assert [e.prompt for e in planned] == [e.prompt for e in drawn]
+    assert len({e.prompt for e in drawn[:64]}) == 64  # each epoch is a permutation of the split
