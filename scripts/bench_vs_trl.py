@@ -22,7 +22,7 @@ random Llama pair (4x256 / 2x128) with a 32,000-token vocabulary, batch 16 and 2
 (32 prompt + 224 response tokens), where the [B, T, V] logits dominate memory. Both systems read the
 examples in the same order (sequential samplers), so step i trains on the same prompts in every run.
 
-kltd's runs keep freed memory for reuse (kltd.fast.memory, as its trainer always does unless
+kltd's runs keep freed memory for reuse (kltd.fast.memory, as `kltd train` does at its entry point unless
 trainer.keep_freed_memory=false); TRL runs as shipped unless --trl-keep-freed-memory gives it the same.
 
 Every measured run is a fresh subprocess (so peak memory is per run); kltd and TRL runs alternate
@@ -130,9 +130,10 @@ def load_rows(spec) -> list[dict]:
 def run_kltd(spec) -> dict:
     import torch
 
+    from kltd.data.addition import Example
+    from kltd.data.order import ExampleOrder
     from kltd.spec.config import Config, validate
     from kltd.train.models import load_pair
-    from kltd.data.addition import Example
     from kltd.train.trainer import Trainer, seed_everything
 
     case = spec["case"]
@@ -150,32 +151,20 @@ def run_kltd(spec) -> dict:
     seed_everything(SEED)
     pair = load_pair(spec["teacher"], spec["student"], device="cpu")
     examples = [Example(r["prompt"], r["response"], 0) for r in load_rows(spec)]
-    trainer = Trainer(cfg, pair, examples)
     # the data file's order, batch after batch, exactly as the TRL runs read it (sequential samplers)
-    cursor = iter(range(10**9))
-    trainer.next_examples = lambda n: [examples[next(cursor) % len(examples)] for _ in range(n)]
-
-    seen = []  # (real tokens in the batch, supervised tokens) per micro-batch
-    plain_loss = trainer.loss
-
-    def counting_loss(batch, denominator):
-        seen.append((int(batch.attention_mask.sum()), int(batch.supervised.sum())))
-        return plain_loss(batch, denominator)
-
-    trainer.loss = counting_loss
+    trainer = Trainer(cfg, pair, examples, order=ExampleOrder(len(examples), SEED, shuffle=False))
     gc.collect()
     baseline = current_rss()
     for _ in range(spec["warmup"]):
         trainer.step()
-    seen.clear()
     meter = PeakRSS().start()
     times, trained, real = [], [], []
     for _ in range(spec["steps"]):
-        start, calls = time.perf_counter(), len(seen)
+        start = time.perf_counter()
         stats = trainer.step()
         times.append(time.perf_counter() - start)
         trained.append(stats.trained_tokens)
-        real.append(sum(a for a, _ in seen[calls:]))  # a step may score its batch in several length groups
+        real.append(stats.real_tokens)  # summed over the step's scoring calls (a batch may be split by length)
     peak = meter.stop()
     return dict(times=times, trained=trained, real_tokens=real,
                 params={"student": body_and_head_params(pair.student), "teacher": body_and_head_params(pair.teacher)},
@@ -280,7 +269,7 @@ def worker(spec: dict) -> dict:
     warnings.filterwarnings("ignore")  # deprecation chatter from transformers/TRL; nothing the numbers depend on
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    if spec["system"] == "trl" and spec.get("trl_keep_freed_memory"):  # kltd's trainer does this in its own runs
+    if spec["system"] == "kltd" or spec.get("trl_keep_freed_memory"):  # what `kltd train` applies at its entry point
         from kltd.fast.memory import keep_freed_memory
 
         keep_freed_memory()
@@ -333,8 +322,8 @@ def parity(scale: Scale) -> list[tuple[str, float, float, float]]:
     from kltd.objectives.divergences import DivergenceSpec
     from kltd.objectives.losses import trajectory_loss
     from kltd.train.models import load_pair
-    from kltd.rollout.sampling import position_ids_from_mask
-    from kltd.rollout.states import response_logits
+    from kltd.rollout.batch import position_ids_from_mask
+    from kltd.rollout.scoring import Scorer
     from kltd.data.addition import Example
     from kltd.train.trainer import Trainer, seed_everything
 
@@ -355,7 +344,7 @@ def parity(scale: Scale) -> list[tuple[str, float, float, float]]:
         n, tokens = targets.shape[1], int(mask.sum())
         positions = position_ids_from_mask(batch.attention_mask)
         with torch.no_grad():
-            s_logits, t_logits = response_logits(pair.student, batch), response_logits(pair.teacher, batch)
+            s_logits, t_logits = Scorer().logits(pair.student, batch), Scorer().logits(pair.teacher, batch)
             # TRL's side gets the models' own forward ([B, n, H] at the response states), as TRL computes it
             s_hidden, t_hidden = (m.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                                position_ids=positions).last_hidden_state[:, -(n + 1) : -1]

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
 
         train_main(rest)
     elif command == "compare":
-        from kltd.report.compare import main as compare_main
+        from kltd.app.compare_command import main as compare_main
 
         compare_main(rest)
     elif command == "make-data":

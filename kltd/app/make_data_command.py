@@ -45,8 +45,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def generate_rows(args, echo=print) -> list[ResponseRow]:
     from kltd.train.models import check_model_reference, load_model, load_tokenizer, pick_device
-    from kltd.rollout.sampling import decode_responses, encode_prompts
-    from kltd.rollout.states import Sampler
+    from kltd.rollout.batch import decode_responses, encode_prompts
+    from kltd.rollout.sampling import Sampler
     from kltd.data.addition import is_correct, make_splits
 
     names = {"model": args.model, **({"other": args.other} if args.other_fraction > 0 else {})}

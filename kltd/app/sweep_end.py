@@ -18,7 +18,8 @@ class CompareOnSweepEnd(Callback):
         self.metrics = list(metrics or [])  # empty: kltd compare's defaults
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        from kltd.report.compare import CompareError, compare, print_result
+        from kltd.report.records import CompareError
+        from kltd.report.compare import compare, print_result
         from kltd.report.wandb_compare import log_comparison
 
         sweep_dir = Path(config.hydra.sweep.dir)

@@ -1,11 +1,11 @@
-"""The Hydra edge: compose the config, turn it into typed objects, hand them to kltd.train.job.
+"""`kltd train`: the Hydra edge. Compose the config, check every job before anything runs, turn each
+job's config into typed objects and hand them to kltd.train.job.
 
-Nothing below this module imports Hydra.
+Nothing below kltd.app imports Hydra.
 """
 
 from __future__ import annotations
 
-import itertools
 import sys
 from pathlib import Path
 
@@ -19,6 +19,9 @@ from kltd.spec.config import Config, ConfigError, config_method_label
 from kltd.spec.matrix import cell_error, slug
 
 USER_ERRORS = (ConfigError, FileNotFoundError, ValueError)  # DataFileError is a ValueError
+# Groups that are declared with no option chosen (conf/config.yaml): `method=opd` selects one. The older
+# `+method=opd` spelling is accepted and read the same way.
+OPTIONAL_GROUPS = ("method", "divergence", "sweep")
 
 
 def config_dir() -> str:
@@ -72,45 +75,82 @@ def train(cfg: DictConfig) -> None:
         print(f"kltd: job failed: {error}", file=sys.stderr)
 
 
-def expand_sweep(overrides: list[str]) -> list[list[str]]:
-    """Every combination a basic multirun would launch (hydra.* overrides left out)."""
+def composition_error(error: Exception) -> str:
+    """One line for what Hydra or OmegaConf refused (a typo in a group option or a key, a bad value)."""
+    from hydra.errors import MissingConfigException
+
+    if isinstance(error, MissingConfigException) and error.options is not None:
+        group = (error.missing_cfg_file or "").split("/")[0]
+        chosen = (error.missing_cfg_file or "").split("/")[-1]
+        if group and chosen:
+            return f"{group}={chosen} is not an option; choose one of: {', '.join(sorted(error.options))}"
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def job_overrides(overrides: list[str], multirun_flag: bool) -> tuple[bool, list[list[str]]]:
+    """(multirun?, every job's overrides) exactly as Hydra will launch them: its own mode rule (-m, or
+    hydra.mode in a preset such as sweep=matrix) and its basic sweeper's expansion of the command line
+    and of hydra.sweeper.params."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    parsed = OverridesParser.create().parse_overrides([o for o in overrides if not o.lstrip("+~").startswith("hydra")])
-    choices = []
-    for override in parsed:
-        key = override.get_key_element()
-        values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.get_value_element_as_str()]
-        choices.append([f"{key}={v}" for v in values])
-    return [list(combo) for combo in itertools.product(*choices)]
+    hydra_app = GlobalHydra.instance().hydra
+    mode = hydra_app.get_mode(config_name="config", overrides=overrides)
+    multirun = multirun_flag or mode == RunMode.MULTIRUN
+    if not multirun:
+        return False, [overrides]
+    cfg = hydra_app.compose_config("config", overrides, run_mode=RunMode.MULTIRUN, with_log_configuration=False)
+    params = cfg.hydra.sweeper.get("params") or {}
+    task = list(OmegaConf.to_container(cfg.hydra.overrides.task, resolve=False))
+    arguments = [f"{key}={value}" for key, value in params.items()] + task
+    parsed = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader()).parse_overrides(arguments)
+    return True, [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
-def prevalidate(overrides: list[str], multirun: bool) -> None:
-    """Compose and validate every job before Hydra creates run directories or loads any model."""
+def prevalidate(overrides: list[str], multirun_flag: bool) -> Config:
+    """Compose and check every job before Hydra creates run directories or loads any model; returns the
+    first job's config. Any problem ends the command with one line."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from kltd.spec.config import validate
+    from kltd.train.preflight import preflight
 
-    combos = expand_sweep(overrides) if multirun else [[o for o in overrides if not o.lstrip("+~").startswith("hydra")]]
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        for combo in combos:
+        try:
+            multirun, jobs = job_overrides(overrides, multirun_flag)
+        except (HydraException, OmegaConfBaseException) as error:
+            fail(composition_error(error))
+        first = None
+        for job in jobs:
+            where = f" (in the job {' '.join(job)})" if len(jobs) > 1 else ""
             try:
-                validate(to_typed(compose("config", overrides=combo)))
-            except (HydraException, OmegaConfBaseException):
-                return  # Hydra itself reports composition errors (with the valid options) below
+                cfg = to_typed(compose("config", overrides=[o for o in job if not o.lstrip("+~").startswith("hydra")]))
+                preflight(cfg)
+            except (HydraException, OmegaConfBaseException) as error:
+                fail(composition_error(error) + where)
             except ConfigError as error:
-                where = f" (in the job {' '.join(combo)})" if multirun and len(combos) > 1 else ""
                 fail(f"{error}{where}")
+            first = first or cfg
+    return first
+
+
+def normalized(argv: list[str]) -> list[str]:
+    """`+method=opd` for an optional group reads as `method=opd` (the group is declared in the defaults)."""
+    return [a[1:] if a.startswith("+") and a[1:].split("=", 1)[0] in OPTIONAL_GROUPS else a for a in argv]
 
 
 def main(argv: list[str]) -> None:
-    """`kltd train ARGS`: check the config first, then run the Hydra app."""
+    """`kltd train ARGS`: check every job first, apply the process settings once, then run the Hydra app."""
+    from kltd.app.process import configure_process
+
+    argv = normalized(argv)
     flags = [a for a in argv if a.startswith("-")]
-    multirun = any(a in ("-m", "--multirun") for a in argv)
     if all(f in ("-m", "--multirun") for f in flags):  # a real run, not --help/--cfg/--info
-        prevalidate([a for a in argv if not a.startswith("-")], multirun)
+        first = prevalidate([a for a in argv if not a.startswith("-")], bool(flags))
+        configure_process(first.trainer.keep_freed_memory)
     sys.argv = ["kltd train", *argv]
     train()
     if FAILED_JOBS:

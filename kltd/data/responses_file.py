@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kltd.data.addition import CHARACTERS, Example, solve
+from kltd.files import atomic_write_text
 
 
 class DataFileError(ValueError):
@@ -63,11 +64,7 @@ def read_responses(path: str | Path) -> list[ResponseRow]:
 
 
 def write_responses(path: str | Path, rows: list[ResponseRow]) -> None:
-    """Written to a temporary file and renamed, so a file that exists is complete."""
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w") as f:
-        for row in rows:
-            f.write(json.dumps({"prompt": row.example.prompt, "response": row.response, "source": row.source}) + "\n")
-    tmp.replace(path)
+    """Atomic (kltd.files): a file that exists is complete."""
+    lines = [json.dumps({"prompt": row.example.prompt, "response": row.response, "source": row.source}) + "\n"
+             for row in rows]
+    atomic_write_text(Path(path).expanduser(), "".join(lines))

@@ -44,7 +44,8 @@ def supports(model) -> bool:
     return all(t == "full_attention" for t in layer_types) and hasattr(body, "rotary_emb")
 
 
-_reusable: WeakKeyDictionary = WeakKeyDictionary()  # model -> (weights' identity and versions, LlamaBlocks)
+# model -> (weights' identity and versions, LlamaBlocks). Weak: an entry dies with its model (tested).
+_reusable: WeakKeyDictionary = WeakKeyDictionary()
 
 
 def arranged(model) -> LlamaBlocks:
@@ -85,7 +86,9 @@ class LlamaBlocks:
 
     def __init__(self, model):
         config, body = model.config, model.base_model
-        self.model, self.body = model, body
+        # never the model itself: the cache below holds arrangements weakly by model, and a reference back
+        # to the key would keep every model ever arranged alive for the life of the process
+        self.body, self.output_layer = body, model.get_output_embeddings()
         attn = body.layers[0].self_attn
         self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, attn.head_dim
         self.hidden_size = config.hidden_size
@@ -172,7 +175,7 @@ class LlamaBlocks:
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Logits from last-layer hidden states [B, D]; needs a plain (bias-free) output layer or takes the module."""
-        out = self.model.get_output_embeddings()
+        out = self.output_layer
         if type(out) is not torch.nn.Linear or out.bias is not None:
             return out(self.final_hidden(hidden))
         if self.head is None:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.functional import scaled_dot_product_attention
 
-from kltd.fast.arranged import LlamaBlocks, arranged, supports
+from kltd.fast.arranged import LlamaBlocks, arranged
 
 
 def packed_hidden(model, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, select: Tensor) -> Tensor:
@@ -88,20 +88,3 @@ class AttentionLayout:
             out = scaled_dot_product_attention(*part, is_causal=True, scale=1.0, enable_gqa=gqa)
             outs.append(out.transpose(1, 2).flatten(2).flatten(0, 1))
         return torch.cat(outs)[self.index] if len(outs) > 1 else outs[0][self.index]
-
-
-def response_states(model, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, supervised: Tensor,
-                    packed: bool = True) -> Tensor:
-    """[M, D] final hidden states at the supervised response states, row-major (entry t predicts response token t).
-
-    supervised: [B, n] for the last n columns of the batch. Packed through kltd's arranged blocks where
-    the architecture allows it (and `packed`), else the model's own forward over the padded batch.
-    """
-    n = supervised.shape[1]
-    if packed and supports(model):
-        select = torch.zeros_like(attention_mask, dtype=torch.bool)
-        select[:, -(n + 1) : -1] = supervised
-        return packed_hidden(model, input_ids, attention_mask, position_ids, select)
-    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                           use_cache=False)
-    return out.last_hidden_state[:, -(n + 1) : -1][supervised]

@@ -36,12 +36,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-ESTIMATORS: tuple[str, ...] = ("exact", "topk", "sampled_k1", "sampled_k2", "sampled_k3", "sampled_reward")
-SAMPLED: dict[str, tuple[str, ...]] = {
-    # divergence -> the sampled estimators defined for it
-    "reverse_kl": ("sampled_k1", "sampled_k2", "sampled_k3", "sampled_reward"),
-    "forward_kl": ("sampled_k1", "sampled_k3"),
-}
+from kltd.spec.choices import SAMPLED_ESTIMATORS
 
 
 def sampled_kl(log_q: Tensor, log_p: Tensor, estimator: str, divergence: str = "reverse_kl") -> Tensor:
@@ -55,10 +50,10 @@ def sampled_kl(log_q: Tensor, log_p: Tensor, estimator: str, divergence: str = "
     Returns:
         [...] per-token loss; see the module docstring for the gradient each gives.
     """
-    if estimator not in SAMPLED.get(divergence, ()):
+    if estimator not in SAMPLED_ESTIMATORS.get(divergence, ()):
         raise ValueError(
             f"estimator {estimator!r} is not defined for divergence {divergence!r}; "
-            f"sampled estimators: {', '.join(f'{d}: {list(e)}' for d, e in SAMPLED.items())}"
+            f"sampled estimators: {', '.join(f'{d}: {list(e)}' for d, e in SAMPLED_ESTIMATORS.items())}"
         )
     log_p = log_p.detach()
     # Signed so that E_y[log_ratio] is the KL being estimated.

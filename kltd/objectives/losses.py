@@ -1,4 +1,4 @@
-"""The trainer's loss (design §3): total = kl_trajectory_weight * L_traj + kl_prefix_weight * L_prefix.
+"""The trainer's loss: total = kl_trajectory_weight * L_traj + kl_prefix_weight * L_prefix.
 
 Layout shared with the trainer (already shifted): `student_logits[:, t]` and `teacher_logits[:, t]` are the
 two models' next-token logits at state s_t, `targets[:, t]` is the token that was actually written there
@@ -13,22 +13,21 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from kltd.objectives.divergences import DivergenceSpec, chunked_rows, chunked_token_divergence, log_probs
-from kltd.objectives.estimators import ESTIMATORS, SAMPLED, sampled_kl
+from kltd.objectives.chunked import chunked_rows, chunked_token_divergence
+from kltd.objectives.divergences import DivergenceSpec, log_probs, top_p_log_mass
+from kltd.objectives.estimators import sampled_kl
+from kltd.spec.choices import BASELINES, ESTIMATORS, NORMALIZATIONS, SAMPLED_ESTIMATORS, TRAJECTORIES
+from kltd.spec.matrix import own_divergence
 
-TRAJECTORIES = ("expert", "student", "dataset")
-NORMALIZATIONS = ("token", "sequence")
-BASELINES = ("none", "batch_mean", "leave_one_out")
 PREFIX_STATES = ("student", "fixed", "teacher")
 
 
 def default_spec(trajectory: str) -> DivergenceSpec:
-    """The divergence a trajectory stands for: expert -> KL(p||q), student -> KL(q||p)."""
-    if trajectory == "expert":
-        return DivergenceSpec("forward_kl")
-    if trajectory == "student":
-        return DivergenceSpec("reverse_kl")
-    raise ValueError(f"trajectory {trajectory!r} has no divergence (dataset is cross-entropy)")
+    """The divergence a trajectory stands for (kltd.spec.matrix): expert -> KL(p||q), student -> KL(q||p)."""
+    name = own_divergence(trajectory)
+    if name is None:
+        raise ValueError(f"trajectory {trajectory!r} has no divergence (dataset is cross-entropy)")
+    return DivergenceSpec(name)
 
 
 def normalize(per_token: Tensor, mask: Tensor, how: str = "token", denominator: Optional[float] = None) -> Tensor:
@@ -54,12 +53,19 @@ def normalize(per_token: Tensor, mask: Tensor, how: str = "token", denominator: 
 
 
 def token_logprobs(
-    student_logits: Tensor, targets: Tensor, mask: Tensor, temperature: float = 1.0, chunk_size: Optional[int] = None
+    student_logits: Tensor, targets: Tensor, mask: Tensor, temperature: float = 1.0, chunk_size: Optional[int] = None,
+    top_p: float = 1.0,
 ) -> Tensor:
-    """log q(targets) at every masked position, computed over chunks; [B, T, V], [B, T] -> [B, T] (0 off mask)."""
+    """log q(targets) at every masked position, computed over chunks; [B, T, V], [B, T] -> [B, T] (0 off mask).
+
+    q is the distribution a sampler draws from: softmax(logits / temperature), and with top_p < 1 that
+    softmax restricted to its nucleus and renormalised (the same nucleus rule as kltd.rollout.sampling).
+    """
 
     def fn(s, _, y):
-        return log_probs(s, temperature).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+        log_q = log_probs(s, temperature)
+        picked = log_q.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+        return picked if top_p >= 1.0 else picked - top_p_log_mass(log_q, top_p)
 
     return chunked_rows(fn, student_logits, None, mask, extra=targets, chunk_size=chunk_size)
 
@@ -74,7 +80,7 @@ def sampled_token_kl(
     chunk_size: Optional[int] = None,
 ) -> Tensor:
     """Single-sample KL estimator at the realised tokens (see kltd.objectives.estimators); [B, T, V] x2 -> [B, T]."""
-    if estimator not in SAMPLED.get(spec.name, ()):
+    if estimator not in SAMPLED_ESTIMATORS.get(spec.name, ()):
         raise ValueError(f"estimator {estimator!r} is not defined for divergence {spec.name!r}")
     t = spec.temperature
 
@@ -150,7 +156,7 @@ def trajectory_loss(
         top_k: buckets kept by "topk".  chunk_size: positions per chunk for the vocabulary-wide passes.
     Returns:
         scalar loss. Its gradient is sum over states of grad D(s_t) (or of the estimator's gradient), divided
-        by the normaliser: the "per-token term" of the chain rule (design §2).
+        by the normaliser: the "per-token term" of the chain rule (docs/theory.md).
     """
     per_token = trajectory_per_token(
         student_logits, teacher_logits, targets, mask,
@@ -235,18 +241,22 @@ def prefix_loss(
     denominator: Optional[float] = None,
     score_mask: Optional[Tensor] = None,
     sampling_temperature: float = 1.0,
+    sampling_top_p: float = 1.0,
     chunk_size: Optional[int] = None,
 ) -> Tensor:
-    """L_prefix: the gradient through the distribution of the states (design §2, "prefix term").
+    """L_prefix: the gradient through the distribution of the states (the chain rule's "prefix term").
 
-    states == "student" (the rows were sampled by q): the score-function surrogate
+    states == "student" (the student sampled some of the tokens): the score-function surrogate
 
-        sum_t log q(y_t | s_t) * stopgrad(G_t - b_t),   G_t = sum_{t' > t} gamma^(t'-t-1) D(s_t'),
+        sum_{t in score_mask} log q(y_t | s_t) * stopgrad(G_t - b_t),
+        G_t = sum_{t' > t, t' in mask} gamma^(t'-t-1) D(s_t'),
 
-    with D the exact per-token divergence of `spec` (default reverse KL), detached. Its expected gradient
-    is E[sum_t grad log q(y_t|s_t) * future divergence]; with reverse KL, gamma = 1 and no (or a
-    leave-one-out) baseline, adding it to trajectory_loss(trajectory="student") gives the exact gradient of
-    the sequence-level KL(q||p) (per-sequence normalisation). The value is a surrogate, not a divergence.
+    with D the exact per-token divergence of `spec` (default reverse KL), detached, summed over the
+    supervised positions only: the objective is the divergence where it is supervised, so a position that
+    is not supervised adds nothing to any return. Its expected gradient is E[sum_t grad log q(y_t|s_t) *
+    future supervised divergence]; with reverse KL, gamma = 1 and no (or a leave-one-out) baseline, adding
+    it to trajectory_loss(trajectory="student") gives the exact gradient of the sequence-level KL(q||p)
+    (per-sequence normalisation). The value is a surrogate, not a divergence.
 
     states == "fixed" or "teacher": the states do not depend on theta, so the chain rule's prefix term is
     zero; what is returned instead is the forward KL of the prefix, i.e. cross-entropy on the prefix tokens
@@ -256,12 +266,13 @@ def prefix_loss(
     Args:
         student_logits: [B, T, V]; teacher_logits: [B, T, V] (student states only); targets, mask: [B, T].
         group_size: rows per prompt group for "leave_one_out" (consecutive rows).
-        score_mask: [B, T] bool, positions whose token the student sampled (default: mask). A teacher
-            continuation's tokens add their D to the return but get no score term.
-        sampling_temperature: the temperature the student sampled the states at (the score function is of
-            that distribution).
+        score_mask: [B, T] bool, the positions whose token the student sampled (default: mask). They may
+            lie outside `mask` (a hand-off's roll-in, unsupervised, still decides the states after it); a
+            teacher continuation's tokens add their D to the return but get no score term.
+        sampling_temperature, sampling_top_p: how the student sampled the states; the score function is
+            that of the distribution it sampled from (softmax at the temperature, truncated to the nucleus).
     Returns:
-        scalar, normalised like trajectory_loss.
+        scalar, normalised like trajectory_loss (the default denominator counts the `mask` positions).
     """
     if states not in PREFIX_STATES:
         raise ValueError(f"states {states!r}; choose one of {PREFIX_STATES}")
@@ -273,10 +284,12 @@ def prefix_loss(
     if sampling_temperature <= 0:
         raise ValueError("prefix_loss(states='student') needs sampled states: greedy decoding has no score function")
     spec = spec or DivergenceSpec("reverse_kl")
+    score = mask if score_mask is None else score_mask
     with torch.no_grad():
         d = chunked_token_divergence(student_logits.detach(), teacher_logits.detach(), mask, spec, chunk_size)
         g = future_returns(d, mask, gamma)
-        advantage = g - baseline_values(g, mask, baseline, group_size)
-    score = mask if score_mask is None else score_mask & mask
-    log_q = token_logprobs(student_logits, targets, score, sampling_temperature, chunk_size)
-    return normalize(log_q * advantage, mask, normalization, denominator)
+        advantage = g - baseline_values(g, score, baseline, group_size)
+    log_q = token_logprobs(student_logits, targets, score, sampling_temperature, chunk_size, sampling_top_p)
+    if denominator is None:
+        denominator = mask.sum().clamp_min(1) if normalization == "token" else max(mask.shape[0], 1)
+    return normalize(log_q * advantage, score, normalization, denominator)

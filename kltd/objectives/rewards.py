@@ -1,25 +1,16 @@
 """Returns and weights for offline RL on dataset trajectories (trajectory=dataset).
 
-A reward scores each (prompt, response) sequence; a weighting turns a batch of rewards into
+A reward scores each (prompt, response) sequence (the data's answer checker, or the teacher's
+log-likelihood: kltd.train.trainer picks it); a weighting turns a batch of rewards into
 per-sequence weights for the cross-entropy: filtered behaviour cloning keeps the top fraction,
 advantage-weighted regression uses exp(advantage / temperature), clipped.
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
-from kltd.data.addition import Example, is_correct
-
-REWARDS = ("none", "correctness", "teacher_loglik")
-WEIGHTINGS = ("none", "filter", "awr")
-
-# A verifier reward: (response text, example) -> float. Other tasks register theirs here.
-VERIFIERS: dict[str, Callable[[str, Example], float]] = {
-    "correctness": lambda response, example: float(is_correct(response, example)),
-}
+from kltd.spec.choices import WEIGHTINGS
 
 
 def filter_weights(rewards: torch.Tensor, keep_fraction: float) -> torch.Tensor:

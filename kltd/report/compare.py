@@ -1,41 +1,29 @@
-"""`kltd compare DIR [DIR ...]`: the method matrix of finished runs, from local files only.
+"""Comparing finished runs: the method matrix, from local files only.
 
-Reading run directories lives in kltd.report.records, aggregation and tables in kltd.report.tables; this
-module turns them into a report (results.md, results.csv, plots) and prints it. `compare()` is the reusable
-entry point (Hydra callback, W&B uploader); `main()` is the command line. Nothing here imports Hydra.
+Reading run directories lives in kltd.report.records, aggregation in kltd.report.aggregate, tables in
+kltd.report.tables; this module turns them into a report (results.md, results.csv, plots) and prints it.
+`compare()` is the one entry point (the `kltd compare` command, the sweep-end callback, the W&B uploader).
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import statistics
 import sys
 import textwrap
 from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from kltd.report.tables import (LOWER_IS_BETTER, MethodSummary, Stat, all_tables, better_direction, check_metrics,
-                                 duplicate_seed_notes, empty_cell, has_matrix, matrix_grid, summarize, to_rich,
-                                 write_csv, write_markdown)
-from kltd.report.records import CompareError, Run, is_number, is_run_dir, load_runs
+from kltd.report.aggregate import (LOWER_IS_BETTER, CompareResult, MethodSummary, Stat, better_direction,
+                                   check_metrics, duplicate_seed_notes, summarize)
+from kltd.report.records import CompareError, is_number, is_run_dir, load_runs
+from kltd.report.tables import all_tables, empty_cell, has_matrix, matrix_grid, to_rich, write_csv, write_markdown
 
 
 # The matrices shown when none are named; the sweep-end callback uses the same, so `kltd compare` on a
 # sweep directory reproduces exactly what the sweep printed and wrote.
 DEFAULT_METRICS = ["accuracy", "reverse_kl_student_states"]
-
-
-@dataclass
-class CompareResult:
-    runs: list[Run]
-    rows: list[MethodSummary]
-    metrics: list[str]
-    out_dir: Path
-    files: list[Path] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)  # plots skipped, duplicate seeds, ...
 
 
 # ---------------------------------------------------------------------------------------- plot inputs
@@ -156,35 +144,6 @@ def compare(paths: list[Path], out: Path | None, metrics: list[str]) -> CompareR
     return result
 
 
-class _OneLineErrors(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        print(f"kltd: error: {message} (see `kltd compare --help`)", file=sys.stderr)
-        sys.exit(2)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineErrors(
-        prog="kltd compare",
-        description="Compare finished runs: the prefix x trajectory method matrix, quality next to cost, "
-                    "and plots. Reads only local files (metrics.json, metrics.jsonl); no network.",
-        epilog="examples:\n"
-               "  kltd compare outputs/multirun/2026-11-28_09-00-00\n"
-               "  kltd compare outputs/ --metric accuracy,reverse_kl_student_states --out report/\n"
-               "failed cells are shown as 'failed: <error>', unfinished ones as 'missing'; the exit code is 0 "
-               "whenever a report was written.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("dirs", nargs="+", type=Path, metavar="DIR",
-                        help="a run directory, or any directory with run directories below it (e.g. a sweep)")
-    parser.add_argument("--metric", action="append", metavar="NAME",
-                        help=f"eval_after metric for the matrix (default: {','.join(DEFAULT_METRICS)}); repeat or "
-                             "comma-separate for several tables, e.g. accuracy,pass_at_k,student_entropy")
-    parser.add_argument("--out", type=Path, metavar="DIR",
-                        help="where results.md, results.csv and the PNGs go (default: the first DIR if it is a "
-                             "sweep directory, else the current directory)")
-    return parser
-
-
 def _console():
     from rich.console import Console
 
@@ -202,14 +161,3 @@ def print_result(result: CompareResult, console=None) -> None:
         console.print(f"note: {note}", highlight=False, markup=False)
     console.print(f"wrote {len(result.files)} files to {result.out_dir}: " + ", ".join(p.name for p in result.files),
                   highlight=False, markup=False, soft_wrap=True)
-
-
-def main(argv: list[str]) -> None:
-    args = build_parser().parse_args(argv)
-    metrics = [name.strip() for value in args.metric or [] for name in value.split(",") if name.strip()]
-    try:
-        result = compare(args.dirs, args.out, metrics)
-    except CompareError as error:
-        print(f"kltd: error: {error}", file=sys.stderr)
-        sys.exit(2)
-    print_result(result)

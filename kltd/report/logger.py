@@ -35,6 +35,25 @@ def resolve_wandb_mode(requested: str) -> tuple[str, str | None]:
     return requested, None
 
 
+def start_wandb(requested_mode: str, init: dict, *, where: Path, timeout_s: float = 30.0, echo=print):
+    """(run, mode): a W&B run started online when asked or credentials exist, else offline with one line
+    that says why; (None, "disabled") when W&B is off. An online start that fails (no network, a bad key)
+    falls back to offline the same way: W&B never stops a run."""
+    mode, why = resolve_wandb_mode(requested_mode)
+    if mode == "disabled":
+        return None, mode
+    import wandb
+
+    if mode == "online":
+        try:
+            return wandb.init(mode="online", settings=wandb.Settings(init_timeout=timeout_s), **init), mode
+        except Exception as error:  # network, auth: never fatal for the run itself
+            why = f"online start failed ({type(error).__name__})"
+    echo(OFFLINE_NOTE.format(why=why or "offline mode requested", dir=where))
+    # silent: the line above is the one thing a user needs to know about offline logging
+    return wandb.init(mode="offline", settings=wandb.Settings(silent=True), **init), "offline"
+
+
 def _finite(value):
     return value if not isinstance(value, float) or math.isfinite(value) else None
 
@@ -48,28 +67,12 @@ class RunLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
         self.path.write_text("")
-        self.wandb_run = None
-        self.wandb_mode = "disabled"
-        mode, why = resolve_wandb_mode(wandb_mode)
-        if mode == "disabled":
-            return
         init = dict(project=project, entity=entity, name=name, group=group, job_type=job_type, tags=list(tags),
                     config=config or {}, dir=str(self.run_dir), reinit="finish_previous")
-        import wandb
-
-        if mode == "online":
-            try:
-                self.wandb_run = wandb.init(mode="online", settings=wandb.Settings(init_timeout=init_timeout_s), **init)
-                self.wandb_mode = "online"
-                self._define_metrics()
-                return
-            except Exception as error:  # network, auth: never fatal for the run itself
-                why = f"online start failed ({type(error).__name__})"
-        echo(OFFLINE_NOTE.format(why=why or "offline mode requested", dir=self.run_dir))
-        # silent: the line above is the one thing a user needs to know about offline logging
-        self.wandb_run = wandb.init(mode="offline", settings=wandb.Settings(silent=True), **init)
-        self.wandb_mode = "offline"
-        self._define_metrics()
+        self.wandb_run, self.wandb_mode = start_wandb(wandb_mode, init, where=self.run_dir, timeout_s=init_timeout_s,
+                                                      echo=echo)
+        if self.wandb_run is not None:
+            self._define_metrics()
 
     def _define_metrics(self) -> None:
         """Training and evaluation curves share the optimiser step as their x-axis."""

@@ -3,26 +3,18 @@ as images, so the W&B project shows the same matrix as `kltd compare`."""
 
 from __future__ import annotations
 
-from kltd.report.logger import OFFLINE_NOTE, resolve_wandb_mode
+from kltd.report.logger import start_wandb
 
 
 def log_comparison(result, *, sweep: str, project: str = "kltd", entity=None, mode: str = "auto", echo=print) -> str:
     """Upload `result` (a kltd.report.compare.CompareResult) as a 'compare' job; returns the mode used."""
-    mode, why = resolve_wandb_mode(mode)
-    if mode == "disabled":
+    init = dict(project=project, entity=entity, group=sweep, job_type="compare", name=f"compare-{sweep}",
+                dir=str(result.out_dir), reinit="finish_previous")
+    run, mode = start_wandb(mode, init, where=result.out_dir, echo=echo)
+    if run is None:
         return mode
     import wandb
 
-    if mode == "offline":
-        echo(OFFLINE_NOTE.format(why=why or "offline mode requested", dir=result.out_dir))
-    init = dict(project=project, entity=entity, group=sweep, job_type="compare", name=f"compare-{sweep}",
-                dir=str(result.out_dir), reinit="finish_previous")
-    try:
-        run = wandb.init(mode=mode, settings=wandb.Settings(silent=mode == "offline"), **init)
-    except Exception as error:  # an online start that fails falls back to offline, as training runs do
-        echo(OFFLINE_NOTE.format(why=f"online start failed ({type(error).__name__})", dir=result.out_dir))
-        mode = "offline"
-        run = wandb.init(mode=mode, settings=wandb.Settings(silent=True), **init)
     columns, rows = comparison_rows(result)
     run.log({"comparison/matrix": wandb.Table(columns=columns, data=rows)})
     for path in result.files:

@@ -1,88 +1,15 @@
-"""Batched sampling with a KV cache, and the token layout every state batch shares.
-
-Layout: prompts are left-padded to a common width P; responses start at column P and are
-right-padded. `attention_mask` marks real tokens, `response_mask` the response tokens (EOS included).
-Position ids come from the attention mask, so left padding does not shift positions.
-"""
+"""Batched sampling with a KV cache: draw responses from a model, row by row until each ends."""
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 from torch import Tensor
 
-from kltd.fast.lean_decoder import LeanDecoder
-
-
-@dataclass
-class Responses:
-    tokens: Tensor  # [B, N] long, pad after the end
-    mask: Tensor  # [B, N] bool, True for real response tokens (EOS included)
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.mask.sum())
-
-
-def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
-    """[B, L] 0/1 mask -> [B, L] positions counting real tokens only (pads get 0)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
-    """Token lists -> left-padded ids [B, P] and mask [B, P]."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-            mask[i, width - len(r) :] = 1
-    return ids.to(device), mask.to(device)
-
-
-def encode_prompts(tokenizer, prompts: list[str], device) -> tuple[Tensor, Tensor]:
-    """Left-padded prompt ids [B, P] and mask [B, P]."""
-    return left_pad([tokenizer.encode(p, add_special_tokens=False) for p in prompts], tokenizer.pad_token_id, device)
-
-
-def encode_responses(tokenizer, texts: list[str], device) -> Responses:
-    """Right-padded response ids with EOS appended, as a dataset supplies them."""
-    rows = [tokenizer.encode(t, add_special_tokens=False) + [tokenizer.eos_token_id] for t in texts]
-    return pad_responses(rows, tokenizer.pad_token_id, device)
-
-
-def pad_responses(rows: list[list[int]], pad_id: int, device) -> Responses:
-    width = max(len(r) for r in rows)
-    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, r in enumerate(rows):
-        tokens[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = True
-    return Responses(tokens.to(device), mask.to(device))
-
-
-def responses_to_lists(responses: Responses) -> list[list[int]]:
-    return [row[m].tolist() for row, m in zip(responses.tokens, responses.mask)]
-
-
-def decode_responses(tokenizer, responses: Responses) -> list[str]:
-    """Text of each response without EOS or padding."""
-    eos = tokenizer.eos_token_id
-    return [tokenizer.decode([t for t in row if t != eos]) for row in responses_to_lists(responses)]
-
-
-@lru_cache(maxsize=None)
-def _cache_argument(model_class) -> str:
-    """transformers 5.x renamed `past_key_values` to `cache`; accept both."""
-    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
-
-
-def _returned_cache(out):
-    return out.cache if hasattr(out, "cache") else out.past_key_values
+from kltd.objectives.divergences import nucleus
+from kltd.rollout.batch import Responses, position_ids_from_mask
+from kltd.rollout.decoders import decoder_for
 
 
 def _choose(logits: Tensor, temperature: float, top_p: float, generator) -> Tensor:
@@ -90,12 +17,8 @@ def _choose(logits: Tensor, temperature: float, top_p: float, generator) -> Tens
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature if temperature != 1 else logits.float(), dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # keep the smallest set whose mass reaches top_p (the first token always survives)
-        drop = sorted_probs.cumsum(-1) - sorted_probs > top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    if top_p < 1.0:  # the nucleus rule the prefix term's score function uses too
+        probs = probs.masked_fill(~nucleus(probs, top_p), 0.0)
     return draw_categorical(probs, generator)
 
 
@@ -130,35 +53,6 @@ def _invert(cdf: Tensor, target: Tensor) -> Tensor:
     total = cdf[:, -1:]
     reaches_total = torch.nextafter(total, torch.zeros_like(total))  # "> this" is ">= total"
     return torch.searchsorted(cdf, torch.cat([target, reaches_total], 1), right=True).amin(1, keepdim=True)
-
-
-class ForwardDecoder:
-    """Decoding through the model's own forward and cache: works for any causal LM."""
-
-    def __init__(self, model):
-        self.model, self.cache_arg = model, _cache_argument(type(model))
-
-    def start(self, ids: Tensor, mask: Tensor, positions: Tensor, capacity: int) -> Tensor:
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-        self.cache, self.mask = _returned_cache(out), mask.long()
-        return out.logits[:, -1]
-
-    def next(self, token: Tensor, alive: Tensor, position: Tensor) -> Tensor:
-        self.mask = torch.cat([self.mask, alive.long().unsqueeze(1)], 1)
-        out = self.model(input_ids=token.unsqueeze(1), attention_mask=self.mask, position_ids=position.unsqueeze(1),
-                         use_cache=True, **{self.cache_arg: self.cache})
-        self.cache = _returned_cache(out)
-        return out.logits[:, -1]
-
-    def keep(self, rows: Tensor) -> None:
-        """Go on with these rows only (indices into the current batch)."""
-        self.mask = self.mask[rows]
-        self.cache.batch_select_indices(rows)
-
-
-def decoder_for(model, lean: bool = True):
-    """The lean decoder where the architecture allows it (much less overhead per token), else the forward."""
-    return LeanDecoder(model) if lean and LeanDecoder.supports(model) else ForwardDecoder(model)
 
 
 def sample(
@@ -237,3 +131,30 @@ def _sample(decoder, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, te
             token, alive, finished, next_pos = token[keep], alive[keep], finished[keep], next_pos[keep]
         logits = decoder.next(token, alive, next_pos)
         next_pos = next_pos + alive.long()
+
+
+@dataclass
+class Sampler:
+    """Everything needed to draw responses from one model."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    lean: bool = True
+
+    def __call__(self, prompt_ids, prompt_mask, generator, prefix: Responses | None = None) -> Responses:
+        return sample(
+            self.model,
+            prompt_ids,
+            prompt_mask,
+            max_new_tokens=self.max_new_tokens,
+            eos_id=self.tokenizer.eos_token_id,
+            pad_id=self.tokenizer.pad_token_id,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            generator=generator,
+            prefix=prefix,
+            lean=self.lean,
+        )

@@ -2,138 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import torch
 from torch import Tensor
 
-from kltd.spec.config import PrefixConfig
-
-from kltd.rollout.sampling import (
+from kltd.rollout.batch import (
     Responses,
+    StateBatch,
+    TokenCounts,
     encode_prompts,
     encode_responses,
     left_pad,
     pad_responses,
-    position_ids_from_mask,
     responses_to_lists,
-    sample,
 )
-
-
-@dataclass
-class StateBatch:
-    """Prompts and responses in the shared layout (see kltd.rollout.sampling); the response tokens are the states."""
-
-    prompt_ids: Tensor  # [B, P]
-    prompt_mask: Tensor  # [B, P]
-    responses: Responses  # [B, N]
-    # [B, N] bool: response tokens the student sampled (their states depend on theta). None: none did.
-    student_written: Tensor | None = None
-    # [B, N] bool: the positions the loss supervises. None: every response token.
-    supervised: Tensor | None = None
-    examples: list = field(default_factory=list)
-
-    def __post_init__(self):
-        if self.student_written is None:
-            self.student_written = torch.zeros_like(self.responses.mask)
-        if self.supervised is None:
-            self.supervised = self.responses.mask
-
-    @property
-    def from_student(self) -> Tensor:
-        """[B] bool: rows whose states depend on the student."""
-        return self.student_written.any(1)
-
-    @property
-    def input_ids(self) -> Tensor:
-        return torch.cat([self.prompt_ids, self.responses.tokens], 1)
-
-    @property
-    def attention_mask(self) -> Tensor:
-        return torch.cat([self.prompt_mask.long(), self.responses.mask.long()], 1)
-
-    @property
-    def num_sequences(self) -> int:
-        return self.prompt_ids.shape[0]
-
-    def select(self, rows: list[int]) -> StateBatch:
-        """These rows only, without the columns that are padding in every one of them."""
-        idx = torch.tensor(rows, device=self.prompt_ids.device)
-        prompt_mask, response_mask = self.prompt_mask[idx], self.responses.mask[idx]
-        first = int(prompt_mask.any(0).long().argmax()) if bool(prompt_mask.any()) else prompt_mask.shape[1]
-        used = response_mask.any(0)
-        end = int(used.nonzero().max()) + 1 if bool(used.any()) else 0
-        return StateBatch(
-            self.prompt_ids[idx, first:], prompt_mask[:, first:],
-            Responses(self.responses.tokens[idx, :end], response_mask[:, :end]),
-            self.student_written[idx, :end], self.supervised[idx, :end],
-            [self.examples[i] for i in rows] if self.examples else [],
-        )
-
-    def by_length(self, max_groups: int, overhead_tokens: int = 64) -> list[StateBatch]:
-        """The rows in up to `max_groups` groups of similar length, each trimmed of its own padding.
-
-        Rows are sorted by response then prompt length and cut into k equal groups, k chosen to minimise
-        the padded size (rows x (prompt width + response width)) plus `overhead_tokens` per extra group,
-        the fixed cost of another model call in token-equivalents. Losses that are sums over rows are
-        unchanged by the split; padding columns are simply not computed.
-        """
-        n = self.num_sequences
-        if max_groups <= 1 or n < 2:
-            return [self]
-        prompt_len, response_len = self.prompt_mask.sum(1).tolist(), self.responses.mask.sum(1).tolist()
-        order = sorted(range(n), key=lambda i: (response_len[i], prompt_len[i]))
-
-        def groups(k: int) -> list[list[int]]:
-            bounds = [round(j * n / k) for j in range(k + 1)]
-            return [order[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
-
-        def cost(parts: list[list[int]]) -> int:
-            return sum(len(g) * (max(prompt_len[i] for i in g) + max(response_len[i] for i in g)) + overhead_tokens
-                       for g in parts)
-
-        best = min((groups(k) for k in range(1, min(max_groups, n) + 1)), key=cost)
-        return [self] if len(best) == 1 else [self.select(g) for g in best]
-
-
-@dataclass
-class TokenCounts:
-    student_generated: int = 0
-    teacher_generated: int = 0
-    scored: int = 0
-
-    def add(self, other: "TokenCounts") -> None:
-        self.student_generated += other.student_generated
-        self.teacher_generated += other.teacher_generated
-        self.scored += other.scored
-
-
-@dataclass
-class Sampler:
-    """Everything needed to draw responses from one model."""
-
-    model: torch.nn.Module
-    tokenizer: object
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    lean: bool = True
-
-    def __call__(self, prompt_ids, prompt_mask, generator, prefix: Responses | None = None) -> Responses:
-        return sample(
-            self.model,
-            prompt_ids,
-            prompt_mask,
-            max_new_tokens=self.max_new_tokens,
-            eos_id=self.tokenizer.eos_token_id,
-            pad_id=self.tokenizer.pad_token_id,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            generator=generator,
-            prefix=prefix,
-            lean=self.lean,
-        )
+from kltd.rollout.sampling import Sampler
+from kltd.spec.config import PrefixConfig
 
 
 def student_fraction_at(mix: PrefixConfig, step: int) -> float:
@@ -234,21 +119,3 @@ class StateSource:
         if self.mix.handoff and self.mix.supervise == "after_handoff":
             supervised = responses.mask & ~written
         return StateBatch(prompt_ids, prompt_mask, responses, written, supervised, examples), counts
-
-
-def response_logits(model, batch: StateBatch) -> Tensor:
-    """[B, N, V] logits at the N response states: entry t predicts response token t.
-
-    Only the response positions are projected onto the vocabulary (logits_to_keep), so the prompt
-    never costs a B x P x V tensor.
-    """
-    input_ids, attention_mask = batch.input_ids, batch.attention_mask
-    n = batch.responses.tokens.shape[1]
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        logits_to_keep=n + 1,
-        use_cache=False,
-    )
-    return out.logits[:, :-1]

@@ -1,7 +1,10 @@
-"""Typed configuration: the schema every config file and override is checked against.
+"""Typed configuration: the schema every config file and override is checked against, each section with
+its own checks beside it.
 
-Plain dataclasses; the Hydra entry point (kltd/train_app.py) registers them as the schema and turns the
-composed config into these objects. Nothing here imports Hydra.
+Plain dataclasses; the Hydra entry point (kltd.app.train_command) registers them as the schema and turns
+the composed config into these objects. `Config.check()` refuses bad values and invalid combinations
+before anything expensive happens; it reads no files (kltd.train.preflight checks those). Nothing here
+imports Hydra or torch.
 """
 
 from __future__ import annotations
@@ -9,11 +12,32 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from kltd.spec.matrix import PREFIXES, TRAJECTORIES, cell_error, method_label
+from kltd.spec import choices as C
+from kltd.spec.matrix import cell_error, direction_error, method_label
 
 
 class ConfigError(ValueError):
     """A user error in the configuration: reported as one line, no traceback."""
+
+
+def _choice(key: str, value, options) -> None:
+    if value not in options:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(map(str, options))}")
+
+
+def _at_least(key: str, value, low) -> None:
+    if value < low:
+        raise ConfigError(f"{key}={value} must be >= {low}")
+
+
+def _in_unit_interval(key: str, value) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{key}={value} must lie in [0, 1]")
+
+
+def _positive(key: str, value) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key}={value} must be > 0")
 
 
 @dataclass
@@ -30,13 +54,30 @@ class PrefixConfig:
     student_fraction_start: float = 0.0
     schedule_steps: int = 100
     # mixed: on the student's rows, the student writes the first k response tokens and the teacher
-    # continues (roll-in / roll-out). k is "fixed" (handoff_k), "uniform" over the reference
+    # continues (roll-in / roll-out). k is "fixed" (handoff_k_value), "uniform" over the reference
     # response's length, or "geometric" (success probability handoff_p, starting at 0).
     handoff: bool = False
     handoff_k: str = "uniform"
     handoff_k_value: int = 4
     handoff_p: float = 0.2
     supervise: str = "all"  # all | after_handoff: which positions of a hand-off row are supervised
+
+    def check(self) -> None:
+        _choice("prefix", self.source, C.PREFIXES)
+        _choice("prefix.other", self.other, C.MIXED_OTHER)
+        _in_unit_interval("prefix.student_fraction", self.student_fraction)
+        _in_unit_interval("prefix.student_fraction_start", self.student_fraction_start)
+        _choice("prefix.schedule", self.schedule, C.SCHEDULES)
+        _at_least("prefix.schedule_steps", self.schedule_steps, 1)
+        _choice("prefix.handoff_k", self.handoff_k, C.HANDOFF_K)
+        _at_least("prefix.handoff_k_value", self.handoff_k_value, 0)
+        if not 0.0 < self.handoff_p <= 1.0:
+            raise ConfigError(f"prefix.handoff_p={self.handoff_p} must lie in (0, 1]")
+        _choice("prefix.supervise", self.supervise, C.SUPERVISE)
+        if self.source != "mixed" and (self.handoff or self.schedule != "constant"):
+            raise ConfigError("prefix.handoff and prefix.schedule apply to prefix=mixed only; add prefix=mixed")
+        if self.supervise != "all" and not self.handoff:
+            raise ConfigError("prefix.supervise=after_handoff needs a hand-off: add prefix.handoff=true")
 
 
 @dataclass
@@ -51,12 +92,28 @@ class TrajectoryConfig:
     awr_temperature: float = 1.0
     awr_max_weight: float = 20.0
 
+    def check(self) -> None:
+        _choice("trajectory", self.supervisor, C.TRAJECTORIES)
+        _choice("trajectory.reward", self.reward, C.REWARDS)
+        _choice("trajectory.weighting", self.weighting, C.WEIGHTINGS)
+        if self.supervisor != "dataset" and (self.reward != "none" or self.weighting != "none"):
+            raise ConfigError("trajectory.reward and trajectory.weighting apply to trajectory=dataset only")
+        if (self.weighting == "none") != (self.reward == "none"):
+            raise ConfigError("set trajectory.reward and trajectory.weighting together (a reward needs a weighting)")
+        if not 0.0 < self.keep_fraction <= 1.0:
+            raise ConfigError(f"trajectory.keep_fraction={self.keep_fraction} must lie in (0, 1]")
+        _positive("trajectory.awr_temperature", self.awr_temperature)
+        _positive("trajectory.awr_max_weight", self.awr_max_weight)
+
 
 @dataclass
 class LossConfig:
+    """total = kl_trajectory_weight * L_traj + kl_prefix_weight * L_prefix."""
+
     kl_trajectory_weight: float = 1.0
     kl_prefix_weight: float = 0.0
-    # None: the trajectory's own divergence (expert -> forward_kl, student -> reverse_kl).
+    # None: the trajectory's own divergence (expert -> forward_kl, student -> reverse_kl). A blend (jsd,
+    # kl_mix, tv, the skews) may replace it; the other KL direction may not (that is the other trajectory).
     divergence: Optional[str] = None
     beta: float = 0.5  # jsd
     alpha: float = 0.1  # skew KLs
@@ -68,10 +125,28 @@ class LossConfig:
     gamma: float = 1.0  # prefix term discount
     baseline: str = "batch_mean"  # prefix term baseline: none | batch_mean | leave_one_out
 
+    def check(self) -> None:
+        if self.divergence is not None:
+            _choice("loss.divergence", self.divergence, C.DIVERGENCES)
+        _choice("loss.estimator", self.estimator, C.ESTIMATORS)
+        _choice("loss.normalization", self.normalization, C.NORMALIZATIONS)
+        _choice("loss.baseline", self.baseline, C.BASELINES)
+        for key in ("beta", "alpha", "mix", "gamma"):
+            _in_unit_interval(f"loss.{key}", getattr(self, key))
+        _at_least("loss.kl_trajectory_weight", self.kl_trajectory_weight, 0.0)
+        _at_least("loss.kl_prefix_weight", self.kl_prefix_weight, 0.0)
+        _at_least("loss.top_k", self.top_k, 1)
+        _positive("loss.temperature", self.temperature)
+        if self.kl_trajectory_weight == 0 and self.kl_prefix_weight == 0:
+            raise ConfigError("loss.kl_trajectory_weight and loss.kl_prefix_weight are both 0: nothing would be trained")
+
+    @property
+    def parameters(self) -> dict:
+        return {"beta": self.beta, "alpha": self.alpha, "mix": self.mix}
+
 
 @dataclass
 class ModelConfig:
-    name: str = "toy"
     # "toy/teacher" and "toy/student" are the pair shipped inside the package; anything else is a local
     # directory or a Hugging Face model id.
     teacher: str = "toy/teacher"
@@ -79,10 +154,13 @@ class ModelConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
+    def check(self) -> None:
+        _choice("model.dtype", self.dtype, C.DTYPES)
+
 
 @dataclass
 class DataConfig:
-    name: str = "addition"
+    source: str = "addition"  # the built-in task
     seed: int = 0
     n_train: int = 20000
     n_eval: int = 500
@@ -91,10 +169,18 @@ class DataConfig:
     # a JSONL file of responses to train on (`kltd make-data` writes one); null: the task's correct ones
     responses_file: Optional[str] = None
 
+    def check(self) -> None:
+        _choice("data.source", self.source, ("addition",))
+        _at_least("data.min_terms", self.min_terms, 2)
+        if self.max_terms < self.min_terms:
+            raise ConfigError(f"data.max_terms={self.max_terms} must be >= data.min_terms={self.min_terms}")
+        _at_least("data.n_train", self.n_train, 1)
+        _at_least("data.n_eval", self.n_eval, 1)
+
 
 @dataclass
 class SamplingConfig:
-    """How teacher and student sample training states."""
+    """How teacher and student sample states, in training and in evaluation."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -102,6 +188,13 @@ class SamplingConfig:
     # decode Llama/Qwen2/Qwen3 models with kltd's preallocated-cache decoder (same logits, less overhead);
     # false: always the model's own forward
     lean_decoder: bool = True
+
+    def check(self) -> None:
+        if self.temperature < 0:
+            raise ConfigError(f"sampling.temperature={self.temperature} must be >= 0 (0 = greedy)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"sampling.top_p={self.top_p} must lie in (0, 1]")
+        _at_least("sampling.max_new_tokens", self.max_new_tokens, 1)
 
 
 @dataclass
@@ -125,14 +218,25 @@ class TrainerConfig:
     # exact divergence losses straight from hidden states, chunk by chunk (no [B, T, V] logits) where the
     # output layer allows it; false: the reference path through full logits
     fused_head: bool = True
-    # CPU threads for PyTorch. 0: one thread when both models are small (the toy pair), where a second
-    # thread only adds synchronisation and, on a busy machine, stalls every tiny matmul; else torch's default.
+    # CPU threads for PyTorch during this job (restored afterwards). 0: one thread when both models are
+    # small (the toy pair), where a second thread only adds synchronisation and, on a busy machine, stalls
+    # every tiny matmul; else the process's default.
     num_threads: int = 0
-    # keep freed memory in the process for reuse (glibc malloc; kltd.fast.memory): saves the page faults of
-    # re-allocating the same tensors every step, and the process holds its peak memory until it exits
+    # A process-level setting, applied once by the entry point: keep freed memory in the process for reuse
+    # (glibc malloc; kltd.fast.memory). Saves the page faults of re-allocating the same tensors every step;
+    # the process holds its peak memory until it exits.
     keep_freed_memory: bool = True
     save_checkpoint: bool = True
     progress: bool = True
+
+    def check(self) -> None:
+        for key in ("max_steps", "batch_size", "grad_accum", "length_groups", "log_every"):
+            _at_least(f"trainer.{key}", getattr(self, key), 1)
+        _at_least("trainer.num_threads", self.num_threads, 0)
+        _at_least("trainer.warmup_steps", self.warmup_steps, 0)
+        _in_unit_interval("trainer.min_lr_ratio", self.min_lr_ratio)
+        _positive("trainer.lr", self.lr)
+        _positive("trainer.max_grad_norm", self.max_grad_norm)
 
 
 @dataclass
@@ -145,15 +249,25 @@ class EvalConfig:
     seed: int = 1234  # fixed, so that every cell is evaluated on identical samples
     pass_k: int = 4  # student samples per prompt for pass@k and the sequence reverse KL
 
+    def check(self) -> None:
+        for key in ("num_prompts", "batch_size", "max_new_tokens", "pass_k"):
+            _at_least(f"eval.{key}", getattr(self, key), 1)
+        _at_least("eval.every", self.every, 0)
+
 
 @dataclass
 class CacheConfig:
-    """The teacher cache for fixed states (kltd/teacher_cache.py)."""
+    """The teacher cache for fixed states (kltd.train.teacher_cache)."""
 
     teacher: str = "auto"  # auto: on when prefix=fixed needs teacher logits | on | off
     dir: str = "outputs/cache"
     format: str = "full"  # full (exact) | topk (k logits per position, the rest spread evenly)
     top_k: int = 64
+
+    def check(self) -> None:
+        _choice("cache.teacher", self.teacher, C.CACHE_MODES)
+        _choice("cache.format", self.format, C.CACHE_FORMATS)
+        _at_least("cache.top_k", self.top_k, 1)
 
 
 @dataclass
@@ -163,6 +277,10 @@ class WandbConfig:
     # auto: online when credentials exist, else offline (one line says so); or online | offline | disabled
     mode: str = "auto"
     init_timeout_s: float = 30.0
+
+    def check(self) -> None:
+        _choice("wandb.mode", self.mode, C.WANDB_MODES)
+        _positive("wandb.init_timeout_s", self.init_timeout_s)
 
 
 @dataclass
@@ -183,138 +301,52 @@ class Config:
     def method(self) -> str:
         return config_method_label(self)
 
+    def check(self) -> None:
+        """Every section, then the rules that join sections (no file is read, no model is loaded)."""
+        self.prefix.check()
+        self.trajectory.check()
+        error = cell_error(self.prefix.source, self.trajectory.supervisor)
+        if error:
+            raise ConfigError(error)
+        for section in (self.loss, self.model, self.data, self.sampling, self.trainer, self.eval, self.cache,
+                        self.wandb):
+            section.check()
+        _check_loss_against_axes(self)
+        if self.cache.teacher == "on" and self.prefix.source != "fixed":
+            raise ConfigError("cache.teacher=on caches teacher logits at fixed states; it needs prefix=fixed")
+        if self.data.responses_file is not None and self.prefix.source not in ("fixed", "mixed"):
+            raise ConfigError("data.responses_file supplies fixed states; use prefix=fixed (or mixed)")
+        if self.eval.num_prompts > self.data.n_eval:
+            raise ConfigError(f"eval.num_prompts={self.eval.num_prompts} exceeds data.n_eval={self.data.n_eval}")
 
-def _choice(key: str, value, options) -> None:
-    if value not in options:
-        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(map(str, options))}")
 
-
-def _at_least(key: str, value, low) -> None:
-    if value < low:
-        raise ConfigError(f"{key}={value} must be >= {low}")
-
-
-def _in_unit_interval(key: str, value) -> None:
-    if not 0.0 <= value <= 1.0:
-        raise ConfigError(f"{key}={value} must lie in [0, 1]")
+def _check_loss_against_axes(cfg: Config) -> None:
+    loss, supervisor, states = cfg.loss, cfg.trajectory.supervisor, cfg.prefix.source
+    if supervisor == "dataset" and loss.divergence is not None:
+        raise ConfigError("loss.divergence has no effect with trajectory=dataset (cross-entropy); remove it")
+    error = direction_error(supervisor, loss.divergence, **loss.parameters)
+    if error:
+        raise ConfigError(error)
+    if loss.estimator.startswith("sampled"):
+        # a one-token estimator is only unbiased at tokens drawn from the very distribution it assumes
+        wanted = {"student": "student", "expert": "teacher"}.get(supervisor)
+        if states != wanted:
+            raise ConfigError(f"loss.estimator={loss.estimator} needs tokens sampled by the "
+                              f"{'student' if wanted == 'student' else 'teacher'}: use prefix={wanted} "
+                              f"with trajectory={supervisor}, or loss.estimator=exact")
+        if cfg.sampling.top_p < 1 or cfg.sampling.temperature != loss.temperature:
+            raise ConfigError(f"loss.estimator={loss.estimator} assumes tokens drawn from the full softmax at "
+                              f"loss.temperature={loss.temperature:g}; the sampler uses sampling.top_p="
+                              f"{cfg.sampling.top_p:g}, sampling.temperature={cfg.sampling.temperature:g}. "
+                              "Use sampling.top_p=1 and equal temperatures, or loss.estimator=exact")
+    if loss.kl_prefix_weight > 0 and states in ("student", "mixed") and cfg.sampling.temperature == 0:
+        raise ConfigError("loss.kl_prefix_weight > 0 needs sampled student states (a score function); "
+                          "greedy sampling.temperature=0 has none: set sampling.temperature > 0")
 
 
 def validate(cfg: Config) -> None:
-    """Refuse invalid cells and values before anything expensive happens (no model is loaded)."""
-    from kltd.objectives.divergences import DIVERGENCES
-    from kltd.objectives.estimators import ESTIMATORS
-    from kltd.objectives.losses import BASELINES
-    from kltd.objectives.rewards import REWARDS, WEIGHTINGS
-
-    _choice("prefix", cfg.prefix.source, PREFIXES)
-    _choice("trajectory", cfg.trajectory.supervisor, TRAJECTORIES)
-    error = cell_error(cfg.prefix.source, cfg.trajectory.supervisor)
-    if error:
-        raise ConfigError(error)
-    _choice("prefix.other", cfg.prefix.other, ("fixed", "teacher"))
-    _in_unit_interval("prefix.student_fraction", cfg.prefix.student_fraction)
-    _in_unit_interval("prefix.student_fraction_start", cfg.prefix.student_fraction_start)
-    _choice("prefix.schedule", cfg.prefix.schedule, ("constant", "linear"))
-    _at_least("prefix.schedule_steps", cfg.prefix.schedule_steps, 1)
-    _choice("prefix.handoff_k", cfg.prefix.handoff_k, ("fixed", "uniform", "geometric"))
-    _at_least("prefix.handoff_k_value", cfg.prefix.handoff_k_value, 0)
-    if not 0.0 < cfg.prefix.handoff_p <= 1.0:
-        raise ConfigError(f"prefix.handoff_p={cfg.prefix.handoff_p} must lie in (0, 1]")
-    _choice("prefix.supervise", cfg.prefix.supervise, ("all", "after_handoff"))
-    if cfg.prefix.source != "mixed" and (cfg.prefix.handoff or cfg.prefix.schedule != "constant"):
-        raise ConfigError("prefix.handoff and prefix.schedule apply to prefix=mixed only; add prefix=mixed")
-
-    traj = cfg.trajectory
-    _choice("trajectory.reward", traj.reward, REWARDS)
-    _choice("trajectory.weighting", traj.weighting, WEIGHTINGS)
-    if traj.supervisor != "dataset" and (traj.reward != "none" or traj.weighting != "none"):
-        raise ConfigError("trajectory.reward and trajectory.weighting apply to trajectory=dataset only")
-    if (traj.weighting == "none") != (traj.reward == "none"):
-        raise ConfigError("set trajectory.reward and trajectory.weighting together (a reward needs a weighting)")
-    if not 0.0 < traj.keep_fraction <= 1.0:
-        raise ConfigError(f"trajectory.keep_fraction={traj.keep_fraction} must lie in (0, 1]")
-    if traj.awr_temperature <= 0 or traj.awr_max_weight <= 0:
-        raise ConfigError("trajectory.awr_temperature and trajectory.awr_max_weight must be > 0")
-
-    loss = cfg.loss
-    if loss.divergence is not None:
-        _choice("loss.divergence", loss.divergence, DIVERGENCES)
-    _choice("loss.estimator", loss.estimator, ESTIMATORS)
-    _choice("loss.normalization", loss.normalization, ("token", "sequence"))
-    _choice("loss.baseline", loss.baseline, BASELINES)
-    if loss.estimator.startswith("sampled"):
-        # a one-token estimator is only unbiased at tokens drawn from the distribution it assumes
-        wanted = {"student": "student", "expert": "teacher"}.get(cfg.trajectory.supervisor)
-        if cfg.prefix.source != wanted:
-            raise ConfigError(f"loss.estimator={loss.estimator} needs tokens sampled by the "
-                              f"{'student' if wanted == 'student' else 'teacher'}: use prefix={wanted} "
-                              f"with trajectory={cfg.trajectory.supervisor}, or loss.estimator=exact")
-    _in_unit_interval("loss.beta", loss.beta)
-    _in_unit_interval("loss.alpha", loss.alpha)
-    _in_unit_interval("loss.mix", loss.mix)
-    _in_unit_interval("loss.gamma", loss.gamma)
-    _at_least("loss.kl_trajectory_weight", loss.kl_trajectory_weight, 0.0)
-    _at_least("loss.kl_prefix_weight", loss.kl_prefix_weight, 0.0)
-    _at_least("loss.top_k", loss.top_k, 1)
-    if loss.temperature <= 0:
-        raise ConfigError(f"loss.temperature={loss.temperature} must be > 0")
-    if loss.kl_prefix_weight > 0 and cfg.prefix.source in ("student", "mixed") and cfg.sampling.temperature == 0:
-        raise ConfigError("loss.kl_prefix_weight > 0 needs sampled student states (a score function); "
-                          "greedy sampling.temperature=0 has none: set sampling.temperature > 0")
-    if loss.kl_trajectory_weight == 0 and loss.kl_prefix_weight == 0:
-        raise ConfigError("loss.kl_trajectory_weight and loss.kl_prefix_weight are both 0: nothing would be trained")
-    if cfg.trajectory.supervisor == "dataset" and loss.divergence is not None:
-        raise ConfigError("loss.divergence has no effect with trajectory=dataset (cross-entropy); remove it")
-
-    _choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16", "float16"))
-    if cfg.data.responses_file is not None:
-        if cfg.prefix.source not in ("fixed", "mixed"):
-            raise ConfigError("data.responses_file supplies fixed states; use prefix=fixed (or mixed)")
-        from pathlib import Path
-
-        if not Path(cfg.data.responses_file).expanduser().is_file():
-            raise ConfigError(f"data.responses_file '{cfg.data.responses_file}' does not exist "
-                              "(make one with `kltd make-data`)")
-    _choice("data.name", cfg.data.name, ("addition",))
-    _at_least("data.min_terms", cfg.data.min_terms, 2)
-    if cfg.data.max_terms < cfg.data.min_terms:
-        raise ConfigError(f"data.max_terms={cfg.data.max_terms} must be >= data.min_terms={cfg.data.min_terms}")
-    if cfg.eval.num_prompts > cfg.data.n_eval:
-        raise ConfigError(f"eval.num_prompts={cfg.eval.num_prompts} exceeds data.n_eval={cfg.data.n_eval}")
-
-    if cfg.sampling.temperature < 0:
-        raise ConfigError(f"sampling.temperature={cfg.sampling.temperature} must be >= 0 (0 = greedy)")
-    if not 0.0 < cfg.sampling.top_p <= 1.0:
-        raise ConfigError(f"sampling.top_p={cfg.sampling.top_p} must lie in (0, 1]")
-    for key, value in (
-        ("sampling.max_new_tokens", cfg.sampling.max_new_tokens),
-        ("trainer.batch_size", cfg.trainer.batch_size),
-        ("trainer.grad_accum", cfg.trainer.grad_accum),
-        ("trainer.length_groups", cfg.trainer.length_groups),
-        ("trainer.log_every", cfg.trainer.log_every),
-        ("eval.num_prompts", cfg.eval.num_prompts),
-        ("eval.batch_size", cfg.eval.batch_size),
-        ("eval.max_new_tokens", cfg.eval.max_new_tokens),
-        ("eval.pass_k", cfg.eval.pass_k),
-    ):
-        _at_least(key, value, 1)
-    _at_least("trainer.num_threads", cfg.trainer.num_threads, 0)
-    _at_least("trainer.max_steps", cfg.trainer.max_steps, 0)
-    if cfg.trainer.lr <= 0:
-        raise ConfigError(f"trainer.lr={cfg.trainer.lr} must be > 0")
-    _choice("wandb.mode", cfg.wandb.mode, ("auto", "online", "offline", "disabled"))
-    _choice("cache.teacher", cfg.cache.teacher, ("auto", "on", "off"))
-    _choice("cache.format", cfg.cache.format, ("full", "topk"))
-    _at_least("cache.top_k", cfg.cache.top_k, 1)
-    if cfg.cache.teacher == "on" and cfg.prefix.source != "fixed":
-        raise ConfigError("cache.teacher=on caches teacher logits at fixed states; it needs prefix=fixed")
-
-    from kltd.train.models import check_model_reference
-
-    for role in ("teacher", "student"):
-        problem = check_model_reference(getattr(cfg.model, role))
-        if problem:
-            raise ConfigError(f"model.{role}: {problem}")
+    """Refuse invalid cells and values before anything expensive happens (no file read, no model loaded)."""
+    cfg.check()
 
 
 def config_method_label(cfg) -> str:

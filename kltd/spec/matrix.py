@@ -1,15 +1,38 @@
-"""The method matrix: which (prefix, trajectory) cells are valid and what each one is called.
+"""The method matrix: which (prefix, trajectory) cells are valid, which KL direction each trajectory
+stands for, and what each cell is called.
 
-Names are derived from the cell, never typed by hand (design §4). See docs/theory.md for where each
+This module is the one table of trajectories and their divergences: the trainer, the losses and the
+labels all read it. Names are derived from the cell, never typed by hand; docs/theory.md says where each
 name comes from.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
-PREFIXES = ("fixed", "teacher", "student", "mixed")
-TRAJECTORIES = ("expert", "student", "dataset")
+from kltd.spec.choices import PREFIXES, TRAJECTORIES
+
+__all__ = ["PREFIXES", "TRAJECTORIES", "METHOD_NAMES", "Trajectory", "TRAJECTORY", "cell_error", "method_name",
+           "method_label", "slug", "direction_of", "direction_error", "own_divergence"]
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """Whose next-token choice supervises the student, and the KL direction that choice fixes."""
+
+    name: str
+    direction: str | None  # "forward" (teacher's distribution), "reverse" (student's choices), None (dataset)
+    divergence: str | None  # its own per-token divergence; None: cross-entropy on the dataset's token
+    meaning: str
+
+
+TRAJECTORY = {
+    "expert": Trajectory("expert", "forward", "forward_kl", "the teacher's distribution: KL(p||q)"),
+    "student": Trajectory("student", "reverse", "reverse_kl", "the student's own choices graded by the teacher: KL(q||p)"),
+    "dataset": Trajectory("dataset", None, None, "the dataset's next token: cross-entropy"),
+}
+assert tuple(TRAJECTORY) == TRAJECTORIES
 
 METHOD_NAMES: dict[tuple[str, str], str] = {
     ("fixed", "expert"): "SFT",
@@ -41,6 +64,45 @@ def cell_error(prefix: str, trajectory: str) -> str | None:
     return None
 
 
+def own_divergence(trajectory: str) -> str | None:
+    """The divergence a trajectory stands for: expert -> forward_kl, student -> reverse_kl, dataset -> None."""
+    return TRAJECTORY[trajectory].divergence
+
+
+def direction_of(divergence: str, *, beta: float = 0.5, alpha: float = 0.1, mix: float = 0.5) -> str | None:
+    """"forward" or "reverse" when the divergence (with these parameters) is exactly one KL direction, else
+    None (a blend: JSD, a skew, TV, a KL mix strictly between its ends)."""
+    ends = {
+        "forward_kl": "forward",
+        "reverse_kl": "reverse",
+        "jsd": {0.0: "forward", 1.0: "reverse"}.get(beta),
+        "jsd_scaled": {0.0: "forward", 1.0: "reverse"}.get(beta),
+        "kl_mix": {0.0: "forward", 1.0: "reverse"}.get(mix),
+        "skew_kl": "forward" if alpha == 0.0 else None,
+        "skew_reverse_kl": "reverse" if alpha == 0.0 else None,
+    }
+    return ends.get(divergence)
+
+
+def direction_error(trajectory: str, divergence: str | None, **parameters) -> str | None:
+    """Why a divergence contradicts its trajectory (a pure KL in the other direction), or None.
+
+    The trajectory axis fixes the KL direction: forward KL under trajectory=student would be DAgger's loss
+    filed under OPD's name (and the reverse), so the run would sit in the wrong column of the matrix.
+    """
+    own = TRAJECTORY[trajectory]
+    if divergence is None or own.direction is None:
+        return None
+    direction = direction_of(divergence, **parameters)
+    if direction is None or direction == own.direction:
+        return None
+    right = next(t for t in TRAJECTORY.values() if t.direction == direction)
+    shown = divergence_tag(divergence, **parameters)
+    return (f"loss.divergence={shown} is the {direction} KL, which is trajectory={right.name}'s own divergence; "
+            f"trajectory={trajectory} means {own.meaning}. Use trajectory={right.name} "
+            f"(and drop loss.divergence), or a blend (jsd, kl_mix, tv, skew_kl) to mix the two")
+
+
 def method_name(prefix: str, trajectory: str, reward: str = "none", handoff: bool = False) -> str:
     """The method a cell computes. A reward turns plain behaviour cloning into offline RL; a hand-off
     (student rolls in, teacher rolls out) marks the mixed cells."""
@@ -58,10 +120,7 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-DEFAULT_DIVERGENCE = {"expert": "forward_kl", "student": "reverse_kl"}
-
-
-def divergence_tag(divergence: str, beta: float, alpha: float, mix: float) -> str:
+def divergence_tag(divergence: str, beta: float = 0.5, alpha: float = 0.1, mix: float = 0.5) -> str:
     """'jsd' with beta 0.1 -> 'jsd(0.1)': the parameter that matters for each divergence."""
     parameter = {"jsd": beta, "jsd_scaled": beta, "skew_kl": alpha, "skew_reverse_kl": alpha, "kl_mix": mix}
     return f"{divergence}({parameter[divergence]:g})" if divergence in parameter else divergence
@@ -69,13 +128,15 @@ def divergence_tag(divergence: str, beta: float, alpha: float, mix: float) -> st
 
 def method_label(prefix: str, trajectory: str, *, reward="none", handoff=False, divergence=None, beta=0.5,
                  alpha=0.1, mix=0.5, student_fraction=None, kl_prefix_weight=0.0) -> str:
-    """The method name plus what sets this run apart within its cell: a divergence other than the
-    trajectory's own, the student fraction of a mixture, the prefix term. Runs with equal labels are
-    seeds of one method."""
+    """The method name plus what sets this run apart within its cell: a blend in place of the trajectory's
+    own divergence, the student fraction of a mixture, the prefix term. Runs with equal labels are seeds
+    of one method."""
     label = method_name(prefix, trajectory, reward=reward, handoff=handoff)
     if prefix == "mixed" and student_fraction is not None:
         label += f" λ={student_fraction:g}"
-    if divergence and divergence != DEFAULT_DIVERGENCE.get(trajectory):
+    own = TRAJECTORY[trajectory].direction
+    if divergence and divergence != own_divergence(trajectory) and not (
+            own and direction_of(divergence, beta=beta, alpha=alpha, mix=mix) == own):
         label += f" [{divergence_tag(divergence, beta, alpha, mix)}]"
     if kl_prefix_weight:
         label += f" +prefix({kl_prefix_weight:g})"

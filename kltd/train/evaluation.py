@@ -1,32 +1,24 @@
 """Evaluation, identical for every cell: held-out prompts, a fixed seed, exact per-token divergences.
 
-Sequence-level KLs are sums of exact per-token divergences over the response (design §5), so they have
+Sequence-level KLs are sums of exact per-token divergences over the response, so they have
 low variance: reverse KL(q||p) on student samples, forward KL(p||q) on teacher samples.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
 
 from kltd.objectives.divergences import DivergenceSpec, token_divergence
-from kltd.rollout.sampling import decode_responses, encode_prompts
-from kltd.rollout.states import Sampler, StateBatch, response_logits
-from kltd.data.addition import is_correct
+from kltd.rollout.batch import StateBatch, decode_responses, encode_prompts
+from kltd.rollout.sampling import Sampler
+from kltd.rollout.scoring import Scorer
+from kltd.spec.config import EvalConfig
 
 REVERSE = DivergenceSpec(name="reverse_kl")
 FORWARD = DivergenceSpec(name="forward_kl")
-
-
-@dataclass
-class EvalSettings:
-    num_prompts: int = 200
-    batch_size: int = 100
-    max_new_tokens: int = 64
-    seed: int = 1234
-    pass_k: int = 4  # student samples per prompt (temperature 1) for pass@k and the reverse KL
 
 
 class PositionCurve:
@@ -59,11 +51,12 @@ class PositionCurve:
         return out
 
 
-def _per_token(student, teacher, batch: StateBatch, spec: DivergenceSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def _per_token(scorer: Scorer, student, teacher, batch: StateBatch, spec: DivergenceSpec
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, N] exact per-token divergence and student entropy at the response states (0 past the end)."""
     mask = batch.responses.mask
-    q_logits = response_logits(student, batch).float()
-    p_logits = response_logits(teacher, batch).float()
+    q_logits = scorer.logits(student, batch).float()
+    p_logits = scorer.logits(teacher, batch).float()
     log_q = torch.log_softmax(q_logits, -1)
     entropy = -(log_q.exp() * log_q).sum(-1)
     return token_divergence(q_logits, p_logits, spec) * mask, entropy * mask
@@ -79,19 +72,22 @@ def pass_at_k(correct_by_prompt: list[list[bool]], k: int) -> float:
 
 
 @torch.inference_mode()
-def evaluate(student, teacher, tokenizer, examples: list, settings: EvalSettings) -> dict:
+def evaluate(student, teacher, tokenizer, examples: list, settings: EvalConfig, *,
+             checker: Callable[[str, object], bool], lean: bool = True, scorer: Scorer | None = None) -> dict:
     """Greedy accuracy, pass@k, response length, sequence KLs, entropy and per-position curves.
 
     Uses the first `num_prompts` examples and a generator seeded from `settings.seed`, so every cell of
-    a sweep is measured on the same prompts with the same random stream.
+    a sweep is measured on the same prompts with the same random stream. `checker(response, example)`
+    grades an answer; `lean` picks the decoder as sampling.lean_decoder does in training.
     """
+    scorer = scorer or Scorer()
     was_training = student.training
     student.eval()
     device = next(student.parameters()).device
     generator = torch.Generator(device=device).manual_seed(settings.seed)
-    greedy = Sampler(student, tokenizer, settings.max_new_tokens, temperature=0.0)
-    student_sampler = Sampler(student, tokenizer, settings.max_new_tokens, temperature=1.0)
-    teacher_sampler = Sampler(teacher, tokenizer, settings.max_new_tokens, temperature=1.0)
+    greedy = Sampler(student, tokenizer, settings.max_new_tokens, temperature=0.0, lean=lean)
+    student_sampler = Sampler(student, tokenizer, settings.max_new_tokens, temperature=1.0, lean=lean)
+    teacher_sampler = Sampler(teacher, tokenizer, settings.max_new_tokens, temperature=1.0, lean=lean)
     examples = examples[: settings.num_prompts]
     k = max(1, settings.pass_k)
     correct, lengths, rkl, fkl, entropy, sampled_correct = [], [], [], [], [], []
@@ -102,7 +98,7 @@ def evaluate(student, teacher, tokenizer, examples: list, settings: EvalSettings
         prompt_ids, prompt_mask = encode_prompts(tokenizer, [e.prompt for e in chunk], device)
 
         answers = greedy(prompt_ids, prompt_mask, None)
-        correct += [is_correct(t, e) for t, e in zip(decode_responses(tokenizer, answers), chunk)]
+        correct += [checker(t, e) for t, e in zip(decode_responses(tokenizer, answers), chunk)]
         lengths += answers.mask.sum(1).tolist()
         generated["student"] += answers.num_tokens
 
@@ -110,9 +106,9 @@ def evaluate(student, teacher, tokenizer, examples: list, settings: EvalSettings
         rep_ids, rep_mask = prompt_ids.repeat_interleave(k, 0), prompt_mask.repeat_interleave(k, 0)
         on_student = student_sampler(rep_ids, rep_mask, generator)
         texts = decode_responses(tokenizer, on_student)
-        sampled_correct += [[is_correct(texts[i * k + j], e) for j in range(k)] for i, e in enumerate(chunk)]
+        sampled_correct += [[checker(texts[i * k + j], e) for j in range(k)] for i, e in enumerate(chunk)]
         batch = StateBatch(rep_ids, rep_mask, on_student, torch.ones(len(texts), dtype=torch.bool, device=device))
-        per_token, token_entropy = _per_token(student, teacher, batch, REVERSE)
+        per_token, token_entropy = _per_token(scorer, student, teacher, batch, REVERSE)
         rkl += per_token.sum(1).view(len(chunk), k).mean(1).tolist()
         entropy += (token_entropy.sum(1) / on_student.mask.sum(1).clamp(min=1)).view(len(chunk), k).mean(1).tolist()
         curves["student_states"].add(per_token, on_student.mask)
@@ -120,7 +116,7 @@ def evaluate(student, teacher, tokenizer, examples: list, settings: EvalSettings
 
         on_teacher = teacher_sampler(prompt_ids, prompt_mask, generator)
         batch = StateBatch(prompt_ids, prompt_mask, on_teacher, torch.zeros(len(chunk), dtype=torch.bool, device=device))
-        per_token, _ = _per_token(student, teacher, batch, FORWARD)
+        per_token, _ = _per_token(scorer, student, teacher, batch, FORWARD)
         fkl += per_token.sum(1).tolist()
         curves["teacher_states"].add(per_token, on_teacher.mask)
         generated["teacher"] += on_teacher.num_tokens

@@ -1,15 +1,13 @@
-"""One training job from a typed config to a finished run directory.
+"""One training job, from a typed config to a finished run directory.
 
-The run directory holds config.yaml (resolved), metrics.jsonl (one line per logged step), metrics.json
-(the final summary; status "completed" only once everything else is written) and checkpoint/.
+The run directory holds metrics.jsonl (one line per logged step), metrics.json (the summary; status
+"completed" only once everything else is written) and checkpoint/. A job leaves no state behind in the
+process: its models die with it, and the thread count it set is restored.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -17,20 +15,15 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from kltd.spec.config import Config, validate
-from kltd.train.evaluation import EvalSettings, evaluate
-from kltd.spec.matrix import slug
+from kltd.files import atomic_write_dir, atomic_write_json
 from kltd.report.logger import RunLogger
-from kltd.rollout.states import TokenCounts
+from kltd.report.records import SUMMARY_FILE
+from kltd.rollout.batch import TokenCounts
+from kltd.spec.config import Config
+from kltd.spec.matrix import slug
+from kltd.train.preflight import preflight
 
-SUMMARY_FILE = "metrics.json"
 HEADLINE = ("accuracy", "reverse_kl_student_states", "forward_kl_teacher_states", "student_entropy", "response_length")
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def run_identity(cfg: Config, sweep: str | None) -> dict:
@@ -63,21 +56,20 @@ def before_after_table(method: str, before: dict, after: dict) -> Table:
 
 
 def save_checkpoint(model, tokenizer, run_dir: Path) -> Path:
-    """Written to a temporary directory first, so a checkpoint/ that exists is complete."""
-    final, tmp = run_dir / "checkpoint", run_dir / "checkpoint.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    return final
+    """Atomic (kltd.files): a checkpoint/ that exists is complete."""
+
+    def write(directory: Path) -> None:
+        model.save_pretrained(directory, safe_serialization=True)
+        tokenizer.save_pretrained(directory)
+
+    return atomic_write_dir(run_dir / "checkpoint", write)
 
 
 def train_job(cfg: Config, run_dir: Path, *, sweep: str | None = None, config_dict: dict | None = None,
               console: Console | None = None) -> dict:
-    """Validate, train, evaluate and record one cell. Returns the summary written to metrics.json."""
+    """Check, train, evaluate and record one cell. Returns the summary written to metrics.json."""
     console = console or Console()
-    validate(cfg)  # before any model is loaded
+    preflight(cfg)  # before any model is loaded
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     identity = run_identity(cfg, sweep)
@@ -96,7 +88,7 @@ def train_job(cfg: Config, run_dir: Path, *, sweep: str | None = None, config_di
     try:
         summary = _train_and_evaluate(cfg, run_dir, logger, console)
     except BaseException as error:
-        write_json_atomic(summary_path, {**identity, "status": "failed", "error": f"{type(error).__name__}: {error}",
+        atomic_write_json(summary_path, {**identity, "status": "failed", "error": f"{type(error).__name__}: {error}",
                                          "wall_time_s": time.perf_counter() - started, "config": config_dict})
         logger.finish(exit_code=1)
         raise
@@ -104,14 +96,14 @@ def train_job(cfg: Config, run_dir: Path, *, sweep: str | None = None, config_di
                "config": config_dict}
     logger.summary({f"final/{k}": v for k, v in summary["eval_after"].items()})
     logger.finish()
-    write_json_atomic(summary_path, summary)
+    atomic_write_json(summary_path, summary)
     return summary
 
 
 def examples_from_file(path: str, eval_examples: list, console: Console) -> list:
     """Training examples whose responses come from a JSONL file (possibly wrong); held-out prompts are dropped."""
-    from kltd.data.responses_file import read_responses
     from kltd.data.addition import Example
+    from kltd.data.responses_file import read_responses
 
     held_out = {e.prompt for e in eval_examples}
     rows = read_responses(path)
@@ -124,9 +116,10 @@ def examples_from_file(path: str, eval_examples: list, console: Console) -> list
 
 
 def _train_and_evaluate(cfg: Config, run_dir: Path, logger: RunLogger, console: Console) -> dict:
-    from kltd.train.models import load_pair, set_cpu_threads
-    from kltd.data.addition import make_splits
-    from kltd.train.trainer import Trainer, seed_everything
+    from kltd.data.addition import is_correct, make_splits
+    from kltd.train.models import load_pair
+    from kltd.train.threads import job_threads, threads_for
+    from kltd.train.trainer import seed_everything
 
     seed_everything(cfg.seed)
     d = cfg.data
@@ -134,12 +127,20 @@ def _train_and_evaluate(cfg: Config, run_dir: Path, logger: RunLogger, console: 
     if d.responses_file:
         train_examples = examples_from_file(d.responses_file, eval_examples, console)
     pair = load_pair(cfg.model.teacher, cfg.model.student, cfg.model.dtype, cfg.model.device)
-    set_cpu_threads(pair, cfg.trainer.num_threads)
+    with job_threads(threads_for(cfg.trainer.num_threads, pair.device, (pair.teacher, pair.student))):
+        return _run(cfg, pair, train_examples, eval_examples, is_correct, run_dir, logger, console)
+
+
+def _run(cfg: Config, pair, train_examples: list, eval_examples: list, checker, run_dir: Path, logger: RunLogger,
+         console: Console) -> dict:
+    from kltd.train.evaluation import evaluate
+    from kltd.train.trainer import Trainer
+
     e = cfg.eval
-    settings = EvalSettings(e.num_prompts, e.batch_size, e.max_new_tokens, e.seed, e.pass_k)
 
     def run_eval(step: int) -> dict:
-        result = evaluate(pair.student, pair.teacher, pair.tokenizer, eval_examples, settings)
+        result = evaluate(pair.student, pair.teacher, pair.tokenizer, eval_examples, e, checker=checker,
+                          lean=cfg.sampling.lean_decoder)
         logger.log({f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))}, step=step)
         return result
 
@@ -147,7 +148,7 @@ def _train_and_evaluate(cfg: Config, run_dir: Path, logger: RunLogger, console: 
                   f"on {pair.device}")
     console.print(f"run directory: {run_dir}", soft_wrap=True, highlight=False)
     before = run_eval(0) if e.before else None
-    trainer = Trainer(cfg, pair, train_examples)
+    trainer = Trainer(cfg, pair, train_examples, checker=checker)
     if trainer.uses_teacher_cache():
         from kltd.train.models import resolve_model_path
         from kltd.train.teacher_cache import cached_teacher

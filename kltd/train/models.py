@@ -94,17 +94,3 @@ def load_pair(teacher: str, student: str, dtype: str = "float32", device: str = 
     teacher_model = load_model(teacher, dtype, dev).eval().requires_grad_(False)
     student_model = load_model(student, dtype, dev).train()
     return ModelPair(teacher_model, student_model, tokenizer, dev)
-
-
-SMALL_MODEL_PARAMETERS = 20_000_000
-
-
-def set_cpu_threads(pair: ModelPair, requested: int) -> int:
-    """Apply trainer.num_threads on the CPU; returns the thread count in force."""
-    if pair.device.type != "cpu":
-        return torch.get_num_threads()
-    if requested == 0:
-        size = max(sum(p.numel() for p in m.parameters()) for m in (pair.teacher, pair.student))
-        requested = 1 if size < SMALL_MODEL_PARAMETERS else torch.get_num_threads()
-    torch.set_num_threads(requested)
-    return requested

@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from kltd.rollout.sampling import encode_prompts, encode_responses
-from kltd.rollout.states import StateBatch, response_logits
+from kltd.files import atomic_write
+from kltd.rollout.batch import StateBatch, encode_prompts, encode_responses
+from kltd.rollout.scoring import Scorer
 
 CACHE_VERSION = 1
 CONTENT_HASH_LIMIT = 256 * 2**20  # larger files are fingerprinted by name, size and mtime
@@ -99,7 +99,7 @@ class TeacherCache:
             prompt_ids, prompt_mask = encode_prompts(tokenizer, [e.prompt for e in chunk], device)
             responses = encode_responses(tokenizer, [e.response for e in chunk], device)
             with torch.inference_mode():
-                logits = response_logits(teacher, StateBatch(prompt_ids, prompt_mask, responses)).float()
+                logits = Scorer().logits(teacher, StateBatch(prompt_ids, prompt_mask, responses)).float()
             if counter:
                 counter(1)
             for row in range(len(chunk)):
@@ -136,12 +136,10 @@ class TeacherCache:
                             joined(self.indices, other.indices), joined(self.tail, other.tail))
 
     def save(self, path: Path) -> None:
-        """Atomic: written next to its final name and renamed, so a cache file that exists is whole."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"values": self.values, "offsets": self.offsets, "prompts": list(self.index),
-                    "vocab_size": self.vocab_size, "indices": self.indices, "tail": self.tail}, tmp)
-        os.replace(tmp, path)
+        """Atomic (kltd.files): a cache file that exists is whole."""
+        payload = {"values": self.values, "offsets": self.offsets, "prompts": list(self.index),
+                   "vocab_size": self.vocab_size, "indices": self.indices, "tail": self.tail}
+        atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
     @staticmethod
     def load(path: Path) -> "TeacherCache":

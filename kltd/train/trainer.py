@@ -5,30 +5,31 @@
     kltd train -m prefix=fixed,student trajectory=expert,student
 
 Each step: draw states from the prefix source, score them with the student (grad) and the teacher
-(inference_mode), form kl_trajectory_weight * L_traj + kl_prefix_weight * L_prefix, step AdamW.
+(inference_mode), form kl_trajectory_weight * L_traj + kl_prefix_weight * L_prefix, step AdamW. Models are
+run through one seam (kltd.rollout.scoring.Scorer, kltd.rollout.sampling.Sampler); the trainer never
+chooses between the fast path and the models' own forward itself.
 """
 
 from __future__ import annotations
 
 import math
 import random
-import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from itertools import islice
 
 import torch
 
-from kltd.fast.memory import keep_freed_memory
-from kltd.spec.config import Config
+from kltd.data.order import ExampleOrder
 from kltd.objectives.divergences import DivergenceSpec
 from kltd.objectives.fused_head import fused_divergence, plain_output_layer
-from kltd.fast.arranged import supports as packs
 from kltd.objectives.losses import dataset_loss, prefix_loss, trajectory_loss
-from kltd.fast.packed import response_states
-from kltd.objectives.rewards import VERIFIERS, sequence_weights, teacher_loglik
-from kltd.rollout.sampling import position_ids_from_mask
-from kltd.rollout.states import Sampler, StateBatch, StateSource, TokenCounts, response_logits
+from kltd.objectives.rewards import sequence_weights, teacher_loglik
+from kltd.rollout.batch import StateBatch, TokenCounts
+from kltd.rollout.sampling import Sampler
+from kltd.rollout.scoring import Scorer
+from kltd.rollout.states import StateSource
+from kltd.spec.config import Config
+from kltd.spec.matrix import own_divergence
 
 
 class TrainingError(RuntimeError):
@@ -53,22 +54,13 @@ def lr_lambda(warmup: int, total: int, floor: float):
 
 
 def divergence_spec(cfg: Config) -> DivergenceSpec | None:
-    loss = cfg.loss
-    if cfg.trajectory.supervisor == "dataset":
+    """The per-token divergence of the trajectory term: the configured blend, else the trajectory's own."""
+    own = own_divergence(cfg.trajectory.supervisor)
+    if own is None:
         return None
-    default = "forward_kl" if cfg.trajectory.supervisor == "expert" else "reverse_kl"
-    return DivergenceSpec(
-        name=loss.divergence or default, beta=loss.beta, alpha=loss.alpha, mix=loss.mix, temperature=loss.temperature
-    )
-
-
-def shuffled_indices(n: int, seed: int) -> Iterator[int]:
-    """0..n-1 in a fresh seeded shuffle per epoch, epoch after epoch."""
-    order = random.Random(seed)
-    while True:
-        permutation = list(range(n))
-        order.shuffle(permutation)
-        yield from permutation
+    loss = cfg.loss
+    return DivergenceSpec(name=loss.divergence or own, beta=loss.beta, alpha=loss.alpha, mix=loss.mix,
+                          temperature=loss.temperature)
 
 
 @dataclass
@@ -76,18 +68,26 @@ class StepStats:
     loss: float = 0.0
     parts: dict = field(default_factory=dict)
     tokens: TokenCounts = field(default_factory=TokenCounts)
-    trained_tokens: int = 0
+    trained_tokens: int = 0  # supervised positions
+    real_tokens: int = 0  # prompt and response tokens of the scored batches (what a forward pass computes)
 
 
 class Trainer:
-    def __init__(self, cfg: Config, pair, train_examples: list):
+    """Owns the optimiser, the schedule, the state source and the data order of one run.
+
+    checker(response_text, example) -> bool grades a response (the correctness reward of offline RL).
+    order: the data order (default: seeded shuffles of the training examples, epoch after epoch).
+    """
+
+    def __init__(self, cfg: Config, pair, train_examples: list, checker: Callable[[str, object], bool] | None = None,
+                 order: ExampleOrder | None = None):
         self.cfg = cfg
-        if cfg.trainer.keep_freed_memory:
-            keep_freed_memory()
         self.student, self.teacher, self.tokenizer = pair.student, pair.teacher, pair.tokenizer
         self.device = pair.device
         self.examples = train_examples
+        self.checker = checker
         self.spec = divergence_spec(cfg)
+        self.scorer = Scorer(packed=cfg.trainer.packed_forward)
         t = cfg.trainer
         self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -105,23 +105,26 @@ class Trainer:
         self.teacher_forwards = 0  # live teacher passes during training (the cache avoids them)
         self.teacher_cache = None
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
-        self.order = shuffled_indices(len(train_examples), cfg.seed)
+        self.order = order or ExampleOrder(len(train_examples), cfg.seed)
+
+    @property
+    def examples_per_step(self) -> int:
+        return self.cfg.trainer.grad_accum * self.cfg.trainer.batch_size
 
     def next_examples(self, n: int) -> list:
-        """Epochs over the training split in a seeded shuffled order."""
-        return [self.examples[next(self.order)] for _ in range(n)]
+        """The next n examples of the data order (epochs over the training split, each freshly shuffled)."""
+        return [self.examples[i] for i in self.order.take(n)]
 
     def planned_examples(self) -> list:
-        """The examples the whole run will draw, in order (the same stream next_examples reads)."""
-        t = self.cfg.trainer
-        return [self.examples[i] for i in islice(shuffled_indices(len(self.examples), self.cfg.seed),
-                                                 t.max_steps * t.grad_accum * t.batch_size)]
+        """The examples the rest of the run will draw, in order (a preview of next_examples)."""
+        remaining = self.cfg.trainer.max_steps - self.steps_done
+        return [self.examples[i] for i in self.order.peek(remaining * self.examples_per_step)]
 
     def uses_teacher_cache(self) -> bool:
         """auto: cache whenever the states are fixed and the loss needs the teacher's logits at them."""
         c = self.cfg.cache
         needed = self.cfg.prefix.source == "fixed" and self._loss_needs_teacher(fixed_states=True)
-        return needed and (c.teacher == "on" or c.teacher == "auto")
+        return needed and c.teacher in ("on", "auto")
 
     def attach_teacher_cache(self, cache) -> None:
         self.teacher_cache = cache
@@ -140,7 +143,7 @@ class Trainer:
         if self.cache_serves(batch):
             return self.teacher_cache.lookup(batch)
         with torch.inference_mode():
-            logits = response_logits(self.teacher, batch)
+            logits = self.scorer.logits(self.teacher, batch)
         self.teacher_forwards += 1
         return logits.clone()  # a normal tensor again, usable by autograd
 
@@ -155,12 +158,14 @@ class Trainer:
         if traj.reward == "teacher_loglik":
             rewards = teacher_loglik(teacher_logits, batch.responses.tokens, batch.responses.mask)
         else:
+            if self.checker is None:
+                raise TrainingError("trajectory.reward=correctness needs an answer checker for this data")
             texts = self.tokenizer.batch_decode(
                 [row[m & (row != self.tokenizer.eos_token_id)].tolist()
                  for row, m in zip(batch.responses.tokens, batch.responses.mask)]
             )
-            verifier = VERIFIERS[traj.reward]
-            rewards = torch.tensor([verifier(t, e) for t, e in zip(texts, batch.examples)], device=self.device)
+            rewards = torch.tensor([float(self.checker(t, e)) for t, e in zip(texts, batch.examples)],
+                                   device=self.device)
         return sequence_weights(rewards, traj.weighting, keep_fraction=traj.keep_fraction,
                                 temperature=traj.awr_temperature, max_weight=traj.awr_max_weight)
 
@@ -177,22 +182,18 @@ class Trainer:
                 and plain_output_layer(self.teacher) is not None)
 
     def packs_both(self) -> bool:
-        """Both models score real tokens only (kltd.fast.packed): splitting a batch by length gains nothing."""
-        return self.can_fuse() and self.cfg.trainer.packed_forward and packs(self.student) and packs(self.teacher)
+        """Both models score real tokens only: splitting a batch by length gains nothing."""
+        return self.can_fuse() and self.scorer.packs(self.student) and self.scorer.packs(self.teacher)
 
     def fused_loss(self, batch: StateBatch, denominator: float) -> torch.Tensor:
         """kl_trajectory_weight * L_traj from hidden states; equals the logits path (tested)."""
-        mask = batch.supervised
-        ids, attention = batch.input_ids, batch.attention_mask
-        positions = position_ids_from_mask(attention)
-        packed = self.cfg.trainer.packed_forward
-        hidden = response_states(self.student, ids, attention, positions, mask, packed)
+        hidden = self.scorer.hidden_states(self.student, batch)
         if self.cache_serves(batch):
-            teacher_rows = self.teacher_cache.lookup(batch)[mask]
+            teacher_rows = self.teacher_cache.lookup(batch)[batch.supervised]
             rows = lambda part: teacher_rows[part]  # noqa: E731
         else:
             with torch.inference_mode():
-                teacher_hidden = response_states(self.teacher, ids, attention, positions, mask, packed)
+                teacher_hidden = self.scorer.hidden_states(self.teacher, batch)
             self.teacher_forwards += 1
             teacher_head = plain_output_layer(self.teacher).weight
             rows = lambda part: teacher_hidden[part] @ teacher_head.T  # noqa: E731
@@ -211,7 +212,7 @@ class Trainer:
             total = self.fused_loss(batch, denominator)
             return total, {"loss_trajectory": float(total.detach()) / cfg.kl_trajectory_weight}
         targets, mask = batch.responses.tokens, batch.supervised
-        student_logits = response_logits(self.student, batch)
+        student_logits = self.scorer.logits(self.student, batch)
         teacher_logits = self.teacher_logits(batch) if self.needs_teacher_logits(batch) else None
         common = dict(normalization=cfg.normalization, denominator=denominator)
         total = student_logits.new_zeros(())
@@ -230,26 +231,33 @@ class Trainer:
             total = total + cfg.kl_trajectory_weight * traj
             parts["loss_trajectory"] = float(traj.detach())
         if cfg.kl_prefix_weight > 0:
-            pre = student_logits.new_zeros(())
-            rows = batch.from_student
-
-            def pick(x, which):  # no copy of the logits when every row is of one kind
-                return x if x is None or bool(which.all()) else x[which]
-
-            if rows.any():  # score-function term over the tokens the student wrote; returns along the whole response
-                pre = pre + prefix_loss(
-                    pick(student_logits, rows), pick(teacher_logits, rows), pick(targets, rows),
-                    pick(batch.responses.mask, rows), states="student", gamma=cfg.gamma, baseline=cfg.baseline,
-                    spec=self.spec or DivergenceSpec("reverse_kl"), score_mask=pick(batch.student_written, rows),
-                    sampling_temperature=self.cfg.sampling.temperature, **common,
-                )
-            if (~rows).any():  # states independent of theta: cross-entropy on the prefix tokens
-                pre = pre + prefix_loss(pick(student_logits, ~rows), None, pick(targets, ~rows), pick(mask, ~rows),
-                                        states="fixed", **common)
+            pre = self.prefix_term(batch, student_logits, teacher_logits, common)
             total = total + cfg.kl_prefix_weight * pre
             parts["loss_prefix"] = float(pre.detach())
         del student_logits, teacher_logits
         return total, parts
+
+    def prefix_term(self, batch: StateBatch, student_logits, teacher_logits, common: dict) -> torch.Tensor:
+        """L_prefix: a score-function term on the rows the student wrote (returns: the divergence at the
+        supervised positions after each token), cross-entropy on the prefix of the other rows."""
+        cfg, sampling = self.cfg.loss, self.cfg.sampling
+        targets, mask, rows = batch.responses.tokens, batch.supervised, batch.from_student
+        pre = student_logits.new_zeros(())
+
+        def pick(x, which):  # no copy of the logits when every row is of one kind
+            return x if x is None or bool(which.all()) else x[which]
+
+        if rows.any():
+            pre = pre + prefix_loss(
+                pick(student_logits, rows), pick(teacher_logits, rows), pick(targets, rows), pick(mask, rows),
+                states="student", gamma=cfg.gamma, baseline=cfg.baseline,
+                spec=self.spec or DivergenceSpec("reverse_kl"), score_mask=pick(batch.student_written, rows),
+                sampling_temperature=sampling.temperature, sampling_top_p=sampling.top_p, **common,
+            )
+        if (~rows).any():  # states independent of theta: cross-entropy on the prefix tokens
+            pre = pre + prefix_loss(pick(student_logits, ~rows), None, pick(targets, ~rows), pick(mask, ~rows),
+                                    states="fixed", **common)
+        return pre
 
     def step(self) -> StepStats:
         """One optimiser step over trainer.grad_accum micro-batches."""
@@ -270,11 +278,12 @@ class Trainer:
             loss, parts = self.loss(batch, denominator)
             if not torch.isfinite(loss):
                 raise TrainingError(
-                    f"the loss became {float(loss.detach())} at step {self.scheduler.last_epoch}; "
+                    f"the loss became {float(loss.detach())} at step {self.steps_done + 1}; "
                     "lower trainer.lr or raise loss.temperature, then rerun"
                 )
             loss.backward()
             stats.loss += float(loss.detach())
+            stats.real_tokens += int(batch.attention_mask.sum())
             for k, v in parts.items():
                 stats.parts[k] = stats.parts.get(k, 0.0) + v
         grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), t.max_grad_norm)
@@ -287,9 +296,3 @@ class Trainer:
         forward_passes = 2 if self.needs_teacher_logits(batches[0]) else 1
         stats.tokens.scored += tokens * forward_passes  # student and (live or cached) teacher scores
         return stats
-
-
-def timed(fn):
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start

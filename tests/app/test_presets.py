@@ -30,22 +30,22 @@ def typed(*overrides):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_method_preset_composes_and_validates(method):
-    validate(typed(f"+method={method}"))
+    validate(typed(f"method={method}"))
 
 
 def test_presets_name_what_they_compute():
-    labels = {method: typed(f"+method={method}").method for method in METHODS}
+    labels = {method: typed(f"method={method}").method for method in METHODS}
     assert labels["sft"] == "SFT" and labels["dagger"] == "DAgger" and labels["opd"] == "OPD"
     assert labels["minillm"] == "OPD +prefix(1)"
     assert labels["distillm"] == "GKD λ=0.5 [skew_kl(0.1)]"
     assert labels["handoff"] == "GKD hand-off λ=1"
-    assert labels["filtered-bc"] == "Offline RL (reward-weighted)"
+    assert labels["filtered_bc"] == "Offline RL (reward-weighted)"
     assert len(set(labels.values())) == len(labels)
 
 
 @pytest.mark.parametrize("sweep", SWEEPS)
 def test_sweep_presets_are_multiruns_over_valid_cells(sweep):
-    cfg = composed(f"+sweep={sweep}")
+    cfg = composed(f"sweep={sweep}")
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
     params = cfg.hydra.sweeper.params
     assert params, "a sweep preset must sweep something"
@@ -54,10 +54,10 @@ def test_sweep_presets_are_multiruns_over_valid_cells(sweep):
 def test_matrix_sweep_covers_every_valid_cell():
     from kltd.spec.matrix import METHOD_NAMES
 
-    cells = str(composed("+sweep=matrix").hydra.sweeper.params["+method"]).split(",")
+    cells = str(composed("sweep=matrix").hydra.sweeper.params["method"]).split(",")
     got = set()
     for cell in cells:
-        cfg = composed(f"+method={cell}")
+        cfg = composed(f"method={cell}")
         got.add((cfg.prefix.source, cfg.trajectory.supervisor))
     assert got == set(METHOD_NAMES)
 
@@ -66,18 +66,18 @@ def test_every_method_preset_runs_a_few_steps(tmp_path):
     if not METHODS:
         pytest.fail("no method presets found")
     responses = tmp_path / "responses.jsonl"
-    # filtered-bc needs imperfect data: a tiny file with one wrong response
+    # filtered_bc needs imperfect data: a tiny file with one wrong response
     responses.write_text("\n".join(json.dumps(r) for r in [
         {"prompt": "12+45=", "response": "57;57"}, {"prompt": "3+4+5=", "response": "7,13;13"},
         {"prompt": "10+10=", "response": "20;20"}, {"prompt": "1+1+1=", "response": "2,3;3"}]) + "\n")
     sweep = tmp_path / "sweep"
     out = subprocess.run(
-        [sys.executable, "-m", "kltd.app.cli", "train", "-m", f"+method={','.join(m for m in METHODS if m != 'filtered-bc')}",
+        [sys.executable, "-m", "kltd.app.cli", "train", "-m", f"method={','.join(m for m in METHODS if m != 'filtered_bc')}",
          *TINY, f"hydra.sweep.dir={sweep}"],
         capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "WANDB_MODE": "disabled"}, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     out = subprocess.run(
-        [sys.executable, "-m", "kltd.app.cli", "train", "+method=filtered-bc", f"data.responses_file={responses}", *TINY,
+        [sys.executable, "-m", "kltd.app.cli", "train", "method=filtered_bc", f"data.responses_file={responses}", *TINY,
          f"hydra.run.dir={tmp_path / 'filtered'}"],
         capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "WANDB_MODE": "disabled"}, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -6,7 +6,9 @@ from tests.support.tiny_models import ARCHITECTURES
 from tests.support.tiny_models import tiny_architecture as tiny_model
 
 from kltd.fast.lean_decoder import LeanDecoder
-from kltd.rollout.sampling import ForwardDecoder, encode_prompts, position_ids_from_mask, sample
+from kltd.rollout.decoders import ForwardDecoder
+from kltd.rollout.batch import encode_prompts, position_ids_from_mask
+from kltd.rollout.sampling import sample
 
 
 @pytest.mark.parametrize("name", list(ARCHITECTURES))

@@ -4,19 +4,23 @@ import pytest
 import torch
 from tests.support.tiny_models import ARCHITECTURES, tiny_architecture
 
+import gc
+import weakref
+
 from kltd.fast.arranged import arranged, supports
-from kltd.fast.packed import AttentionLayout, response_states
-from kltd.rollout.sampling import encode_prompts, pad_responses, position_ids_from_mask
+from kltd.fast.packed import AttentionLayout
+from kltd.rollout.batch import StateBatch, encode_prompts, encode_responses
+from kltd.rollout.scoring import Scorer
 
 
 def state_batch(tok, prompts, responses):
     """Left-padded prompts then right-padded responses, the layout every state batch has."""
     ids, mask = encode_prompts(tok, prompts, "cpu")
-    resp = pad_responses([tok.encode(r, add_special_tokens=False) + [tok.eos_token_id] for r in responses],
-                         tok.pad_token_id, "cpu")
-    input_ids = torch.cat([ids, resp.tokens], 1)
-    attention = torch.cat([mask, resp.mask.long()], 1)
-    return input_ids, attention, position_ids_from_mask(attention), resp.mask
+    return StateBatch(ids, mask, encode_responses(tok, responses, "cpu"))
+
+
+def response_states(model, batch, packed=True):
+    return Scorer(packed).hidden_states(model, batch)
 
 
 PROMPTS = ["1+2=", "12+45+7+88=", "99+9=", "3+4+5+6=", "7="]
@@ -27,14 +31,16 @@ RESPONSES = ["3", "12+45=57,57+7=64,64+88=152", "108", "3+4=7", ""]
 def test_hidden_states_and_gradients_match_the_models_forward(name):
     model, tok = tiny_architecture(name)
     assert supports(model)
-    ids, attention, positions, supervised = state_batch(tok, PROMPTS, RESPONSES)
-    ids[1, -3] = tok.pad_token_id  # a sampled token can be the padding id: as a real token its row gets no gradient
-    assert attention[1, -3] == 1
+    batch = state_batch(tok, PROMPTS, RESPONSES)
+    supervised = batch.supervised
+    # a sampled token can be the padding id: as a real token its row gets no gradient
+    batch.responses.tokens[1, -3] = tok.pad_token_id
+    assert batch.responses.mask[1, -3]
     weights = torch.randn(int(supervised.sum()), model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     results = []
     for packed in (True, False):
         model.zero_grad(set_to_none=True)
-        hidden = response_states(model, ids, attention, positions, supervised, packed=packed)
+        hidden = response_states(model, batch, packed=packed)
         (hidden * weights).sum().backward()
         results.append((hidden.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (mine, my_grads), (theirs, their_grads) = results
@@ -66,17 +72,30 @@ def test_attention_layout_groups_rows_by_length_and_starts_each_row_at_column_ze
 
 def test_arranged_weights_are_reused_until_a_parameter_changes():
     model, tok = tiny_architecture("llama")
-    ids, attention, positions, supervised = state_batch(tok, PROMPTS, RESPONSES)
+    batch = state_batch(tok, PROMPTS, RESPONSES)
     with torch.inference_mode():
         first = arranged(model)
         assert arranged(model) is first  # a frozen model (the teacher) is arranged once
-        before = response_states(model, ids, attention, positions, supervised)
+        before = response_states(model, batch)
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight.mul_(1.5)  # what an optimiser step does to a student
     with torch.inference_mode():
         assert arranged(model) is not first
-        after = response_states(model, ids, attention, positions, supervised)
-        reference = response_states(model, ids, attention, positions, supervised, packed=False)
+        after = response_states(model, batch)
+        reference = response_states(model, batch, packed=False)
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, reference, atol=2e-5, rtol=1e-5)
     assert arranged(model) is not arranged(model)  # with autograd on, always fresh (it is part of the graph)
+
+
+def test_an_arranged_model_is_freed_with_its_last_reference():
+    """The reuse cache holds models weakly: arranging a model must not keep it (and its copies) alive."""
+    model, tok = tiny_architecture("qwen3")
+    batch = state_batch(tok, PROMPTS, RESPONSES)
+    with torch.inference_mode():
+        response_states(model, batch)
+        assert arranged(model) is arranged(model)  # cached
+    gone = weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is None

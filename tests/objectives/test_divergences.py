@@ -6,13 +6,9 @@ import warnings
 import pytest
 import torch
 
-from kltd.objectives.divergences import (
-    DIVERGENCES,
-    DivergenceSpec,
-    chunked_token_divergence,
-    token_divergence,
-    topk_token_divergence,
-)
+from kltd.spec.choices import DIVERGENCES
+from kltd.objectives.divergences import DivergenceSpec, token_divergence, topk_token_divergence
+from kltd.objectives.chunked import chunked_token_divergence
 
 V = 11
 

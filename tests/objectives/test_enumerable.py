@@ -1,4 +1,4 @@
-"""Each estimator's expected gradient against the exact gradient of the objective it claims (design §6).
+"""Each estimator's expected gradient against the exact gradient of the objective it claims.
 
 Testbed: tests/support/enumerable.py (V = 4 with EOS, horizon 4, 121 responses, tabular teacher and student).
 Exact gradients come from autograd on enumerated sums. The production losses (kltd.objectives.losses) are fed the

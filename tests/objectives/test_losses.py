@@ -8,15 +8,7 @@ import torch.nn.functional as F
 
 from kltd.objectives.divergences import DivergenceSpec, token_divergence
 from kltd.objectives.estimators import sampled_kl
-from kltd.objectives.losses import (
-    baseline_values,
-    dataset_loss,
-    future_returns,
-    normalize,
-    prefix_loss,
-    trajectory_loss,
-    trajectory_per_token,
-)
+from kltd.objectives.losses import baseline_values, dataset_loss, future_returns, normalize, prefix_loss, trajectory_loss, trajectory_per_token
 
 B, T, V = 4, 6, 9
 ESTIMATORS = ["exact", "topk", "sampled_k1", "sampled_k2", "sampled_k3", "sampled_reward"]

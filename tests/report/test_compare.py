@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from kltd.report.compare import CompareError, compare
+from kltd.report.records import CompareError
+from kltd.report.compare import compare
 from kltd.report.tables import matrix_cells, matrix_table, to_markdown
 
 KLTD = [sys.executable, "-m", "kltd.app.cli"]
@@ -259,7 +260,7 @@ def test_a_missing_seed_joins_its_methods_row_by_the_label_its_config_gives(tmp_
 
 
 def test_only_quality_metrics_have_a_better_direction():
-    from kltd.report.tables import better_direction
+    from kltd.report.aggregate import better_direction
 
     assert better_direction("accuracy") == "higher" and better_direction("pass_at_k") == "higher"
     assert better_direction("reverse_kl_student_states") == "lower"

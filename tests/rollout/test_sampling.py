@@ -6,15 +6,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from kltd.rollout.sampling import (
-    _choose,
-    decode_responses,
-    draw_categorical,
-    encode_prompts,
-    encode_responses,
-    position_ids_from_mask,
-    sample,
-)
+from kltd.rollout.sampling import _choose, draw_categorical, sample
+from kltd.rollout.batch import decode_responses, encode_prompts, encode_responses, position_ids_from_mask
 from kltd.data.toy_tokenizer import build_tokenizer
 
 
@@ -153,15 +146,17 @@ def test_sampled_first_tokens_follow_the_model_distribution(tiny):
 def test_dropping_ended_rows_changes_no_greedy_output(monkeypatch, lean):
     """The shipped toy student ends its answers at different lengths; the decoder sheds ended rows as it goes."""
     import kltd.rollout.sampling as sampling
-    from kltd.train.models import load_model, load_tokenizer
+    from kltd.fast.lean_decoder import LeanDecoder
+    from kltd.rollout.decoders import ForwardDecoder
+    from kltd.train.models import load_model, load_tokenizer, toy_dir
     from kltd.data.addition import make_splits
 
-    toy = Path(sampling.__file__).parents[1] / "assets" / "toy" / "student"
+    toy = toy_dir() / "student"
     model, tok = load_model(str(toy)), load_tokenizer(str(toy))
     prompts = [e.prompt for e in make_splits(0, 16, 0)[0]]
     ids, mask = encode_prompts(tok, prompts, "cpu")
     kept = []
-    for decoder in (sampling.LeanDecoder, sampling.ForwardDecoder):
+    for decoder in (LeanDecoder, ForwardDecoder):
         plain_keep = decoder.keep
         monkeypatch.setattr(decoder, "keep", lambda self, rows, plain_keep=plain_keep: kept.append(len(rows))
                             or plain_keep(self, rows))

@@ -5,8 +5,10 @@ import torch
 
 from kltd.spec.config import PrefixConfig
 from kltd.train.models import load_model, load_tokenizer
-from kltd.rollout.sampling import decode_responses, sample
-from kltd.rollout.states import Sampler, StateSource, student_fraction_at
+from kltd.rollout.batch import decode_responses
+from kltd.rollout.sampling import sample
+from kltd.rollout.sampling import Sampler
+from kltd.rollout.states import StateSource, student_fraction_at
 from kltd.data.addition import make_splits
 from tests.support.tiny_models import make_tiny_model
 

@@ -7,7 +7,7 @@ from hydra import compose, initialize_config_dir
 
 from kltd.spec.config import Config, ConfigError, validate
 from kltd.spec.matrix import METHOD_NAMES, PREFIXES, TRAJECTORIES, cell_error, method_name, slug
-from kltd.app.train_command import config_dir, expand_sweep, to_typed
+from kltd.app.train_command import config_dir, to_typed
 
 
 def compose_typed(*overrides: str) -> Config:
@@ -63,7 +63,6 @@ def test_bad_value_type_is_refused():
         ("loss.divergence=fwd", "loss.divergence"),
         ("loss.normalization=batch", "loss.normalization"),
         ("prefix.student_fraction=1.5", "student_fraction"),
-        ("model.student=/nonexistent/model", "does not exist"),
         ("eval.num_prompts=100000", "eval.num_prompts"),
         ("trainer.batch_size=0", "trainer.batch_size"),
     ],
@@ -73,12 +72,51 @@ def test_bad_values_are_refused_with_the_key(override, message):
         validate(compose_typed(override))
 
 
+def test_preflight_names_a_missing_model_directory():
+    from kltd.train.preflight import preflight
+
+    cfg = compose_typed("model.student=/nonexistent/model")
+    validate(cfg)  # the config itself is fine: only preflight reads the file system
+    with pytest.raises(ConfigError, match="model.student.*does not exist"):
+        preflight(cfg)
+
+
 def test_scripts_can_rely_on_these_keys():
     cfg = compose_typed("seed=3", "trainer.max_steps=7", "trainer.batch_size=5", "eval.num_prompts=11")
     assert (cfg.seed, cfg.trainer.max_steps, cfg.trainer.batch_size, cfg.eval.num_prompts) == (3, 7, 5, 11)
 
 
-def test_sweep_expansion_matches_a_basic_multirun():
-    combos = expand_sweep(["prefix=fixed,student", "trajectory=expert,student", "seed=1", "hydra.sweep.dir=/tmp/x"])
-    assert len(combos) == 4
-    assert ["prefix=student", "trajectory=expert", "seed=1"] in combos
+@pytest.mark.parametrize("trajectory,divergence,right", [
+    ("expert", "reverse_kl", "trajectory=student"),
+    ("student", "forward_kl", "trajectory=expert"),
+    ("expert", "loss.divergence=jsd loss.beta=1", "trajectory=student"),  # TRL's beta=1 is exactly reverse KL
+    ("student", "loss.divergence=kl_mix loss.mix=0", "trajectory=expert"),
+])
+def test_a_divergence_that_contradicts_its_trajectory_is_refused_naming_the_right_one(trajectory, divergence, right):
+    overrides = divergence.split() if "=" in divergence else [f"loss.divergence={divergence}"]
+    with pytest.raises(ConfigError, match=right):
+        validate(compose_typed("prefix=student", f"trajectory={trajectory}", *overrides))
+
+
+@pytest.mark.parametrize("divergence", ["jsd", "kl_mix", "tv", "skew_kl", "skew_reverse_kl"])
+@pytest.mark.parametrize("trajectory", ["expert", "student"])
+def test_blends_are_allowed_on_either_trajectory_and_labelled(trajectory, divergence):
+    cfg = compose_typed("prefix=student", f"trajectory={trajectory}", f"loss.divergence={divergence}")
+    validate(cfg)
+    assert f"[{divergence}" in cfg.method
+
+
+def test_the_divergence_group_sets_the_trajectory_its_kl_direction_stands_for():
+    opd = compose_typed("prefix=student", "divergence=reverse_kl")
+    dagger = compose_typed("prefix=student", "divergence=forward_kl")
+    assert (opd.trajectory.supervisor, opd.method) == ("student", "OPD")
+    assert (dagger.trajectory.supervisor, dagger.method) == ("expert", "DAgger")
+    mix = compose_typed("prefix=student", "divergence=kl_mix")
+    assert mix.method == "DAgger [kl_mix(0.5)]"
+
+
+def test_sampled_estimators_refuse_states_drawn_from_another_distribution():
+    with pytest.raises(ConfigError, match="top_p"):
+        validate(compose_typed("prefix=student", "trajectory=student", "loss.estimator=sampled_reward",
+                               "sampling.top_p=0.8"))
+    validate(compose_typed("prefix=student", "trajectory=student", "loss.estimator=sampled_reward"))

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from kltd.train.models import load_model, load_tokenizer
-from kltd.rollout.sampling import encode_prompts, encode_responses
-from kltd.rollout.states import StateBatch, response_logits
+from kltd.rollout.batch import StateBatch, encode_prompts, encode_responses
+from kltd.rollout.scoring import Scorer
 from kltd.data.addition import make_splits
 from kltd.train.teacher_cache import TeacherCache, cached_teacher
 from tests.support.tiny_models import make_tiny_model
@@ -25,7 +25,7 @@ def live_logits(teacher, tokenizer, examples):
     ids, mask = encode_prompts(tokenizer, [e.prompt for e in examples], "cpu")
     batch = StateBatch(ids, mask, encode_responses(tokenizer, [e.response for e in examples], "cpu"), examples=examples)
     with torch.inference_mode():
-        return batch, response_logits(teacher, batch)
+        return batch, Scorer().logits(teacher, batch)
 
 
 def test_cached_logits_equal_live_logits(setup):

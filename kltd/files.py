@@ -1,0 +1,55 @@
+"""Writing files so that a file (or directory) that exists under its final name is always complete.
+
+Everything kltd leaves on disk for later (summaries, teacher caches, datasets, checkpoints) is written
+next to its final name and renamed into place; a crash leaves a temporary behind, never a half-written
+file under the real name. Used by every layer; imports nothing of kltd.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+
+def _temporary(path: Path) -> Path:
+    # the process id keeps two writers of the same file from sharing a temporary
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call write(tmp) to produce the file at a temporary path, then rename it to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def atomic_write_json(path: str | Path, payload: dict) -> Path:
+    return atomic_write_text(path, json.dumps(payload, indent=2, default=str))
+
+
+def atomic_write_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call write(tmp_dir) to fill a fresh temporary directory, then put it in place of `path`."""
+    path = Path(path)
+    tmp = _temporary(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path

@@ -1,0 +1,56 @@
+"""Scoring a batch of states with a model: the one seam between the trainer (and evaluation) and the fast
+path.
+
+The trainer and the evaluation ask a `Scorer` for the models' logits or final hidden states at a batch's
+response states; whether that runs kltd's packed forward (kltd.fast.packed, Llama-family models, real
+tokens only) or the model's own Hugging Face forward is decided here and nowhere else. Both give the same
+numbers to float rounding (tests/fast).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kltd.fast.arranged import supports
+from kltd.fast.packed import packed_hidden
+from kltd.rollout.batch import StateBatch, position_ids_from_mask
+
+
+class Scorer:
+    """Logits or hidden states at the response states of a StateBatch.
+
+    packed: use kltd's packed forward for the architectures it supports (else always the model's own).
+    """
+
+    def __init__(self, packed: bool = True):
+        self.packed = packed
+
+    def packs(self, model) -> bool:
+        """Whether `hidden_states` runs the packed forward for this model (real tokens only, no padding)."""
+        return self.packed and supports(model)
+
+    def logits(self, model, batch: StateBatch) -> Tensor:
+        """[B, N, V] logits at the N response states: entry t predicts response token t.
+
+        Only the response positions are projected onto the vocabulary (logits_to_keep), so the prompt never
+        costs a B x P x V tensor.
+        """
+        attention_mask = batch.attention_mask
+        out = model(input_ids=batch.input_ids, attention_mask=attention_mask,
+                    position_ids=position_ids_from_mask(attention_mask),
+                    logits_to_keep=batch.responses.tokens.shape[1] + 1, use_cache=False)
+        return out.logits[:, :-1]
+
+    def hidden_states(self, model, batch: StateBatch) -> Tensor:
+        """[M, D] final hidden states (after the final norm) at the batch's supervised states, row-major."""
+        supervised, attention_mask = batch.supervised, batch.attention_mask
+        positions = position_ids_from_mask(attention_mask)
+        n = supervised.shape[1]
+        if self.packs(model):
+            select = torch.zeros_like(attention_mask, dtype=torch.bool)
+            select[:, -(n + 1) : -1] = supervised
+            return packed_hidden(model, batch.input_ids, attention_mask, positions, select)
+        out = model.base_model(input_ids=batch.input_ids, attention_mask=attention_mask, position_ids=positions,
+                               use_cache=False)
+        return out.last_hidden_state[:, -(n + 1) : -1][supervised]

@@ -1,0 +1,34 @@
+"""The valid values of every enumerated config key, in one place.
+
+The objectives and the trainer implement these names; the schema (kltd.spec.config) refuses anything
+else before a model is loaded. Plain tuples: nothing here imports torch or Hydra.
+"""
+
+from __future__ import annotations
+
+PREFIXES = ("fixed", "teacher", "student", "mixed")
+TRAJECTORIES = ("expert", "student", "dataset")
+
+# Per-token divergences D(p, q), p = teacher, q = student (kltd.objectives.divergences defines each).
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "jsd_scaled", "skew_kl", "skew_reverse_kl", "tv", "kl_mix")
+ESTIMATORS = ("exact", "topk", "sampled_k1", "sampled_k2", "sampled_k3", "sampled_reward")
+# The one-token estimators defined for each KL direction (kltd.objectives.estimators says why).
+SAMPLED_ESTIMATORS = {
+    "reverse_kl": ("sampled_k1", "sampled_k2", "sampled_k3", "sampled_reward"),
+    "forward_kl": ("sampled_k1", "sampled_k3"),
+}
+NORMALIZATIONS = ("token", "sequence")
+BASELINES = ("none", "batch_mean", "leave_one_out")
+
+# Offline RL (trajectory=dataset): a return per sequence, and how it weights the cross-entropy.
+REWARDS = ("none", "correctness", "teacher_loglik")
+WEIGHTINGS = ("none", "filter", "awr")
+
+MIXED_OTHER = ("fixed", "teacher")
+SCHEDULES = ("constant", "linear")
+HANDOFF_K = ("fixed", "uniform", "geometric")
+SUPERVISE = ("all", "after_handoff")
+DTYPES = ("float32", "bfloat16", "float16")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+CACHE_MODES = ("auto", "on", "off")
+CACHE_FORMATS = ("full", "topk")

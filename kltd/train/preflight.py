@@ -1,0 +1,20 @@
+"""Everything that can be checked before a model is loaded: the config (kltd.spec.config) and the files
+it names. Raises ConfigError with one line that says what is wrong and how to fix it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kltd.spec.config import Config, ConfigError
+from kltd.train.models import check_model_reference
+
+
+def preflight(cfg: Config) -> None:
+    cfg.check()
+    for role in ("teacher", "student"):
+        problem = check_model_reference(getattr(cfg.model, role))
+        if problem:
+            raise ConfigError(f"model.{role}: {problem}")
+    responses = cfg.data.responses_file
+    if responses is not None and not Path(responses).expanduser().is_file():
+        raise ConfigError(f"data.responses_file '{responses}' does not exist (make one with `kltd make-data`)")
