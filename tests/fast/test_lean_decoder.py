@@ -44,3 +44,11 @@ def test_unsupported_architectures_use_the_forward():
 
     model = GPT2LMHeadModel(GPT2Config(vocab_size=17, n_embd=16, n_layer=1, n_head=2, n_positions=32))
     assert not LeanDecoder.supports(model)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_both_decoders_implement_the_one_declared_interface(name):
+    from kltd.rollout.decoders import Decoder
+
+    model, _ = tiny_model(name)
+    assert isinstance(LeanDecoder(model), Decoder) and isinstance(ForwardDecoder(model), Decoder)

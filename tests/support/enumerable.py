@@ -61,13 +61,39 @@ def make_testbed(seed: int = 0, teacher_scale: float = 2.0, student_scale: float
 # Exact quantities by enumeration (written directly on the tables, independent of kltd)
 
 
-def sequence_logprob(table: Tensor, seqs: list[tuple[int, ...]]) -> Tensor:
-    """log model(y) for each listed response; [S, V] -> [N]."""
-    logp = torch.log_softmax(table, -1)
+def sequence_logprob(table: Tensor, seqs: list[tuple[int, ...]], log_table: Tensor | None = None,
+                     rolled_out_by: Tensor | None = None, handoff: int | None = None) -> Tensor:
+    """log model(y) for each listed response; [S, V] -> [N].
+
+    log_table: per-state log-probabilities to use instead of log_softmax(table) (e.g. a truncated sampler).
+    rolled_out_by, handoff: the first `handoff` tokens come from `table`, the rest from this other table
+    (roll-in by one model, roll-out by another).
+    """
+    logp = torch.log_softmax(table, -1) if log_table is None else log_table
+    other = None if rolled_out_by is None else torch.log_softmax(rolled_out_by, -1)
     out = []
     for y in seqs:
-        out.append(sum(logp[state_id(y[:t]), y[t]] for t in range(len(y))))
+        out.append(sum((logp if other is None or t < handoff else other)[state_id(y[:t]), y[t]]
+                       for t in range(len(y))))
     return torch.stack(out)
+
+
+def nucleus_log_table(table: Tensor, top_p: float) -> Tensor:
+    """Per-state log-probabilities of top-p sampling from softmax(table): the most likely tokens, in order,
+    while the mass before each is below top_p, renormalised; -inf elsewhere. The set is chosen on the
+    detached probabilities (membership has no gradient); the renormalised values keep theirs."""
+    probs = torch.softmax(table.detach(), -1)
+    keep = torch.zeros_like(probs, dtype=torch.bool)
+    for s in range(probs.shape[0]):
+        mass = 0.0
+        for v in probs[s].argsort(descending=True).tolist():
+            if mass >= top_p:
+                break
+            keep[s, v] = True
+            mass += float(probs[s, v])
+    logp = torch.log_softmax(table, -1)
+    kept = torch.where(keep, logp, -torch.inf)
+    return kept - kept.logsumexp(-1, keepdim=True)
 
 
 def sequence_kls(tb: Testbed) -> tuple[Tensor, Tensor]:

@@ -21,3 +21,26 @@ def test_means_by_position_and_the_tail_that_too_few_sequences_reach_is_dropped(
 
 def test_an_empty_curve_has_no_means():
     assert PositionCurve().means() == []
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_evaluation_decodes_as_sampling_lean_decoder_says(lean, monkeypatch):
+    """Every sampling call of the evaluation picks its decoder with the run's lean_decoder setting, and the
+    numbers do not depend on it (same samples either way)."""
+    import kltd.rollout.sampling as sampling
+    from kltd.data.addition import is_correct, make_splits
+    from kltd.spec.config import EvalConfig
+    from kltd.train.evaluation import evaluate
+    from kltd.train.models import load_pair
+
+    asked = []
+    plain = sampling.decoder_for
+    monkeypatch.setattr(sampling, "decoder_for", lambda model, lean_: asked.append(lean_) or plain(model, lean_))
+    pair = load_pair("toy/teacher", "toy/student", device="cpu")
+    _, held_out = make_splits(0, 0, 6)
+    settings = EvalConfig(num_prompts=6, batch_size=6, max_new_tokens=24, pass_k=2)
+    result = evaluate(pair.student, pair.teacher, pair.tokenizer, held_out, settings, checker=is_correct, lean=lean)
+    assert asked and set(asked) == {lean}
+    other = evaluate(pair.student, pair.teacher, pair.tokenizer, held_out, settings, checker=is_correct, lean=not lean)
+    assert result["accuracy"] == other["accuracy"] and result["response_length"] == other["response_length"]
+    assert result["reverse_kl_student_states"] == pytest.approx(other["reverse_kl_student_states"], rel=1e-4)

@@ -150,3 +150,25 @@ def test_planned_examples_are_the_ones_training_draws(model_dirs):
     drawn = [e for _ in range(7 * 2) for e in trainer.next_examples(10)]  # 140 draws: more than two epochs of 64
     assert [e.prompt for e in planned] == [e.prompt for e in drawn]
     assert len({e.prompt for e in drawn[:64]}) == 64  # each epoch is a permutation of the split
+
+
+def test_handoff_prefix_term_returns_only_supervised_divergence_and_scores_the_roll_in(model_dirs):
+    """prefix=mixed with a hand-off and supervise=after_handoff: the trainer's prefix term is the score
+    function over the student's roll-in tokens with returns over the supervised positions only (the
+    combination kltd.objectives.losses.prefix_loss is proven exact for in tests/objectives)."""
+    from kltd.objectives.divergences import DivergenceSpec
+    from kltd.objectives.losses import prefix_loss
+
+    trainer = make_trainer(model_dirs, prefix__source="mixed", prefix__student_fraction=1.0, prefix__handoff=True,
+                           prefix__handoff_k="fixed", prefix__handoff_k_value=3, prefix__supervise="after_handoff",
+                           loss__kl_prefix_weight=1.0, loss__baseline="none", sampling__top_p=0.9)
+    batch, _ = trainer.states.build(trainer.next_examples(6), trainer.generator)
+    written, supervised = batch.student_written, batch.supervised
+    assert written.any() and supervised.any() and not (written & supervised).any()
+    student = trainer.scorer.logits(trainer.student, batch)
+    teacher = trainer.teacher_logits(batch)
+    common = dict(normalization="token", denominator=float(supervised.sum()))
+    got = trainer.prefix_term(batch, student, teacher, common)
+    want = prefix_loss(student, teacher, batch.responses.tokens, supervised, states="student", baseline="none",
+                       spec=DivergenceSpec("forward_kl"), score_mask=written, sampling_top_p=0.9, **common)
+    assert torch.allclose(got, want) and float(want.detach()) != 0.0
