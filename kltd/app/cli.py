@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 
 USAGE = """usage: kltd <command> [args]
@@ -21,6 +22,8 @@ examples:
 
 
 def main(argv: list[str] | None = None) -> None:
+    if argv is None and hasattr(signal, "SIGPIPE"):  # `kltd ... | head` ends quietly, like any Unix tool
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
