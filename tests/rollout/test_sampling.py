@@ -1,6 +1,5 @@
 """The KV-cache sampler against a plain recompute-everything decoder, on a tiny random Llama."""
 
-from pathlib import Path
 
 import pytest
 import torch
