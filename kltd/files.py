@@ -41,6 +41,11 @@ def atomic_write_json(path: str | Path, payload: dict) -> Path:
     return atomic_write_text(path, json.dumps(payload, indent=2, default=str))
 
 
+def atomic_write_jsonl(path: str | Path, rows: list[dict]) -> Path:
+    """One JSON object per line."""
+    return atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
 def atomic_write_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call write(tmp_dir) to fill a fresh temporary directory, then put it in place of `path`."""
     path = Path(path)

@@ -10,14 +10,15 @@ ROOT = Path(kltd.__file__).parent
 # package -> the kltd packages it may import (besides itself); "files" is kltd/files.py
 ALLOWED = {
     "files": set(),
+    "hub": set(),
     "spec": set(),
-    "data": {"spec", "files"},
+    "data": {"spec", "files", "hub"},
     "objectives": {"spec"},
     "fast": set(),
     "rollout": {"fast", "objectives", "spec"},
     "report": {"spec", "files"},
-    "train": {"rollout", "objectives", "data", "spec", "report", "files"},
-    "app": {"train", "rollout", "objectives", "fast", "data", "spec", "report", "files"},
+    "train": {"rollout", "objectives", "data", "spec", "report", "files", "hub"},
+    "app": {"train", "rollout", "objectives", "fast", "data", "spec", "report", "files", "hub"},
 }
 HYDRA = ("hydra", "omegaconf")
 

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass
+
+from kltd.data.example import Example
 
 # Every character a prompt or a response can contain (the toy tokenizer's vocabulary).
 CHARACTERS = "0123456789+=,;"
@@ -32,13 +33,6 @@ MIN_TERMS_ALLOWED = 2
 _PROMPT = re.compile(r"\d+(?:\+\d+)+=")
 _STEP = r"\d+\+\d+=\d+"
 _RESPONSE = re.compile(rf"({_STEP}(?:,{_STEP})*);(\d+)")
-
-
-@dataclass(frozen=True)
-class Example:
-    prompt: str
-    response: str  # the correct scratchpad + answer, without EOS
-    answer: int
 
 
 def solve(prompt: str) -> str:

@@ -1,8 +1,10 @@
-"""Datasets of responses on disk (JSONL): what `kltd make-data` writes and prefix=fixed can train on.
+"""Responses for the built-in task on disk (JSONL): what `kltd make-data` writes for it, and what
+data.responses_file trains on in place of the task's correct responses.
 
-One JSON object per line: {"prompt": "12+45=", "response": "57;57", "source": "student"}. Responses may be
-wrong: offline RL learns from imperfect data. Prompts must be task prompts; the reference answer is
-recomputed from the prompt, never trusted from the file.
+One JSON object per line: {"prompt": "12+45=", "completion": "57;57", "source": "student"} (TRL's standard
+format; the key "response" is read too). Responses may be wrong: offline RL learns from imperfect data.
+Prompts must be task prompts; the reference answer is recomputed from the prompt, never trusted from the
+file.
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from kltd.data.addition import CHARACTERS, Example, solve
-from kltd.files import atomic_write_text
+from kltd.data.addition import CHARACTERS, solve
+from kltd.data.example import Example
+from kltd.data.formats import DataError
 
 
-class DataFileError(ValueError):
+class DataFileError(DataError):
     """A malformed responses file; the message names the file and line."""
 
 
@@ -40,18 +43,23 @@ def read_responses(path: str | Path) -> list[ResponseRow]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataFileError(f"responses file '{path}' does not exist (make one with `kltd make-data`)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DataFileError(f"{path}: not UTF-8 text (byte {error.start}); save it as UTF-8") from None
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise DataFileError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-        if not isinstance(record, dict) or "prompt" not in record or "response" not in record:
-            raise DataFileError(f"{path}:{number}: each line needs the keys 'prompt' and 'response'")
+        key = "completion" if isinstance(record, dict) and "completion" in record else "response"
+        if not isinstance(record, dict) or "prompt" not in record or key not in record:
+            raise DataFileError(f"{path}:{number}: each line needs the keys 'prompt' and 'completion'")
         prompt = _check_text(path, number, "prompt", record["prompt"])
-        response = _check_text(path, number, "response", record["response"])
+        response = _check_text(path, number, key, record[key])
         try:
             reference = solve(prompt)
         except ValueError as error:
@@ -63,8 +71,12 @@ def read_responses(path: str | Path) -> list[ResponseRow]:
     return rows
 
 
-def write_responses(path: str | Path, rows: list[ResponseRow]) -> None:
-    """Atomic (kltd.files): a file that exists is complete."""
-    lines = [json.dumps({"prompt": row.example.prompt, "response": row.response, "source": row.source}) + "\n"
-             for row in rows]
-    atomic_write_text(Path(path).expanduser(), "".join(lines))
+def examples_from_file(path: str | Path, held_out: list[Example]) -> list[Example]:
+    """Training examples whose responses come from a responses file (possibly wrong); prompts of the
+    held-out split are left out, so evaluation never sees a prompt the run trained on."""
+    held = {e.prompt for e in held_out}
+    kept = [Example(r.example.prompt, r.response, r.example.answer) for r in read_responses(path)
+            if r.example.prompt not in held]
+    if not kept:
+        raise DataFileError(f"{path}: every prompt is a held-out prompt; nothing left to train on")
+    return kept

@@ -68,6 +68,7 @@ def sample(
     generator: torch.Generator | None = None,
     prefix: Responses | None = None,
     lean: bool = True,
+    vocab: int | None = None,
 ) -> Responses:
     """Sample continuations of left-padded prompts, stopping when every row has produced EOS.
 
@@ -78,7 +79,7 @@ def sample(
     """
     with torch.inference_mode():
         out = _sample(decoder_for(model, lean), prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temperature,
-                      top_p, generator, prefix)
+                      top_p, generator, prefix, vocab)
     # plain tensors again: the states feed the autograd-tracked loss
     return Responses(out.tokens.clone(), out.mask.clone())
 
@@ -88,7 +89,8 @@ def sample(
 COMPACT_BELOW = 0.75
 
 
-def _sample(decoder, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temperature, top_p, generator, prefix):
+def _sample(decoder, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temperature, top_p, generator, prefix,
+            vocab):
     batch = prompt_ids.shape[0]
     device = prompt_ids.device
     mask = prompt_mask.long()
@@ -112,7 +114,7 @@ def _sample(decoder, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, te
     next_pos = torch.where(context_mask.sum(-1) > 0, positions.max(-1).values + 1, 0)
     rows = None  # the original row of each row the decoder still runs; None: all of them, in order
     while True:
-        token = _choose(logits, temperature, top_p, generator)
+        token = _choose(logits[:, :vocab], temperature, top_p, generator)
         alive = ~finished
         token = torch.where(alive, token, pad_id)
         if rows is None:
@@ -135,7 +137,8 @@ def _sample(decoder, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, te
 
 @dataclass
 class Sampler:
-    """Everything needed to draw responses from one model."""
+    """Everything needed to draw responses from one model. A model on another device than the prompts (a
+    teacher on its own GPU) samples there; the responses come back on the prompts' device."""
 
     model: torch.nn.Module
     tokenizer: object
@@ -143,18 +146,18 @@ class Sampler:
     temperature: float = 1.0
     top_p: float = 1.0
     lean: bool = True
+    vocab: int | None = None
 
     def __call__(self, prompt_ids, prompt_mask, generator, prefix: Responses | None = None) -> Responses:
-        return sample(
-            self.model,
-            prompt_ids,
-            prompt_mask,
-            max_new_tokens=self.max_new_tokens,
-            eos_id=self.tokenizer.eos_token_id,
-            pad_id=self.tokenizer.pad_token_id,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            generator=generator,
-            prefix=prefix,
-            lean=self.lean,
-        )
+        home, device = prompt_ids.device, next(self.model.parameters()).device
+        if device != home:
+            prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+            prefix = None if prefix is None else Responses(prefix.tokens.to(device), prefix.mask.to(device))
+            if generator is not None:  # a stream on the model's device, drawn from the caller's: still reproducible
+                seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
+                generator = torch.Generator(device=device).manual_seed(seed)
+        out = sample(self.model, prompt_ids, prompt_mask, max_new_tokens=self.max_new_tokens,
+                     eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id,
+                     temperature=self.temperature, top_p=self.top_p, generator=generator, prefix=prefix,
+                     lean=self.lean, vocab=self.vocab)
+        return out if device == home else Responses(out.tokens.to(home), out.mask.to(home))

@@ -17,14 +17,27 @@ from kltd.fast.packed import packed_hidden
 from kltd.rollout.batch import StateBatch, position_ids_from_mask
 
 
+def device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
 class Scorer:
     """Logits or hidden states at the response states of a StateBatch.
 
     packed: use kltd's packed forward for the architectures it supports (else always the model's own).
+    vocab: compare logits on the first `vocab` ids only (the shared tokenizer's; an output layer may have
+        padded rows beyond it); None: all of them.
+    A model on another device than the batch (a teacher on its own GPU) gets the batch there and gives its
+    results back on the batch's device.
     """
 
-    def __init__(self, packed: bool = True):
-        self.packed = packed
+    def __init__(self, packed: bool = True, vocab: int | None = None):
+        self.packed, self.vocab = packed, vocab
+
+    def output_weight(self, model) -> Tensor:
+        """The output layer's weight over the compared ids (for the fused head; a plain linear layer)."""
+        weight = model.get_output_embeddings().weight
+        return weight if self.vocab is None else weight[: self.vocab]
 
     def packs(self, model) -> bool:
         """Whether `hidden_states` runs the packed forward for this model (real tokens only, no padding)."""
@@ -36,21 +49,23 @@ class Scorer:
         Only the response positions are projected onto the vocabulary (logits_to_keep), so the prompt never
         costs a B x P x V tensor.
         """
-        attention_mask = batch.attention_mask
-        out = model(input_ids=batch.input_ids, attention_mask=attention_mask,
+        device, home = device_of(model), batch.prompt_ids.device
+        attention_mask = batch.attention_mask.to(device)
+        out = model(input_ids=batch.input_ids.to(device), attention_mask=attention_mask,
                     position_ids=position_ids_from_mask(attention_mask),
                     logits_to_keep=batch.responses.tokens.shape[1] + 1, use_cache=False)
-        return out.logits[:, :-1]
+        return out.logits[:, :-1, : self.vocab].to(home)
 
     def hidden_states(self, model, batch: StateBatch) -> Tensor:
         """[M, D] final hidden states (after the final norm) at the batch's supervised states, row-major."""
-        supervised, attention_mask = batch.supervised, batch.attention_mask
-        positions = position_ids_from_mask(attention_mask)
+        device, home = device_of(model), batch.prompt_ids.device
+        supervised, attention_mask = batch.supervised.to(device), batch.attention_mask.to(device)
+        input_ids, positions = batch.input_ids.to(device), position_ids_from_mask(attention_mask)
         n = supervised.shape[1]
         if self.packs(model):
             select = torch.zeros_like(attention_mask, dtype=torch.bool)
             select[:, -(n + 1) : -1] = supervised
-            return packed_hidden(model, batch.input_ids, attention_mask, positions, select)
-        out = model.base_model(input_ids=batch.input_ids, attention_mask=attention_mask, position_ids=positions,
+            return packed_hidden(model, input_ids, attention_mask, positions, select).to(home)
+        out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                                use_cache=False)
-        return out.last_hidden_state[:, -(n + 1) : -1][supervised]
+        return out.last_hidden_state[:, -(n + 1) : -1][supervised].to(home)

@@ -24,6 +24,11 @@ BASELINES = ("none", "batch_mean", "leave_one_out")
 REWARDS = ("none", "correctness", "teacher_loglik")
 WEIGHTINGS = ("none", "filter", "awr")
 
+DATA_SOURCES = ("addition", "file", "hub")  # the built-in task, a local file or directory, a hub dataset
+CHECKERS = ("auto", "none", "exact", "gsm8k", "boxed", "addition")
+OVERFLOW = ("drop", "truncate")  # rows longer than data.max_prompt_tokens / data.max_response_tokens
+CHAT_TEMPLATE = ("auto", "none")
+
 MIXED_OTHER = ("fixed", "teacher")
 SCHEDULES = ("constant", "linear")
 HANDOFF_K = ("fixed", "uniform", "geometric")

@@ -151,31 +151,86 @@ class ModelConfig:
     # directory or a Hugging Face model id.
     teacher: str = "toy/teacher"
     student: str = "toy/student"
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (both models; the loss is always formed in float32)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    teacher_device: Optional[str] = None  # null: the student's device; e.g. cuda:1 to give the teacher its own GPU
 
     def check(self) -> None:
         _choice("model.dtype", self.dtype, C.DTYPES)
 
 
 @dataclass
+class DataFields:
+    """Column names for rows in neither of TRL's formats (e.g. GSM8K: prompt=question, response=answer)."""
+
+    prompt: Optional[str] = None
+    response: Optional[str] = None  # null with a prompt column: prompt-only data (sampled states only)
+    answer: Optional[str] = None  # the reference answer for the checker; null: taken from the response
+
+
+@dataclass
 class DataConfig:
-    source: str = "addition"  # the built-in task
-    seed: int = 0
+    """Where the examples come from: the built-in task, a local file or directory, or a hub dataset."""
+
+    source: str = "addition"  # addition | file | hub
+    seed: int = 0  # the built-in task's generator; the held-out fraction's shuffle
+    # the built-in task: how many examples; a file or hub dataset: at most this many
     n_train: int = 20000
     n_eval: int = 500
-    min_terms: int = 2
+    min_terms: int = 2  # the built-in task's chains
     max_terms: int = 5
-    # a JSONL file of responses to train on (`kltd make-data` writes one); null: the task's correct ones
+    # the built-in task: a JSONL file of responses to train on (`kltd make-data` writes one)
     responses_file: Optional[str] = None
+    # file: a JSONL, JSON, Parquet or CSV file, or a save_to_disk directory; hub: a dataset name
+    path: Optional[str] = None
+    name: Optional[str] = None  # hub: the dataset's configuration
+    train_split: str = "train"
+    # null: hold out eval_fraction of the training split (seeded by data.seed, recorded in the run)
+    eval_split: Optional[str] = None
+    eval_fraction: float = 0.1
+    fields: DataFields = field(default_factory=DataFields)
+    max_prompt_tokens: Optional[int] = None
+    max_response_tokens: Optional[int] = None
+    overflow: str = "drop"  # rows over a limit: drop them, or truncate (prompt from the left, response from the right)
+    system_prompt: Optional[str] = None
+    chat_template: str = "auto"  # auto: the student tokenizer's template when it has one | none: plain text
+    # how a response is graded (accuracy, pass@k, the correctness reward): auto is the built-in task's own
+    # checker for data=addition and none (no accuracy) otherwise
+    checker: str = "auto"
 
     def check(self) -> None:
-        _choice("data.source", self.source, ("addition",))
-        _at_least("data.min_terms", self.min_terms, 2)
-        if self.max_terms < self.min_terms:
-            raise ConfigError(f"data.max_terms={self.max_terms} must be >= data.min_terms={self.min_terms}")
+        _choice("data.source", self.source, C.DATA_SOURCES)
+        _choice("data.checker", self.checker, C.CHECKERS)
+        _choice("data.overflow", self.overflow, C.OVERFLOW)
+        _choice("data.chat_template", self.chat_template, C.CHAT_TEMPLATE)
         _at_least("data.n_train", self.n_train, 1)
         _at_least("data.n_eval", self.n_eval, 1)
+        for key in ("max_prompt_tokens", "max_response_tokens"):
+            if getattr(self, key) is not None:
+                _at_least(f"data.{key}", getattr(self, key), 2)
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ConfigError(f"data.eval_fraction={self.eval_fraction} must lie in (0, 1)")
+        if self.source == "addition":
+            _at_least("data.min_terms", self.min_terms, 2)
+            if self.max_terms < self.min_terms:
+                raise ConfigError(f"data.max_terms={self.max_terms} must be >= data.min_terms={self.min_terms}")
+            if self.path is not None:
+                raise ConfigError("data.path needs data=file or data=hub (the built-in task is generated)")
+        else:
+            if not self.path:
+                example = "data=file data.path=train.jsonl" if self.source == "file" else "data=hub data.path=openai/gsm8k"
+                raise ConfigError(f"data={self.source} needs data.path, e.g. {example}")
+            if self.responses_file is not None:
+                raise ConfigError("data.responses_file applies to the built-in task; with data=file put the "
+                                  "responses in the file itself")
+        if self.source != "hub" and self.name is not None:
+            raise ConfigError("data.name is a hub dataset's configuration; it needs data=hub")
+
+    @property
+    def checker_name(self) -> str:
+        if self.checker != "auto":
+            return self.checker
+        return "addition" if self.source == "addition" else "none"
 
 
 @dataclass
@@ -218,6 +273,9 @@ class TrainerConfig:
     # exact divergence losses straight from hidden states, chunk by chunk (no [B, T, V] logits) where the
     # output layer allows it; false: the reference path through full logits
     fused_head: bool = True
+    # recompute the student's activations in backward instead of keeping them (less memory, ~30% more
+    # compute); the student is then scored through its own forward, not the packed one
+    gradient_checkpointing: bool = False
     # CPU threads for PyTorch during this job (restored afterwards). 0: one thread when both models are
     # small (the toy pair), where a second thread only adds synchronisation and, on a busy machine, stalls
     # every tiny matmul; else the process's default.
@@ -318,6 +376,35 @@ class Config:
             raise ConfigError("data.responses_file supplies fixed states; use prefix=fixed (or mixed)")
         if self.eval.num_prompts > self.data.n_eval:
             raise ConfigError(f"eval.num_prompts={self.eval.num_prompts} exceeds data.n_eval={self.data.n_eval}")
+        if self.trajectory.reward == "correctness" and self.data.checker_name == "none":
+            raise ConfigError("trajectory.reward=correctness grades responses with an answer checker; set "
+                              "data.checker (exact, gsm8k or boxed)")
+
+
+@dataclass
+class MakeDataConfig:
+    """`kltd make-data`: responses sampled from a model for the training prompts of `data`, written as JSONL
+    in TRL's format (prompt, completion, answer, source), for SeqKD and offline RL."""
+
+    out: Optional[str] = None  # the JSONL file to write
+    n: int = 5000  # rows (at most the training split's size)
+    writer: str = "student"  # student | teacher: the model that writes the responses
+    other_fraction: float = 0.0  # per row, the probability that the other model writes instead
+    batch_size: int = 256
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def check(self) -> None:
+        if not self.out:
+            raise ConfigError("make-data needs out=FILE, the JSONL file to write")
+        _at_least("n", self.n, 1)
+        _at_least("batch_size", self.batch_size, 1)
+        _choice("writer", self.writer, ("student", "teacher"))
+        _in_unit_interval("other_fraction", self.other_fraction)
+        for section in (self.model, self.data, self.sampling):
+            section.check()
 
 
 def _check_loss_against_axes(cfg: Config) -> None:

@@ -73,21 +73,22 @@ def pass_at_k(correct_by_prompt: list[list[bool]], k: int) -> float:
 
 @torch.inference_mode()
 def evaluate(student, teacher, tokenizer, examples: list, settings: EvalConfig, *,
-             checker: Callable[[str, object], bool], lean: bool = True, scorer: Scorer | None = None) -> dict:
+             checker: Callable[[str, object], bool] | None, lean: bool = True, vocab: int | None = None) -> dict:
     """Greedy accuracy, pass@k, response length, sequence KLs, entropy and per-position curves.
 
     Uses the first `num_prompts` examples and a generator seeded from `settings.seed`, so every cell of
     a sweep is measured on the same prompts with the same random stream. `checker(response, example)`
-    grades an answer; `lean` picks the decoder as sampling.lean_decoder does in training.
+    grades an answer (None: no accuracy or pass@k, the other metrics need no checker); `lean` picks the
+    decoder as sampling.lean_decoder does in training; `vocab` limits both models to the tokenizer's ids.
     """
-    scorer = scorer or Scorer()
+    scorer = Scorer(vocab=vocab)
     was_training = student.training
     student.eval()
     device = next(student.parameters()).device
     generator = torch.Generator(device=device).manual_seed(settings.seed)
-    greedy = Sampler(student, tokenizer, settings.max_new_tokens, temperature=0.0, lean=lean)
-    student_sampler = Sampler(student, tokenizer, settings.max_new_tokens, temperature=1.0, lean=lean)
-    teacher_sampler = Sampler(teacher, tokenizer, settings.max_new_tokens, temperature=1.0, lean=lean)
+    greedy = Sampler(student, tokenizer, settings.max_new_tokens, temperature=0.0, lean=lean, vocab=vocab)
+    student_sampler = Sampler(student, tokenizer, settings.max_new_tokens, temperature=1.0, lean=lean, vocab=vocab)
+    teacher_sampler = Sampler(teacher, tokenizer, settings.max_new_tokens, temperature=1.0, lean=lean, vocab=vocab)
     examples = examples[: settings.num_prompts]
     k = max(1, settings.pass_k)
     correct, lengths, rkl, fkl, entropy, sampled_correct = [], [], [], [], [], []
@@ -98,16 +99,18 @@ def evaluate(student, teacher, tokenizer, examples: list, settings: EvalConfig, 
         prompt_ids, prompt_mask = encode_prompts(tokenizer, [e.prompt for e in chunk], device)
 
         answers = greedy(prompt_ids, prompt_mask, None)
-        correct += [checker(t, e) for t, e in zip(decode_responses(tokenizer, answers), chunk)]
+        if checker is not None:
+            correct += [checker(t, e) for t, e in zip(decode_responses(tokenizer, answers), chunk)]
         lengths += answers.mask.sum(1).tolist()
         generated["student"] += answers.num_tokens
 
         # k student samples per prompt: pass@k, and the reverse KL averaged over all of them
         rep_ids, rep_mask = prompt_ids.repeat_interleave(k, 0), prompt_mask.repeat_interleave(k, 0)
         on_student = student_sampler(rep_ids, rep_mask, generator)
-        texts = decode_responses(tokenizer, on_student)
-        sampled_correct += [[checker(texts[i * k + j], e) for j in range(k)] for i, e in enumerate(chunk)]
-        batch = StateBatch(rep_ids, rep_mask, on_student, torch.ones(len(texts), dtype=torch.bool, device=device))
+        if checker is not None:
+            texts = decode_responses(tokenizer, on_student)
+            sampled_correct += [[checker(texts[i * k + j], e) for j in range(k)] for i, e in enumerate(chunk)]
+        batch = StateBatch(rep_ids, rep_mask, on_student, on_student.mask)
         per_token, token_entropy = _per_token(scorer, student, teacher, batch, REVERSE)
         rkl += per_token.sum(1).view(len(chunk), k).mean(1).tolist()
         entropy += (token_entropy.sum(1) / on_student.mask.sum(1).clamp(min=1)).view(len(chunk), k).mean(1).tolist()
@@ -115,16 +118,16 @@ def evaluate(student, teacher, tokenizer, examples: list, settings: EvalConfig, 
         generated["student"] += on_student.num_tokens
 
         on_teacher = teacher_sampler(prompt_ids, prompt_mask, generator)
-        batch = StateBatch(prompt_ids, prompt_mask, on_teacher, torch.zeros(len(chunk), dtype=torch.bool, device=device))
+        batch = StateBatch(prompt_ids, prompt_mask, on_teacher)
         per_token, _ = _per_token(scorer, student, teacher, batch, FORWARD)
         fkl += per_token.sum(1).tolist()
         curves["teacher_states"].add(per_token, on_teacher.mask)
         generated["teacher"] += on_teacher.num_tokens
     student.train(was_training)
     n = len(examples)
+    graded = {"accuracy": sum(correct) / n, "pass_at_k": pass_at_k(sampled_correct, k)} if checker else {}
     return {
-        "accuracy": sum(correct) / n,
-        "pass_at_k": pass_at_k(sampled_correct, k),
+        **graded,
         "pass_k": k,
         "response_length": sum(lengths) / n,
         "reverse_kl_student_states": sum(rkl) / n,

@@ -100,35 +100,39 @@ def train_job(cfg: Config, run_dir: Path, *, sweep: str | None = None, config_di
     return summary
 
 
-def examples_from_file(path: str, eval_examples: list, console: Console) -> list:
-    """Training examples whose responses come from a JSONL file (possibly wrong); held-out prompts are dropped."""
-    from kltd.data.addition import Example
-    from kltd.data.responses_file import read_responses
-
-    held_out = {e.prompt for e in eval_examples}
-    rows = read_responses(path)
-    kept = [Example(r.example.prompt, r.response, r.example.answer) for r in rows if r.example.prompt not in held_out]
-    if len(kept) < len(rows):
-        console.print(f"{path}: dropped {len(rows) - len(kept)} rows whose prompts are in the held-out split")
-    if not kept:
-        raise ValueError(f"{path}: every prompt is a held-out prompt; nothing left to train on")
-    return kept
+def needs_responses(cfg: Config) -> bool:
+    """Whether the run's states include the dataset's own responses (so prompt-only data cannot serve)."""
+    p = cfg.prefix
+    fixed = p.source == "fixed" or (p.source == "mixed" and p.other == "fixed" and p.student_fraction < 1)
+    return fixed or (p.source == "mixed" and p.handoff and p.handoff_k == "uniform")
 
 
 def _train_and_evaluate(cfg: Config, run_dir: Path, logger: RunLogger, console: Console) -> dict:
-    from kltd.data.addition import is_correct, make_splits
-    from kltd.train.models import load_pair
+    from kltd.data.prepare import prepare, rendered_example
+    from kltd.train.models import check_tokenizers, load_pair
     from kltd.train.threads import job_threads, threads_for
     from kltd.train.trainer import seed_everything
 
     seed_everything(cfg.seed)
-    d = cfg.data
-    train_examples, eval_examples = make_splits(d.seed, d.n_train, d.n_eval, d.min_terms, d.max_terms)
-    if d.responses_file:
-        train_examples = examples_from_file(d.responses_file, eval_examples, console)
-    pair = load_pair(cfg.model.teacher, cfg.model.student, cfg.model.dtype, cfg.model.device)
+    m = cfg.model
+    # tokenizer and data before any weights: a bad row or a tokenizer mismatch costs seconds, not a model load
+    tokenizer = check_tokenizers(m.teacher, m.student)
+    data = prepare(cfg.data, tokenizer, needs_responses=needs_responses(cfg))
+    (run_dir / "first_example.txt").write_text(rendered_example(data.train[0], data.end_token))
+    if data.held_out is not None:
+        atomic_write_json(run_dir / "data_split.json", {"held_out_rows": data.held_out, **data.summary})
+    s = data.summary
+    console.print(f"data: {s['where']} ({s['format']}): {s['train_examples']} training and {s['eval_examples']} "
+                  f"held-out examples, checker {s['checker']}"
+                  + (f"; {s['dropped']} rows dropped" if s["dropped"] else "")
+                  + (f"; {s['truncated']} truncated" if s["truncated"] else "")
+                  + (" (data.max_prompt_tokens / data.max_response_tokens)" if s["dropped"] or s["truncated"] else ""),
+                  highlight=False)
+    pair = load_pair(m.teacher, m.student, m.dtype, m.device, tokenizer=tokenizer, teacher_device=m.teacher_device,
+                     gradient_checkpointing=cfg.trainer.gradient_checkpointing)
     with job_threads(threads_for(cfg.trainer.num_threads, pair.device, (pair.teacher, pair.student))):
-        return _run(cfg, pair, train_examples, eval_examples, is_correct, run_dir, logger, console)
+        summary = _run(cfg, pair, data.train, data.eval, data.checker, run_dir, logger, console)
+    return {**summary, "data": data.summary}
 
 
 def _run(cfg: Config, pair, train_examples: list, eval_examples: list, checker, run_dir: Path, logger: RunLogger,
@@ -139,8 +143,8 @@ def _run(cfg: Config, pair, train_examples: list, eval_examples: list, checker, 
     e = cfg.eval
 
     def run_eval(step: int) -> dict:
-        result = evaluate(pair.student, pair.teacher, pair.tokenizer, eval_examples, e, checker=checker,
-                          lean=cfg.sampling.lean_decoder)
+        result = evaluate(pair.student, pair.teacher, pair.tokenizer, eval_examples[: e.num_prompts], e,
+                          checker=checker, lean=cfg.sampling.lean_decoder, vocab=pair.vocab_size)
         logger.log({f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))}, step=step)
         return result
 

@@ -1,4 +1,10 @@
-"""Loading teacher and student: the shipped toy pair, local directories and hub ids, one code path."""
+"""Loading teacher and student: the shipped toy pair, local directories and hub ids, one code path.
+
+Any causal LM that transformers loads works (the Llama-family fast paths are only a speed-up). The two
+models must share a tokenizer, compared by vocabulary (token -> id), not by file; their output layers may
+have padded rows beyond it (Qwen2.5-7B has 152,064 rows, Qwen2.5-0.5B 151,936, for one tokenizer), so
+logits are compared on the tokenizer's ids only (ModelPair.vocab_size).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from kltd.hub import cache_only_when_offline, hub_reachable, in_model_cache, why_offline
 
 TOY_PREFIX = "toy/"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -36,7 +44,19 @@ def check_model_reference(reference: str) -> str | None:
             return f"model directory '{path}' does not exist{hint}"
         if not (p / "config.json").is_file():
             return f"'{path}' has no config.json: not a Hugging Face model directory"
+        return None
+    if not in_model_cache(reference) and not hub_reachable():
+        return (f"'{reference}' is not a local directory nor in the Hugging Face cache, and {why_offline()}; "
+                f"download it first (huggingface-cli download {reference}) or give a local directory")
     return None
+
+
+def _local_only(path: str) -> bool:
+    # directories never reach for the network; hub names only while the hub can be reached
+    if _looks_local(path):
+        return True
+    cache_only_when_offline()
+    return not hub_reachable()
 
 
 def pick_device(name: str) -> torch.device:
@@ -50,7 +70,8 @@ class ModelPair:
     teacher: torch.nn.Module
     student: torch.nn.Module
     tokenizer: object
-    device: torch.device
+    device: torch.device  # the student's (where the loss is formed)
+    vocab_size: int = 0  # the shared tokenizer's ids: logits are compared on these only
 
 
 def _quiet_transformers() -> None:
@@ -65,8 +86,7 @@ def load_model(reference: str, dtype: str = "float32", device: str | torch.devic
 
     _quiet_transformers()
     path = resolve_model_path(reference)
-    # local_files_only for directories so that nothing ever reaches for the network by accident
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=_looks_local(path))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=_local_only(path))
     return model.to(device)
 
 
@@ -74,23 +94,52 @@ def load_tokenizer(reference: str):
     from transformers import AutoTokenizer
 
     path = resolve_model_path(reference)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=_looks_local(path))
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=_local_only(path))
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def load_pair(teacher: str, student: str, dtype: str = "float32", device: str = "auto") -> ModelPair:
-    """Teacher frozen in eval mode, student in train mode; both share the student's tokenizer."""
+def enable_checkpointing(model) -> None:
+    """Recompute activations in backward (transformers 5 names it activation checkpointing)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def check_tokenizers(teacher: str, student: str, tokenizer=None):
+    """The student's tokenizer, after checking the teacher's has the same vocabulary (token -> id)."""
+    tokenizer = tokenizer or load_tokenizer(student)
+    teacher_vocab, student_vocab = load_tokenizer(teacher).get_vocab(), tokenizer.get_vocab()
+    if teacher_vocab != student_vocab:
+        differ = sorted(set(teacher_vocab.items()) ^ set(student_vocab.items()), key=lambda item: item[1])[:3]
+        raise ValueError(f"teacher '{teacher}' and student '{student}' use different tokenizers "
+                         f"({len(teacher_vocab)} vs {len(student_vocab)} tokens; e.g. {differ}); kltd compares "
+                         "next-token distributions token by token, so they need one vocabulary")
+    return tokenizer
+
+
+def output_rows(model) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def load_pair(teacher: str, student: str, dtype: str = "float32", device: str = "auto", *, tokenizer=None,
+              teacher_device: str | None = None, gradient_checkpointing: bool = False) -> ModelPair:
+    """Teacher frozen in eval mode (on `teacher_device` if given), student in train mode; both share the
+    student's tokenizer (pass it if already loaded: kltd.data may have set its end-of-response token)."""
     dev = pick_device(device)
-    tokenizer = load_tokenizer(student)
-    teacher_tok = load_tokenizer(teacher)
-    if teacher_tok.get_vocab() != tokenizer.get_vocab():
-        raise ValueError(
-            f"teacher '{teacher}' and student '{student}' use different tokenizers; "
-            "kltd needs a shared vocabulary to compare next-token distributions"
-        )
-    teacher_model = load_model(teacher, dtype, dev).eval().requires_grad_(False)
+    tokenizer = check_tokenizers(teacher, student, tokenizer)
+    teacher_model = load_model(teacher, dtype, pick_device(teacher_device) if teacher_device else dev)
+    teacher_model = teacher_model.eval().requires_grad_(False)
     student_model = load_model(student, dtype, dev).train()
-    return ModelPair(teacher_model, student_model, tokenizer, dev)
+    if gradient_checkpointing:
+        enable_checkpointing(student_model)
+    vocab = len(tokenizer)
+    for role, model in (("teacher", teacher_model), ("student", student_model)):
+        if output_rows(model) < vocab:
+            raise ValueError(f"the {role}'s output layer has {output_rows(model)} rows but its tokenizer "
+                             f"{vocab} tokens: the model cannot predict every token")
+    return ModelPair(teacher_model, student_model, tokenizer, dev, vocab)

@@ -18,3 +18,5 @@ def preflight(cfg: Config) -> None:
     responses = cfg.data.responses_file
     if responses is not None and not Path(responses).expanduser().is_file():
         raise ConfigError(f"data.responses_file '{responses}' does not exist (make one with `kltd make-data`)")
+    if cfg.data.source == "file" and not Path(cfg.data.path).expanduser().exists():
+        raise ConfigError(f"data.path '{cfg.data.path}' does not exist")

@@ -24,7 +24,7 @@ from kltd.files import atomic_write
 from kltd.rollout.batch import StateBatch, encode_prompts, encode_responses
 from kltd.rollout.scoring import Scorer
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 CONTENT_HASH_LIMIT = 256 * 2**20  # larger files are fingerprinted by name, size and mtime
 
 
@@ -40,6 +40,22 @@ def directory_fingerprint(directory: str | Path) -> str:
     return hashlib.sha256("\n".join(_file_fingerprint(p) for p in files).encode()).hexdigest()
 
 
+def source_fingerprint(path: str) -> str:
+    """A local directory by its files; a hub model by its name and the cached snapshot's revision."""
+    if Path(path).is_dir():
+        return directory_fingerprint(path)
+    revision = "unknown"
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(path, "config.json")
+        if isinstance(found, str):
+            revision = Path(found).parent.name  # .../snapshots/<commit>/config.json
+    except Exception:
+        pass
+    return f"hub:{path}@{revision}"
+
+
 def examples_fingerprint(examples: list) -> str:
     digest = hashlib.sha256()
     for e in examples:
@@ -49,8 +65,8 @@ def examples_fingerprint(examples: list) -> str:
 
 @dataclass(frozen=True)
 class CacheKey:
-    teacher: str  # fingerprint of the teacher's directory
-    tokenizer: str  # fingerprint of the tokenizer's directory
+    teacher: str  # fingerprint of the teacher (its directory's files, or its hub name and revision)
+    tokenizer: str  # fingerprint of the tokenizer, its end token and its size
     examples: str
     dtype: str
     format: str
@@ -99,7 +115,8 @@ class TeacherCache:
             prompt_ids, prompt_mask = encode_prompts(tokenizer, [e.prompt for e in chunk], device)
             responses = encode_responses(tokenizer, [e.response for e in chunk], device)
             with torch.inference_mode():
-                logits = Scorer().logits(teacher, StateBatch(prompt_ids, prompt_mask, responses)).float()
+                scorer = Scorer(vocab=len(tokenizer))  # the tokenizer's ids only (padded output rows are not compared)
+                logits = scorer.logits(teacher, StateBatch(prompt_ids, prompt_mask, responses)).float()
             if counter:
                 counter(1)
             for row in range(len(chunk)):
@@ -177,8 +194,10 @@ def cached_teacher(teacher, tokenizer, teacher_dir: str, tokenizer_dir: str, exa
     will train on and the entry lacks, so a short run does not pay for the whole split, and the next
     cell or seed reuses what is there. Entries another job stored meanwhile are kept.
     """
-    key = CacheKey(directory_fingerprint(teacher_dir), directory_fingerprint(tokenizer_dir),
-                   examples_fingerprint(examples), dtype, fmt, top_k if fmt == "topk" else 0)
+    # the tokenizer's end-of-response token is part of every encoded response (a chat template may set it)
+    tokenizer_key = f"{source_fingerprint(tokenizer_dir)}:{tokenizer.eos_token_id}:{len(tokenizer)}"
+    key = CacheKey(source_fingerprint(teacher_dir), tokenizer_key, examples_fingerprint(examples), dtype, fmt,
+                   top_k if fmt == "topk" else 0)
     path = Path(cache_dir) / f"teacher-{key.digest()}.pt"
     read = _modified(path)
     cache = TeacherCache.load(path) if read else None

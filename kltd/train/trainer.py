@@ -87,8 +87,10 @@ class Trainer:
         self.examples = train_examples
         self.checker = checker
         self.spec = divergence_spec(cfg)
-        self.scorer = Scorer(packed=cfg.trainer.packed_forward)
         t = cfg.trainer
+        self.vocab = pair.vocab_size or None
+        # gradient checkpointing lives in the model's own forward, so the student is then scored through it
+        self.scorer = Scorer(packed=t.packed_forward and not t.gradient_checkpointing, vocab=self.vocab)
         self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(t.warmup_steps, t.max_steps, t.min_lr_ratio)
@@ -96,8 +98,10 @@ class Trainer:
         s = cfg.sampling
         self.states = StateSource(
             cfg.prefix,
-            student=Sampler(self.student, self.tokenizer, s.max_new_tokens, s.temperature, s.top_p, s.lean_decoder),
-            teacher=Sampler(self.teacher, self.tokenizer, s.max_new_tokens, s.temperature, s.top_p, s.lean_decoder),
+            student=Sampler(self.student, self.tokenizer, s.max_new_tokens, s.temperature, s.top_p, s.lean_decoder,
+                            self.vocab),
+            teacher=Sampler(self.teacher, self.tokenizer, s.max_new_tokens, s.temperature, s.top_p, s.lean_decoder,
+                            self.vocab),
             tokenizer=self.tokenizer,
             seed=cfg.seed,
         )
@@ -195,10 +199,10 @@ class Trainer:
             with torch.inference_mode():
                 teacher_hidden = self.scorer.hidden_states(self.teacher, batch)
             self.teacher_forwards += 1
-            teacher_head = plain_output_layer(self.teacher).weight
-            rows = lambda part: teacher_hidden[part] @ teacher_head.T  # noqa: E731
+            teacher_head = self.scorer.output_weight(self.teacher).to(teacher_hidden.device)
+            rows = lambda part: (teacher_hidden[part] @ teacher_head.T).float()  # noqa: E731
         weights = torch.full((hidden.shape[0],), 1.0 / denominator, device=hidden.device)
-        head = plain_output_layer(self.student).weight
+        head = self.scorer.output_weight(self.student)
         return self.cfg.loss.kl_trajectory_weight * fused_divergence(hidden, head, rows, weights, self.spec)
 
     def loss(self, batch: StateBatch, denominator: float) -> tuple[torch.Tensor, dict[str, float]]:

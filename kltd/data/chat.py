@@ -1,0 +1,56 @@
+"""Prompts as the student's chat template renders them, and the token that ends a response.
+
+With a template (and data.chat_template=auto) a prompt becomes the conversation up to the assistant's
+turn, generation prompt included, so the model sees exactly what it would see in use; without one (or
+with data.chat_template=none) it stays plain text. A response then ends with the token the template
+closes an assistant turn with (Qwen's <|im_end|>, Llama 3's <|eot_id|>), which need not be the
+tokenizer's own end-of-sequence token.
+"""
+
+from __future__ import annotations
+
+SENTINEL = "kltd-response-sentinel"
+
+
+def _messages(prompt, system_prompt: str | None) -> list[dict]:
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if system_prompt and not any(m.get("role") == "system" for m in messages):
+        messages = [{"role": "system", "content": system_prompt}, *messages]
+    return messages
+
+
+class PromptRenderer:
+    """Renders prompts (a string, or a list of {role, content} messages) for one tokenizer."""
+
+    def __init__(self, tokenizer, chat_template: str = "auto", system_prompt: str | None = None):
+        self.tokenizer = tokenizer
+        self.system_prompt = system_prompt
+        self.templated = chat_template == "auto" and bool(getattr(tokenizer, "chat_template", None))
+
+    def __call__(self, prompt) -> str:
+        if self.templated:
+            return self.tokenizer.apply_chat_template(_messages(prompt, self.system_prompt), tokenize=False,
+                                                      add_generation_prompt=True)
+        return "\n\n".join(m["content"] for m in _messages(prompt, self.system_prompt))
+
+    def end_token(self) -> str | None:
+        """The special token right after an assistant turn's content in the template; None without one."""
+        if not self.templated:
+            return None
+        conversation = [{"role": "user", "content": "u"}, {"role": "assistant", "content": SENTINEL}]
+        text = self.tokenizer.apply_chat_template(conversation, tokenize=False)
+        after = text.split(SENTINEL, 1)[1] if SENTINEL in text else ""
+        specials = sorted(set(self.tokenizer.all_special_tokens) | set(self.tokenizer.get_added_vocab()),
+                          key=len, reverse=True)
+        return next((token for token in specials if token and after.lstrip(" ").startswith(token)), None)
+
+
+def use_end_token(tokenizer, renderer: PromptRenderer) -> str:
+    """Make the template's end-of-turn token the run's end of response: responses are encoded with it and
+    sampling stops at it. Returns the token in force."""
+    token = renderer.end_token()
+    if token and token != tokenizer.eos_token:
+        pad = tokenizer.pad_token
+        tokenizer.eos_token = token
+        tokenizer.pad_token = pad  # unchanged: padding never meant end of response
+    return tokenizer.eos_token

@@ -1,0 +1,137 @@
+"""The examples of one run, from whichever source the config names: the built-in task, a file or a hub
+dataset. Prompts are rendered with the chat template, the reference answers read by the checker, the
+token limits applied; what was dropped or truncated is counted and reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kltd.data import addition
+from kltd.data.chat import PromptRenderer, use_end_token
+from kltd.data.checkers import Checker, get_checker
+from kltd.data.example import Example
+from kltd.data.formats import DataError, Row, describe_format, row_reader
+
+
+@dataclass
+class TaskData:
+    train: list[Example]
+    eval: list[Example]
+    checker: Checker | None
+    end_token: str  # the token every response ends with
+    summary: dict = field(default_factory=dict)  # recorded in the run: sources, splits, counts
+    held_out: list[int] | None = None  # training-split rows held out for evaluation
+
+
+class Limits:
+    """data.max_prompt_tokens / data.max_response_tokens, with the overflow policy; counts what it did."""
+
+    def __init__(self, tokenizer, cfg):
+        self.tokenizer, self.prompt_max, self.response_max = tokenizer, cfg.max_prompt_tokens, cfg.max_response_tokens
+        self.truncate = cfg.overflow == "truncate"
+        self.dropped = self.truncated = 0
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def apply(self, example: Example) -> Example | None:
+        prompt, response = example.prompt, example.response
+        if self.prompt_max is not None:
+            ids = self._ids(prompt)
+            if len(ids) > self.prompt_max:
+                if not self.truncate:
+                    self.dropped += 1
+                    return None
+                prompt = self.tokenizer.decode(ids[-self.prompt_max:])  # the end of a prompt leads into the answer
+                self.truncated += 1
+        if self.response_max is not None and response is not None:
+            ids = self._ids(response)
+            if len(ids) + 1 > self.response_max:  # + the end token
+                if not self.truncate:
+                    self.dropped += 1
+                    return None
+                response = self.tokenizer.decode(ids[: self.response_max - 1])
+                self.truncated += 1
+        return Example(prompt, response, example.answer, example.raw_prompt, example.answer_text)
+
+
+def _examples(rows, read, where: str, split: str, renderer, checker: Checker | None, limit: int,
+              limits: Limits) -> list[Example]:
+    out = []
+    for index, raw in enumerate(rows):
+        if len(out) >= limit:
+            break
+        place = f"{where} [{split}] row {index}"
+        row: Row = read(raw, place)
+        answer, text = None, row.answer if row.answer is not None else row.response
+        if checker is not None:
+            if text is None:
+                raise DataError(f"{place}: data.checker={checker.name} needs a reference answer, and the row has "
+                                "neither a response nor an answer field (data.fields.answer)")
+            try:
+                answer = checker.reference(text)
+            except ValueError as error:
+                raise DataError(f"{place}: {error}") from None
+        kept = limits.apply(Example(renderer(row.prompt), row.response, answer, row.prompt, text))
+        if kept is not None:
+            out.append(kept)
+    return out
+
+
+def _from_datasets(cfg, tokenizer, renderer, checker, limits) -> tuple[list, list, dict, list | None]:
+    from kltd.data.sources import choose_splits, load
+
+    splits = choose_splits(*load(cfg), cfg)
+    columns = list(splits.train.column_names)
+    read = row_reader(columns, cfg.fields)
+    train = _examples(splits.train, read, splits.where, splits.train_name, renderer, checker, cfg.n_train, limits)
+    held = _examples(splits.eval, read, splits.where, splits.eval_name, renderer, checker, cfg.n_eval, limits)
+    summary = {"where": splits.where, "format": describe_format(columns, cfg.fields.prompt),
+               "train_split": splits.train_name, "eval_split": splits.eval_name,
+               "train_rows": len(splits.train), "eval_rows": len(splits.eval)}
+    return train, held, summary, splits.held_out
+
+
+def _from_addition(cfg, renderer, limits) -> tuple[list, list, dict]:
+    train, held = addition.make_splits(cfg.seed, cfg.n_train, cfg.n_eval, cfg.min_terms, cfg.max_terms)
+    if cfg.responses_file:
+        from kltd.data.responses_file import examples_from_file
+
+        train = examples_from_file(cfg.responses_file, held)
+    rendered = [[limits.apply(Example(renderer(e.prompt), e.response, e.answer, e.prompt, e.response)) for e in part]
+                for part in (train, held)]
+    train, held = ([e for e in part if e is not None] for part in rendered)
+    return train, held, {"where": "the built-in addition task", "format": "generated", "seed": cfg.seed}
+
+
+def prepare(cfg, tokenizer, *, needs_responses: bool) -> TaskData:
+    """Every example of the run. `needs_responses`: the states include the dataset's responses (prefix=fixed,
+    a mixture with fixed states, a hand-off drawn over the reference length), so prompt-only rows are refused."""
+    renderer = PromptRenderer(tokenizer, cfg.chat_template, cfg.system_prompt)
+    end = use_end_token(tokenizer, renderer)
+    checker = get_checker(cfg.checker_name)
+    limits = Limits(tokenizer, cfg)
+    held_out = None
+    if cfg.source == "addition":
+        train, held, summary = _from_addition(cfg, renderer, limits)
+    else:
+        train, held, summary, held_out = _from_datasets(cfg, tokenizer, renderer, checker, limits)
+    where = summary["where"]
+    if not train:
+        raise DataError(f"{where}: no training examples left (after data.max_*_tokens with data.overflow=drop?)")
+    if not held:
+        raise DataError(f"{where}: no evaluation examples left")
+    if needs_responses and any(e.response is None for e in train):
+        raise DataError(f"{where} has prompt-only rows, but these states are the dataset's responses; "
+                        "use prefix=student or prefix=teacher, or data with responses")
+    summary.update(train_examples=len(train), eval_examples=len(held), dropped=limits.dropped,
+                   truncated=limits.truncated, overflow=cfg.overflow, checker=checker.name if checker else "none",
+                   chat_template=renderer.templated, end_token=end)
+    return TaskData(train, held, checker, end, summary, held_out)
+
+
+def rendered_example(example: Example, end_token: str) -> str:
+    """The first example as the model sees it: the prompt, then the supervised response and its end token."""
+    response = "(no response: prompt-only data)" if example.response is None else example.response + end_token
+    return f"--- prompt (never supervised) ---\n{example.prompt}\n--- response (supervised) ---\n{response}\n"

@@ -1,0 +1,54 @@
+"""Whether the Hugging Face hub can be reached, decided once per process, so that nothing waits on it.
+
+Without a network (or with HF_HUB_OFFLINE set) transformers and datasets retry for about a minute before
+they fail. kltd asks once, in at most 3 s; when the hub is out of reach, models and datasets are read from
+the local cache only, and a name that is not there is refused in one line. Used by every layer that loads
+from the hub; imports nothing of kltd.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+from urllib.parse import urlparse
+
+TRUE = ("1", "true", "yes", "on")
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable() -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in TRUE or os.environ.get("HF_DATASETS_OFFLINE", "").lower() in TRUE:
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+def why_offline() -> str:
+    return "HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE") else "the hub cannot be reached"
+
+
+def cache_only_when_offline() -> None:
+    """With the hub out of reach, tell huggingface_hub and datasets to read their caches only (no retries)."""
+    if hub_reachable():
+        return
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    for module, attribute in (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE")):
+        try:
+            setattr(__import__(module, fromlist=[attribute]), attribute, True)
+        except ImportError:
+            pass
+
+
+def in_model_cache(name: str) -> bool:
+    """Whether a hub model's config.json is in the local Hugging Face cache."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # not installed, or not a valid repo id
+        return False
