@@ -24,6 +24,10 @@ from torch import Tensor
 SUPPORTED = {"llama", "qwen2", "qwen3"}
 # Rotary variants whose frequencies do not depend on the sequence length (a table computed once is exact).
 STATIC_ROPE = {"default", "linear", "llama3", "yarn"}
+# Above this many parameters the weights are used as they are, not copied into the arranged form: the
+# copy costs a whole extra set of weights (every step for a student, resident for a teacher), which at the
+# toy's size is nothing and buys speed, and at a real model's size is gigabytes.
+COPY_LIMIT = 50_000_000
 
 
 def _rope_type(config) -> str:
@@ -48,7 +52,7 @@ def supports(model) -> bool:
 _reusable: WeakKeyDictionary = WeakKeyDictionary()
 
 
-def arranged(model) -> LlamaBlocks:
+def arranged(model, copy: bool | None = None) -> LlamaBlocks:
     """The model's weights arranged; without autograd, reused for as long as no parameter has changed.
 
     A frozen teacher is arranged once, not at every step (its arranged copy then stays in memory); a
@@ -56,11 +60,11 @@ def arranged(model) -> LlamaBlocks:
     With autograd on, the arrangement is part of the graph and always built fresh.
     """
     if torch.is_grad_enabled():
-        return LlamaBlocks(model)
-    state = tuple((p.data_ptr(), p._version) for p in model.parameters())
+        return LlamaBlocks(model, copy)
+    state = (copy, tuple((p.data_ptr(), p._version) for p in model.parameters()))
     cached = _reusable.get(model)
     if cached is None or cached[0] != state:
-        cached = _reusable[model] = (state, LlamaBlocks(model))
+        cached = _reusable[model] = (state, LlamaBlocks(model, copy))
     return cached[1]
 
 
@@ -68,6 +72,26 @@ def _pairs_side_by_side(w: Tensor, heads: int, head_dim: int) -> Tensor:
     """Reorder each head's features (rows of w) from [x_0..x_{h-1}, y_0..y_{h-1}] to [x_0, y_0, x_1, y_1, ...]."""
     order = torch.arange(head_dim, device=w.device).view(2, head_dim // 2).t().reshape(-1)
     return w.unflatten(0, (heads, head_dim))[:, order].flatten(0, 1)
+
+
+@dataclass
+class SharedLayer:
+    """A layer's own tensors, shared with the model (no copy); q and k keep the model's half-split rotary layout."""
+
+    attn_norm: Tensor
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    q_bias: Tensor | None
+    k_bias: Tensor | None
+    v_bias: Tensor | None
+    q_norm: Tensor | None  # Qwen3: the model's per-head norms
+    k_norm: Tensor | None
+    out: Tensor
+    mlp_norm: Tensor
+    gate: Tensor
+    up: Tensor
+    down: Tensor
 
 
 @dataclass
@@ -82,9 +106,13 @@ class Layer:
 
 
 class LlamaBlocks:
-    """The weights of one Llama-family model, arranged (kltd.fast.arranged.arranged builds or reuses one)."""
+    """The weights of one Llama-family model, arranged (kltd.fast.arranged.arranged builds or reuses one).
 
-    def __init__(self, model):
+    copy: arrange copies of the weights (fewer, larger operations) or use the model's own tensors as they
+    are (no extra memory); None: copies up to COPY_LIMIT parameters. Both give the model's own outputs.
+    """
+
+    def __init__(self, model, copy: bool | None = None):
         config, body = model.config, model.base_model
         # never the model itself: the cache below holds arrangements weakly by model, and a reference back
         # to the key would keep every model ever arranged alive for the life of the process
@@ -96,12 +124,24 @@ class LlamaBlocks:
         # rms(x) = |x| / sqrt(D) (+ eps): with sqrt(D) folded into the weights, a norm divides by hypot(|x|, c)
         self.root = self.hidden_size**0.5
         self.norm_floor = torch.tensor((self.hidden_size * self.eps) ** 0.5)
-        scale = getattr(attn, "scaling", self.head_dim**-0.5)
-        self.layers = [self._arrange(layer, scale) for layer in body.layers[: config.num_hidden_layers]]
+        self.scale = scale = getattr(attn, "scaling", self.head_dim**-0.5)
+        self.copied = sum(p.numel() for p in model.parameters()) <= COPY_LIMIT if copy is None else copy
+        build = self._arrange if self.copied else self._share
+        self.layers = [build(layer, scale) for layer in body.layers[: config.num_hidden_layers]]
         self.final_norm = body.norm.weight
         # the MLP's activation (a plain function where it is SiLU: a module call costs more than the op)
         self.act = F.silu if getattr(config, "hidden_act", None) == "silu" else body.layers[0].mlp.act_fn
         self.head = None  # arranged on first use (only decoding needs logits)
+
+    def _share(self, layer, scale: float) -> SharedLayer:
+        a, m = layer.self_attn, layer.mlp
+        qk_norm = hasattr(a, "q_norm")
+        return SharedLayer(
+            attn_norm=layer.input_layernorm.weight, q=a.q_proj.weight, k=a.k_proj.weight, v=a.v_proj.weight,
+            q_bias=a.q_proj.bias, k_bias=a.k_proj.bias, v_bias=a.v_proj.bias,
+            q_norm=a.q_norm.weight if qk_norm else None, k_norm=a.k_norm.weight if qk_norm else None,
+            out=a.o_proj.weight, mlp_norm=layer.post_attention_layernorm.weight, gate=m.gate_proj.weight,
+            up=m.up_proj.weight, down=m.down_proj.weight)
 
     def _arrange(self, layer, scale: float) -> Layer:
         a, m = layer.self_attn, layer.mlp
@@ -146,8 +186,25 @@ class LlamaBlocks:
         # divide the input, not the (wider) output: the division and its backward cost less
         return F.linear(x / (rms if x.dtype == torch.float32 else rms.to(x.dtype)), weight)
 
-    def qkv(self, layer: Layer, hidden: Tensor, rotations: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _shared_qkv(self, layer: SharedLayer, hidden: Tensor, rotations: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        x = self.norm(hidden, layer.attn_norm)
+        q = F.linear(x, layer.q, layer.q_bias).unflatten(-1, (self.heads, self.head_dim))
+        k = F.linear(x, layer.k, layer.k_bias).unflatten(-1, (self.kv_heads, self.head_dim))
+        v = F.linear(x, layer.v, layer.v_bias).unflatten(-1, (self.kv_heads, self.head_dim))
+        if layer.q_norm is not None:
+            q, k = self.norm(q, layer.q_norm), self.norm(k, layer.k_norm)
+        cos, sin = rotations.real.unsqueeze(-2), rotations.imag.unsqueeze(-2)
+
+        def turn(x: Tensor) -> Tensor:  # the model's own layout: feature i pairs with feature i + d/2
+            first, second = x.float().chunk(2, -1)
+            return torch.cat([first * cos - second * sin, second * cos + first * sin], -1).to(x.dtype)
+
+        return turn(q) * self.scale, turn(k), v
+
+    def qkv(self, layer: Layer | SharedLayer, hidden: Tensor, rotations: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """hidden [..., D], rotations [..., d/2] -> q [..., Hq, d] (scaled), k and v [..., Hkv, d]."""
+        if not self.copied:
+            return self._shared_qkv(layer, hidden, rotations)
         h, kv, d = self.heads, self.kv_heads, self.head_dim
         x = self.normed_linear(hidden, layer.qkv)
         if layer.qkv_bias is not None:
@@ -166,8 +223,12 @@ class LlamaBlocks:
         """The residual stream after the attention output projection: hidden + attended @ W_o^T."""
         return _plus_linear(hidden, attended, layer.out)
 
-    def mlp(self, layer: Layer, hidden: Tensor) -> Tensor:
-        gate, up = self.normed_linear(hidden, layer.gate_up).chunk(2, -1)
+    def mlp(self, layer: Layer | SharedLayer, hidden: Tensor) -> Tensor:
+        if self.copied:
+            gate, up = self.normed_linear(hidden, layer.gate_up).chunk(2, -1)
+        else:
+            x = self.norm(hidden, layer.mlp_norm)
+            gate, up = F.linear(x, layer.gate), F.linear(x, layer.up)
         return _plus_linear(hidden, self.act(gate) * up, layer.down)
 
     def final_hidden(self, hidden: Tensor) -> Tensor:
@@ -176,7 +237,7 @@ class LlamaBlocks:
     def logits(self, hidden: Tensor) -> Tensor:
         """Logits from last-layer hidden states [B, D]; needs a plain (bias-free) output layer or takes the module."""
         out = self.output_layer
-        if type(out) is not torch.nn.Linear or out.bias is not None:
+        if type(out) is not torch.nn.Linear or out.bias is not None or not self.copied:
             return out(self.final_hidden(hidden))
         if self.head is None:
             self.head = out.weight * (self.final_norm * self.root)

@@ -15,8 +15,8 @@ import textwrap
 from collections import defaultdict
 from pathlib import Path
 
-from kltd.report.aggregate import (LOWER_IS_BETTER, CompareResult, MethodSummary, Stat, better_direction,
-                                   check_metrics, duplicate_seed_notes, summarize)
+from kltd.report.aggregate import (LOWER_IS_BETTER, CompareResult, MethodSummary, Stat, available_metrics,
+                                   better_direction, check_metrics, duplicate_seed_notes, summarize)
 from kltd.report.records import CompareError, is_number, is_run_dir, load_runs
 from kltd.report.tables import all_tables, empty_cell, has_matrix, matrix_grid, to_rich, write_csv, write_markdown
 
@@ -128,8 +128,10 @@ def compare(paths: list[Path], out: Path | None, metrics: list[str]) -> CompareR
     paths = [Path(p) for p in paths]
     if not paths:
         raise CompareError("give at least one run or sweep directory")
-    metrics = list(dict.fromkeys(metrics or DEFAULT_METRICS))
     runs = load_runs(paths)
+    if not metrics:  # the defaults the runs have (data without an answer checker have no accuracy)
+        metrics = [m for m in DEFAULT_METRICS if m in available_metrics(runs)] or DEFAULT_METRICS
+    metrics = list(dict.fromkeys(metrics))
     check_metrics(metrics, runs)
     rows = summarize(runs)
     result = CompareResult(runs=runs, rows=rows, metrics=metrics, out_dir=Path(out) if out else default_out_dir(paths[0]),

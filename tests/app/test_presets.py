@@ -84,3 +84,30 @@ def test_every_method_preset_runs_a_few_steps(tmp_path):
     summaries = [json.loads(p.read_text()) for p in [*sweep.glob("*/metrics.json"), tmp_path / "filtered/metrics.json"]]
     assert len(summaries) == len(METHODS)
     assert all(s["status"] == "completed" for s in summaries)
+
+
+MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+DATA = sorted(p.stem for p in (CONF / "data").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_every_model_preset_composes_and_names_a_pair(model):
+    cfg = typed(f"model={model}")
+    validate(cfg)
+    assert cfg.model.teacher and cfg.model.student and cfg.model.teacher != cfg.model.student
+
+
+@pytest.mark.parametrize("data", DATA)
+def test_every_data_preset_composes_and_validates(data, tmp_path):
+    extra = [f"data.path={tmp_path}"] if data in ("file", "hub") else []
+    cfg = typed(f"data={data}", *extra)
+    validate(cfg)
+    assert cfg.data.source in ("addition", "file", "hub")
+
+
+def test_file_and_hub_data_without_a_path_are_refused_with_an_example():
+    from kltd.spec.config import ConfigError
+
+    for data in ("file", "hub"):
+        with pytest.raises(ConfigError, match=f"data={data} needs data.path"):
+            validate(typed(f"data={data}"))

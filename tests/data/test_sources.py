@@ -124,3 +124,16 @@ def test_prompt_only_rows_serve_sampled_states_but_not_fixed_ones(tmp_path):
     assert all(e.response is None for e in data.train)
     with pytest.raises(DataError, match="prompt-only"):
         prepare(config(path), chat_tokenizer(), needs_responses=True)
+
+
+def test_the_hub_path_reads_a_dataset_laid_out_like_a_hub_repository(tmp_path):
+    """data=hub goes through datasets.load_dataset like any hub name; a local folder in a hub repository's
+    layout (one file per split) stands in for the network here."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for split, rows in (("train", GSM8K * 3), ("test", GSM8K[:2])):
+        (repo / f"{split}.jsonl").write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in rows))
+    cfg = DataConfig(source="hub", path=str(repo), eval_split="test", **GSM8K_FIELDS)
+    cfg.check()
+    data = prepare(cfg, chat_tokenizer(), needs_responses=True)
+    assert (len(data.train), len(data.eval)) == (18, 2) and data.summary["eval_split"] == "test"

@@ -11,8 +11,12 @@ from kltd.rollout.batch import encode_prompts, position_ids_from_mask
 from kltd.rollout.sampling import sample
 
 
+@pytest.mark.parametrize("copied", [True, False], ids=["copied", "shared"])
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
-def test_logits_match_the_forward_at_every_step(name):
+def test_logits_match_the_forward_at_every_step(name, copied, monkeypatch):
+    import kltd.fast.arranged as arranged_module
+
+    monkeypatch.setattr(arranged_module, "COPY_LIMIT", 10**12 if copied else 0)
     model, tok = tiny_model(name)
     assert LeanDecoder.supports(model)
     ids, mask = encode_prompts(tok, ["1+2=", "12+45+7+88=", "99+9="], "cpu")

@@ -7,6 +7,7 @@ from tests.support.tiny_models import ARCHITECTURES, tiny_architecture
 import gc
 import weakref
 
+import kltd.fast.arranged as arranged_module
 from kltd.fast.arranged import arranged, supports
 from kltd.fast.packed import AttentionLayout
 from kltd.rollout.batch import StateBatch, encode_prompts, encode_responses
@@ -27,8 +28,11 @@ PROMPTS = ["1+2=", "12+45+7+88=", "99+9=", "3+4+5+6=", "7="]
 RESPONSES = ["3", "12+45=57,57+7=64,64+88=152", "108", "3+4=7", ""]
 
 
+@pytest.mark.parametrize("copied", [True, False], ids=["copied", "shared"])
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
-def test_hidden_states_and_gradients_match_the_models_forward(name):
+def test_hidden_states_and_gradients_match_the_models_forward(name, copied, monkeypatch):
+    """Both arrangements: weights copied into few large matrices (small models) or used as they are."""
+    monkeypatch.setattr(arranged_module, "COPY_LIMIT", 10**12 if copied else 0)
     model, tok = tiny_architecture(name)
     assert supports(model)
     batch = state_batch(tok, PROMPTS, RESPONSES)
@@ -99,3 +103,12 @@ def test_an_arranged_model_is_freed_with_its_last_reference():
     del model
     gc.collect()
     assert gone() is None
+
+
+def test_above_the_copy_limit_no_weight_is_copied(monkeypatch):
+    monkeypatch.setattr(arranged_module, "COPY_LIMIT", 0)
+    model, _ = tiny_architecture("qwen2")
+    blocks = arranged_module.LlamaBlocks(model)
+    own = {p.data_ptr() for p in model.parameters()}
+    held = [t for layer in blocks.layers for t in vars(layer).values() if isinstance(t, torch.Tensor)]
+    assert not blocks.copied and held and all(t.data_ptr() in own for t in held)

@@ -265,3 +265,18 @@ def test_only_quality_metrics_have_a_better_direction():
     assert better_direction("accuracy") == "higher" and better_direction("pass_at_k") == "higher"
     assert better_direction("reverse_kl_student_states") == "lower"
     assert better_direction("student_entropy") is None and better_direction("response_length") is None
+
+
+def test_runs_without_an_answer_checker_are_compared_on_the_metrics_they_have(tmp_path):
+    """Data with data.checker=none have no accuracy: the default comparison uses what the runs measured."""
+    for i, (method, prefix, trajectory) in enumerate((("SFT", "fixed", "expert"), ("OPD", "student", "student"))):
+        run_dir = tmp_path / f"{i}_{method.lower()}_s0"
+        write_run(run_dir, method, prefix, trajectory, 0, 0.5)
+        summary = json.loads((run_dir / "metrics.json").read_text())
+        for phase in ("eval_before", "eval_after"):
+            summary[phase].pop("accuracy")
+            summary[phase].pop("pass_at_k")
+        (run_dir / "metrics.json").write_text(json.dumps(summary))
+    result = compare([tmp_path], tmp_path, [])
+    assert result.metrics == ["reverse_kl_student_states"]
+    assert (tmp_path / "matrix_reverse_kl_student_states.png").is_file()
