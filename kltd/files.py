@@ -1,4 +1,5 @@
-"""Writing files so that a file (or directory) that exists under its final name is always complete.
+"""Writing files so that a file (or directory) that exists under its final name is always complete, and
+claiming a directory for one process.
 
 Everything kltd leaves on disk for later (summaries, teacher caches, datasets, checkpoints) is written
 next to its final name and renamed into place; a crash leaves a temporary behind, never a half-written
@@ -10,7 +11,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -58,3 +61,56 @@ def atomic_write_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+class DirectoryBusy(RuntimeError):
+    """Another live process holds the directory."""
+
+
+LOCK_FILE = ".lock"
+
+
+def directory_holder(directory: str | Path) -> str | None:
+    """Who holds `directory` (see exclusive_claim) if a live process does; None if it is free."""
+    import fcntl
+
+    path = Path(directory) / LOCK_FILE
+    if not path.is_file():
+        return None
+    with path.open("a+") as handle:
+        try:
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            return handle.read().strip() or "another process"
+        fcntl.lockf(handle, fcntl.LOCK_UN)
+    return None
+
+
+@contextmanager
+def exclusive_claim(directory: str | Path) -> Iterator[None]:
+    """Hold `directory` for this process: a second claim, by any live process, fails with DirectoryBusy.
+
+    A POSIX record lock on directory/.lock: the system releases it when the holder exits, however it exits
+    (a kill -9 included), so a rerun after a crash or a requeue takes the directory back at once.
+    """
+    import fcntl
+
+    path = Path(directory) / LOCK_FILE
+    handle = path.open("a+")
+    try:
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise DirectoryBusy(f"{directory} is in use by a live run ({holder}); give this run another "
+                            "hydra.run.dir") from None
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # releases the lock

@@ -4,7 +4,7 @@
     python scripts/paper_findings.py --seeds 0 1 --out /tmp/findings --doc /tmp/results.md   # a smaller try
 
 Runs, at equal steps (the default budget) and for every seed:
-  - teacher vs student prefixes x forward KL, reverse KL and a 50/50 KL mix (`+kl=forward,reverse,mix`);
+  - teacher vs student prefixes x forward KL, reverse KL and a 50/50 KL mix (`divergence=forward_kl,reverse_kl,kl_mix`);
   - SFT (fixed prefix, forward KL), for the exposure-bias picture next to DAgger and OPD.
 Then `kltd compare` over both sweeps, and a verdict on each finding:
   (a) student states beat teacher states (held-out accuracy, same divergence);
@@ -142,7 +142,7 @@ def main() -> None:
 
 def run_sweeps(args, seeds: str) -> None:
     shutil.rmtree(args.out, ignore_errors=True)
-    kltd_train("prefix=teacher,student", "+kl=forward,reverse,mix", seeds, f"hydra.sweep.dir={args.out}/paper",
+    kltd_train("prefix=teacher,student", "divergence=forward_kl,reverse_kl,kl_mix", seeds, f"hydra.sweep.dir={args.out}/paper",
                *args.overrides)
     kltd_train("prefix=fixed", "trajectory=expert", seeds, f"hydra.sweep.dir={args.out}/sft", *args.overrides)
 

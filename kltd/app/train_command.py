@@ -6,7 +6,10 @@ Nothing below kltd.app imports Hydra.
 
 from __future__ import annotations
 
+import functools
+import secrets
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
@@ -15,10 +18,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from kltd.files import DirectoryBusy
 from kltd.spec.config import Config, ConfigError, config_method_label
 from kltd.spec.matrix import cell_error, slug
 
-USER_ERRORS = (ConfigError, FileNotFoundError, ValueError)  # DataFileError is a ValueError
+USER_ERRORS = (ConfigError, FileNotFoundError, ValueError, DirectoryBusy)  # DataError is a ValueError
 # Groups that are declared with no option chosen (conf/config.yaml): `method=opd` selects one. The older
 # `+method=opd` spelling is accepted and read the same way.
 OPTIONAL_GROUPS = ("method", "divergence", "sweep")
@@ -41,8 +45,16 @@ def _slug_resolver(*, _root_) -> str:
 
 
 ConfigStore.instance().store(name="kltd_schema", node=Config)
+@functools.lru_cache(maxsize=1)
+def _process_token() -> str:
+    """${kltd_token:} in a run or sweep directory name: four random hex digits, one per process, so that two
+    runs started in the same second get two directories (the run then also claims its directory)."""
+    return secrets.token_hex(2)
+
+
 if not OmegaConf.has_resolver("kltd_slug"):
     OmegaConf.register_new_resolver("kltd_slug", _slug_resolver)
+    OmegaConf.register_new_resolver("kltd_token", _process_token)
 
 FAILED_JOBS: list[str] = []
 
@@ -58,21 +70,54 @@ def fail(message: str, code: int = 2) -> None:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def train(cfg: DictConfig) -> None:
-    from kltd.train.job import train_job
+    from kltd.train.interrupt import Interrupted
+    from kltd.train.job import AlreadyFinished, train_job
     from kltd.train.trainer import TrainingError
 
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     sweep = Path(hydra_cfg.sweep.dir).name if multirun else None
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        train_job(to_typed(cfg), Path(hydra_cfg.runtime.output_dir), sweep=sweep,
-                  config_dict=OmegaConf.to_container(cfg, resolve=True))
-    except (*USER_ERRORS, TrainingError) as error:
-        if not multirun:
+        train_job(to_typed(cfg), run_dir, sweep=sweep, config_dict=OmegaConf.to_container(cfg, resolve=True))
+    except AlreadyFinished as done:
+        print(f"kltd: {done}", file=sys.stderr)
+    except Interrupted as stop:  # the whole command stops: a preempted sweep is requeued as one
+        print(f"kltd: {stop}", file=sys.stderr)
+        sys.exit(stop.exit_code)
+    except Exception as error:
+        user_error = isinstance(error, (*USER_ERRORS, TrainingError))
+        if not multirun and user_error:
             fail(str(error), 1)
-        # a sweep goes on past a failed cell; the failure is recorded in that cell's metrics.json
-        FAILED_JOBS.append(f"{hydra_cfg.runtime.output_dir}: {error}")
-        print(f"kltd: job failed: {error}", file=sys.stderr)
+        if not multirun:
+            raise  # a bug: the traceback is what a report needs
+        # a sweep goes on past a failed cell: one line here, the traceback in the job's own log, the failure
+        # in its metrics.json (shown as failed by kltd compare)
+        log = run_dir / "error.log"
+        log.write_text(traceback.format_exc())
+        FAILED_JOBS.append(f"{run_dir}: {error}")
+        where = "" if user_error else f" (traceback in {log})"
+        print(f"kltd: job {run_dir.name} failed: {type(error).__name__}: {error}{where}", file=sys.stderr)
+
+
+def unknown_keys(composed: DictConfig, typed) -> list[str]:
+    """Keys in the composed config that the schema does not define (e.g. +trainer.max_step=5, a typo that
+    `+` would otherwise add silently)."""
+    import dataclasses
+
+    def walk(node, schema, prefix: str) -> list[str]:
+        names = {f.name: f for f in dataclasses.fields(schema)}
+        found = []
+        for key in node:
+            if key == "hydra" and not prefix:
+                continue
+            if key not in names:
+                found.append(prefix + str(key))
+            elif dataclasses.is_dataclass(getattr(schema, key, None)) and OmegaConf.is_dict(node[key]):
+                found += walk(node[key], getattr(schema, key), f"{prefix}{key}.")
+        return found
+
+    return walk(composed, typed, "")
 
 
 def composition_error(error: Exception) -> str:
@@ -116,8 +161,15 @@ def prevalidate(overrides: list[str], multirun_flag: bool) -> Config:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from kltd.train.preflight import preflight
+    from kltd.train.preflight import preflight, writable_dir_problem
 
+    # where Hydra will create directories (its default is under ./outputs): a file in the way, or no write
+    # permission, would otherwise be a traceback from inside Hydra
+    chosen = dict(o.partition("=")[::2] for o in overrides if o.startswith(("hydra.run.dir=", "hydra.sweep.dir=")))
+    for key in ("hydra.run.dir", "hydra.sweep.dir"):
+        problem = writable_dir_problem(chosen.get(key) or "outputs")
+        if problem:
+            fail(f"{key}: {problem}")
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         try:
             multirun, jobs = job_overrides(overrides, multirun_flag)
@@ -127,14 +179,47 @@ def prevalidate(overrides: list[str], multirun_flag: bool) -> Config:
         for job in jobs:
             where = f" (in the job {' '.join(job)})" if len(jobs) > 1 else ""
             try:
-                cfg = to_typed(compose("config", overrides=[o for o in job if not o.lstrip("+~").startswith("hydra")]))
+                composed = compose("config", overrides=[o for o in job if not o.lstrip("+~").startswith("hydra")])
+                cfg = to_typed(composed)
+                unknown = unknown_keys(composed, cfg)
+                if unknown:
+                    raise ConfigError(f"unknown key {unknown[0]!r}: no such setting (`kltd train --help` lists "
+                                      "every key)")
                 preflight(cfg)
             except (HydraException, OmegaConfBaseException) as error:
                 fail(composition_error(error) + where)
             except ConfigError as error:
                 fail(f"{error}{where}")
             first = first or cfg
+        if not multirun and chosen.get("hydra.run.dir"):
+            existing_run(Path(chosen["hydra.run.dir"]), OmegaConf.to_container(composed, resolve=True))
     return first
+
+
+def existing_run(run_dir: Path, config: dict) -> None:
+    """A run directory given by name may hold a live run, a finished one or an unfinished one; settle it
+    before Hydra writes its own files into the directory (a refused command must change nothing there)."""
+    from kltd.files import directory_holder
+    from kltd.report.redact import redact
+    from kltd.train import checkpoint
+    from kltd.train.job import check_resumable, read_summary
+
+    if not run_dir.is_dir():
+        return
+    holder = directory_holder(run_dir)
+    if holder:
+        fail(f"{run_dir} is in use by a live run ({holder}); give this run another hydra.run.dir")
+    summary = read_summary(run_dir / "metrics.json")
+    if summary.get("status") == "completed":
+        print(f"kltd: {run_dir} holds a finished run ({summary.get('method')}); nothing to do (give another "
+              "hydra.run.dir to train again)", file=sys.stderr)
+        sys.exit(0)
+    resume = checkpoint.latest(run_dir, echo=lambda line: None)  # the job itself warns about a bad one
+    if resume is not None:
+        try:
+            check_resumable(resume.config, redact(config), run_dir)
+        except ConfigError as error:
+            fail(str(error))
 
 
 def normalized(argv: list[str]) -> list[str]:
@@ -142,11 +227,27 @@ def normalized(argv: list[str]) -> list[str]:
     return [a[1:] if a.startswith("+") and a[1:].split("=", 1)[0] in OPTIONAL_GROUPS else a for a in argv]
 
 
+def resumed(argv: list[str]) -> list[str]:
+    """`resume=RUN_DIR [key=value ...]`: the run's own overrides again, in its own directory (one job)."""
+    asked = [a for a in argv if a.startswith("resume=")]
+    if not asked:
+        return argv
+    run_dir = Path(asked[-1].split("=", 1)[1]).expanduser()
+    saved = run_dir / ".hydra" / "overrides.yaml"
+    if not saved.is_file():
+        fail(f"{run_dir} is not a kltd run directory (it has no .hydra/overrides.yaml)")
+    import yaml
+
+    previous = [o for o in yaml.safe_load(saved.read_text()) or [] if not o.lstrip("+").startswith("sweep=")]
+    extra = [a for a in argv if not a.startswith("resume=") and a not in ("-m", "--multirun")]
+    return [*previous, *extra, f"hydra.run.dir={run_dir}"]
+
+
 def main(argv: list[str]) -> None:
     """`kltd train ARGS`: check every job first, apply the process settings once, then run the Hydra app."""
     from kltd.app.process import configure_process
 
-    argv = normalized(argv)
+    argv = normalized(resumed(argv))
     flags = [a for a in argv if a.startswith("-")]
     if all(f in ("-m", "--multirun") for f in flags):  # a real run, not --help/--cfg/--info
         first = prevalidate([a for a in argv if not a.startswith("-")], bool(flags))

@@ -37,6 +37,11 @@ class ExampleOrder:
         self.position += count
         return list(islice(self._stream, count))
 
+    def seek(self, position: int) -> None:
+        """Continue from `position` (a saved run's), exactly as if the first `position` indices had been taken."""
+        self.position = position
+        self._stream = islice(self._indices(), position, None)
+
     def peek(self, count: int) -> list[int]:
         """The next `count` indices without moving on."""
         return list(islice(self._indices(), self.position, self.position + count))

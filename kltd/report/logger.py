@@ -12,6 +12,7 @@ import netrc
 import os
 from pathlib import Path
 
+WANDB_ID_FILE = ".wandb_run_id"  # one W&B run per run directory, resumed with it
 OFFLINE_NOTE = "W&B: {why}; logging offline to {dir} (upload later with: wandb sync {dir}/wandb/offline-run-*)"
 
 
@@ -35,23 +36,42 @@ def resolve_wandb_mode(requested: str) -> tuple[str, str | None]:
     return requested, None
 
 
+# Why an online start failed earlier in this process, if it did: later jobs of a sweep go offline at once.
+_online_failed: str | None = None
+
+
 def start_wandb(requested_mode: str, init: dict, *, where: Path, timeout_s: float = 30.0, echo=print):
     """(run, mode): a W&B run started online when asked or credentials exist, else offline with one line
     that says why; (None, "disabled") when W&B is off. An online start that fails (no network, a bad key)
     falls back to offline the same way: W&B never stops a run."""
+    global _online_failed
     mode, why = resolve_wandb_mode(requested_mode)
     if mode == "disabled":
         return None, mode
     import wandb
 
-    if mode == "online":
+    if mode == "online" and _online_failed:  # found out once in this process (a sweep): don't wait again
+        why = _online_failed
+    elif mode == "online":
         try:
             return wandb.init(mode="online", settings=wandb.Settings(init_timeout=timeout_s), **init), mode
         except Exception as error:  # network, auth: never fatal for the run itself
-            why = f"online start failed ({type(error).__name__})"
+            why = _online_failed = f"online start failed ({type(error).__name__})"
+            wandb.teardown()  # the failed attempt's service and its socket in the temp directory go with it
     echo(OFFLINE_NOTE.format(why=why or "offline mode requested", dir=where))
-    # silent: the line above is the one thing a user needs to know about offline logging
-    return wandb.init(mode="offline", settings=wandb.Settings(silent=True), **init), "offline"
+    if why and why.startswith("online start failed") and init.get("id"):
+        init = {**init, "id": _new_run_id()}  # the failed attempt still holds its id in W&B's service
+    try:  # silent: the line above is the one thing a user needs to know about offline logging
+        return wandb.init(mode="offline", settings=wandb.Settings(silent=True), **init), "offline"
+    except Exception as error:
+        echo(f"W&B: offline logging failed too ({type(error).__name__}); this run logs to local files only")
+        return None, "disabled"
+
+
+def _new_run_id() -> str:
+    import secrets
+
+    return secrets.token_hex(6)
 
 
 def _finite(value):
@@ -62,17 +82,39 @@ class RunLogger:
     """Append-only metrics.jsonl plus an optional W&B run; one per training job."""
 
     def __init__(self, run_dir: Path, *, wandb_mode: str = "auto", project="kltd", entity=None, name="",
-                 group=None, job_type="train", tags=(), config=None, init_timeout_s=30.0, echo=print):
+                 group=None, job_type="train", tags=(), config=None, init_timeout_s=30.0, echo=print,
+                 resume_step: int | None = None):
+        """resume_step: a resumed run keeps the lines up to that step (the rest were logged after its last
+        checkpoint and will be logged again) and continues the same W&B run."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
-        self.path.write_text("")
+        self.path.write_text("" if resume_step is None else self._lines_up_to(resume_step))
+        id_file = self.run_dir / WANDB_ID_FILE
+        if resume_step is None or not id_file.is_file():
+            id_file.write_text(_new_run_id())
         init = dict(project=project, entity=entity, name=name, group=group, job_type=job_type, tags=list(tags),
-                    config=config or {}, dir=str(self.run_dir), reinit="finish_previous")
+                    config=config or {}, dir=str(self.run_dir), reinit="finish_previous",
+                    id=id_file.read_text().strip(), resume="allow")
         self.wandb_run, self.wandb_mode = start_wandb(wandb_mode, init, where=self.run_dir, timeout_s=init_timeout_s,
                                                       echo=echo)
         if self.wandb_run is not None:
+            id_file.write_text(self.wandb_run.id)  # the run a resume continues (a fallback may have a new id)
             self._define_metrics()
+
+    def _lines_up_to(self, step: int) -> str:
+        try:
+            lines = self.path.read_text().splitlines()
+        except OSError:
+            return ""
+        kept = []
+        for line in lines:
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line + "\n")
+            except ValueError:  # a torn last line from the kill
+                continue
+        return "".join(kept)
 
     def _define_metrics(self) -> None:
         """Training and evaluation curves share the optimiser step as their x-axis."""

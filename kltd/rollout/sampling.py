@@ -34,14 +34,22 @@ def draw_categorical(probs: Tensor, generator=None, block: int = 256) -> Tensor:
     u = torch.rand((rows, 1), generator=generator, device=probs.device, dtype=torch.float64)
     if vocab <= block:
         cdf = probs.double().cumsum(-1)
+        _check_mass(cdf[:, -1])
         return _invert(cdf, u * cdf[:, -1:]).squeeze(-1)
     blocks = torch.nn.functional.pad(probs, (0, -vocab % block)).view(rows, -1, block)
     block_cdf = blocks.sum(-1).double().cumsum(-1)  # [B, nb]; float32 block sums are 10x cheaper
+    _check_mass(block_cdf[:, -1])
     target = u * block_cdf[:, -1:]
     b = _invert(block_cdf, target)
     before = torch.where(b > 0, block_cdf.gather(1, (b - 1).clamp(min=0)), torch.zeros_like(target))
     inside = blocks.gather(1, b.unsqueeze(-1).expand(rows, 1, block)).squeeze(1)  # [B, block]
     return (b * block + _invert(inside.double().cumsum(-1), target - before)).squeeze(-1)
+
+
+def _check_mass(total: Tensor) -> None:
+    """A distribution with NaN or infinite mass (a model whose weights diverged) cannot be sampled."""
+    if not bool(torch.isfinite(total).all()):
+        raise FloatingPointError("the next-token distribution holds NaN or infinite values")
 
 
 def _invert(cdf: Tensor, target: Tensor) -> Tensor:

@@ -154,6 +154,7 @@ class ModelConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16 (both models; the loss is always formed in float32)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     teacher_device: Optional[str] = None  # null: the student's device; e.g. cuda:1 to give the teacher its own GPU
+    trust_remote_code: bool = False  # run a model repository's own Python code (only for models that need it)
 
     def check(self) -> None:
         _choice("model.dtype", self.dtype, C.DTYPES)
@@ -284,10 +285,20 @@ class TrainerConfig:
     # (glibc malloc; kltd.fast.memory). Saves the page faults of re-allocating the same tensors every step;
     # the process holds its peak memory until it exits.
     keep_freed_memory: bool = True
-    save_checkpoint: bool = True
+    save_checkpoint: bool = True  # the trained student in Hugging Face format, in checkpoint/
+    # a training checkpoint (weights, optimiser, every random state, the data position) every this many
+    # steps and at the end, in checkpoints/; a rerun in the same directory resumes from the newest. 0: at
+    # the end (and on SIGTERM / SIGINT) only
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    # steps whose loss or gradients are not finite that may be skipped (no update) before the run stops
+    skip_bad_steps: int = 0
     progress: bool = True
 
     def check(self) -> None:
+        _at_least("trainer.checkpoint_every", self.checkpoint_every, 0)
+        _at_least("trainer.keep_checkpoints", self.keep_checkpoints, 1)
+        _at_least("trainer.skip_bad_steps", self.skip_bad_steps, 0)
         for key in ("max_steps", "batch_size", "grad_accum", "length_groups", "log_every"):
             _at_least(f"trainer.{key}", getattr(self, key), 1)
         _at_least("trainer.num_threads", self.num_threads, 0)

@@ -1,13 +1,16 @@
 """One training job, from a typed config to a finished run directory.
 
 The run directory holds metrics.jsonl (one line per logged step), metrics.json (the summary; status
-"completed" only once everything else is written) and checkpoint/. A job leaves no state behind in the
-process: its models die with it, and the thread count it set is restored.
+"completed" only once everything else is written, "interrupted" or "failed" otherwise), checkpoints/ (the
+training state, for exact resume: kltd.train.checkpoint) and checkpoint/ (the trained student). The job
+holds the directory exclusively while it runs, resumes it when it holds an unfinished run, and leaves no
+state behind in the process: its models die with it, and the thread count it set is restored.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -15,15 +18,23 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from kltd.files import atomic_write_dir, atomic_write_json
+from kltd.files import atomic_write_dir, atomic_write_json, exclusive_claim
 from kltd.report.logger import RunLogger
+from kltd.report.redact import redact
 from kltd.report.records import SUMMARY_FILE
 from kltd.rollout.batch import TokenCounts
-from kltd.spec.config import Config
+from kltd.spec.config import Config, ConfigError
 from kltd.spec.matrix import slug
+from kltd.train import checkpoint
+from kltd.train.interrupt import Interrupted, stop_requests
 from kltd.train.preflight import preflight
 
 HEADLINE = ("accuracy", "reverse_kl_student_states", "forward_kl_teacher_states", "student_entropy", "response_length")
+
+
+def plain_lines(console: Console):
+    """Print a message as one unwrapped, unstyled line (paths and warnings stay whole, greppable)."""
+    return lambda line: console.print(line, soft_wrap=True, highlight=False, markup=False)
 
 
 def run_identity(cfg: Config, sweep: str | None) -> dict:
@@ -65,16 +76,64 @@ def save_checkpoint(model, tokenizer, run_dir: Path) -> Path:
     return atomic_write_dir(run_dir / "checkpoint", write)
 
 
+# Keys that may change when a run resumes: where and how it reports, not what it computes.
+RESUMABLE_CHANGES = ("wandb.", "trainer.progress", "trainer.checkpoint_every", "trainer.keep_checkpoints",
+                     "trainer.save_checkpoint", "cache.dir", "eval.every")
+
+
+class AlreadyFinished(Exception):
+    """The run directory holds a completed run: nothing to do."""
+
+
+def _flat(config: dict, parent: str = "") -> dict:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{parent}{key}."))
+        else:
+            out[f"{parent}{key}"] = value
+    return out
+
+
+def check_resumable(saved: dict, current: dict, where: Path) -> None:
+    """Refuse a resume whose config would change the result (one line naming the keys)."""
+    a, b = _flat(saved), _flat(current)
+    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES))
+    if changed:
+        shown = ", ".join(f"{k}={b.get(k)!r} (was {a.get(k)!r})" for k in changed[:4])
+        raise ConfigError(f"{where} holds an unfinished run made with another config: {shown}"
+                          f"{' ...' if len(changed) > 4 else ''}; rerun with its settings, or give another "
+                          "hydra.run.dir to start afresh")
+
+
 def train_job(cfg: Config, run_dir: Path, *, sweep: str | None = None, config_dict: dict | None = None,
               console: Console | None = None) -> dict:
-    """Check, train, evaluate and record one cell. Returns the summary written to metrics.json."""
+    """Check, train, evaluate and record one cell. Returns the summary written to metrics.json.
+
+    A directory that holds an unfinished run's checkpoint is resumed (same config, or changes in
+    RESUMABLE_CHANGES only); one that holds a finished run raises AlreadyFinished.
+    """
     console = console or Console()
     preflight(cfg)  # before any model is loaded
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    with exclusive_claim(run_dir):  # never two live runs in one directory
+        return _claimed_job(cfg, run_dir, sweep, config_dict, console)
+
+
+def _claimed_job(cfg: Config, run_dir: Path, sweep: str | None, config_dict: dict | None, console: Console) -> dict:
     identity = run_identity(cfg, sweep)
-    config_dict = config_dict or dataclasses.asdict(cfg)
+    config_dict = redact(config_dict or dataclasses.asdict(cfg))  # what is saved and sent to W&B
     summary_path = run_dir / SUMMARY_FILE
+    previous = read_summary(summary_path)
+    if previous.get("status") == "completed":
+        raise AlreadyFinished(f"{run_dir} holds a finished run ({previous.get('method')}); give another "
+                              "hydra.run.dir to train again")
+    say = plain_lines(console)
+    resume = checkpoint.latest(run_dir, echo=say)
+    if resume is not None:
+        check_resumable(resume.config, config_dict, run_dir)
+        say(f"resuming {run_dir} from step {resume.progress.step} ({resume.path.name})")
     if summary_path.exists():
         summary_path.unlink()  # a summary from an earlier attempt would pass this one off as finished
     logger = RunLogger(
@@ -82,11 +141,18 @@ def train_job(cfg: Config, run_dir: Path, *, sweep: str | None = None, config_di
         name=f"{identity['method_slug']}-s{cfg.seed}" + (f"-{run_dir.name}" if sweep else ""),
         group=sweep, job_type=identity["method_slug"],
         tags=[f"prefix:{cfg.prefix.source}", f"trajectory:{cfg.trajectory.supervisor}", f"method:{cfg.method}"],
-        config={**config_dict, **wandb_axes(identity)}, init_timeout_s=cfg.wandb.init_timeout_s, echo=console.print,
+        config={**config_dict, **wandb_axes(identity)}, init_timeout_s=cfg.wandb.init_timeout_s, echo=say,
+        resume_step=resume.progress.step if resume else None,
     )
     started = time.perf_counter()
     try:
-        summary = _train_and_evaluate(cfg, run_dir, logger, console)
+        summary = _train_and_evaluate(cfg, run_dir, logger, console, resume, config_dict)
+    except Interrupted as stop:
+        atomic_write_json(summary_path, {**identity, "status": "interrupted", "step": stop.step,
+                                         "checkpoint": str(stop.checkpoint), "signal": stop.signum,
+                                         "wall_time_s": time.perf_counter() - started, "config": config_dict})
+        logger.finish(exit_code=stop.exit_code)
+        raise
     except BaseException as error:
         atomic_write_json(summary_path, {**identity, "status": "failed", "error": f"{type(error).__name__}: {error}",
                                          "wall_time_s": time.perf_counter() - started, "config": config_dict})
@@ -100,6 +166,14 @@ def train_job(cfg: Config, run_dir: Path, *, sweep: str | None = None, config_di
     return summary
 
 
+def read_summary(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def needs_responses(cfg: Config) -> bool:
     """Whether the run's states include the dataset's own responses (so prompt-only data cannot serve)."""
     p = cfg.prefix
@@ -107,7 +181,8 @@ def needs_responses(cfg: Config) -> bool:
     return fixed or (p.source == "mixed" and p.handoff and p.handoff_k == "uniform")
 
 
-def _train_and_evaluate(cfg: Config, run_dir: Path, logger: RunLogger, console: Console) -> dict:
+def _train_and_evaluate(cfg: Config, run_dir: Path, logger: RunLogger, console: Console,
+                        resume: checkpoint.Checkpoint | None, config_dict: dict) -> dict:
     from kltd.data.prepare import prepare, rendered_example
     from kltd.train.models import check_tokenizers, load_pair
     from kltd.train.threads import job_threads, threads_for
@@ -116,43 +191,46 @@ def _train_and_evaluate(cfg: Config, run_dir: Path, logger: RunLogger, console: 
     seed_everything(cfg.seed)
     m = cfg.model
     # tokenizer and data before any weights: a bad row or a tokenizer mismatch costs seconds, not a model load
-    tokenizer = check_tokenizers(m.teacher, m.student)
+    tokenizer = check_tokenizers(m.teacher, m.student, trust_remote_code=m.trust_remote_code)
     data = prepare(cfg.data, tokenizer, needs_responses=needs_responses(cfg))
     (run_dir / "first_example.txt").write_text(rendered_example(data.train[0], data.end_token))
     if data.held_out is not None:
         atomic_write_json(run_dir / "data_split.json", {"held_out_rows": data.held_out, **data.summary})
     s = data.summary
-    console.print(f"data: {s['where']} ({s['format']}): {s['train_examples']} training and {s['eval_examples']} "
+    plain_lines(console)(f"data: {s['where']} ({s['format']}): {s['train_examples']} training and {s['eval_examples']} "
                   f"held-out examples, checker {s['checker']}"
                   + (f"; {s['dropped']} rows dropped" if s["dropped"] else "")
                   + (f"; {s['truncated']} truncated" if s["truncated"] else "")
-                  + (" (data.max_prompt_tokens / data.max_response_tokens)" if s["dropped"] or s["truncated"] else ""),
-                  highlight=False)
+                  + (" (data.max_prompt_tokens / data.max_response_tokens)" if s["dropped"] or s["truncated"] else ""))
     pair = load_pair(m.teacher, m.student, m.dtype, m.device, tokenizer=tokenizer, teacher_device=m.teacher_device,
-                     gradient_checkpointing=cfg.trainer.gradient_checkpointing)
+                     gradient_checkpointing=cfg.trainer.gradient_checkpointing, trust_remote_code=m.trust_remote_code)
     with job_threads(threads_for(cfg.trainer.num_threads, pair.device, (pair.teacher, pair.student))):
-        summary = _run(cfg, pair, data.train, data.eval, data.checker, run_dir, logger, console)
+        summary = _run(cfg, pair, data, run_dir, logger, console, resume, config_dict)
     return {**summary, "data": data.summary}
 
 
-def _run(cfg: Config, pair, train_examples: list, eval_examples: list, checker, run_dir: Path, logger: RunLogger,
-         console: Console) -> dict:
+def _run(cfg: Config, pair, data, run_dir: Path, logger: RunLogger, console: Console,
+         resume: checkpoint.Checkpoint | None, config_dict: dict) -> dict:
     from kltd.train.evaluation import evaluate
     from kltd.train.trainer import Trainer
 
-    e = cfg.eval
+    e, t = cfg.eval, cfg.trainer
 
     def run_eval(step: int) -> dict:
-        result = evaluate(pair.student, pair.teacher, pair.tokenizer, eval_examples[: e.num_prompts], e,
-                          checker=checker, lean=cfg.sampling.lean_decoder, vocab=pair.vocab_size)
+        result = evaluate(pair.student, pair.teacher, pair.tokenizer, data.eval[: e.num_prompts], e,
+                          checker=data.checker, lean=cfg.sampling.lean_decoder, vocab=pair.vocab_size)
         logger.log({f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))}, step=step)
         return result
 
     console.print(f"[bold]{cfg.method}[/] (prefix={cfg.prefix.source}, trajectory={cfg.trajectory.supervisor}) "
                   f"on {pair.device}")
-    console.print(f"run directory: {run_dir}", soft_wrap=True, highlight=False)
-    before = run_eval(0) if e.before else None
-    trainer = Trainer(cfg, pair, train_examples, checker=checker)
+    plain_lines(console)(f"run directory: {run_dir}")
+    trainer = Trainer(cfg, pair, data.train, checker=data.checker)
+    if resume is not None:
+        resume.restore(trainer)
+        progress = resume.progress
+    else:
+        progress = checkpoint.Progress(eval_before=run_eval(0) if e.before else None)
     if trainer.uses_teacher_cache():
         from kltd.train.models import resolve_model_path
         from kltd.train.teacher_cache import cached_teacher
@@ -162,43 +240,57 @@ def _run(cfg: Config, pair, train_examples: list, eval_examples: list, checker, 
 
         trainer.attach_teacher_cache(cached_teacher(
             pair.teacher, pair.tokenizer, resolve_model_path(cfg.model.teacher), resolve_model_path(cfg.model.student),
-            train_examples, cache_dir=Path(cfg.cache.dir), dtype=cfg.model.dtype, fmt=cfg.cache.format,
-            top_k=cfg.cache.top_k, needed=trainer.planned_examples(), counter=count, echo=console.print))
-    tokens, trained_tokens, loss = TokenCounts(), 0, float("nan")
-    t = cfg.trainer
+            data.train, cache_dir=Path(cfg.cache.dir), dtype=cfg.model.dtype, fmt=cfg.cache.format,
+            top_k=cfg.cache.top_k, needed=trainer.planned_examples(), counter=count, echo=plain_lines(console)))
+    tokens = TokenCounts(**progress.tokens)
+    resumed_from = progress.step if resume is not None else None
+
+    def save() -> Path:
+        progress.tokens = dataclasses.asdict(tokens)
+        return checkpoint.save(run_dir, trainer, progress, config_dict, t.keep_checkpoints)
+
     columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn()]
-    train_started = time.perf_counter()
-    with Progress(*columns, console=console, disable=not t.progress, transient=False) as progress:
-        bar = progress.add_task(cfg.method, total=t.max_steps, status="")
-        for step in range(1, t.max_steps + 1):
+    session_started, time_before = time.perf_counter(), progress.train_time_s
+    with stop_requests() as stop, Progress(*columns, console=console, disable=not t.progress,
+                                           transient=False) as bar_view:
+        bar = bar_view.add_task(cfg.method, total=t.max_steps, completed=progress.step, status="")
+        for step in range(progress.step + 1, t.max_steps + 1):
             stats = trainer.step()
             tokens.add(stats.tokens)
-            trained_tokens += stats.trained_tokens
-            loss = stats.loss
-            elapsed = time.perf_counter() - train_started
-            progress.update(bar, advance=1, status=f"loss {loss:.4f}  {trained_tokens / elapsed:,.0f} tok/s")
+            progress.step, progress.loss = step, stats.loss
+            progress.trained_tokens += stats.trained_tokens
+            progress.train_time_s = time_before + time.perf_counter() - session_started
+            elapsed = progress.train_time_s
+            bar_view.update(bar, advance=1, status=f"loss {stats.loss:.4f}  "
+                                                   f"{progress.trained_tokens / elapsed:,.0f} tok/s")
             if step % t.log_every == 0 or step == t.max_steps:
-                logger.log({"train/loss": loss, **{f"train/{k}": v for k, v in stats.parts.items()},
-                            "train/tokens_per_s": trained_tokens / elapsed,
+                logger.log({"train/loss": stats.loss, **{f"train/{k}": v for k, v in stats.parts.items()},
+                            "train/tokens_per_s": progress.trained_tokens / elapsed,
                             "cost/student_tokens_generated": tokens.student_generated,
                             "cost/teacher_tokens_generated": tokens.teacher_generated,
                             "cost/tokens_scored": tokens.scored, "cost/wall_time_s": elapsed}, step=step)
             if e.every and step % e.every == 0 and step != t.max_steps:
                 run_eval(step)
-    train_time = time.perf_counter() - train_started
+            if stop.signum is not None:
+                raise Interrupted(stop.signum, step, save())
+            if step == t.max_steps or (t.checkpoint_every and step % t.checkpoint_every == 0):
+                save()
     after = run_eval(t.max_steps)
+    before = progress.eval_before
     console.print(before_after_table(cfg.method, before or {}, after))
-    checkpoint = save_checkpoint(pair.student, pair.tokenizer, run_dir) if t.save_checkpoint else None
+    final = save_checkpoint(pair.student, pair.tokenizer, run_dir) if t.save_checkpoint else None
+    train_time = progress.train_time_s
     return {
         "steps": t.max_steps,
         "train_time_s": train_time,
         "steps_per_s": t.max_steps / train_time if train_time > 0 else None,
-        "final_loss": loss,
-        "tokens": {"student_generated": tokens.student_generated, "teacher_generated": tokens.teacher_generated,
-                   "scored": tokens.scored, "trained": trained_tokens},
+        "final_loss": progress.loss,
+        "tokens": {**dataclasses.asdict(tokens), "trained": progress.trained_tokens},
         "teacher_forward_passes": trainer.teacher_forwards,  # training only (cache building included)
+        "skipped_steps": trainer.skipped_steps,
+        "resumed_from_step": resumed_from,
         "eval_before": before,
         "eval_after": after,
-        "checkpoint": str(checkpoint) if checkpoint else None,
+        "checkpoint": str(final) if final else None,
     }

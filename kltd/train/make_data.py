@@ -38,12 +38,12 @@ def make_data(cfg: MakeDataConfig, echo=print) -> dict:
         problem = check_model_reference(getattr(m, role))
         if problem:
             raise ConfigError(f"model.{role}: {problem}")
-    tokenizer = check_tokenizers(m.teacher, m.student)
+    tokenizer = check_tokenizers(m.teacher, m.student, trust_remote_code=m.trust_remote_code)
     data = prepare(cfg.data, tokenizer, needs_responses=False)
     examples = data.train[: cfg.n]
     device = pick_device(m.device)
     s, vocab = cfg.sampling, len(tokenizer)
-    samplers = {role: Sampler(load_model(getattr(m, who), m.dtype, device).eval(), tokenizer, s.max_new_tokens,
+    samplers = {role: Sampler(load_model(getattr(m, who), m.dtype, device, m.trust_remote_code).eval(), tokenizer, s.max_new_tokens,
                               s.temperature, s.top_p, s.lean_decoder, vocab) for role, who in roles.items()}
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     coins = torch.rand(len(examples), generator=torch.Generator().manual_seed(cfg.seed)) < cfg.other_fraction

@@ -8,6 +8,7 @@ logits are compared on the tokenizer's ids only (ModelPair.vocab_size).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,20 +82,50 @@ def _quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
-def load_model(reference: str, dtype: str = "float32", device: str | torch.device = "cpu"):
+def load_model(reference: str, dtype: str = "float32", device: str | torch.device = "cpu",
+               trust_remote_code: bool = False):
+    """A causal LM in evaluation-ready form. trust_remote_code stays off unless the config turns it on: a
+    model repository's own Python code runs only when asked for."""
     from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
     path = resolve_model_path(reference)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=_local_only(path))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=_local_only(path),
+                                                     trust_remote_code=trust_remote_code)
+    except Exception as error:  # name the file that is broken, not a stack of loader internals
+        raise ValueError(f"cannot load the model '{reference}': {_load_problem(path, error)}") from None
     return model.to(device)
 
 
-def load_tokenizer(reference: str):
+def _load_problem(path: str, error: Exception) -> str:
+    """A truncated or corrupt file in a model directory, named; else the loader's own first line."""
+    directory = Path(path)
+    if directory.is_dir():
+        from safetensors import safe_open
+
+        for weights in sorted(directory.glob("*.safetensors")):
+            try:
+                with safe_open(str(weights), framework="pt") as f:
+                    for name in f.keys():
+                        f.get_slice(name)  # the header promises these bytes: are they there?
+            except Exception:
+                return f"'{weights}' is truncated or corrupt; copy or download it again"
+        for config in sorted(directory.glob("*.json")):
+            try:
+                json.loads(config.read_text())
+            except (ValueError, UnicodeDecodeError):
+                return f"'{config}' is not valid JSON; copy or download it again"
+    lines = str(error).strip().splitlines()
+    return (lines[0] if lines else type(error).__name__)[:300]
+
+
+def load_tokenizer(reference: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     path = resolve_model_path(reference)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=_local_only(path))
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=_local_only(path),
+                                              trust_remote_code=trust_remote_code)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -110,10 +141,10 @@ def enable_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def check_tokenizers(teacher: str, student: str, tokenizer=None):
+def check_tokenizers(teacher: str, student: str, tokenizer=None, trust_remote_code: bool = False):
     """The student's tokenizer, after checking the teacher's has the same vocabulary (token -> id)."""
-    tokenizer = tokenizer or load_tokenizer(student)
-    teacher_vocab, student_vocab = load_tokenizer(teacher).get_vocab(), tokenizer.get_vocab()
+    tokenizer = tokenizer or load_tokenizer(student, trust_remote_code)
+    teacher_vocab, student_vocab = load_tokenizer(teacher, trust_remote_code).get_vocab(), tokenizer.get_vocab()
     if teacher_vocab != student_vocab:
         differ = sorted(set(teacher_vocab.items()) ^ set(student_vocab.items()), key=lambda item: item[1])[:3]
         raise ValueError(f"teacher '{teacher}' and student '{student}' use different tokenizers "
@@ -127,14 +158,16 @@ def output_rows(model) -> int:
 
 
 def load_pair(teacher: str, student: str, dtype: str = "float32", device: str = "auto", *, tokenizer=None,
-              teacher_device: str | None = None, gradient_checkpointing: bool = False) -> ModelPair:
+              teacher_device: str | None = None, gradient_checkpointing: bool = False,
+              trust_remote_code: bool = False) -> ModelPair:
     """Teacher frozen in eval mode (on `teacher_device` if given), student in train mode; both share the
     student's tokenizer (pass it if already loaded: kltd.data may have set its end-of-response token)."""
     dev = pick_device(device)
-    tokenizer = check_tokenizers(teacher, student, tokenizer)
-    teacher_model = load_model(teacher, dtype, pick_device(teacher_device) if teacher_device else dev)
+    tokenizer = check_tokenizers(teacher, student, tokenizer, trust_remote_code)
+    teacher_model = load_model(teacher, dtype, pick_device(teacher_device) if teacher_device else dev,
+                               trust_remote_code)
     teacher_model = teacher_model.eval().requires_grad_(False)
-    student_model = load_model(student, dtype, dev).train()
+    student_model = load_model(student, dtype, dev, trust_remote_code).train()
     if gradient_checkpointing:
         enable_checkpointing(student_model)
     vocab = len(tokenizer)

@@ -3,14 +3,31 @@ it names. Raises ConfigError with one line that says what is wrong and how to fi
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from kltd.spec.config import Config, ConfigError
 from kltd.train.models import check_model_reference
 
 
+def writable_dir_problem(path: str | Path) -> str | None:
+    """Why a directory could not be created and written at `path` (None: it can)."""
+    path = Path(path).expanduser().absolute()
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"'{path}' cannot be a directory: '{probe}' is a file"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"'{path}' cannot be written: no write permission on '{probe}'"
+    return None
+
+
 def preflight(cfg: Config) -> None:
     cfg.check()
+    problem = writable_dir_problem(cfg.cache.dir)
+    if problem:
+        raise ConfigError(f"cache.dir: {problem}")
     for role in ("teacher", "student"):
         problem = check_model_reference(getattr(cfg.model, role))
         if problem:

@@ -200,7 +200,12 @@ def cached_teacher(teacher, tokenizer, teacher_dir: str, tokenizer_dir: str, exa
                    top_k if fmt == "topk" else 0)
     path = Path(cache_dir) / f"teacher-{key.digest()}.pt"
     read = _modified(path)
-    cache = TeacherCache.load(path) if read else None
+    cache = None
+    if read:
+        try:
+            cache = TeacherCache.load(path)
+        except Exception as error:  # zero-length, torn or corrupt: rebuilt below, never trusted
+            echo(f"warning: teacher cache {path} is unreadable ({type(error).__name__}); rebuilding it")
     wanted = list({e.prompt: e for e in (examples if needed is None else needed)}.values())
     missing = [e for e in wanted if cache is None or e.prompt not in cache.index]
     if not missing:
@@ -210,6 +215,9 @@ def cached_teacher(teacher, tokenizer, teacher_dir: str, tokenizer_dir: str, exa
     built = TeacherCache.build(teacher, tokenizer, missing, fmt=fmt, top_k=top_k, counter=counter)
     cache = built if cache is None else cache.merged(built)
     if _modified(path) != read:  # a parallel job stored entries since we read the file: keep them
-        cache = cache.merged(TeacherCache.load(path))
+        try:
+            cache = cache.merged(TeacherCache.load(path))
+        except Exception:  # what the other job left is unreadable: ours replaces it
+            pass
     cache.save(path)
     return cache

@@ -106,10 +106,31 @@ class Trainer:
             seed=cfg.seed,
         )
         self.steps_done = 0
+        self.skipped_steps = 0  # steps whose loss or gradients were not finite (trainer.skip_bad_steps)
         self.teacher_forwards = 0  # live teacher passes during training (the cache avoids them)
         self.teacher_cache = None
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.order = order or ExampleOrder(len(train_examples), cfg.seed)
+
+    def state_dict(self) -> dict:
+        """Everything besides the student's weights that the next step depends on: optimiser, schedule, every
+        random stream, the data position and the counters (kltd.train.checkpoint saves it)."""
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "steps_done": self.steps_done, "teacher_forwards": self.teacher_forwards,
+                "order_position": self.order.position, "generator": self.generator.get_state(),
+                "coins": self.states.coins.get_state(), "torch_rng": torch.get_rng_state(),
+                "python_rng": random.getstate(), "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.steps_done, self.teacher_forwards = state["steps_done"], state["teacher_forwards"]
+        self.skipped_steps = state["skipped_steps"]
+        self.order.seek(state["order_position"])
+        self.generator.set_state(state["generator"])
+        self.states.coins.set_state(state["coins"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
 
     @property
     def examples_per_step(self) -> int:
@@ -263,6 +284,16 @@ class Trainer:
                                     states="fixed", **common)
         return pre
 
+    def _bad_step(self, what: str) -> None:
+        """A step with a non-finite loss or gradient: skipped (no update) while trainer.skip_bad_steps allows."""
+        if self.skipped_steps >= self.cfg.trainer.skip_bad_steps:
+            allowed = self.cfg.trainer.skip_bad_steps
+            raise TrainingError(f"{what} at step {self.steps_done + 1}"
+                                + (f" ({allowed} bad steps skipped already)" if allowed else "")
+                                + "; lower trainer.lr or raise loss.temperature, then rerun (the last good "
+                                "checkpoint is kept; trainer.skip_bad_steps=N skips a few such steps instead)")
+        self.skipped_steps += 1
+
     def step(self) -> StepStats:
         """One optimiser step over trainer.grad_accum micro-batches."""
         t = self.cfg.trainer
@@ -270,7 +301,11 @@ class Trainer:
         self.student.eval()  # sampling states: no dropout
         batches = []
         for _ in range(t.grad_accum):
-            batch, counts = self.states.build(self.next_examples(t.batch_size), self.generator, self.steps_done)
+            try:
+                batch, counts = self.states.build(self.next_examples(t.batch_size), self.generator, self.steps_done)
+            except FloatingPointError as error:
+                raise TrainingError(f"sampling failed at step {self.steps_done + 1}: {error}; lower trainer.lr "
+                                    "and rerun (the last good checkpoint is kept)") from None
             batches.append(batch)
             stats.tokens.add(counts)
         self.student.train()
@@ -278,22 +313,29 @@ class Trainer:
         denominator = float(tokens if self.cfg.loss.normalization == "token" else sum(b.num_sequences for b in batches))
         self.optimizer.zero_grad(set_to_none=True)
         groups = t.length_groups if self.loss_is_sum_over_rows() and not self.packs_both() else 1
+        bad = None
         for batch in (part for b in batches for part in b.by_length(groups)):
             loss, parts = self.loss(batch, denominator)
             if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"the loss became {float(loss.detach())} at step {self.steps_done + 1}; "
-                    "lower trainer.lr or raise loss.temperature, then rerun"
-                )
+                bad = f"the loss became {float(loss.detach())}"
+                break
             loss.backward()
             stats.loss += float(loss.detach())
             stats.real_tokens += int(batch.attention_mask.sum())
             for k, v in parts.items():
                 stats.parts[k] = stats.parts.get(k, 0.0) + v
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), t.max_grad_norm)
-        self.optimizer.step()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), t.max_grad_norm) if bad is None else None
+        if bad is None and not torch.isfinite(grad_norm):
+            bad = f"the gradient norm became {float(grad_norm)}"
+        if bad is not None:
+            self._bad_step(bad)
+            self.optimizer.zero_grad(set_to_none=True)
+            stats.loss, stats.parts = float("nan"), {"skipped": 1.0}
+        else:
+            self.optimizer.step()
         self.scheduler.step()
-        stats.parts["grad_norm"] = float(grad_norm)
+        if grad_norm is not None:
+            stats.parts["grad_norm"] = float(grad_norm)
         stats.parts["lr"] = self.scheduler.get_last_lr()[0]
         self.steps_done += 1
         stats.trained_tokens = tokens

@@ -46,3 +46,59 @@ def test_offline_run_says_so_in_one_line_and_holds_the_metrics(tmp_path, monkeyp
     losses = [h["train/loss"] for h in run["history"] if "train/loss" in h]
     assert losses == [2.5, 1.5]
     assert [h["eval/accuracy"] for h in run["history"] if "eval/accuracy" in h] == [0.75]
+
+
+BAD_KEY_PROBE = """
+import sys, time
+from pathlib import Path
+from kltd.report.logger import RunLogger
+root = Path(sys.argv[1])
+for job in range(2):  # two jobs of a one-process sweep
+    start = time.perf_counter()
+    logger = RunLogger(root / f"job{job}", wandb_mode="online", init_timeout_s=5, echo=print)
+    logger.log({"train/loss": 1.0}, step=1)
+    logger.finish()
+    print(f"took {time.perf_counter() - start:.1f}")
+"""
+
+
+def test_a_bad_key_without_network_falls_back_once_and_leaves_nothing_in_the_temp_dir(tmp_path):
+    """Online start with a bad key and no network: offline with one line per job, the second job without
+    waiting again, both runs' metrics on disk, and no W&B file left in the system temp directory."""
+    import os
+    import subprocess
+    import sys
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
+    env.update(WANDB_API_KEY="0" * 40, TMPDIR=str(temp), HOME=str(tmp_path), WANDB_BASE_URL="http://127.0.0.1:9")
+    out = subprocess.run([sys.executable, "-c", BAD_KEY_PROBE, str(tmp_path)], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    notes = [line for line in out.stdout.splitlines() if line.startswith("W&B:")]
+    assert len(notes) == 2 and all("online start failed" in line for line in notes)
+    took = [float(line.split()[1]) for line in out.stdout.splitlines() if line.startswith("took")]
+    assert took[1] < 5  # found out once: the second job does not wait for the timeout again
+    for job in ("job0", "job1"):
+        assert json.loads((tmp_path / job / "metrics.jsonl").read_text().splitlines()[0])["train/loss"] == 1.0
+        assert list((tmp_path / job / "wandb").glob("offline-run-*"))
+    assert list(temp.iterdir()) == []
+
+
+def test_a_resumed_run_keeps_its_lines_up_to_the_checkpoint_and_its_wandb_run(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    logger = RunLogger(tmp_path, wandb_mode="offline", echo=lambda line: None)
+    for step in (1, 2, 3):
+        logger.log({"train/loss": float(step)}, step=step)
+    logger.finish()
+    run_id = (tmp_path / ".wandb_run_id").read_text()
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 4, "train/lo')  # a line torn by the kill
+    resumed = RunLogger(tmp_path, wandb_mode="offline", echo=lambda line: None, resume_step=2)
+    resumed.log({"train/loss": 30.0}, step=3)
+    resumed.finish()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["train/loss"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+    assert (tmp_path / ".wandb_run_id").read_text() == run_id
+    assert len({p.name.rsplit("-", 1)[1] for p in (tmp_path / "wandb").glob("offline-run-*")}) == 1

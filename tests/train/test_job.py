@@ -58,3 +58,15 @@ def test_a_job_restores_the_thread_count_it_found(tmp_path):
         assert seen[0] == 1 and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_secrets_do_not_reach_the_saved_summary(tmp_path, monkeypatch):
+    import dataclasses
+    import json
+
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef")
+    cfg = tiny_config()
+    cfg.wandb.entity = "0123456789abcdef"  # e.g. pulled in by ${oc.env:WANDB_API_KEY} by mistake
+    train_job(cfg, tmp_path / "run", config_dict=dataclasses.asdict(cfg))
+    saved = (tmp_path / "run" / "metrics.json").read_text()
+    assert "0123456789abcdef" not in saved and json.loads(saved)["config"]["wandb"]["entity"] == "<redacted>"

@@ -172,3 +172,25 @@ def test_handoff_prefix_term_returns_only_supervised_divergence_and_scores_the_r
     want = prefix_loss(student, teacher, batch.responses.tokens, supervised, states="student", baseline="none",
                        spec=DivergenceSpec("forward_kl"), score_mask=written, sampling_top_p=0.9, **common)
     assert torch.allclose(got, want) and float(want.detach()) != 0.0
+
+
+def test_a_non_finite_step_is_skipped_within_the_allowance_then_stops_the_run(model_dirs, monkeypatch):
+    from kltd.train.trainer import TrainingError
+
+    trainer = make_trainer(model_dirs, trainer__skip_bad_steps=1)
+    plain = trainer.loss
+    calls = []
+
+    def sometimes_nan(batch, denominator):
+        loss, parts = plain(batch, denominator)
+        calls.append(1)
+        return (loss * float("nan"), parts) if len(calls) in (2, 3) else (loss, parts)
+
+    monkeypatch.setattr(trainer, "loss", sometimes_nan)
+    trainer.step()
+    before = {n: p.detach().clone() for n, p in trainer.student.named_parameters()}
+    stats = trainer.step()  # the second step's loss is NaN: skipped, nothing updated
+    assert stats.parts.get("skipped") == 1.0 and trainer.skipped_steps == 1
+    assert all(torch.equal(before[n], p) for n, p in trainer.student.named_parameters())
+    with pytest.raises(TrainingError, match="at step 3.*1 bad steps skipped"):
+        trainer.step()

@@ -1,0 +1,93 @@
+"""Training checkpoints: everything a run needs to go on exactly where it stopped.
+
+A checkpoint is a directory checkpoints/step-000050/ holding the student's weights (safetensors), the
+trainer's state (optimiser, schedule, every random stream, the data position; kltd.train.trainer
+Trainer.state_dict), the run's progress (counters, the evaluation before training) and the resolved config
+it was made under. Each is written whole (kltd.files) and the newest `keep` are kept. Loading tries the
+newest first and falls back to the one before if it is unreadable, with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from kltd.files import atomic_write_dir
+
+DIRECTORY = "checkpoints"
+WEIGHTS, TRAINER, PROGRESS = "model.safetensors", "trainer.pt", "progress.json"
+
+
+@dataclass
+class Progress:
+    """What the training loop has accumulated by a step."""
+
+    step: int = 0
+    loss: float = float("nan")
+    train_time_s: float = 0.0
+    tokens: dict = field(default_factory=lambda: {"student_generated": 0, "teacher_generated": 0, "scored": 0})
+    trained_tokens: int = 0
+    eval_before: dict | None = None
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    progress: Progress
+    config: dict
+    trainer_state: dict
+
+    def restore(self, trainer) -> None:
+        from safetensors.torch import load_model
+
+        load_model(trainer.student, str(self.path / WEIGHTS), device=str(trainer.device))
+        trainer.load_state_dict(self.trainer_state)
+
+
+def _name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def saved(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = Path(run_dir) / DIRECTORY
+    return sorted(p for p in root.glob("step-*") if p.is_dir() and (p / PROGRESS).is_file()) if root.is_dir() else []
+
+
+def save(run_dir: Path, trainer, progress: Progress, config: dict, keep: int) -> Path:
+    from safetensors.torch import save_model
+
+    def write(directory: Path) -> None:
+        directory.mkdir(parents=True)
+        save_model(trainer.student, str(directory / WEIGHTS))
+        torch.save(trainer.state_dict(), directory / TRAINER)
+        (directory / PROGRESS).write_text(json.dumps({"progress": asdict(progress), "config": config}, default=str))
+
+    path = atomic_write_dir(Path(run_dir) / DIRECTORY / _name(progress.step), write)
+    for old in saved(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def _load(path: Path) -> Checkpoint:
+    record = json.loads((path / PROGRESS).read_text())
+    state = torch.load(path / TRAINER, weights_only=True)  # plain tensors and numbers only: nothing executes
+    from safetensors import safe_open
+
+    with safe_open(str(path / WEIGHTS), framework="pt"):  # the header reads: the file is whole
+        pass
+    return Checkpoint(path, Progress(**record["progress"]), record["config"], state)
+
+
+def latest(run_dir: Path, echo=print) -> Checkpoint | None:
+    """The newest checkpoint that loads; an unreadable one is skipped with a warning."""
+    for path in reversed(saved(run_dir)):
+        try:
+            return _load(path)
+        except Exception as error:  # a torn or corrupt file: fall back to the one before
+            echo(f"warning: checkpoint {path} is unreadable ({type(error).__name__}); trying the one before")
+    return None
