@@ -118,12 +118,18 @@ def test_sigterm_saves_a_checkpoint_and_says_interrupted(tmp_path, uninterrupted
     assert all(torch.equal(mine[k], theirs[k]) for k in mine)
 
 
-def test_resume_by_name_refuses_changes_that_alter_the_result(tmp_path):
+def killed_after(step: int, tmp_path: Path) -> Path:
+    """A run killed with SIGKILL once it has saved the checkpoint of `step` (or a later one)."""
     run_dir = tmp_path / "run"
     proc = start("train", *TINY, f"hydra.run.dir={run_dir}", cwd=tmp_path)
-    wait_for_step(proc, run_dir, 2)
+    wait_for_step(proc, run_dir, step)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    return run_dir
+
+
+def test_resume_by_name_refuses_changes_that_alter_the_result(tmp_path):
+    run_dir = killed_after(2, tmp_path)
     refused = run("train", f"resume={run_dir}", "trainer.lr=0.5", cwd=tmp_path)
     assert refused.returncode != 0 and "trainer.lr=0.5" in refused.stderr and "Traceback" not in refused.stderr
     out = run("train", f"resume={run_dir}", "wandb.mode=disabled", cwd=tmp_path)
@@ -134,11 +140,7 @@ def test_resume_by_name_refuses_changes_that_alter_the_result(tmp_path):
 
 
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(tmp_path):
-    run_dir = tmp_path / "run"
-    proc = start("train", *TINY, f"hydra.run.dir={run_dir}", cwd=tmp_path)
-    wait_for_step(proc, run_dir, 4)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    run_dir = killed_after(4, tmp_path)
     newest = steps_saved(run_dir)[-1]
     weights = run_dir / "checkpoints" / f"step-{newest:06d}" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
