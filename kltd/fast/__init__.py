@@ -1,0 +1,3 @@
+"""The fast path for Llama-family models: arranged weights, the packed forward, the lean decoder, the memory
+setting.
+"""

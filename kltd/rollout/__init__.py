@@ -1,0 +1,1 @@
+"""States: the batch layout, sampling, decoders, the prefix axis, and the scoring seam to the fast path."""

@@ -1,0 +1,1 @@
+"""One job: loading, data, the trainer, evaluation, checkpoints and resume, the teacher cache, make-data."""

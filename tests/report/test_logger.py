@@ -79,7 +79,8 @@ def test_a_bad_key_without_network_falls_back_once_and_leaves_nothing_in_the_tem
     notes = [line for line in out.stdout.splitlines() if line.startswith("W&B:")]
     assert len(notes) == 2 and all("online start failed" in line for line in notes)
     took = [float(line.split()[1]) for line in out.stdout.splitlines() if line.startswith("took")]
-    assert took[1] < 5  # found out once: the second job does not wait for the timeout again
+    print(f"first job {took[0]:.1f} s, second {took[1]:.1f} s")
+    assert took[1] < took[0] - 2  # found out once: the second job does not try (and wait) again
     for job in ("job0", "job1"):
         assert json.loads((tmp_path / job / "metrics.jsonl").read_text().splitlines()[0])["train/loss"] == 1.0
         assert list((tmp_path / job / "wandb").glob("offline-run-*"))
@@ -101,4 +102,5 @@ def test_a_resumed_run_keeps_its_lines_up_to_the_checkpoint_and_its_wandb_run(tm
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["train/loss"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 30.0)]
     assert (tmp_path / ".wandb_run_id").read_text() == run_id
-    assert len({p.name.rsplit("-", 1)[1] for p in (tmp_path / "wandb").glob("offline-run-*")}) == 1
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(run_id in p.name for p in runs)  # both sessions log to the one W&B run
