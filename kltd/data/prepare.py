@@ -79,7 +79,7 @@ def _examples(rows, read, where: str, split: str, renderer, checker: Checker | N
     return out
 
 
-def _from_datasets(cfg, tokenizer, renderer, checker, limits) -> tuple[list, list, dict, list | None]:
+def _from_datasets(cfg, renderer, checker, limits) -> tuple[list, list, dict, list | None]:
     from kltd.data.sources import choose_splits, load
 
     splits = choose_splits(*load(cfg), cfg)
@@ -116,7 +116,7 @@ def prepare(cfg, tokenizer, *, needs_responses: bool) -> TaskData:
     if cfg.source == "addition":
         train, held, summary = _from_addition(cfg, renderer, limits)
     else:
-        train, held, summary, held_out = _from_datasets(cfg, tokenizer, renderer, checker, limits)
+        train, held, summary, held_out = _from_datasets(cfg, renderer, checker, limits)
     where = summary["where"]
     if not train:
         raise DataError(f"{where}: no training examples left (after data.max_*_tokens with data.overflow=drop?)")

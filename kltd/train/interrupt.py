@@ -40,7 +40,7 @@ def stop_requests() -> Iterator[SignalFlag]:
         yield flag
         return
 
-    def handler(signum, frame):
+    def handler(signum, _frame):
         if flag.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
         flag.signum = signum
