@@ -1,7 +1,8 @@
 """Settings that belong to the whole process, applied once by the entry point (never by a job).
 
-Only the entry point calls this: a job of a one-process sweep must not change what the next job finds.
-CPU threads are per job instead (kltd.train.threads), set and restored by each.
+Only the app layer calls this (the command, and the task function in the worker processes of a parallel
+launcher): a job of a one-process sweep must not change what the next job finds. CPU threads are per job
+instead (kltd.train.threads), set and restored by each.
 """
 
 from __future__ import annotations

@@ -13,6 +13,11 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 
+# The runs of the last sweep that did not complete (read by kltd.app.train_command for its exit code): found
+# from the run directories, so that it holds whatever launcher ran the jobs (in this process or others).
+UNFINISHED: list[str] = []
+
+
 class CompareOnSweepEnd(Callback):
     def __init__(self, metrics: list[str] | None = None):
         self.metrics = list(metrics or [])  # empty: kltd compare's defaults
@@ -29,6 +34,7 @@ class CompareOnSweepEnd(Callback):
             print(f"kltd: comparison skipped: {error}", file=sys.stderr)
             return
         print_result(result)
+        UNFINISHED[:] = [str(run.run_dir) for run in result.runs if run.status != "completed"]
         wandb = config.get("wandb", {})
         log_comparison(result, sweep=sweep_dir.name, project=wandb.get("project", "kltd"),
                        entity=wandb.get("entity"), mode=wandb.get("mode", "auto"))

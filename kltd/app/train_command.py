@@ -6,7 +6,7 @@ Nothing below kltd.app imports Hydra.
 
 from __future__ import annotations
 
-import functools
+import os
 import secrets
 import sys
 import traceback
@@ -45,11 +45,16 @@ def _slug_resolver(*, _root_) -> str:
 
 
 ConfigStore.instance().store(name="kltd_schema", node=Config)
-@functools.lru_cache(maxsize=1)
+TOKEN_VARIABLE = "KLTD_RUN_TOKEN"
+
+
 def _process_token() -> str:
-    """${kltd_token:} in a run or sweep directory name: four random hex digits, one per process, so that two
-    runs started in the same second get two directories (the run then also claims its directory)."""
-    return secrets.token_hex(2)
+    """${kltd_token:} in a run or sweep directory name: four random hex digits, one per command, so that two
+    runs started in the same second get two directories (the run then also claims its directory). Kept in
+    the environment, so that the worker processes of a parallel launcher name the same sweep directory."""
+    if not os.environ.get(TOKEN_VARIABLE):
+        os.environ[TOKEN_VARIABLE] = secrets.token_hex(2)
+    return os.environ[TOKEN_VARIABLE]
 
 
 if not OmegaConf.has_resolver("kltd_slug"):
@@ -78,6 +83,7 @@ def train(cfg: DictConfig) -> None:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     sweep = Path(hydra_cfg.sweep.dir).name if multirun else None
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    job_process_settings(cfg, hydra_cfg)
     try:
         train_job(to_typed(cfg), run_dir, sweep=sweep, config_dict=OmegaConf.to_container(cfg, resolve=True))
     except AlreadyFinished as done:
@@ -98,6 +104,22 @@ def train(cfg: DictConfig) -> None:
         FAILED_JOBS.append(f"{run_dir}: {error}")
         where = "" if user_error else f" (traceback in {log})"
         print(f"kltd: job {run_dir.name} failed: {type(error).__name__}: {error}{where}", file=sys.stderr)
+
+
+def job_process_settings(cfg: DictConfig, hydra_cfg) -> None:
+    """A parallel launcher runs jobs in worker processes: each gets the process settings once, and its share
+    of the CPU threads, so that jobs side by side do not fight over the cores."""
+    from kltd.app.process import configure_process
+
+    configure_process(cfg.trainer.keep_freed_memory)
+    launcher = str(hydra_cfg.launcher.get("_target_", ""))
+    if "Joblib" in launcher:
+        cores = os.cpu_count() or 1
+        jobs = hydra_cfg.launcher.get("n_jobs") or -1
+        side_by_side = cores if jobs < 0 else min(jobs, cores)
+        import torch
+
+        torch.set_num_threads(max(1, cores // side_by_side))
 
 
 def unknown_keys(composed: DictConfig, typed) -> list[str]:
@@ -254,5 +276,8 @@ def main(argv: list[str]) -> None:
         configure_process(first.trainer.keep_freed_memory)
     sys.argv = ["kltd train", *argv]
     train()
-    if FAILED_JOBS:
-        fail(f"{len(FAILED_JOBS)} job(s) of the sweep failed; see their metrics.json", 1)
+    from kltd.app.sweep_end import UNFINISHED
+
+    failed = len(UNFINISHED) or len(FAILED_JOBS)
+    if failed:
+        fail(f"{failed} job(s) of the sweep did not complete; see their metrics.json", 1)
