@@ -338,7 +338,7 @@ def parity(scale: Scale) -> list[tuple[str, float, float, float]]:
         cfg.prefix.source, cfg.trajectory.supervisor, cfg.cache.teacher = prefix, trajectory, "off"
         cfg.sampling.max_new_tokens = scale.max_new_tokens
         trainer = Trainer(cfg, pair, examples)
-        batch, _ = trainer.states.build(examples, trainer.generator)
+        batch, _ = trainer.states.build(examples, torch.Generator().manual_seed(SEED))
         targets, mask = batch.responses.tokens, batch.supervised
         labels = targets.masked_fill(~mask, -100)
         n, tokens = targets.shape[1], int(mask.sum())

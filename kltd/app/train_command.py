@@ -6,6 +6,7 @@ Nothing below kltd.app imports Hydra.
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import sys
@@ -18,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from kltd.app.process import configure_process
 from kltd.files import DirectoryBusy
 from kltd.spec.config import Config, ConfigError, config_method_label
 from kltd.spec.matrix import cell_error, slug
@@ -85,7 +87,8 @@ def train(cfg: DictConfig) -> None:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     job_process_settings(cfg, hydra_cfg)
     try:
-        train_job(to_typed(cfg), run_dir, sweep=sweep, config_dict=OmegaConf.to_container(cfg, resolve=True))
+        train_job(to_typed(cfg), run_dir, sweep=sweep, config_dict=OmegaConf.to_container(cfg, resolve=True),
+                  worker_setup=functools.partial(configure_process, cfg.trainer.keep_freed_memory))
     except AlreadyFinished as done:
         print(f"kltd: {done}", file=sys.stderr)
     except Interrupted as stop:  # the whole command stops: a preempted sweep is requeued as one

@@ -140,3 +140,16 @@ class RunLogger:
         if self.wandb_run is not None:
             self.wandb_run.finish(exit_code=exit_code)
             self.wandb_run = None
+
+
+class QuietLogger:
+    """What the other processes of a data-parallel run log: nothing (process 0 logs the whole step)."""
+
+    def log(self, metrics: dict, step: int) -> None:
+        pass
+
+    def summary(self, values: dict) -> None:
+        pass
+
+    def finish(self, exit_code: int = 0) -> None:
+        pass

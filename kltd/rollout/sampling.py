@@ -10,28 +10,30 @@ from torch import Tensor
 from kltd.objectives.divergences import nucleus
 from kltd.rollout.batch import Responses, position_ids_from_mask
 from kltd.rollout.decoders import decoder_for
+from kltd.rollout.noise import RowNoise
 
 
-def _choose(logits: Tensor, temperature: float, top_p: float, generator) -> Tensor:
-    """[B, V] logits -> [B] token ids. temperature 0 is greedy."""
+def _choose(logits: Tensor, temperature: float, top_p: float, generator, u: Tensor | None = None) -> Tensor:
+    """[B, V] logits -> [B] token ids. temperature 0 is greedy. u: [B, 1] uniforms (else drawn from generator)."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature if temperature != 1 else logits.float(), dim=-1)
     if top_p < 1.0:  # the nucleus rule the prefix term's score function uses too
         probs = probs.masked_fill(~nucleus(probs, top_p), 0.0)
-    return draw_categorical(probs, generator)
+    return draw_categorical(probs, generator, u=u)
 
 
-def draw_categorical(probs: Tensor, generator=None, block: int = 256) -> Tensor:
+def draw_categorical(probs: Tensor, generator=None, block: int = 256, u: Tensor | None = None) -> Tensor:
     """[B, V] probabilities (rows need not be normalised) -> [B] one draw per row, by inverting the CDF.
 
-    One uniform number per row, where torch.multinomial draws V exponentials per row (at a 32k
-    vocabulary those draws were most of the sampling time). Above `block` tokens two levels keep it
-    cheap: the CDF over blocks of `block` tokens picks a block, the CDF inside that block picks the
-    token. CDFs in float64. A token of zero probability is never drawn.
+    One uniform number per row (`u`, [B, 1] float64, else drawn from `generator`), where torch.multinomial
+    draws V exponentials per row (at a 32k vocabulary those draws were most of the sampling time). Above
+    `block` tokens two levels keep it cheap: the CDF over blocks of `block` tokens picks a block, the CDF
+    inside that block picks the token. CDFs in float64. A token of zero probability is never drawn.
     """
     rows, vocab = probs.shape
-    u = torch.rand((rows, 1), generator=generator, device=probs.device, dtype=torch.float64)
+    if u is None:
+        u = torch.rand((rows, 1), generator=generator, device=probs.device, dtype=torch.float64)
     if vocab <= block:
         cdf = probs.double().cumsum(-1)
         _check_mass(cdf[:, -1])
@@ -73,14 +75,15 @@ def sample(
     pad_id: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | RowNoise | None = None,
     prefix: Responses | None = None,
     lean: bool = True,
     vocab: int | None = None,
 ) -> Responses:
     """Sample continuations of left-padded prompts, stopping when every row has produced EOS.
 
-    `prefix` (optional) holds response tokens already written (for example by another model); they
+    `generator`: a torch.Generator, or RowNoise (each row's draw at response position t is column t of
+    its own stream, whatever else is in the batch). `prefix` (optional) holds response tokens already written (for example by another model); they
     are fed as given and sampling continues after them, up to `max_new_tokens` response tokens in all.
     Returns the whole response (prefix included). One decoding step per new token, with a KV cache;
     rows that have ended are fed padding, masked out. `lean=False` forces the model's own forward.
@@ -114,15 +117,19 @@ def _sample(decoder, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, te
         written = min(prefix.tokens.shape[1], max_new_tokens)
         out_tokens[:, :written], out_mask[:, :written] = prefix.tokens[:, :written], prefix.mask[:, :written]
         finished = ((prefix.tokens == eos_id) & prefix.mask).any(1)
+        if bool((~prefix.mask.all(1) & ~finished).any()):  # new tokens go after the last column, for every row
+            raise ValueError("a sampling prefix must fill every column of a row that has not ended (equal lengths)")
     if written >= max_new_tokens or bool(finished.all()):
         return Responses(out_tokens[:, :written], out_mask[:, :written])
+    table = generator.uniforms(max_new_tokens, device) if isinstance(generator, RowNoise) and temperature > 0 else None
     positions = position_ids_from_mask(context_mask)
     logits = decoder.start(context, context_mask, positions, context.shape[1] + max_new_tokens - written)
     # rows whose prompt is empty of real context still start at position 0
     next_pos = torch.where(context_mask.sum(-1) > 0, positions.max(-1).values + 1, 0)
     rows = None  # the original row of each row the decoder still runs; None: all of them, in order
     while True:
-        token = _choose(logits[:, :vocab], temperature, top_p, generator)
+        u = None if table is None else (table if rows is None else table[rows])[:, written : written + 1]
+        token = _choose(logits[:, :vocab], temperature, top_p, generator, u)
         alive = ~finished
         token = torch.where(alive, token, pad_id)
         if rows is None:
@@ -156,12 +163,13 @@ class Sampler:
     lean: bool = True
     vocab: int | None = None
 
-    def __call__(self, prompt_ids, prompt_mask, generator, prefix: Responses | None = None) -> Responses:
+    def __call__(self, prompt_ids, prompt_mask, generator: torch.Generator | RowNoise | None,
+                 prefix: Responses | None = None) -> Responses:
         home, device = prompt_ids.device, next(self.model.parameters()).device
         if device != home:
             prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
             prefix = None if prefix is None else Responses(prefix.tokens.to(device), prefix.mask.to(device))
-            if generator is not None:  # a stream on the model's device, drawn from the caller's: still reproducible
+            if isinstance(generator, torch.Generator):  # a stream on the model's device, drawn from the caller's: still reproducible
                 seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
                 generator = torch.Generator(device=device).manual_seed(seed)
         out = sample(self.model, prompt_ids, prompt_mask, max_new_tokens=self.max_new_tokens,

@@ -244,8 +244,17 @@ class SamplingConfig:
     # decode Llama/Qwen2/Qwen3 models with kltd's preallocated-cache decoder (same logits, less overhead);
     # false: always the model's own forward
     lean_decoder: bool = True
+    # what draws the student's training samples: kltd's own decoder, or a vLLM engine (the vllm extra) that is
+    # given the student's weights every vllm_sync_every optimiser steps; the loss never uses vLLM's numbers
+    backend: str = "kltd"
+    vllm_sync_every: int = 1
+    vllm_memory: float = 0.3  # the share of device memory (RAM on a CPU) the engine may take
 
     def check(self) -> None:
+        _choice("sampling.backend", self.backend, C.SAMPLING_BACKENDS)
+        _at_least("sampling.vllm_sync_every", self.vllm_sync_every, 1)
+        if not 0.0 < self.vllm_memory < 1.0:
+            raise ConfigError(f"sampling.vllm_memory={self.vllm_memory} must lie in (0, 1)")
         if self.temperature < 0:
             raise ConfigError(f"sampling.temperature={self.temperature} must be >= 0 (0 = greedy)")
         if not 0.0 < self.top_p <= 1.0:
@@ -353,6 +362,47 @@ class WandbConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Data-parallel training: kltd starts nproc_per_node processes for the run (kltd.train.ranks). Each
+    trains on trainer.batch_size / nproc_per_node rows of every micro-batch; the result does not depend on
+    nproc_per_node."""
+
+    nproc_per_node: int = 1
+    strategy: str = "ddp"  # ddp: every process holds the whole student | fsdp: sharded (not built yet)
+    backend: str = "auto"  # auto: nccl on CUDA, gloo on the CPU
+
+    def check(self) -> None:
+        _at_least("distributed.nproc_per_node", self.nproc_per_node, 1)
+        _choice("distributed.strategy", self.strategy, C.DISTRIBUTED_STRATEGIES)
+        _choice("distributed.backend", self.backend, C.DISTRIBUTED_BACKENDS)
+        if self.strategy == "fsdp":
+            raise ConfigError("distributed.strategy=fsdp (sharded models) is not built yet; use distributed.strategy="
+                              "ddp, which holds the whole student in every process")
+
+
+def _check_data_parallel(cfg: Config) -> None:
+    """What data parallelism needs of the other sections."""
+    n = cfg.distributed.nproc_per_node
+    if n == 1:
+        return
+    if cfg.trainer.batch_size % n:
+        raise ConfigError(f"trainer.batch_size={cfg.trainer.batch_size} must be a multiple of "
+                          f"distributed.nproc_per_node={n} (each process trains on batch_size / {n} rows)")
+    if cfg.sampling.backend == "vllm":
+        raise ConfigError("sampling.backend=vllm runs one engine in one process; with distributed.nproc_per_node > 1 "
+                          "use sampling.backend=kltd")
+    if cfg.model.teacher_device is not None:
+        raise ConfigError("model.teacher_device places the teacher of a one-process run; with "
+                          "distributed.nproc_per_node > 1 each process keeps its teacher on its own device")
+    coupled = ("loss.kl_prefix_weight > 0 with loss.baseline=batch_mean"
+               if cfg.loss.kl_prefix_weight > 0 and cfg.loss.baseline == "batch_mean"
+               else f"trajectory.weighting={cfg.trajectory.weighting}" if cfg.trajectory.weighting != "none" else None)
+    if coupled:
+        raise ConfigError(f"{coupled} couples the rows of a batch, which data parallelism splits across processes; "
+                          "run it with distributed.nproc_per_node=1")
+
+
+@dataclass
 class Config:
     seed: int = 0
     prefix: PrefixConfig = field(default_factory=PrefixConfig)
@@ -365,6 +415,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     @property
     def method(self) -> str:
@@ -378,9 +429,10 @@ class Config:
         if error:
             raise ConfigError(error)
         for section in (self.loss, self.model, self.data, self.sampling, self.trainer, self.eval, self.cache,
-                        self.wandb):
+                        self.wandb, self.distributed):
             section.check()
         _check_loss_against_axes(self)
+        _check_data_parallel(self)
         if self.cache.teacher == "on" and self.prefix.source != "fixed":
             raise ConfigError("cache.teacher=on caches teacher logits at fixed states; it needs prefix=fixed")
         if self.data.responses_file is not None and self.prefix.source not in ("fixed", "mixed"):

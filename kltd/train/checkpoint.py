@@ -52,6 +52,11 @@ def _name(step: int) -> str:
     return f"step-{step:06d}"
 
 
+def path_for(run_dir: Path, step: int) -> Path:
+    """Where the checkpoint of `step` is (or will be) saved."""
+    return Path(run_dir) / DIRECTORY / _name(step)
+
+
 def saved(run_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     root = Path(run_dir) / DIRECTORY
@@ -67,7 +72,7 @@ def save(run_dir: Path, trainer, progress: Progress, config: dict, keep: int) ->
         torch.save(trainer.state_dict(), directory / TRAINER)
         (directory / PROGRESS).write_text(json.dumps({"progress": asdict(progress), "config": config}, default=str))
 
-    path = atomic_write_dir(Path(run_dir) / DIRECTORY / _name(progress.step), write)
+    path = atomic_write_dir(path_for(run_dir, progress.step), write)
     for old in saved(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return path

@@ -23,6 +23,9 @@ class Interrupted(Exception):
         super().__init__(f"interrupted by {name} after step {step}; checkpoint saved in {checkpoint}; rerun the "
                          "same command (or kltd train resume=RUN_DIR) to continue")
 
+    def __reduce__(self):  # rebuilt from its fields when it crosses processes (kltd.train.data_parallel)
+        return Interrupted, (self.signum, self.step, self.checkpoint)
+
     @property
     def exit_code(self) -> int:
         return 128 + self.signum

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import signal
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from kltd.files import atomic_write_dir, atomic_write_json, exclusive_claim
-from kltd.report.logger import RunLogger
+from kltd.report.logger import QuietLogger, RunLogger
 from kltd.report.redact import redact
 from kltd.report.records import SUMMARY_FILE
 from kltd.rollout.batch import TokenCounts
@@ -28,6 +29,7 @@ from kltd.spec.matrix import slug
 from kltd.train import checkpoint
 from kltd.train.interrupt import Interrupted, stop_requests
 from kltd.train.preflight import preflight
+from kltd.train.ranks import SINGLE, Ranks
 
 HEADLINE = ("accuracy", "reverse_kl_student_states", "forward_kl_teacher_states", "student_entropy", "response_length")
 
@@ -77,8 +79,9 @@ def save_checkpoint(model, tokenizer, run_dir: Path) -> Path:
 
 
 # Keys that may change when a run resumes: where and how it reports, not what it computes.
+# distributed.*: the result does not depend on the number of processes, so a run may resume on another count.
 RESUMABLE_CHANGES = ("wandb.", "trainer.progress", "trainer.checkpoint_every", "trainer.keep_checkpoints",
-                     "trainer.save_checkpoint", "cache.dir", "eval.every")
+                     "trainer.save_checkpoint", "cache.dir", "eval.every", "distributed.")
 
 
 class AlreadyFinished(Exception):
@@ -107,21 +110,30 @@ def check_resumable(saved: dict, current: dict, where: Path) -> None:
 
 
 def train_job(cfg: Config, run_dir: Path, *, sweep: str | None = None, config_dict: dict | None = None,
-              console: Console | None = None) -> dict:
+              console: Console | None = None, worker_setup=None) -> dict:
     """Check, train, evaluate and record one cell. Returns the summary written to metrics.json.
 
     A directory that holds an unfinished run's checkpoint is resumed (same config, or changes in
-    RESUMABLE_CHANGES only); one that holds a finished run raises AlreadyFinished.
+    RESUMABLE_CHANGES only); one that holds a finished run raises AlreadyFinished. With
+    distributed.nproc_per_node > 1 the training runs in that many processes (kltd.train.data_parallel),
+    each calling `worker_setup()` first (the entry point's process settings).
     """
     console = console or Console()
     preflight(cfg)  # before any model is loaded
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with exclusive_claim(run_dir):  # never two live runs in one directory
-        return _claimed_job(cfg, run_dir, sweep, config_dict, console)
+        if cfg.distributed.nproc_per_node > 1:
+            from kltd.train.data_parallel import run_data_parallel
+
+            return run_data_parallel(claimed_job, cfg, run_dir, sweep, config_dict, console, worker_setup)
+        return claimed_job(cfg, run_dir, sweep, config_dict, console)
 
 
-def _claimed_job(cfg: Config, run_dir: Path, sweep: str | None, config_dict: dict | None, console: Console) -> dict:
+def claimed_job(cfg: Config, run_dir: Path, sweep: str | None, config_dict: dict | None, console: Console,
+                ranks: Ranks = SINGLE) -> dict | None:
+    """train_job in a directory this process (or its launcher) holds; process 0 of a data-parallel run
+    writes the directory and returns the summary, the others return None."""
     identity = run_identity(cfg, sweep)
     config_dict = redact(config_dict or dataclasses.asdict(cfg))  # what is saved and sent to W&B
     summary_path = run_dir / SUMMARY_FILE
@@ -134,6 +146,10 @@ def _claimed_job(cfg: Config, run_dir: Path, sweep: str | None, config_dict: dic
     if resume is not None:
         check_resumable(resume.config, config_dict, run_dir)
         say(f"resuming {run_dir} from step {resume.progress.step} ({resume.path.name})")
+    ranks.barrier()  # every process has read the directory before process 0 writes to it
+    if not ranks.main:
+        _train_and_evaluate(cfg, run_dir, QuietLogger(), console, resume, config_dict, ranks)
+        return None
     if summary_path.exists():
         summary_path.unlink()  # a summary from an earlier attempt would pass this one off as finished
     logger = RunLogger(
@@ -146,7 +162,7 @@ def _claimed_job(cfg: Config, run_dir: Path, sweep: str | None, config_dict: dic
     )
     started = time.perf_counter()
     try:
-        summary = _train_and_evaluate(cfg, run_dir, logger, console, resume, config_dict)
+        summary = _train_and_evaluate(cfg, run_dir, logger, console, resume, config_dict, ranks)
     except Interrupted as stop:
         atomic_write_json(summary_path, {**identity, "status": "interrupted", "step": stop.step,
                                          "checkpoint": str(stop.checkpoint), "signal": stop.signum,
@@ -182,8 +198,8 @@ def needs_responses(cfg: Config) -> bool:
 
 
 def _train_and_evaluate(cfg: Config, run_dir: Path, logger: RunLogger, console: Console,
-                        resume: checkpoint.Checkpoint | None, config_dict: dict) -> dict:
-    from kltd.data.prepare import prepare, rendered_example
+                        resume: checkpoint.Checkpoint | None, config_dict: dict, ranks: Ranks) -> dict:
+    from kltd.data.prepare import prepare
     from kltd.train.models import check_tokenizers, load_pair
     from kltd.train.threads import job_threads, threads_for
     from kltd.train.trainer import seed_everything
@@ -193,6 +209,19 @@ def _train_and_evaluate(cfg: Config, run_dir: Path, logger: RunLogger, console: 
     # tokenizer and data before any weights: a bad row or a tokenizer mismatch costs seconds, not a model load
     tokenizer = check_tokenizers(m.teacher, m.student, trust_remote_code=m.trust_remote_code)
     data = prepare(cfg.data, tokenizer, needs_responses=needs_responses(cfg))
+    if ranks.main:
+        _record_data(run_dir, data, console)
+    pair = load_pair(m.teacher, m.student, m.dtype, m.device, tokenizer=tokenizer, teacher_device=m.teacher_device,
+                     gradient_checkpointing=cfg.trainer.gradient_checkpointing, trust_remote_code=m.trust_remote_code)
+    with job_threads(threads_for(cfg.trainer.num_threads, pair.device, (pair.teacher, pair.student))):
+        summary = _run(cfg, pair, data, run_dir, logger, console, resume, config_dict, ranks)
+    return {**summary, "data": data.summary}
+
+
+def _record_data(run_dir: Path, data, console: Console) -> None:
+    """The first training example as the models see it, the held-out split, and one line about the data."""
+    from kltd.data.prepare import rendered_example
+
     (run_dir / "first_example.txt").write_text(rendered_example(data.train[0], data.end_token))
     if data.held_out is not None:
         atomic_write_json(run_dir / "data_split.json", {"held_out_rows": data.held_out, **data.summary})
@@ -202,21 +231,18 @@ def _train_and_evaluate(cfg: Config, run_dir: Path, logger: RunLogger, console: 
                   + (f"; {s['dropped']} rows dropped" if s["dropped"] else "")
                   + (f"; {s['truncated']} truncated" if s["truncated"] else "")
                   + (" (data.max_prompt_tokens / data.max_response_tokens)" if s["dropped"] or s["truncated"] else ""))
-    pair = load_pair(m.teacher, m.student, m.dtype, m.device, tokenizer=tokenizer, teacher_device=m.teacher_device,
-                     gradient_checkpointing=cfg.trainer.gradient_checkpointing, trust_remote_code=m.trust_remote_code)
-    with job_threads(threads_for(cfg.trainer.num_threads, pair.device, (pair.teacher, pair.student))):
-        summary = _run(cfg, pair, data, run_dir, logger, console, resume, config_dict)
-    return {**summary, "data": data.summary}
 
 
 def _run(cfg: Config, pair, data, run_dir: Path, logger: RunLogger, console: Console,
-         resume: checkpoint.Checkpoint | None, config_dict: dict) -> dict:
+         resume: checkpoint.Checkpoint | None, config_dict: dict, ranks: Ranks) -> dict:
     from kltd.train.evaluation import evaluate
     from kltd.train.trainer import Trainer
 
-    e, t = cfg.eval, cfg.trainer
+    e = cfg.eval
 
-    def run_eval(step: int) -> dict:
+    def run_eval(step: int) -> dict | None:
+        if not ranks.main:  # the others go on to the next step and wait there
+            return None
         result = evaluate(pair.student, pair.teacher, pair.tokenizer, data.eval[: e.num_prompts], e,
                           checker=data.checker, lean=cfg.sampling.lean_decoder, vocab=pair.vocab_size)
         logger.log({f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))}, step=step)
@@ -225,12 +251,25 @@ def _run(cfg: Config, pair, data, run_dir: Path, logger: RunLogger, console: Con
     console.print(f"[bold]{cfg.method}[/] (prefix={cfg.prefix.source}, trajectory={cfg.trajectory.supervisor}) "
                   f"on {pair.device}")
     plain_lines(console)(f"run directory: {run_dir}")
-    trainer = Trainer(cfg, pair, data.train, checker=data.checker)
+    trainer = Trainer(cfg, pair, data.train, checker=data.checker, ranks=ranks)
+    try:
+        return _train(cfg, trainer, pair, data, run_dir, logger, console, resume, config_dict, ranks, run_eval)
+    finally:
+        trainer.close()  # a vLLM engine dies with its job
+
+
+def _train(cfg: Config, trainer, pair, data, run_dir: Path, logger: RunLogger, console: Console,
+           resume: checkpoint.Checkpoint | None, config_dict: dict, ranks: Ranks, run_eval) -> dict:
+    """Resume or start, train, evaluate after, and return the run's figures."""
+    e, t = cfg.eval, cfg.trainer
     if resume is not None:
         resume.restore(trainer)
         progress = resume.progress
     else:
         progress = checkpoint.Progress(eval_before=run_eval(0) if e.before else None)
+    ranks.broadcast_parameters(trainer.student)
+    if trainer.uses_teacher_cache() and not ranks.main:
+        ranks.barrier()  # process 0 fills the cache; the others then read it
     if trainer.uses_teacher_cache():
         from kltd.train.models import resolve_model_path
         from kltd.train.teacher_cache import cached_teacher
@@ -242,17 +281,21 @@ def _run(cfg: Config, pair, data, run_dir: Path, logger: RunLogger, console: Con
             pair.teacher, pair.tokenizer, resolve_model_path(cfg.model.teacher), resolve_model_path(cfg.model.student),
             data.train, cache_dir=Path(cfg.cache.dir), dtype=cfg.model.dtype, fmt=cfg.cache.format,
             top_k=cfg.cache.top_k, needed=trainer.planned_examples(), counter=count, echo=plain_lines(console)))
+        if ranks.main:
+            ranks.barrier()
     tokens = TokenCounts(**progress.tokens)
     resumed_from = progress.step if resume is not None else None
 
     def save() -> Path:
         progress.tokens = dataclasses.asdict(tokens)
+        if not ranks.main:  # every process holds the same weights and optimiser state: process 0 saves them
+            return checkpoint.path_for(run_dir, progress.step)
         return checkpoint.save(run_dir, trainer, progress, config_dict, t.keep_checkpoints)
 
     columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn()]
     session_started, time_before = time.perf_counter(), progress.train_time_s
-    with stop_requests() as stop, Progress(*columns, console=console, disable=not t.progress,
+    with stop_requests() as stop, Progress(*columns, console=console, disable=not (t.progress and ranks.main),
                                            transient=False) as bar_view:
         bar = bar_view.add_task(cfg.method, total=t.max_steps, completed=progress.step, status="")
         for step in range(progress.step + 1, t.max_steps + 1):
@@ -272,11 +315,14 @@ def _run(cfg: Config, pair, data, run_dir: Path, logger: RunLogger, console: Con
                             "cost/tokens_scored": tokens.scored, "cost/wall_time_s": elapsed}, step=step)
             if e.every and step % e.every == 0 and step != t.max_steps:
                 run_eval(step)
-            if stop.signum is not None:
-                raise Interrupted(stop.signum, step, save())
+            if ranks.any(stop.signum is not None):  # every process stops after the same step
+                raise Interrupted(stop.signum or signal.SIGTERM, step, save())
             if step == t.max_steps or (t.checkpoint_every and step % t.checkpoint_every == 0):
                 save()
+    teacher_forwards = int(ranks.sum([trainer.teacher_forwards])[0])
     after = run_eval(t.max_steps)
+    if not ranks.main:
+        return {}
     before = progress.eval_before
     console.print(before_after_table(cfg.method, before or {}, after))
     final = save_checkpoint(pair.student, pair.tokenizer, run_dir) if t.save_checkpoint else None
@@ -287,7 +333,7 @@ def _run(cfg: Config, pair, data, run_dir: Path, logger: RunLogger, console: Con
         "steps_per_s": t.max_steps / train_time if train_time > 0 else None,
         "final_loss": progress.loss,
         "tokens": {**dataclasses.asdict(tokens), "trained": progress.trained_tokens},
-        "teacher_forward_passes": trainer.teacher_forwards,  # training only (cache building included)
+        "teacher_forward_passes": teacher_forwards,  # training only (cache building included), all processes
         "skipped_steps": trainer.skipped_steps,
         "resumed_from_step": resumed_from,
         "eval_before": before,

@@ -25,11 +25,13 @@ from kltd.objectives.fused_head import fused_divergence, plain_output_layer
 from kltd.objectives.losses import dataset_loss, prefix_loss, trajectory_loss
 from kltd.objectives.rewards import sequence_weights, teacher_loglik
 from kltd.rollout.batch import StateBatch, TokenCounts
+from kltd.rollout.noise import RowNoise
 from kltd.rollout.sampling import Sampler
 from kltd.rollout.scoring import Scorer
 from kltd.rollout.states import StateSource
 from kltd.spec.config import Config
 from kltd.spec.matrix import own_divergence
+from kltd.train.ranks import SINGLE, Ranks
 
 
 class TrainingError(RuntimeError):
@@ -77,10 +79,12 @@ class Trainer:
 
     checker(response_text, example) -> bool grades a response (the correctness reward of offline RL).
     order: the data order (default: seeded shuffles of the training examples, epoch after epoch).
+    ranks: this process's place in a data-parallel run (kltd.train.ranks); every process draws the same
+    global batch and trains on its share of the rows.
     """
 
     def __init__(self, cfg: Config, pair, train_examples: list, checker: Callable[[str, object], bool] | None = None,
-                 order: ExampleOrder | None = None):
+                 order: ExampleOrder | None = None, ranks: Ranks = SINGLE):
         self.cfg = cfg
         self.student, self.teacher, self.tokenizer = pair.student, pair.teacher, pair.tokenizer
         self.device = pair.device
@@ -98,27 +102,54 @@ class Trainer:
         s = cfg.sampling
         self.states = StateSource(
             cfg.prefix,
-            student=Sampler(self.student, self.tokenizer, s.max_new_tokens, s.temperature, s.top_p, s.lean_decoder,
-                            self.vocab),
+            student=self._student_sampler(),
             teacher=Sampler(self.teacher, self.tokenizer, s.max_new_tokens, s.temperature, s.top_p, s.lean_decoder,
                             self.vocab),
             tokenizer=self.tokenizer,
-            seed=cfg.seed,
         )
+        self.ranks = ranks
         self.steps_done = 0
         self.skipped_steps = 0  # steps whose loss or gradients were not finite (trainer.skip_bad_steps)
         self.teacher_forwards = 0  # live teacher passes during training (the cache avoids them)
         self.teacher_cache = None
-        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.order = order or ExampleOrder(len(train_examples), cfg.seed)
 
+    def _student_sampler(self):
+        """kltd's decoder, or (sampling.backend=vllm, when the student samples states) a vLLM engine that starts
+        from the student's directory and is given its live weights."""
+        s = self.cfg.sampling
+        p = self.cfg.prefix
+        samples = p.source == "student" or (p.source == "mixed" and (p.student_fraction > 0 or p.schedule != "constant"))
+        if s.backend != "vllm" or not samples:
+            return Sampler(self.student, self.tokenizer, s.max_new_tokens, s.temperature, s.top_p, s.lean_decoder,
+                           self.vocab)
+        from kltd.rollout.vllm_sampler import EngineOptions, VllmSampler
+        from kltd.train.models import model_directory
+
+        options = EngineOptions(model_dir=str(model_directory(self.cfg.model.student)), seed=self.cfg.seed,
+                                gpu_memory_utilization=s.vllm_memory)
+        sampler = VllmSampler(self.student, self.tokenizer, s.max_new_tokens, s.temperature, s.top_p, self.vocab,
+                              options=options)
+        sampler.engine.pushed_at_step = 0
+        return sampler
+
+    def _push_weights(self) -> None:
+        """sampling.backend=vllm: the engine samples from the student's weights as of the last push."""
+        if hasattr(self.states.student, "push_weights"):
+            self.states.student.push_weights(self.student, step=self.steps_done)
+
+    def close(self) -> None:
+        """Stop what the trainer started outside PyTorch (a vLLM engine)."""
+        if hasattr(self.states.student, "close"):
+            self.states.student.close()
+
     def state_dict(self) -> dict:
-        """Everything besides the student's weights that the next step depends on: optimiser, schedule, every
-        random stream, the data position and the counters (kltd.train.checkpoint saves it)."""
+        """Everything besides the student's weights that the next step depends on: optimiser, schedule, the
+        global random streams, the data position and the counters (kltd.train.checkpoint saves it). The
+        states' draws are keyed by step and row (kltd.rollout.noise), so they need no saved state."""
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "steps_done": self.steps_done, "teacher_forwards": self.teacher_forwards,
-                "order_position": self.order.position, "generator": self.generator.get_state(),
-                "coins": self.states.coins.get_state(), "torch_rng": torch.get_rng_state(),
+                "order_position": self.order.position, "torch_rng": torch.get_rng_state(),
                 "python_rng": random.getstate(), "skipped_steps": self.skipped_steps}
 
     def load_state_dict(self, state: dict) -> None:
@@ -127,14 +158,20 @@ class Trainer:
         self.steps_done, self.teacher_forwards = state["steps_done"], state["teacher_forwards"]
         self.skipped_steps = state["skipped_steps"]
         self.order.seek(state["order_position"])
-        self.generator.set_state(state["generator"])
-        self.states.coins.set_state(state["coins"])
+        self._push_weights()  # the restored weights (kltd.train.checkpoint loads them first)
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
 
     @property
     def examples_per_step(self) -> int:
         return self.cfg.trainer.grad_accum * self.cfg.trainer.batch_size
+
+    def next_states(self, micro: int) -> tuple[StateBatch, TokenCounts]:
+        """This process's share of micro-batch `micro` of the current step (the whole of it in one process)."""
+        examples = self.next_examples(self.cfg.trainer.batch_size)
+        rows = self.ranks.share(len(examples))
+        noise = RowNoise(self.cfg.seed, self.steps_done, tuple(micro * len(examples) + i for i in rows))
+        return self.states.build([examples[i] for i in rows], noise, self.steps_done)
 
     def next_examples(self, n: int) -> list:
         """The next n examples of the data order (epochs over the training split, each freshly shuffled)."""
@@ -295,22 +332,26 @@ class Trainer:
         self.skipped_steps += 1
 
     def step(self) -> StepStats:
-        """One optimiser step over trainer.grad_accum micro-batches."""
+        """One optimiser step over trainer.grad_accum micro-batches (this process's rows of each)."""
         t = self.cfg.trainer
         stats = StepStats()
+        staleness = getattr(self.states.student, "staleness", None)
+        if staleness is not None:  # optimiser steps between the engine's weights and the student's
+            stats.parts["sampler_staleness"] = float(staleness(self.steps_done))
         self.student.eval()  # sampling states: no dropout
         batches = []
-        for _ in range(t.grad_accum):
+        for micro in range(t.grad_accum):
             try:
-                batch, counts = self.states.build(self.next_examples(t.batch_size), self.generator, self.steps_done)
+                batch, counts = self.next_states(micro)
             except FloatingPointError as error:
                 raise TrainingError(f"sampling failed at step {self.steps_done + 1}: {error}; lower trainer.lr "
                                     "and rerun (the last good checkpoint is kept)") from None
             batches.append(batch)
             stats.tokens.add(counts)
         self.student.train()
-        tokens = sum(int(b.supervised.sum()) for b in batches)
-        denominator = float(tokens if self.cfg.loss.normalization == "token" else sum(b.num_sequences for b in batches))
+        local_tokens = sum(int(b.supervised.sum()) for b in batches)
+        tokens, sequences = self.ranks.sum([local_tokens, sum(b.num_sequences for b in batches)])
+        denominator = float(tokens if self.cfg.loss.normalization == "token" else sequences)
         self.optimizer.zero_grad(set_to_none=True)
         groups = t.length_groups if self.loss_is_sum_over_rows() and not self.packs_both() else 1
         bad = None
@@ -324,9 +365,13 @@ class Trainer:
             stats.real_tokens += int(batch.attention_mask.sum())
             for k, v in parts.items():
                 stats.parts[k] = stats.parts.get(k, 0.0) + v
+        self.ranks.sum_gradients(self.student.parameters())
+        if self.ranks.any(bad is not None) and bad is None:
+            bad = "the loss became non-finite in another process"
         grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), t.max_grad_norm) if bad is None else None
         if bad is None and not torch.isfinite(grad_norm):
             bad = f"the gradient norm became {float(grad_norm)}"
+        self._gather_stats(stats)
         if bad is not None:
             self._bad_step(bad)
             self.optimizer.zero_grad(set_to_none=True)
@@ -338,7 +383,28 @@ class Trainer:
             stats.parts["grad_norm"] = float(grad_norm)
         stats.parts["lr"] = self.scheduler.get_last_lr()[0]
         self.steps_done += 1
-        stats.trained_tokens = tokens
+        if self.steps_done % self.cfg.sampling.vllm_sync_every == 0:
+            self._push_weights()
+        stats.trained_tokens = int(tokens)
         forward_passes = 2 if self.needs_teacher_logits(batches[0]) else 1
-        stats.tokens.scored += tokens * forward_passes  # student and (live or cached) teacher scores
+        stats.tokens.scored += stats.trained_tokens * forward_passes  # student and (live or cached) teacher scores
         return stats
+
+    # parts of the loss that add up across processes (each is its rows' sum over the global denominator)
+    SUMMED_PARTS = ("loss_trajectory", "loss_prefix")
+
+    def _gather_stats(self, stats: StepStats) -> None:
+        """The whole step's figures in every process: losses and token counts summed over processes."""
+        if self.ranks.world == 1:
+            return
+        c = stats.tokens
+        local = [stats.loss, stats.real_tokens, c.student_generated, c.teacher_generated,
+                 stats.parts.get("mean_weight", 0.0), *(stats.parts.get(k, 0.0) for k in self.SUMMED_PARTS)]
+        total = self.ranks.sum(local)
+        stats.loss, stats.real_tokens = total[0], int(total[1])
+        c.student_generated, c.teacher_generated = int(total[2]), int(total[3])
+        if "mean_weight" in stats.parts:
+            stats.parts["mean_weight"] = total[4] / self.ranks.world
+        for key, value in zip(self.SUMMED_PARTS, total[5:]):
+            if key in stats.parts:
+                stats.parts[key] = value

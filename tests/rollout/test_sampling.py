@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from kltd.rollout.noise import RowNoise
 from kltd.rollout.sampling import _choose, draw_categorical, sample
 from kltd.rollout.batch import decode_responses, encode_prompts, encode_responses, position_ids_from_mask
 from kltd.data.toy_tokenizer import build_tokenizer
@@ -131,11 +132,14 @@ def test_draw_categorical_draws_each_row_from_its_own_distribution():
     assert torch.equal(draws, again)  # the same seed gives the same draws
 
 
-def test_sampled_first_tokens_follow_the_model_distribution(tiny):
+@pytest.mark.parametrize("keyed", [False, True])
+def test_sampled_first_tokens_follow_the_model_distribution(tiny, keyed):
+    """keyed: each row's draws from its own stream (kltd.rollout.noise), as in training."""
     model, tok = tiny
     ids, mask = encode_prompts(tok, ["12+3="] * 20_000, "cpu")
+    noise = RowNoise(seed=2, step=7, rows=tuple(range(20_000))) if keyed else torch.Generator().manual_seed(2)
     got = sample(model, ids, mask, max_new_tokens=1, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                 temperature=0.7, generator=torch.Generator().manual_seed(2))
+                 temperature=0.7, generator=noise)
     with torch.no_grad():
         probs = torch.softmax(model(ids[:1]).logits[0, -1] / 0.7, -1)
     assert_frequencies_match(got.tokens[:, 0], probs)
@@ -169,3 +173,27 @@ def test_dropping_ended_rows_changes_no_greedy_output(monkeypatch, lean):
     lengths = runs[0].mask.sum(1)
     assert lengths.min() < lengths.max()  # answers of different lengths, so there was something to shed
     assert torch.equal(runs[0].tokens, runs[1].tokens) and torch.equal(runs[0].mask, runs[1].mask)
+
+
+def test_row_noise_columns_do_not_depend_on_the_table_width_or_the_other_rows():
+    noise = RowNoise(seed=1, step=3, rows=(5, 9, 2))
+    wide, narrow = noise.uniforms(40), noise.subset([2, 0]).uniforms(7)
+    assert torch.equal(narrow, wide[[2, 0], :7])
+    assert wide.dtype == torch.float64 and 0 <= float(wide.min()) and float(wide.max()) < 1
+    assert not torch.equal(noise.named("teacher").uniforms(40), wide)  # another purpose, other draws
+    assert len({tuple(r.tolist()) for r in wide}) == 3
+
+
+def test_a_ragged_prefix_is_refused(tiny):
+    """New tokens start after the prefix's last column for every row: a shorter open row would continue
+    from padding."""
+    model, tok = tiny
+    ids, mask = encode_prompts(tok, ["1+2=", "3+4="], "cpu")
+    prefix = encode_responses(tok, ["3", "71"], "cpu")  # EOS at column 1 and 2: row 0 has ended, fine
+    sample(model, ids, mask, max_new_tokens=6, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=0,
+           prefix=prefix)
+    prefix.tokens, prefix.mask = prefix.tokens[:, :2], prefix.mask[:, :2].clone()
+    prefix.mask[0, 1] = False  # row 0: one token, no EOS; row 1: two tokens
+    with pytest.raises(ValueError, match="equal lengths"):
+        sample(model, ids, mask, max_new_tokens=6, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=0,
+               prefix=prefix)

@@ -8,6 +8,7 @@ from kltd.train.models import load_model, load_tokenizer
 from kltd.rollout.batch import decode_responses
 from kltd.rollout.sampling import sample
 from kltd.rollout.sampling import Sampler
+from kltd.rollout.noise import RowNoise
 from kltd.rollout.states import StateSource, student_fraction_at
 from kltd.data.addition import make_splits
 from tests.support.tiny_models import make_tiny_model
@@ -26,8 +27,7 @@ def parts(tmp_path_factory):
 def source(parts, teacher_temperature=1.0, **prefix):
     teacher, student, tokenizer, _ = parts
     return StateSource(PrefixConfig(**prefix), student=Sampler(student, tokenizer, 12),
-                       teacher=Sampler(teacher, tokenizer, 12, temperature=teacher_temperature), tokenizer=tokenizer,
-                       seed=0)
+                       teacher=Sampler(teacher, tokenizer, 12, temperature=teacher_temperature), tokenizer=tokenizer)
 
 
 def test_fixed_states_are_the_dataset_responses(parts):
@@ -85,9 +85,31 @@ def test_handoff_student_writes_k_tokens_then_the_teacher_continues(parts, super
 
 def test_handoff_points_by_distribution(parts):
     train = parts[3]
-    uniform = source(parts, source="mixed", handoff=True, handoff_k="uniform")._handoff_points(train[:300])
+    def noise(n):
+        return RowNoise(seed=0, step=0, rows=tuple(range(n)))
+
+    uniform = source(parts, source="mixed", handoff=True, handoff_k="uniform")._handoff_points(train[:300], noise(300))
     assert min(uniform) == 0 and max(uniform) > 20
+    many = train[:2000] if len(train) >= 2000 else train * 10
     geometric = source(parts, source="mixed", handoff=True, handoff_k="geometric", handoff_p=0.25)._handoff_points(
-        train[:2000] if len(train) >= 2000 else train * 10)
+        many, noise(len(many)))
     mean = sum(geometric) / len(geometric)
     assert abs(mean - 3.0) < 0.5  # failures before the first success: (1 - p) / p
+
+
+@pytest.mark.parametrize("prefix", [dict(source="student"), dict(source="teacher"),
+                                    dict(source="mixed", student_fraction=0.5, other="teacher"),
+                                    dict(source="mixed", student_fraction=0.7, handoff=True, handoff_k="geometric"),
+                                    dict(source="mixed", student_fraction=1.0, handoff=True, handoff_k="uniform")])
+def test_a_rows_state_does_not_depend_on_how_the_batch_is_split(parts, prefix):
+    """What lets N processes sample the global batch of one: each row's draws are its own (kltd.rollout.noise)."""
+    *_, tokenizer, train = parts
+    src, examples = source(parts, **prefix), train[:8]
+    whole, _ = src.build(examples, RowNoise(seed=3, step=5, rows=tuple(range(8))), step=5)
+    halves = [src.build(examples[i:i + 4], RowNoise(seed=3, step=5, rows=tuple(range(i, i + 4))), step=5)[0]
+              for i in (0, 4)]
+    split = [row for half in halves for row in decode_responses(tokenizer, half.responses)]
+    assert split == decode_responses(tokenizer, whole.responses)
+    assert [int(r.sum()) for h in halves for r in h.from_student] == [int(r.sum()) for r in whole.from_student]
+    other_step, _ = src.build(examples, RowNoise(seed=3, step=6, rows=tuple(range(8))), step=5)
+    assert decode_responses(tokenizer, other_step.responses) != decode_responses(tokenizer, whole.responses)

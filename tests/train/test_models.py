@@ -34,7 +34,7 @@ def test_padded_teacher_rows_are_never_compared_or_sampled(pair_dirs):
     with torch.no_grad():  # make the padded rows the teacher's favourites: they must still never be drawn
         trainer.teacher.get_output_embeddings().weight[vocab:] = 50 * trainer.teacher.get_output_embeddings().weight[0]
         trainer.teacher.model.norm.weight.fill_(1.0)
-    batch, _ = trainer.states.build(trainer.next_examples(6), trainer.generator)
+    batch, _ = trainer.states.build(trainer.next_examples(6), torch.Generator().manual_seed(0))
     assert int(batch.responses.tokens[batch.responses.mask].max()) < vocab
     assert trainer.scorer.logits(trainer.teacher, batch).shape[-1] == vocab
 
@@ -47,7 +47,7 @@ def test_fused_loss_equals_the_logits_path_with_a_padded_teacher(pair_dirs, stud
     assert fused.can_fuse() and not plain.can_fuse()
     for trainer in (fused, plain):
         trainer.student.eval()  # GPT-2 has dropout: two passes in train mode differ by chance
-    batch, _ = fused.states.build(fused.next_examples(5), fused.generator)
+    batch, _ = fused.states.build(fused.next_examples(5), torch.Generator().manual_seed(0))
     a, _ = fused.loss(batch, float(batch.supervised.sum()))
     b, _ = plain.loss(batch, float(batch.supervised.sum()))
     assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -57,7 +57,7 @@ def test_bfloat16_models_give_a_float32_loss_and_a_step(pair_dirs):
     trainer = trainer_for(pair_dirs["qwen2_padded"], pair_dirs["qwen3"], prefix__source="student")
     trainer.student.to(torch.bfloat16)
     trainer.teacher.to(torch.bfloat16)
-    batch, _ = trainer.states.build(trainer.next_examples(4), trainer.generator)
+    batch, _ = trainer.states.build(trainer.next_examples(4), torch.Generator().manual_seed(0))
     loss, _ = trainer.loss(batch, float(batch.supervised.sum()))
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
 
@@ -70,7 +70,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(pair_dirs):
         if checkpointing:
             enable_checkpointing(trainer.student)
             assert not trainer.scorer.packs(trainer.student)  # checkpointing lives in the model's own forward
-        batch, _ = trainer.states.build(trainer.next_examples(4), trainer.generator)
+        batch, _ = trainer.states.build(trainer.next_examples(4), torch.Generator().manual_seed(0))
         trainer.student.train()
         loss, _ = trainer.loss(batch, float(batch.supervised.sum()))
         loss.backward()

@@ -50,7 +50,7 @@ def test_fused_head_equals_the_logits_path(model_dirs, cell):
     fused = make_trainer(model_dirs, **cell)
     reference = make_trainer(model_dirs, trainer__fused_head=False, **cell)
     assert fused.can_fuse() and not reference.can_fuse()
-    batch, _ = fused.states.build(fused.next_examples(6), fused.generator)
+    batch, _ = fused.states.build(fused.next_examples(6), torch.Generator().manual_seed(0))
     denominator = float(batch.supervised.sum())
     loss_f, grads_f = gradients(fused, batch, denominator)
     loss_r, grads_r = gradients(reference, batch, denominator)
@@ -110,7 +110,7 @@ def group_gradients(trainer: Trainer, parts, denominator):
 def test_length_groups_give_the_gradient_of_the_whole_batch(model_dirs, cell):
     trainer = make_trainer(model_dirs, **cell)
     assert trainer.loss_is_sum_over_rows()
-    batch, _ = trainer.states.build(trainer.next_examples(12), trainer.generator)
+    batch, _ = trainer.states.build(trainer.next_examples(12), torch.Generator().manual_seed(0))
     parts = batch.by_length(4, overhead_tokens=0)
     assert len(parts) > 1 and sum(p.num_sequences for p in parts) == 12
     # each group is narrower than the batch (its own padding gone) and keeps every supervised token
@@ -126,7 +126,7 @@ def test_length_groups_give_the_gradient_of_the_whole_batch(model_dirs, cell):
 
 def test_selected_rows_keep_their_tokens_without_shared_padding(model_dirs):
     trainer = make_trainer(model_dirs, prefix__source="student", trajectory__supervisor="student")
-    batch, _ = trainer.states.build(trainer.next_examples(8), trainer.generator)
+    batch, _ = trainer.states.build(trainer.next_examples(8), torch.Generator().manual_seed(0))
     rows = [5, 1, 2]
     part = batch.select(rows)
     for j, i in enumerate(rows):
@@ -162,7 +162,7 @@ def test_handoff_prefix_term_returns_only_supervised_divergence_and_scores_the_r
     trainer = make_trainer(model_dirs, prefix__source="mixed", prefix__student_fraction=1.0, prefix__handoff=True,
                            prefix__handoff_k="fixed", prefix__handoff_k_value=3, prefix__supervise="after_handoff",
                            loss__kl_prefix_weight=1.0, loss__baseline="none", sampling__top_p=0.9)
-    batch, _ = trainer.states.build(trainer.next_examples(6), trainer.generator)
+    batch, _ = trainer.states.build(trainer.next_examples(6), torch.Generator().manual_seed(0))
     written, supervised = batch.student_written, batch.supervised
     assert written.any() and supervised.any() and not (written & supervised).any()
     student = trainer.scorer.logits(trainer.student, batch)

@@ -1,0 +1,151 @@
+"""One run in distributed.nproc_per_node processes, started by torch's own launcher (torch.distributed.elastic).
+
+The calling process (the Hydra job: one per cell of a sweep, so multiruns of data-parallel jobs compose)
+holds the run directory and starts the workers; each worker joins the process group and runs the same
+job as a one-process run with its place in it (kltd.train.ranks). Process 0 evaluates, logs and writes the
+run directory; the others train their share and stay quiet. A worker's error comes back to the caller as
+the same one line a one-process run would print (its traceback in the run directory's error files).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pickle
+import shutil
+import socket
+import traceback
+import uuid
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+
+from rich.console import Console
+
+from kltd.spec.config import Config, ConfigError
+from kltd.train.ranks import Ranks
+
+ERRORS = "worker-errors"  # under the run directory: one file per failed worker
+SHUTDOWN_TIMEOUT_S = 120
+COLLECTIVE_TIMEOUT_MIN = 60
+
+
+class WorkerFailed(RuntimeError):
+    """A worker process died without saying why (killed, out of memory): its logs are in the run directory."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def backend_for(cfg: Config) -> str:
+    import torch
+
+    if cfg.distributed.backend != "auto":
+        return cfg.distributed.backend
+    return "nccl" if cfg.model.device != "cpu" and torch.cuda.is_available() else "gloo"
+
+
+def run_data_parallel(job, cfg: Config, run_dir: Path, sweep: str | None, config_dict: dict | None,
+                      console: Console, worker_setup=None) -> dict:
+    """Run `job` (kltd.train.job.claimed_job) in nproc_per_node processes on this machine; returns process 0's
+    summary. Each worker calls `worker_setup()` first (a picklable callable: the entry point's process
+    settings)."""
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    n = cfg.distributed.nproc_per_node
+    backend = backend_for(cfg)
+    if backend == "nccl":
+        import torch
+
+        if torch.cuda.device_count() < n:
+            raise ConfigError(f"distributed.nproc_per_node={n} needs {n} GPUs, this machine has "
+                              f"{torch.cuda.device_count()}; use fewer processes or distributed.backend=gloo")
+    errors = run_dir / ERRORS
+    shutil.rmtree(errors, ignore_errors=True)  # an earlier attempt's
+    # on SIGTERM the agent passes the signal on and waits this long for the workers' checkpoint before killing them
+    launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=f"kltd-{uuid.uuid4().hex[:8]}",
+                          rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=0,
+                          start_method="spawn", logs_specs=DefaultLogsSpecs(log_dir=str(run_dir / "worker-logs")),
+                          shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    console.print(f"data parallel: {n} processes ({backend}), {cfg.trainer.batch_size // n} rows each per micro-batch",
+                  highlight=False)
+    try:
+        with _quiet_launcher():  # a worker's error reaches the user as one line (its traceback: worker-errors/)
+            results = elastic_launch(launch, _worker)(job, cfg, str(run_dir), sweep, config_dict, backend, str(errors),
+                                                  worker_setup)
+    except (ChildFailedError, SignalException) as failure:
+        raise _first_error(errors) or WorkerFailed(
+            f"a training process failed ({failure}); see {run_dir / 'worker-logs'}") from None
+    return results[0]
+
+
+@contextmanager
+def _quiet_launcher():
+    # torch's modules set their own levels, so each logger under these names is quietened, not just the parent
+    names = [name for name in logging.root.manager.loggerDict
+             if name.startswith(("torch.distributed.elastic", "torch.multiprocessing"))]
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _first_error(errors: Path) -> BaseException | None:
+    """The first exception a worker saved (the others' usually follow from it: a peer that left), rebuilt."""
+    saved = sorted(errors.glob("rank-*.pickle"), key=lambda p: p.stat().st_mtime_ns) if errors.is_dir() else []
+    for path in saved:
+        try:
+            error = pickle.loads(path.read_bytes())
+            error.add_note(f"(in a training process; its traceback: {path.with_suffix('.txt')})")
+            return error
+        except Exception:  # an exception that does not survive pickling: its line is still there
+            text = path.with_suffix(".txt").read_text() if path.with_suffix(".txt").exists() else path.name
+            return WorkerFailed(text.splitlines()[0])
+    return None
+
+
+def _worker(job, cfg: Config, run_dir: str, sweep: str | None, config_dict: dict | None, backend: str,
+            errors: str, worker_setup):
+    import torch
+    import torch.distributed as dist
+
+    if worker_setup is not None:
+        worker_setup()
+    ranks = Ranks(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
+    if backend == "nccl":
+        local = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, device=f"cuda:{local}"))
+    else:  # the processes share the machine's cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks.world))
+    # process 0 evaluates while the others wait at the next step's first collective
+    dist.init_process_group(backend, timeout=timedelta(minutes=COLLECTIVE_TIMEOUT_MIN))
+    try:
+        console = Console() if ranks.main else Console(quiet=True)
+        return job(cfg, Path(run_dir), sweep, config_dict, console, ranks=ranks)
+    except BaseException as error:
+        _save_error(Path(errors), ranks.rank, error)
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def _save_error(errors: Path, rank: int, error: BaseException) -> None:
+    errors.mkdir(parents=True, exist_ok=True)
+    (errors / f"rank-{rank}.txt").write_text(f"{type(error).__name__}: {error}\n\n{traceback.format_exc()}")
+    try:
+        (errors / f"rank-{rank}.pickle").write_bytes(pickle.dumps(error))
+    except Exception:
+        pass
