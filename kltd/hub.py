@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import socket
+from pathlib import Path
 from urllib.parse import urlparse
 
 TRUE = ("1", "true", "yes", "on")
@@ -52,3 +53,14 @@ def in_model_cache(name: str) -> bool:
         return isinstance(try_to_load_from_cache(name, "config.json"), str)
     except Exception:  # not installed, or not a valid repo id
         return False
+
+
+def cached_model_dir(name: str) -> str | None:
+    """The local snapshot directory of a hub model in the Hugging Face cache (None if it is not there)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(name, "config.json")
+    except Exception:  # not installed, or not a valid repo id
+        return None
+    return str(Path(found).parent) if isinstance(found, str) else None

@@ -31,6 +31,17 @@ def resolve_model_path(reference: str) -> str:
     return str(Path(reference).expanduser()) if _looks_local(reference) else reference
 
 
+def model_directory(reference: str) -> Path | None:
+    """A model's local directory: as given, the shipped toy's, or a hub model's cached snapshot."""
+    from kltd.hub import cached_model_dir
+
+    path = Path(resolve_model_path(reference))
+    if (path / "config.json").is_file():
+        return path
+    cached = None if _looks_local(reference) else cached_model_dir(reference)
+    return Path(cached) if cached else None
+
+
 def _looks_local(reference: str) -> bool:
     return reference.startswith((".", "/", "~")) or Path(reference).expanduser().exists()
 

