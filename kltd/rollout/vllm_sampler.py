@@ -34,6 +34,8 @@ MISSING = ("sampling.backend=vllm needs the vllm extra: pip install -e '.[vllm]'
 
 
 def _import_vllm():
+    # vLLM logs every engine step and weight reload at INFO; a training run shows its warnings only
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     try:
         import vllm  # noqa: F401
     except ImportError as err:
