@@ -202,14 +202,16 @@ def future_returns(per_token: Tensor, mask: Tensor, gamma: float = 1.0) -> Tenso
     return out
 
 
-def baseline_values(returns: Tensor, mask: Tensor, how: str = "batch_mean", group_size: int = 1) -> Tensor:
+def baseline_values(returns: Tensor, mask: Tensor, how: str = "batch_mean", group_size: int = 1,
+                    batch_sum=None) -> Tensor:
     """Per-position baseline b_t for the score-function term; [B, T] -> [B, T].
 
     Both non-trivial baselines leave the row itself out, so b_t never depends on the row's own sample and
     the surrogate's gradient stays unbiased (including the row would shrink the prefix term by ~1/n).
     "none": 0.  "batch_mean": mean of G_t over the other rows of the batch that reach position t.
     "leave_one_out": the same within groups of `group_size` consecutive rows (samples of one prompt).
-    A row with no partner at position t gets 0.
+    A row with no partner at position t gets 0. `batch_sum` ([2, T] -> [2, T]) extends "batch_mean" to rows
+    held by other processes (kltd.train.ranks.Ranks.sum_positions): their returns count as other rows.
     """
     if how not in BASELINES:
         raise ValueError(f"baseline {how!r}; choose one of {BASELINES}")
@@ -221,8 +223,11 @@ def baseline_values(returns: Tensor, mask: Tensor, how: str = "batch_mean", grou
         raise ValueError(f"leave_one_out: batch of {B} rows is not a whole number of groups of {n}")
     g = torch.where(mask, returns, 0.0).view(-1, n, T)
     m = mask.to(g.dtype).view(-1, n, T)
-    others = m.sum(1, keepdim=True) - m
-    loo = (g.sum(1, keepdim=True) - g) / others.clamp_min(1)
+    total_g, total_m = g.sum(1, keepdim=True), m.sum(1, keepdim=True)
+    if batch_sum is not None and how == "batch_mean":
+        total_g, total_m = batch_sum(torch.cat([total_g, total_m]).view(2, T)).view(2, 1, 1, T)
+    others = total_m - m
+    loo = (total_g - g) / others.clamp_min(1)
     return torch.where(others > 0, loo, 0.0).view(B, T)
 
 
@@ -243,6 +248,7 @@ def prefix_loss(
     sampling_temperature: float = 1.0,
     sampling_top_p: float = 1.0,
     chunk_size: Optional[int] = None,
+    batch_sum=None,
 ) -> Tensor:
     """L_prefix: the gradient through the distribution of the states (the chain rule's "prefix term").
 
@@ -271,6 +277,7 @@ def prefix_loss(
             teacher continuation's tokens add their D to the return but get no score term.
         sampling_temperature, sampling_top_p: how the student sampled the states; the score function is
             that of the distribution it sampled from (softmax at the temperature, truncated to the nucleus).
+        batch_sum: see `baseline_values` (the batch's other rows held by other processes).
     Returns:
         scalar, normalised like trajectory_loss (the default denominator counts the `mask` positions).
     """
@@ -288,7 +295,7 @@ def prefix_loss(
     with torch.no_grad():
         d = chunked_token_divergence(student_logits.detach(), teacher_logits.detach(), mask, spec, chunk_size)
         g = future_returns(d, mask, gamma)
-        advantage = g - baseline_values(g, score, baseline, group_size)
+        advantage = g - baseline_values(g, score, baseline, group_size, batch_sum)
     log_q = token_logprobs(student_logits, targets, score, sampling_temperature, chunk_size, sampling_top_p)
     if denominator is None:
         denominator = mask.sum().clamp_min(1) if normalization == "token" else max(mask.shape[0], 1)

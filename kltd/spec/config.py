@@ -394,12 +394,11 @@ def _check_data_parallel(cfg: Config) -> None:
     if cfg.model.teacher_device is not None:
         raise ConfigError("model.teacher_device places the teacher of a one-process run; with "
                           "distributed.nproc_per_node > 1 each process keeps its teacher on its own device")
-    coupled = ("loss.kl_prefix_weight > 0 with loss.baseline=batch_mean"
-               if cfg.loss.kl_prefix_weight > 0 and cfg.loss.baseline == "batch_mean"
-               else f"trajectory.weighting={cfg.trajectory.weighting}" if cfg.trajectory.weighting != "none" else None)
-    if coupled:
-        raise ConfigError(f"{coupled} couples the rows of a batch, which data parallelism splits across processes; "
-                          "run it with distributed.nproc_per_node=1")
+    # the batch_mean baseline is summed across processes; with a mixed prefix a process may hold no
+    # student-written rows in a micro-batch, and would then miss that collective
+    if cfg.loss.kl_prefix_weight > 0 and cfg.loss.baseline == "batch_mean" and cfg.prefix.source == "mixed":
+        raise ConfigError("loss.baseline=batch_mean with prefix=mixed couples rows that data parallelism splits "
+                          "unevenly; use loss.baseline=leave_one_out or none, or distributed.nproc_per_node=1")
 
 
 @dataclass

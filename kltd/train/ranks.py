@@ -43,6 +43,29 @@ class Ranks:
     def any(self, flag: bool) -> bool:
         return bool(self.sum([float(flag)])[0] > 0) if self.world > 1 else flag
 
+    def gather_rows(self, values: torch.Tensor) -> torch.Tensor:
+        """[b, ...] in every process (the same b) -> [world * b, ...]: every process's rows in global order."""
+        if self.world == 1:
+            return values
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(values) for _ in range(self.world)]
+        dist.all_gather(parts, values.contiguous())
+        return torch.cat(parts)
+
+    def sum_positions(self, table: torch.Tensor) -> torch.Tensor:
+        """[k, T] per-position sums over this process's rows -> the same sums over every process's rows (T,
+        the local response width, may differ between processes; positions past it are not returned)."""
+        if self.world == 1:
+            return table
+        import torch.distributed as dist
+
+        width = torch.tensor([table.shape[1]], device=table.device)
+        dist.all_reduce(width, op=dist.ReduceOp.MAX)
+        padded = torch.nn.functional.pad(table, (0, int(width) - table.shape[1]))
+        dist.all_reduce(padded)
+        return padded[:, : table.shape[1]]
+
     def sum_gradients(self, parameters) -> None:
         """Each parameter's gradient becomes the sum over processes (a missing gradient counts as zeros)."""
         if self.world == 1:

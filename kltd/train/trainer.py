@@ -228,8 +228,11 @@ class Trainer:
             )
             rewards = torch.tensor([float(self.checker(t, e)) for t, e in zip(texts, batch.examples)],
                                    device=self.device)
-        return sequence_weights(rewards, traj.weighting, keep_fraction=traj.keep_fraction,
-                                temperature=traj.awr_temperature, max_weight=traj.awr_max_weight)
+        # the weights compare a row with the whole micro-batch, other processes' rows included
+        everyone = self.ranks.gather_rows(rewards)
+        weights = sequence_weights(everyone, traj.weighting, keep_fraction=traj.keep_fraction,
+                                   temperature=traj.awr_temperature, max_weight=traj.awr_max_weight)
+        return weights[self.ranks.rank * len(rewards) : (self.ranks.rank + 1) * len(rewards)]
 
     def loss_is_sum_over_rows(self) -> bool:
         """True unless a batch-level term couples the rows (prefix-term baselines, offline-RL weights)."""
@@ -314,7 +317,8 @@ class Trainer:
                 pick(student_logits, rows), pick(teacher_logits, rows), pick(targets, rows), pick(mask, rows),
                 states="student", gamma=cfg.gamma, baseline=cfg.baseline,
                 spec=self.spec or DivergenceSpec("reverse_kl"), score_mask=pick(batch.student_written, rows),
-                sampling_temperature=sampling.temperature, sampling_top_p=sampling.top_p, **common,
+                sampling_temperature=sampling.temperature, sampling_top_p=sampling.top_p,
+                batch_sum=self.ranks.sum_positions, **common,
             )
         if (~rows).any():  # states independent of theta: cross-entropy on the prefix tokens
             pre = pre + prefix_loss(pick(student_logits, ~rows), None, pick(targets, ~rows), pick(mask, ~rows),
