@@ -47,12 +47,7 @@ def cache_only_when_offline() -> None:
 
 def in_model_cache(name: str) -> bool:
     """Whether a hub model's config.json is in the local Hugging Face cache."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        return isinstance(try_to_load_from_cache(name, "config.json"), str)
-    except Exception:  # not installed, or not a valid repo id
-        return False
+    return cached_model_dir(name) is not None
 
 
 def cached_model_dir(name: str) -> str | None:

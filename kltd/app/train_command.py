@@ -112,17 +112,16 @@ def train(cfg: DictConfig) -> None:
 def job_process_settings(cfg: DictConfig, hydra_cfg) -> None:
     """A parallel launcher runs jobs in worker processes: each gets the process settings once, and its share
     of the CPU threads, so that jobs side by side do not fight over the cores."""
-    from kltd.app.process import configure_process
-
     configure_process(cfg.trainer.keep_freed_memory)
     launcher = str(hydra_cfg.launcher.get("_target_", ""))
     if "Joblib" in launcher:
-        cores = os.cpu_count() or 1
-        jobs = hydra_cfg.launcher.get("n_jobs") or -1
-        side_by_side = cores if jobs < 0 else min(jobs, cores)
         import torch
 
-        torch.set_num_threads(max(1, cores // side_by_side))
+        from kltd.train.threads import share_of_cores
+
+        cores = os.cpu_count() or 1
+        jobs = hydra_cfg.launcher.get("n_jobs") or -1
+        torch.set_num_threads(share_of_cores(cores if jobs < 0 else min(jobs, cores)))
 
 
 def unknown_keys(composed: DictConfig, typed) -> list[str]:

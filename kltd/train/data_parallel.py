@@ -25,6 +25,7 @@ from rich.console import Console
 
 from kltd.spec.config import Config, ConfigError
 from kltd.train.ranks import Ranks
+from kltd.train.threads import share_of_cores
 
 ERRORS = "worker-errors"  # under the run directory: one file per failed worker
 SHUTDOWN_TIMEOUT_S = 120
@@ -129,7 +130,7 @@ def _worker(job, cfg: Config, run_dir: str, sweep: str | None, config_dict: dict
         torch.cuda.set_device(local)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, device=f"cuda:{local}"))
     else:  # the processes share the machine's cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks.world))
+        torch.set_num_threads(share_of_cores(ranks.world))
     # process 0 evaluates while the others wait at the next step's first collective
     dist.init_process_group(backend, timeout=timedelta(minutes=COLLECTIVE_TIMEOUT_MIN))
     try:

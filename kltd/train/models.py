@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from kltd.hub import cache_only_when_offline, hub_reachable, in_model_cache, why_offline
+from kltd.hub import cache_only_when_offline, cached_model_dir, hub_reachable, in_model_cache, why_offline
 
 TOY_PREFIX = "toy/"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -33,8 +33,6 @@ def resolve_model_path(reference: str) -> str:
 
 def model_directory(reference: str) -> Path | None:
     """A model's local directory: as given, the shipped toy's, or a hub model's cached snapshot."""
-    from kltd.hub import cached_model_dir
-
     path = Path(resolve_model_path(reference))
     if (path / "config.json").is_file():
         return path

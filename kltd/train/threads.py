@@ -7,6 +7,7 @@ an earlier job chose.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -15,6 +16,11 @@ import torch
 # Below this size (the larger of the two models) a second thread only adds synchronisation: on a busy
 # 2-core machine PyTorch's default of two threads made a toy teacher-prefix step 60x slower.
 SMALL_MODEL_PARAMETERS = 20_000_000
+
+
+def share_of_cores(processes: int) -> int:
+    """CPU threads for one of `processes` processes that run side by side on this machine (at least 1)."""
+    return max(1, (os.cpu_count() or 1) // max(1, processes))
 
 
 def threads_for(requested: int, device: torch.device, models) -> int:
