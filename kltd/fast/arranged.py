@@ -12,6 +12,7 @@ student trains through it and its gradients reach the model's own parameters.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from weakref import WeakKeyDictionary
 
@@ -35,7 +36,17 @@ def _rope_type(config) -> str:
     return params.get("rope_type", params.get("type", "default"))
 
 
+def is_sharded(model) -> bool:
+    """A model sharded across processes (FSDP2's fully_shard): its parameters are shards, gathered only inside
+    the module's own call, so it runs through its own forward. (No model is sharded before torch's FSDP
+    module is imported, and importing it costs seconds, so it is looked up, not imported.)"""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
+
+
 def supports(model) -> bool:
+    if is_sharded(model):
+        return False
     config = getattr(model, "config", None)
     body = getattr(model, "base_model", None)
     if config is None or getattr(config, "model_type", None) not in SUPPORTED or body is model:

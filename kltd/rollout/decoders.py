@@ -69,3 +69,29 @@ class ForwardDecoder:
 def decoder_for(model, lean: bool = True):
     """The lean decoder where the architecture allows it (much less overhead per token), else the forward."""
     return LeanDecoder(model) if lean and LeanDecoder.supports(model) else ForwardDecoder(model)
+
+
+class Lockstep:
+    """Decoding with a model sharded across processes (FSDP): each forward pass is a collective, so every
+    process makes as many as the process that writes longest. `anyone(needs)` tells the others whether this
+    process needs another pass and answers whether any process does; one that has finished feeds a
+    one-token dummy until none needs one (`drain`)."""
+
+    def __init__(self, decoder, model, anyone):
+        self.decoder, self.model, self.anyone = decoder, model, anyone
+
+    def start(self, ids: Tensor, mask: Tensor, positions: Tensor, capacity: int) -> Tensor:
+        self.anyone(True)
+        return self.decoder.start(ids, mask, positions, capacity)
+
+    def next(self, token: Tensor, alive: Tensor, position: Tensor) -> Tensor:
+        self.anyone(True)
+        return self.decoder.next(token, alive, position)
+
+    def keep(self, rows: Tensor) -> None:
+        self.decoder.keep(rows)
+
+    def drain(self) -> None:
+        while self.anyone(False):
+            device = next(self.model.parameters()).device
+            self.model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=False, logits_to_keep=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -9,7 +10,8 @@ from torch import Tensor
 
 from kltd.objectives.divergences import nucleus
 from kltd.rollout.batch import Responses, position_ids_from_mask
-from kltd.rollout.decoders import decoder_for
+from kltd.rollout.decoders import Lockstep, decoder_for
+from kltd.rollout.grad_free import without_grad
 from kltd.rollout.noise import RowNoise
 
 
@@ -79,6 +81,7 @@ def sample(
     prefix: Responses | None = None,
     lean: bool = True,
     vocab: int | None = None,
+    lockstep: Callable[[bool], bool] | None = None,
 ) -> Responses:
     """Sample continuations of left-padded prompts, stopping when every row has produced EOS.
 
@@ -87,10 +90,17 @@ def sample(
     are fed as given and sampling continues after them, up to `max_new_tokens` response tokens in all.
     Returns the whole response (prefix included). One decoding step per new token, with a KV cache;
     rows that have ended are fed padding, masked out. `lean=False` forces the model's own forward.
+    `lockstep(needs_pass) -> any process needs one` keeps a model sharded across processes decoding in step
+    (kltd.rollout.decoders.Lockstep).
     """
-    with torch.inference_mode():
-        out = _sample(decoder_for(model, lean), prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temperature,
-                      top_p, generator, prefix, vocab)
+    decoder = decoder_for(model, lean)
+    if lockstep is not None:
+        decoder = Lockstep(decoder, model, lockstep)
+    with without_grad(model):
+        out = _sample(decoder, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temperature, top_p, generator,
+                      prefix, vocab)
+        if lockstep is not None:
+            decoder.drain()
     # plain tensors again: the states feed the autograd-tracked loss
     return Responses(out.tokens.clone(), out.mask.clone())
 
@@ -162,6 +172,7 @@ class Sampler:
     top_p: float = 1.0
     lean: bool = True
     vocab: int | None = None
+    lockstep: Callable[[bool], bool] | None = None  # a sharded model's processes decode in step (see sample)
 
     def __call__(self, prompt_ids, prompt_mask, generator: torch.Generator | RowNoise | None,
                  prefix: Responses | None = None) -> Responses:
@@ -175,5 +186,5 @@ class Sampler:
         out = sample(self.model, prompt_ids, prompt_mask, max_new_tokens=self.max_new_tokens,
                      eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id,
                      temperature=self.temperature, top_p=self.top_p, generator=generator, prefix=prefix,
-                     lean=self.lean, vocab=self.vocab)
+                     lean=self.lean, vocab=self.vocab, lockstep=self.lockstep)
         return out if device == home else Responses(out.tokens.to(home), out.mask.to(home))

@@ -1,24 +1,54 @@
 """Scoring a batch of states with a model: the one seam between the trainer (and evaluation) and the fast
 path.
 
-The trainer and the evaluation ask a `Scorer` for the models' logits or final hidden states at a batch's
-response states; whether that runs kltd's packed forward (kltd.fast.packed, Llama-family models, real
-tokens only) or the model's own Hugging Face forward is decided here and nowhere else. Both give the same
-numbers to float rounding (tests/fast).
+The trainer, the evaluation and the teacher cache ask a `Scorer` for the models' logits, final hidden
+states or logit rows at a batch's response states; whether that runs kltd's packed forward
+(kltd.fast.packed, Llama-family models, real tokens only) or the model's own Hugging Face forward is
+decided here and nowhere else. Both give the same numbers to float rounding (tests/fast).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from kltd.fast.arranged import supports
+from kltd.fast.arranged import is_sharded, supports
 from kltd.fast.packed import packed_hidden
+from kltd.objectives.fused_head import plain_output_layer
 from kltd.rollout.batch import StateBatch, position_ids_from_mask
 
 
 def device_of(model) -> torch.device:
     return next(model.parameters()).device
+
+
+# Logits in one part of a batch's rows (LogitRows.parts): about this many numbers (128 MiB in float32), whatever
+# the vocabulary and however many states the batch holds
+PART_LOGITS = 2**25
+
+
+@dataclass
+class LogitRows:
+    """The logits at a batch's M supervised states, row-major (Scorer.hidden_states' order), a part at a time.
+
+    rows(part) is [m, width] for a slice of the M states, in the model's dtype, on the batch's device.
+    """
+
+    count: int  # M
+    width: int  # V, the compared ids
+    take: Callable[[slice], Tensor]
+
+    def __call__(self, part: slice) -> Tensor:
+        return self.take(part)
+
+    def parts(self, logits: int | None = None) -> list[slice]:
+        """The rows in order, as slices of about `logits` numbers each (default PART_LOGITS; at least one row)."""
+        step = max(1, (logits or PART_LOGITS) // self.width)
+        return [slice(start, start + step) for start in range(0, self.count, step)]
 
 
 class Scorer:
@@ -38,6 +68,10 @@ class Scorer:
         """The output layer's weight over the compared ids (for the fused head; a plain linear layer)."""
         weight = model.get_output_embeddings().weight
         return weight if self.vocab is None else weight[: self.vocab]
+
+    def reads_weights(self, model) -> bool:
+        """Whether the model's weights can be used outside its forward (the fused head does): not when sharded."""
+        return not is_sharded(model)
 
     def packs(self, model) -> bool:
         """Whether `hidden_states` runs the packed forward for this model (real tokens only, no padding)."""
@@ -69,3 +103,18 @@ class Scorer:
         out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                                use_cache=False)
         return out.last_hidden_state[:, -(n + 1) : -1][supervised].to(home)
+
+    def logit_rows(self, model, batch: StateBatch) -> LogitRows:
+        """The logits at the batch's supervised states only, as rows (no [B, N, V] tensor, no padding).
+
+        Through the packed forward (with a plain output layer) only the [M, D] hidden states are kept and a
+        part of the rows is projected when it is asked for, so [M, V] never exists at once; otherwise the
+        model's own forward, its logits at those states.
+        """
+        count = int(batch.supervised.sum())
+        if self.packs(model) and plain_output_layer(model) is not None:
+            hidden = self.hidden_states(model, batch)
+            weight = self.output_weight(model).to(hidden.device)
+            return LogitRows(count, weight.shape[0], lambda part: F.linear(hidden[part], weight))
+        rows = self.logits(model, batch)[batch.supervised]
+        return LogitRows(count, rows.shape[-1], lambda part: rows[part])

@@ -62,6 +62,15 @@ class PrefixConfig:
     handoff_p: float = 0.2
     supervise: str = "all"  # all | after_handoff: which positions of a hand-off row are supervised
 
+    def sampling_models(self) -> tuple[str, ...]:
+        """The models ("student", "teacher") that write training states by sampling."""
+        if self.source != "mixed":
+            return (self.source,) if self.source in ("student", "teacher") else ()
+        ramps = self.schedule != "constant"
+        student = self.student_fraction > 0 or ramps
+        teacher = (self.other == "teacher" and (self.student_fraction < 1 or ramps)) or (student and self.handoff)
+        return ("student",) * student + ("teacher",) * teacher
+
     def check(self) -> None:
         _choice("prefix", self.source, C.PREFIXES)
         _choice("prefix.other", self.other, C.MIXED_OTHER)
@@ -244,8 +253,9 @@ class SamplingConfig:
     # decode Llama/Qwen2/Qwen3 models with kltd's preallocated-cache decoder (same logits, less overhead);
     # false: always the model's own forward
     lean_decoder: bool = True
-    # what draws the student's training samples: kltd's own decoder, or a vLLM engine (the vllm extra) that is
-    # given the student's weights every vllm_sync_every optimiser steps; the loss never uses vLLM's numbers
+    # what draws the training samples (the student's or the teacher's): kltd's own decoder, or a vLLM engine
+    # (the vllm extra), given the student's weights every vllm_sync_every optimiser steps; the loss never uses
+    # vLLM's numbers
     backend: str = "kltd"
     vllm_sync_every: int = 1
     vllm_memory: float = 0.3  # the share of device memory (RAM on a CPU) the engine may take
@@ -368,16 +378,16 @@ class DistributedConfig:
     nproc_per_node."""
 
     nproc_per_node: int = 1
-    strategy: str = "ddp"  # ddp: every process holds the whole student | fsdp: sharded (not built yet)
+    strategy: str = "ddp"  # ddp: every process holds the whole student | fsdp: 1/N of it each (FSDP2)
     backend: str = "auto"  # auto: nccl on CUDA, gloo on the CPU
 
     def check(self) -> None:
         _at_least("distributed.nproc_per_node", self.nproc_per_node, 1)
         _choice("distributed.strategy", self.strategy, C.DISTRIBUTED_STRATEGIES)
         _choice("distributed.backend", self.backend, C.DISTRIBUTED_BACKENDS)
-        if self.strategy == "fsdp":
-            raise ConfigError("distributed.strategy=fsdp (sharded models) is not built yet; use distributed.strategy="
-                              "ddp, which holds the whole student in every process")
+        if self.strategy == "fsdp" and self.nproc_per_node < 2:
+            raise ConfigError("distributed.strategy=fsdp shards the student across processes; set "
+                              "distributed.nproc_per_node=2 or more (or use distributed.strategy=ddp)")
 
 
 def _check_data_parallel(cfg: Config) -> None:
@@ -396,6 +406,10 @@ def _check_data_parallel(cfg: Config) -> None:
                           "distributed.nproc_per_node > 1 each process keeps its teacher on its own device")
     # the batch_mean baseline is summed across processes; with a mixed prefix a process may hold no
     # student-written rows in a micro-batch, and would then miss that collective
+    # a sharded student's passes are collectives, and with a mixed prefix a process may have no rows to sample
+    if cfg.distributed.strategy == "fsdp" and cfg.prefix.source == "mixed":
+        raise ConfigError("distributed.strategy=fsdp with prefix=mixed is not built (processes would sample unequal "
+                          "numbers of student rows); use distributed.strategy=ddp")
     if cfg.loss.kl_prefix_weight > 0 and cfg.loss.baseline == "batch_mean" and cfg.prefix.source == "mixed":
         raise ConfigError("loss.baseline=batch_mean with prefix=mixed couples rows that data parallelism splits "
                           "unevenly; use loss.baseline=leave_one_out or none, or distributed.nproc_per_node=1")
@@ -438,6 +452,9 @@ class Config:
             raise ConfigError("data.responses_file supplies fixed states; use prefix=fixed (or mixed)")
         if self.eval.num_prompts > self.data.n_eval:
             raise ConfigError(f"eval.num_prompts={self.eval.num_prompts} exceeds data.n_eval={self.data.n_eval}")
+        if self.sampling.backend == "vllm" and len(self.prefix.sampling_models()) > 1:
+            raise ConfigError("sampling.backend=vllm runs one engine, and this prefix samples from both the student "
+                              "and the teacher; use sampling.backend=kltd")
         if self.trajectory.reward == "correctness" and self.data.checker_name == "none":
             raise ConfigError("trajectory.reward=correctness grades responses with an answer checker; set "
                               "data.checker (exact, gsm8k or boxed)")

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from kltd.files import atomic_write_dir
+from kltd.train.sharding import load_weights, save_weights, whole_weights
 
 DIRECTORY = "checkpoints"
 WEIGHTS, TRAINER, PROGRESS = "model.safetensors", "trainer.pt", "progress.json"
@@ -42,10 +43,21 @@ class Checkpoint:
     trainer_state: dict
 
     def restore(self, trainer) -> None:
-        from safetensors.torch import load_model
-
-        load_model(trainer.student, str(self.path / WEIGHTS), device=str(trainer.device))
+        load_weights(trainer.student, self.path / WEIGHTS, trainer.device)
         trainer.load_state_dict(self.trainer_state)
+
+
+@dataclass
+class Snapshot:
+    """The student's weights and the trainer's state, whole (gathered from every process when sharded)."""
+
+    weights: dict
+    trainer_state: dict
+
+
+def snapshot(trainer) -> Snapshot:
+    """Every process of a sharded run calls it (gathering is collective); the process that saves keeps it."""
+    return Snapshot(whole_weights(trainer.student), trainer.state_dict())
 
 
 def _name(step: int) -> str:
@@ -63,13 +75,11 @@ def saved(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.glob("step-*") if p.is_dir() and (p / PROGRESS).is_file()) if root.is_dir() else []
 
 
-def save(run_dir: Path, trainer, progress: Progress, config: dict, keep: int) -> Path:
-    from safetensors.torch import save_model
-
+def save(run_dir: Path, state: Snapshot, progress: Progress, config: dict, keep: int) -> Path:
     def write(directory: Path) -> None:
         directory.mkdir(parents=True)
-        save_model(trainer.student, str(directory / WEIGHTS))
-        torch.save(trainer.state_dict(), directory / TRAINER)
+        save_weights(state.weights, directory / WEIGHTS)
+        torch.save(state.trainer_state, directory / TRAINER)
         (directory / PROGRESS).write_text(json.dumps({"progress": asdict(progress), "config": config}, default=str))
 
     path = atomic_write_dir(path_for(run_dir, progress.step), write)

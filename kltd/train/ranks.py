@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kltd.train.sharding import is_shard
+
 
 @dataclass(frozen=True)
 class Ranks:
@@ -73,7 +75,8 @@ class Ranks:
         import torch.distributed as dist
         from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-        params = [p for p in parameters if p.requires_grad]
+        # a sharded parameter's gradient was reduced by FSDP already (kltd.train.sharding)
+        params = [p for p in parameters if p.requires_grad and not is_shard(p)]
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -87,13 +90,15 @@ class Ranks:
                 grad.copy_(summed)
 
     def broadcast_parameters(self, module: torch.nn.Module) -> None:
-        """Every process starts from process 0's weights."""
+        """Every process starts from process 0's weights (a sharded model's shards differ by design)."""
         if self.world == 1:
             return
         import torch.distributed as dist
 
         with torch.no_grad():
             for tensor in list(module.parameters()) + list(module.buffers()):
+                if is_shard(tensor):
+                    continue
                 dist.broadcast(tensor.data, src=0)
 
     def barrier(self) -> None:

@@ -104,9 +104,15 @@ class TeacherCache:
 
     @staticmethod
     def build(teacher, tokenizer, examples: list, *, fmt: str = "full", top_k: int = 64, batch_size: int = 256,
-              counter=None) -> "TeacherCache":
-        """One teacher forward pass per batch of examples; `counter(n)` is told how many passes ran."""
+              counter=None, packed: bool = True) -> "TeacherCache":
+        """One teacher pass per batch of examples; `counter(n)` is told how many passes ran.
+
+        The pass is the packed forward where the teacher allows it (real tokens only, logits at the response
+        states alone), else the teacher's own forward (always with packed=False); the two agree to float
+        rounding (tests/train/test_teacher_cache.py).
+        """
         device = next(teacher.parameters()).device
+        scorer = Scorer(packed=packed, vocab=len(tokenizer))  # the tokenizer's ids only (padded output rows are not compared)
         values, indices, tails, offsets = [], [], [], [0]
         # batches of similar length carry less padding; entries are found by prompt, so order is free
         examples = sorted(examples, key=lambda e: (len(e.prompt) + len(e.response), e.prompt))
@@ -115,20 +121,19 @@ class TeacherCache:
             prompt_ids, prompt_mask = encode_prompts(tokenizer, [e.prompt for e in chunk], device)
             responses = encode_responses(tokenizer, [e.response for e in chunk], device)
             with torch.inference_mode():
-                scorer = Scorer(vocab=len(tokenizer))  # the tokenizer's ids only (padded output rows are not compared)
-                logits = scorer.logits(teacher, StateBatch(prompt_ids, prompt_mask, responses)).float()
+                rows = scorer.logit_rows(teacher, StateBatch(prompt_ids, prompt_mask, responses))
+                for part in rows.parts():  # every response state of the chunk, row after row
+                    kept = rows(part).float().cpu()
+                    if fmt == "topk":
+                        kept, idx, tail = _topk_with_even_tail(kept, top_k)
+                        indices.append(idx)
+                        tails.append(tail)
+                    values.append(kept)
             if counter:
                 counter(1)
-            for row in range(len(chunk)):
-                kept = logits[row, : int(responses.mask[row].sum())].cpu()
-                if fmt == "topk":
-                    kept, idx, tail = _topk_with_even_tail(kept, top_k)
-                    indices.append(idx)
-                    tails.append(tail)
-                values.append(kept)
-                offsets.append(offsets[-1] + kept.shape[0])
+            offsets += (offsets[-1] + responses.mask.sum(1).cumsum(0)).tolist()
         index = {e.prompt: i for i, e in enumerate(examples)}
-        vocab = logits.shape[-1]
+        vocab = rows.width
         if fmt == "topk":
             return TeacherCache(torch.cat(values), torch.tensor(offsets), index, vocab, torch.cat(indices), torch.cat(tails))
         return TeacherCache(torch.cat(values), torch.tensor(offsets), index, vocab)
@@ -187,12 +192,13 @@ def _modified(path: Path) -> tuple[int, int] | None:
 
 def cached_teacher(teacher, tokenizer, teacher_dir: str, tokenizer_dir: str, examples: list, *, cache_dir: Path,
                    dtype: str, fmt: str = "full", top_k: int = 64, needed: list | None = None, counter=None,
-                   echo=print) -> TeacherCache:
+                   echo=print, packed: bool = True) -> TeacherCache:
     """The cache entry for these exact inputs, holding at least the `needed` examples (default: all).
 
     The entry is keyed by the whole training split but filled lazily: a run scores only the examples it
     will train on and the entry lacks, so a short run does not pay for the whole split, and the next
-    cell or seed reuses what is there. Entries another job stored meanwhile are kept.
+    cell or seed reuses what is there. Entries another job stored meanwhile are kept. `packed` as in
+    TeacherCache.build (False: the teacher's own forward, as trainer.packed_forward=false asks).
     """
     # the tokenizer's end-of-response token is part of every encoded response (a chat template may set it)
     tokenizer_key = f"{source_fingerprint(tokenizer_dir)}:{tokenizer.eos_token_id}:{len(tokenizer)}"
@@ -212,7 +218,7 @@ def cached_teacher(teacher, tokenizer, teacher_dir: str, tokenizer_dir: str, exa
         echo(f"teacher cache: hit {path} ({len(wanted)} examples)")
         return cache
     echo(f"teacher cache: adding {len(missing)} of {len(wanted)} examples to {path}")
-    built = TeacherCache.build(teacher, tokenizer, missing, fmt=fmt, top_k=top_k, counter=counter)
+    built = TeacherCache.build(teacher, tokenizer, missing, fmt=fmt, top_k=top_k, counter=counter, packed=packed)
     cache = built if cache is None else cache.merged(built)
     if _modified(path) != read:  # a parallel job stored entries since we read the file: keep them
         try:

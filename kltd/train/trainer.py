@@ -32,6 +32,7 @@ from kltd.rollout.states import StateSource
 from kltd.spec.config import Config
 from kltd.spec.matrix import own_divergence
 from kltd.train.ranks import SINGLE, Ranks
+from kltd.train.sharding import gathered_optimizer_state, scattered_optimizer_state, sharded, whole
 
 
 class TrainingError(RuntimeError):
@@ -86,6 +87,7 @@ class Trainer:
     def __init__(self, cfg: Config, pair, train_examples: list, checker: Callable[[str, object], bool] | None = None,
                  order: ExampleOrder | None = None, ranks: Ranks = SINGLE):
         self.cfg = cfg
+        self.ranks = ranks
         self.student, self.teacher, self.tokenizer = pair.student, pair.teacher, pair.tokenizer
         self.device = pair.device
         self.examples = train_examples
@@ -99,61 +101,56 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(t.warmup_steps, t.max_steps, t.min_lr_ratio)
         )
-        s = cfg.sampling
-        self.states = StateSource(
-            cfg.prefix,
-            student=self._student_sampler(),
-            teacher=Sampler(self.teacher, self.tokenizer, s.max_new_tokens, s.temperature, s.top_p, s.lean_decoder,
-                            self.vocab),
-            tokenizer=self.tokenizer,
-        )
-        self.ranks = ranks
+        self.states = StateSource(cfg.prefix, student=self._sampler("student"), teacher=self._sampler("teacher"),
+                                  tokenizer=self.tokenizer)
         self.steps_done = 0
         self.skipped_steps = 0  # steps whose loss or gradients were not finite (trainer.skip_bad_steps)
         self.teacher_forwards = 0  # live teacher passes during training (the cache avoids them)
         self.teacher_cache = None
         self.order = order or ExampleOrder(len(train_examples), cfg.seed)
 
-    def _student_sampler(self):
-        """kltd's decoder, or (sampling.backend=vllm, when the student samples states) a vLLM engine that starts
-        from the student's directory and is given its live weights."""
+    def _sampler(self, role: str):
+        """kltd's decoder, or (sampling.backend=vllm, for the model that samples the states) a vLLM engine that
+        starts from the model's directory and is given its live weights."""
         s = self.cfg.sampling
-        p = self.cfg.prefix
-        samples = p.source == "student" or (p.source == "mixed" and (p.student_fraction > 0 or p.schedule != "constant"))
-        if s.backend != "vllm" or not samples:
-            return Sampler(self.student, self.tokenizer, s.max_new_tokens, s.temperature, s.top_p, s.lean_decoder,
-                           self.vocab)
+        model = self.student if role == "student" else self.teacher
+        if s.backend != "vllm" or role not in self.cfg.prefix.sampling_models():
+            # a sharded student's forward passes are collectives: the processes decode in step
+            return Sampler(model, self.tokenizer, s.max_new_tokens, s.temperature, s.top_p, s.lean_decoder,
+                           self.vocab, lockstep=self.ranks.any if sharded(model) else None)
         from kltd.rollout.vllm_sampler import EngineOptions, VllmSampler
         from kltd.train.models import model_directory
 
-        options = EngineOptions(model_dir=str(model_directory(self.cfg.model.student)), seed=self.cfg.seed,
+        options = EngineOptions(model_dir=str(model_directory(getattr(self.cfg.model, role))), seed=self.cfg.seed,
                                 gpu_memory_utilization=s.vllm_memory)
-        sampler = VllmSampler(self.student, self.tokenizer, s.max_new_tokens, s.temperature, s.top_p, self.vocab,
+        sampler = VllmSampler(model, self.tokenizer, s.max_new_tokens, s.temperature, s.top_p, self.vocab,
                               options=options)
         sampler.engine.pushed_at_step = 0
         return sampler
 
     def _push_weights(self) -> None:
-        """sampling.backend=vllm: the engine samples from the student's weights as of the last push."""
+        """sampling.backend=vllm: the engine samples from the student's weights as of the last push (a teacher's
+        engine keeps the weights it started with)."""
         if hasattr(self.states.student, "push_weights"):
             self.states.student.push_weights(self.student, step=self.steps_done)
 
     def close(self) -> None:
         """Stop what the trainer started outside PyTorch (a vLLM engine)."""
-        if hasattr(self.states.student, "close"):
-            self.states.student.close()
+        for sampler in (self.states.student, self.states.teacher):
+            if hasattr(sampler, "close"):
+                sampler.close()
 
     def state_dict(self) -> dict:
         """Everything besides the student's weights that the next step depends on: optimiser, schedule, the
         global random streams, the data position and the counters (kltd.train.checkpoint saves it). The
         states' draws are keyed by step and row (kltd.rollout.noise), so they need no saved state."""
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+        return {"optimizer": gathered_optimizer_state(self.optimizer), "scheduler": self.scheduler.state_dict(),
                 "steps_done": self.steps_done, "teacher_forwards": self.teacher_forwards,
                 "order_position": self.order.position, "torch_rng": torch.get_rng_state(),
                 "python_rng": random.getstate(), "skipped_steps": self.skipped_steps}
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(scattered_optimizer_state(state["optimizer"], self.optimizer))
         self.scheduler.load_state_dict(state["scheduler"])
         self.steps_done, self.teacher_forwards = state["steps_done"], state["teacher_forwards"]
         self.skipped_steps = state["skipped_steps"]
@@ -244,6 +241,7 @@ class Trainer:
         loss, traj = self.cfg.loss, self.cfg.trajectory
         return (self.cfg.trainer.fused_head and loss.estimator == "exact" and loss.kl_prefix_weight == 0
                 and traj.supervisor != "dataset" and plain_output_layer(self.student) is not None
+                and self.scorer.reads_weights(self.student) and self.scorer.reads_weights(self.teacher)
                 and plain_output_layer(self.teacher) is not None)
 
     def packs_both(self) -> bool:
@@ -357,7 +355,9 @@ class Trainer:
         tokens, sequences = self.ranks.sum([local_tokens, sum(b.num_sequences for b in batches)])
         denominator = float(tokens if self.cfg.loss.normalization == "token" else sequences)
         self.optimizer.zero_grad(set_to_none=True)
-        groups = t.length_groups if self.loss_is_sum_over_rows() and not self.packs_both() else 1
+        # a sharded student makes one (collective) forward per micro-batch in every process
+        split = self.loss_is_sum_over_rows() and not self.packs_both() and not sharded(self.student)
+        groups = t.length_groups if split else 1
         bad = None
         for batch in (part for b in batches for part in b.by_length(groups)):
             loss, parts = self.loss(batch, denominator)
@@ -372,7 +372,8 @@ class Trainer:
         self.ranks.sum_gradients(self.student.parameters())
         if self.ranks.any(bad is not None) and bad is None:
             bad = "the loss became non-finite in another process"
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), t.max_grad_norm) if bad is None else None
+        grad_norm = (whole(torch.nn.utils.clip_grad_norm_(self.student.parameters(), t.max_grad_norm))
+                     if bad is None else None)
         if bad is None and not torch.isfinite(grad_norm):
             bad = f"the gradient norm became {float(grad_norm)}"
         self._gather_stats(stats)

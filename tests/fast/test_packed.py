@@ -112,3 +112,31 @@ def test_above_the_copy_limit_no_weight_is_copied(monkeypatch):
     own = {p.data_ptr() for p in model.parameters()}
     held = [t for layer in blocks.layers for t in vars(layer).values() if isinstance(t, torch.Tensor)]
     assert not blocks.copied and held and all(t.data_ptr() in own for t in held)
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_logit_rows_from_the_packed_forward_equal_the_models_own_logits(name):
+    """Scorer.logit_rows: the logits at the supervised states only, projected a part at a time from packed
+    hidden states onto the compared ids, equal the model's own logits there; the model's own forward never
+    runs (packed=False runs it, and gives the same rows)."""
+    model, tok = tiny_architecture(name)
+    batch = state_batch(tok, PROMPTS, RESPONSES)
+    batch.supervised = batch.responses.mask.clone()
+    batch.supervised[1, 2:9] = False  # states the caller does not ask for are not returned
+    vocab = len(tok) - 2  # fewer ids than the output layer has rows
+    calls = []
+    hooks = [m.register_forward_pre_hook(lambda *_: calls.append(1)) for m in (model, model.base_model)]
+    with torch.inference_mode():
+        rows = Scorer(vocab=vocab).logit_rows(model, batch)
+        parts = rows.parts(logits=7 * vocab)  # 7 rows a part
+        fast = torch.cat([rows(part) for part in parts])
+        assert not calls
+        own = Scorer(packed=False, vocab=vocab).logit_rows(model, batch)
+        assert calls
+        reference = Scorer(packed=False, vocab=vocab).logits(model, batch)[batch.supervised]
+    for hook in hooks:
+        hook.remove()
+    assert rows.count == own.count == int(batch.supervised.sum()) and rows.width == own.width == vocab
+    assert len(parts) == -(-rows.count // 7)
+    torch.testing.assert_close(own(slice(None)), reference, atol=0, rtol=0)
+    torch.testing.assert_close(fast, reference, atol=2e-5, rtol=1e-5)

@@ -44,3 +44,43 @@ def test_evaluation_decodes_as_sampling_lean_decoder_says(lean, monkeypatch):
     other = evaluate(pair.student, pair.teacher, pair.tokenizer, held_out, settings, checker=is_correct, lean=not lean)
     assert result["accuracy"] == other["accuracy"] and result["response_length"] == other["response_length"]
     assert result["reverse_kl_student_states"] == pytest.approx(other["reverse_kl_student_states"], rel=1e-4)
+
+
+def test_lean_evaluation_scores_through_the_packed_forward_with_the_models_own_numbers(monkeypatch):
+    """lean=True: no model's own forward runs anywhere in the evaluation (the lean decoder samples, the packed
+    forward scores), and every metric equals lean=False, the models' own forward throughout: counts and
+    grades exactly, divergences, entropy and per-position curves to float rounding."""
+    import kltd.rollout.scoring as scoring
+    from kltd.data.addition import is_correct, make_splits
+    from kltd.spec.config import EvalConfig
+    from kltd.train.evaluation import evaluate
+    from kltd.train.models import load_pair
+
+    pair = load_pair("toy/teacher", "toy/student", device="cpu")
+    # logits a few rows at a time, so the states of a batch come back in several parts
+    monkeypatch.setattr(scoring, "PART_LOGITS", 40 * pair.vocab_size)
+    _, held_out = make_splits(0, 0, 12)
+    settings = EvalConfig(num_prompts=12, batch_size=5, max_new_tokens=24, pass_k=3)  # 3 batches, the last short
+    calls = []
+    hooks = [m.register_forward_pre_hook(lambda *_: calls.append(1))
+             for model in (pair.student, pair.teacher) for m in (model, model.base_model)]
+
+    def run(lean: bool) -> dict:
+        return evaluate(pair.student, pair.teacher, pair.tokenizer, held_out, settings, checker=is_correct,
+                        lean=lean, vocab=pair.vocab_size)
+
+    fast = run(lean=True)
+    assert not calls
+    own = run(lean=False)
+    assert calls
+    for hook in hooks:
+        hook.remove()
+    exact = ("accuracy", "pass_at_k", "pass_k", "response_length", "student_tokens_generated",
+             "teacher_tokens_generated")
+    assert {k: fast[k] for k in exact} == {k: own[k] for k in exact}
+    assert fast["response_length"] > 0 and fast["reverse_kl_student_states"] > 0.01
+    for key in ("reverse_kl_student_states", "forward_kl_teacher_states", "student_entropy"):
+        assert fast[key] == pytest.approx(own[key], rel=1e-5), key
+    # a position's mean rests on a few dozen float32 divergences of peaked distributions, not hundreds
+    for name, curve in own["divergence_by_position"].items():
+        assert len(curve) > 5 and fast["divergence_by_position"][name] == pytest.approx(curve, rel=1e-4, abs=1e-7)

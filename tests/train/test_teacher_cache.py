@@ -48,6 +48,32 @@ def test_topk_format_keeps_the_top_logits_and_the_tail_mass(setup):
     assert torch.allclose((got.exp() * tail).sum(-1), (want.exp() * tail).sum(-1), atol=1e-5)
 
 
+@pytest.mark.parametrize("fmt", ["full", "topk"])
+def test_the_packed_forward_fills_the_cache_with_the_teachers_own_numbers(setup, fmt, monkeypatch):
+    """The cache is filled through the packed forward (the teacher's own forward never runs) and holds what
+    the teacher's own forward gives (packed=False): the same entries and offsets, values to float rounding."""
+    import kltd.rollout.scoring as scoring
+
+    teacher, tokenizer, _, train = setup
+    monkeypatch.setattr(scoring, "PART_LOGITS", 7 * len(tokenizer))  # a batch's states in several parts
+    calls = []
+    hooks = [m.register_forward_pre_hook(lambda *_: calls.append(1)) for m in (teacher, teacher.base_model)]
+    try:
+        fast = TeacherCache.build(teacher, tokenizer, train, fmt=fmt, top_k=4, batch_size=16)
+        assert not calls
+        own = TeacherCache.build(teacher, tokenizer, train, fmt=fmt, top_k=4, batch_size=16, packed=False)
+        assert calls
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert fast.index == own.index and torch.equal(fast.offsets, own.offsets) and fast.vocab_size == own.vocab_size
+    assert fast.values.shape == own.values.shape and (fast.indices is None) == (fmt == "full")
+    torch.testing.assert_close(fast.values, own.values, atol=1e-5, rtol=1e-5)
+    batch, _ = live_logits(teacher, tokenizer, train)
+    mask = batch.responses.mask
+    torch.testing.assert_close(fast.lookup(batch)[mask], own.lookup(batch)[mask], atol=1e-5, rtol=1e-5)
+
+
 def test_second_use_is_a_hit_with_no_teacher_pass_and_changes_invalidate(setup, tmp_path):
     teacher, tokenizer, teacher_dir, train = setup
     passes = []

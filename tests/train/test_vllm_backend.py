@@ -101,3 +101,32 @@ def test_what_the_vllm_backend_cannot_start_is_refused_in_one_line(pair, monkeyp
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "vllm" else object())
     with pytest.raises(ConfigError, match=r"needs the vllm extra: pip install -e '.\[vllm\]'"):
         preflight.preflight(cfg)
+
+
+@needs_vllm
+def test_teacher_states_drawn_by_vllm_train_like_kltds_sampler(pair, tmp_path):
+    """prefix=teacher: the teacher's engine draws the states (no weights pushed); the run reaches kltd's."""
+    def cfg(backend):
+        c = config(pair, backend)
+        c.prefix.source, c.trainer.max_steps = "teacher", 20
+        return c
+
+    ours, theirs = train_job(cfg("kltd"), tmp_path / "kltd"), train_job(cfg("vllm"), tmp_path / "vllm")
+    before, a, b = ours["eval_before"], ours["eval_after"], theirs["eval_after"]
+    key = "forward_kl_teacher_states"
+    assert a[key] < 0.8 * before[key] and b[key] < 0.8 * before[key]  # both learned on teacher states
+    assert abs(a[key] - b[key]) < 0.15 * before[key], (before[key], a[key], b[key])
+    assert theirs["tokens"]["teacher_generated"] > 0 and theirs["tokens"]["student_generated"] == 0
+    assert staleness(tmp_path / "vllm") == []  # the teacher's weights never change
+
+
+def test_the_vllm_backend_runs_one_engine(pair):
+    cfg = config(pair, "vllm")
+    cfg.prefix.source, cfg.prefix.other, cfg.prefix.student_fraction = "mixed", "teacher", 0.5
+    with pytest.raises(ConfigError, match="one engine"):
+        cfg.check()
+    cfg.prefix.other = "fixed"  # only the student samples
+    cfg.check()
+    assert cfg.prefix.sampling_models() == ("student",)
+    cfg.prefix.handoff = True  # the teacher continues the student's rows
+    assert cfg.prefix.sampling_models() == ("student", "teacher")
