@@ -178,9 +178,9 @@ def job_overrides(overrides: list[str], multirun_flag: bool) -> tuple[bool, list
     return True, [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
-def prevalidate(overrides: list[str], multirun_flag: bool) -> Config:
+def prevalidate(overrides: list[str], multirun_flag: bool) -> tuple[Config, int]:
     """Compose and check every job before Hydra creates run directories or loads any model; returns the
-    first job's config. Any problem ends the command with one line."""
+    first job's config and the number of jobs. Any problem ends the command with one line."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -217,7 +217,22 @@ def prevalidate(overrides: list[str], multirun_flag: bool) -> Config:
             first = first or cfg
         if not multirun and chosen.get("hydra.run.dir"):
             existing_run(Path(chosen["hydra.run.dir"]), OmegaConf.to_container(composed, resolve=True))
-    return first
+    return first, len(jobs)
+
+
+def side_by_side(argv: list[str], first: Config, jobs: int) -> list[str]:
+    """A sweep of several jobs on a machine without a GPU runs them side by side, one per core with its share
+    of the threads (hydra/launcher=joblib), unless the command names a launcher: a toy-sized job leaves most
+    of a multi-core CPU idle. On a GPU, or for data-parallel jobs, the jobs run one after another."""
+    cores = os.cpu_count() or 1
+    named = any(a.startswith(("hydra/launcher=", "hydra.launcher.")) for a in argv)
+    # no NVIDIA driver: no CUDA device (torch is not imported for this: the jobs import it in their own processes)
+    on_cpu = first.model.device == "cpu" or (first.model.device == "auto" and not Path("/proc/driver/nvidia").exists())
+    if jobs < 2 or cores < 2 or named or not on_cpu or first.distributed.nproc_per_node > 1:
+        return argv
+    print(f"kltd: {jobs} jobs side by side, {min(jobs, cores)} at a time on {cores} cores (hydra/launcher=joblib; "
+          "hydra/launcher=basic runs them one after another)", file=sys.stderr)
+    return [*argv, "hydra/launcher=joblib"]
 
 
 def existing_run(run_dir: Path, config: dict) -> None:
@@ -274,8 +289,9 @@ def main(argv: list[str]) -> None:
     argv = normalized(resumed(argv))
     flags = [a for a in argv if a.startswith("-")]
     if all(f in ("-m", "--multirun") for f in flags):  # a real run, not --help/--cfg/--info
-        first = prevalidate([a for a in argv if not a.startswith("-")], bool(flags))
+        first, jobs = prevalidate([a for a in argv if not a.startswith("-")], bool(flags))
         configure_process(first.trainer.keep_freed_memory)
+        argv = side_by_side(argv, first, jobs)
     sys.argv = ["kltd train", *argv]
     train()
     from kltd.app.sweep_end import UNFINISHED

@@ -345,12 +345,14 @@ class EvalConfig:
 
 @dataclass
 class CacheConfig:
-    """The teacher cache for fixed states (kltd.train.teacher_cache)."""
+    """The teacher cache for fixed states (kltd.train.teacher_cache) and the evaluation before training
+    (kltd.train.eval_cache), both kept in `dir` and shared by every run that has the same inputs."""
 
     teacher: str = "auto"  # auto: on when prefix=fixed needs teacher logits | on | off
     dir: str = "outputs/cache"
     format: str = "full"  # full (exact) | topk (k logits per position, the rest spread evenly)
     top_k: int = 64
+    eval_before: bool = True  # reuse the evaluation before training of a run with the same student, data and eval
 
     def check(self) -> None:
         _choice("cache.teacher", self.teacher, C.CACHE_MODES)

@@ -28,6 +28,7 @@ from kltd.spec.config import Config, ConfigError
 from kltd.spec.matrix import slug
 from kltd.train import checkpoint
 from kltd.train.interrupt import Interrupted, stop_requests
+from kltd.train.phases import Phases
 from kltd.train.preflight import preflight
 from kltd.train.ranks import SINGLE, Ranks
 from kltd.train.sharding import save_weights, sharded, whole_weights
@@ -90,7 +91,7 @@ def save_checkpoint(model, tokenizer, run_dir: Path, weights: dict | None = None
 # Keys that may change when a run resumes: where and how it reports, not what it computes.
 # distributed.*: the result does not depend on the number of processes, so a run may resume on another count.
 RESUMABLE_CHANGES = ("wandb.", "trainer.progress", "trainer.checkpoint_every", "trainer.keep_checkpoints",
-                     "trainer.save_checkpoint", "cache.dir", "eval.every", "distributed.")
+                     "trainer.save_checkpoint", "cache.dir", "cache.eval_before", "eval.every", "distributed.")
 
 
 class AlreadyFinished(Exception):
@@ -216,18 +217,22 @@ def _train_and_evaluate(cfg: Config, run_dir: Path, logger: RunLogger, console: 
 
     seed_everything(cfg.seed)
     m = cfg.model
+    phases = Phases()
     # tokenizer and data before any weights: a bad row or a tokenizer mismatch costs seconds, not a model load
-    tokenizer = check_tokenizers(m.teacher, m.student, trust_remote_code=m.trust_remote_code)
-    data = prepare(cfg.data, tokenizer, needs_responses=needs_responses(cfg))
+    with phases("data"):
+        tokenizer = check_tokenizers(m.teacher, m.student, trust_remote_code=m.trust_remote_code)
+        data = prepare(cfg.data, tokenizer, needs_responses=needs_responses(cfg))
     if ranks.main:
         _record_data(run_dir, data, console)
-    pair = load_pair(m.teacher, m.student, m.dtype, m.device, tokenizer=tokenizer, teacher_device=m.teacher_device,
-                     gradient_checkpointing=cfg.trainer.gradient_checkpointing, trust_remote_code=m.trust_remote_code)
-    if cfg.distributed.strategy == "fsdp":
-        shard(pair.student)  # before the optimiser is built on its parameters
+    with phases("loading"):
+        pair = load_pair(m.teacher, m.student, m.dtype, m.device, tokenizer=tokenizer, teacher_device=m.teacher_device,
+                         gradient_checkpointing=cfg.trainer.gradient_checkpointing,
+                         trust_remote_code=m.trust_remote_code)
+        if cfg.distributed.strategy == "fsdp":
+            shard(pair.student)  # before the optimiser is built on its parameters
     with job_threads(threads_for(cfg.trainer.num_threads, pair.device, (pair.teacher, pair.student))):
-        summary = _run(cfg, pair, data, run_dir, logger, console, resume, config_dict, ranks)
-    return {**summary, "data": data.summary}
+        summary = _run(cfg, pair, data, run_dir, logger, console, resume, config_dict, ranks, phases)
+    return {**summary, "data": data.summary, "phases": phases.seconds}
 
 
 def _record_data(run_dir: Path, data, console: Console) -> None:
@@ -246,18 +251,28 @@ def _record_data(run_dir: Path, data, console: Console) -> None:
 
 
 def _run(cfg: Config, pair, data, run_dir: Path, logger: RunLogger, console: Console,
-         resume: checkpoint.Checkpoint | None, config_dict: dict, ranks: Ranks) -> dict:
+         resume: checkpoint.Checkpoint | None, config_dict: dict, ranks: Ranks, phases: Phases) -> dict:
+    from kltd.train.eval_cache import cached_evaluation, evaluation_inputs
     from kltd.train.evaluation import evaluate
     from kltd.train.trainer import Trainer
 
     e = cfg.eval
+    # the processes of a sharded student evaluate together: none may skip an evaluation the others make
+    reuse_before = cfg.cache.eval_before and not sharded(pair.student)
 
     def run_eval(step: int) -> dict | None:
         # the others go on to the next step and wait there; a sharded student's forward needs them all
         if not ranks.main and not sharded(pair.student):
             return None
-        result = evaluate(pair.student, pair.teacher, pair.tokenizer, data.eval[: e.num_prompts], e,
-                          checker=data.checker, lean=cfg.sampling.lean_decoder, vocab=pair.vocab_size)
+
+        def compute() -> dict:
+            return evaluate(pair.student, pair.teacher, pair.tokenizer, data.eval[: e.num_prompts], e,
+                            checker=data.checker, lean=cfg.sampling.lean_decoder, vocab=pair.vocab_size)
+
+        with phases("evaluation"):
+            before = step == 0 and reuse_before  # identical for every cell and seed that starts from this student
+            result = (cached_evaluation(evaluation_inputs(cfg, data, pair.device), compute, Path(cfg.cache.dir),
+                                        plain_lines(console)) if before else compute())
         logger.log({f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))}, step=step)
         return result
 
@@ -266,13 +281,13 @@ def _run(cfg: Config, pair, data, run_dir: Path, logger: RunLogger, console: Con
     plain_lines(console)(f"run directory: {run_dir}")
     trainer = Trainer(cfg, pair, data.train, checker=data.checker, ranks=ranks)
     try:
-        return _train(cfg, trainer, pair, data, run_dir, logger, console, resume, config_dict, ranks, run_eval)
+        return _train(cfg, trainer, pair, data, run_dir, logger, console, resume, config_dict, ranks, run_eval, phases)
     finally:
         trainer.close()  # a vLLM engine dies with its job
 
 
 def _train(cfg: Config, trainer, pair, data, run_dir: Path, logger: RunLogger, console: Console,
-           resume: checkpoint.Checkpoint | None, config_dict: dict, ranks: Ranks, run_eval) -> dict:
+           resume: checkpoint.Checkpoint | None, config_dict: dict, ranks: Ranks, run_eval, phases: Phases) -> dict:
     """Resume or start, train, evaluate after, and return the run's figures."""
     e, t = cfg.eval, cfg.trainer
     if resume is not None:
@@ -290,10 +305,12 @@ def _train(cfg: Config, trainer, pair, data, run_dir: Path, logger: RunLogger, c
         def count(n: int) -> None:
             trainer.teacher_forwards += n
 
-        trainer.attach_teacher_cache(cached_teacher(
-            pair.teacher, pair.tokenizer, resolve_model_path(cfg.model.teacher), resolve_model_path(cfg.model.student),
-            data.train, cache_dir=Path(cfg.cache.dir), dtype=cfg.model.dtype, fmt=cfg.cache.format,
-            top_k=cfg.cache.top_k, needed=trainer.planned_examples(), counter=count, echo=plain_lines(console)))
+        with phases("cache"):
+            trainer.attach_teacher_cache(cached_teacher(
+                pair.teacher, pair.tokenizer, resolve_model_path(cfg.model.teacher),
+                resolve_model_path(cfg.model.student), data.train, cache_dir=Path(cfg.cache.dir), dtype=cfg.model.dtype,
+                fmt=cfg.cache.format, top_k=cfg.cache.top_k, needed=trainer.planned_examples(), counter=count,
+                echo=plain_lines(console), packed=cfg.trainer.packed_forward))
         if ranks.main:
             ranks.barrier()
     tokens = TokenCounts(**progress.tokens)
@@ -341,8 +358,10 @@ def _train(cfg: Config, trainer, pair, data, run_dir: Path, logger: RunLogger, c
         return {}
     before = progress.eval_before
     console.print(before_after_table(cfg.method, before or {}, after))
-    final = save_checkpoint(pair.student, pair.tokenizer, run_dir, weights) if t.save_checkpoint else None
+    with phases("checkpoint"):
+        final = save_checkpoint(pair.student, pair.tokenizer, run_dir, weights) if t.save_checkpoint else None
     train_time = progress.train_time_s
+    phases.add("training", train_time - time_before)  # this session's share (a resumed run trained before too)
     return {
         "steps": t.max_steps,
         "train_time_s": train_time,

@@ -1,0 +1,74 @@
+"""The evaluation before training, computed once and kept on disk.
+
+Every cell and seed of a sweep starts from the same student and is evaluated on the same prompts with the
+same seed (kltd.train.evaluation), so the evaluation before training is the same for all of them. It is
+stored in a small JSON file whose name is a hash of everything the figures depend on (both models' files,
+the tokenizer, the held-out examples and their checker, the evaluation settings, dtype, device type and
+the decoding path), like the teacher cache: a changed input gets a new entry, a stale one is never read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from kltd.files import atomic_write_json
+from kltd.spec.config import Config, EvalConfig
+from kltd.train.teacher_cache import examples_fingerprint, source_fingerprint
+
+EVAL_CACHE_VERSION = 1
+# settings that do not change what one evaluation computes
+NOT_IN_KEY = ("every", "before")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalInputs:
+    """What the evaluation before training depends on, besides the code."""
+
+    student_dir: str
+    teacher_dir: str
+    tokenizer_dir: str
+    examples: list
+    checker: str
+    settings: EvalConfig
+    dtype: str
+    device: str  # "cpu" or "cuda": rounding differs between them
+    lean: bool
+
+    def digest(self) -> str:
+        settings = {k: v for k, v in dataclasses.asdict(self.settings).items() if k not in NOT_IN_KEY}
+        payload = {"version": EVAL_CACHE_VERSION, "student": source_fingerprint(self.student_dir),
+                   "teacher": source_fingerprint(self.teacher_dir),
+                   "tokenizer": source_fingerprint(self.tokenizer_dir),
+                   "examples": examples_fingerprint(self.examples), "checker": self.checker, "settings": settings,
+                   "dtype": self.dtype, "device": self.device, "lean": self.lean}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def cached_evaluation(inputs: EvalInputs, evaluate: Callable[[], dict], cache_dir: Path, echo=print) -> dict:
+    """The stored figures for these inputs, else `evaluate()`'s, stored for the next run."""
+    path = Path(cache_dir) / f"eval-before-{inputs.digest()}.json"
+    if path.is_file():
+        try:
+            result = json.loads(path.read_text())
+            echo(f"evaluation before training: reused {path}")
+            return result
+        except ValueError:  # torn or corrupt: evaluated again and rewritten
+            echo(f"warning: evaluation cache {path} is unreadable; evaluating again")
+    result = evaluate()
+    atomic_write_json(path, result)
+    return result
+
+
+def evaluation_inputs(cfg: Config, data, device) -> EvalInputs:
+    """The inputs of this run's evaluation before training (data: kltd.data.prepare's result)."""
+    from kltd.train.models import resolve_model_path
+
+    m = cfg.model
+    return EvalInputs(student_dir=resolve_model_path(m.student), teacher_dir=resolve_model_path(m.teacher),
+                      tokenizer_dir=resolve_model_path(m.student), examples=data.eval[: cfg.eval.num_prompts],
+                      checker=cfg.data.checker_name, settings=cfg.eval, dtype=m.dtype,
+                      device=str(getattr(device, "type", device)), lean=cfg.sampling.lean_decoder)
