@@ -2,6 +2,11 @@
 
 Kept apart from the runs so that a saved run (`--json`) can be re-printed with `--report` and so the
 measurement code stays about measuring.
+
+Every ratio is paired: in each round, kltd's run over the TRL run(s) right after it (same scale, case and
+TRL setup), one ratio per round; a ratio is reported as the median over rounds with its range (min-max).
+TRL runs in two settings (TRL_SETTINGS), each paired with the same kltd run: as shipped, and with kltd's
+malloc setting (kltd.fast.memory), which kltd's own runs always have.
 """
 
 from __future__ import annotations
@@ -11,21 +16,31 @@ import statistics
 
 PARITY_TOLERANCE = 1e-5
 
-# Which TRL setups each kltd case is compared with; runs go kltd, TRL, kltd, TRL, ... in this order.
+# Which TRL setups each kltd case is compared with; each round runs, per setup, kltd then TRL in every setting.
 TRL_SETUPS = {
     "opd": ["distill", "distill_nogc", "gkd1", "gkd1_nogc"],
     "fixed": ["gkd0", "gkd0_nogc"],
 }
+# TRL's settings: name -> (run-key system, whether TRL's process gets kltd's malloc setting, label, key suffix)
+TRL_SETTINGS = {
+    "shipped": ("trl", False, "TRL as shipped", ""),
+    "same_malloc": ("trl_same_malloc", True, "TRL with kltd's malloc setting", "_same_malloc"),
+}
 LABELS = {
     "kltd:opd": "kltd prefix=student trajectory=student",
     "kltd:fixed": "kltd prefix=fixed trajectory=expert",
-    "trl:distill": "TRL DistillationTrainer beta=1 (GC on, default)",
-    "trl:distill_nogc": "TRL DistillationTrainer beta=1 (GC off)",
-    "trl:gkd1": "TRL GKDTrainer lmbda=1 beta=1 (GC on, default)",
-    "trl:gkd1_nogc": "TRL GKDTrainer lmbda=1 beta=1 (GC off)",
-    "trl:gkd0": "TRL GKDTrainer lmbda=0 beta=0 (GC on, default)",
-    "trl:gkd0_nogc": "TRL GKDTrainer lmbda=0 beta=0 (GC off)",
+    "distill": "TRL DistillationTrainer beta=1 (GC on, default)",
+    "distill_nogc": "TRL DistillationTrainer beta=1 (GC off)",
+    "gkd1": "TRL GKDTrainer lmbda=1 beta=1 (GC on, default)",
+    "gkd1_nogc": "TRL GKDTrainer lmbda=1 beta=1 (GC off)",
+    "gkd0": "TRL GKDTrainer lmbda=0 beta=0 (GC on, default)",
+    "gkd0_nogc": "TRL GKDTrainer lmbda=0 beta=0 (GC off)",
 }
+SETTING_TAGS = {"shipped": "", "same_malloc": " +malloc"}
+
+
+def run_key(scale: str, setting: str, setup: str) -> str:
+    return f"{scale}|{TRL_SETTINGS[setting][0]}:{setup}"
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -47,57 +62,99 @@ def model_flops_per_step(s: dict) -> float:
     return (6 * sb + 2 * tb) * s["real_tokens"] + (6 * sh + 2 * th) * s["trained_tokens"]
 
 
-def fmt_ratio(x: float) -> str:
+def fmt_ratio(x: float | None) -> str:
     return "nan" if x is None or math.isnan(x) else f"{x:.3f}"
 
 
-def paired_ratio(kltd_runs: list[dict], trl_runs: list[dict], setups: list[str], setup: str) -> float:
-    """Median over rounds of (kltd run / the TRL run right after it): robust to load that drifts over time.
+def fmt_range(values: list[float]) -> str:
+    """'median (min-max)' of per-round ratios."""
+    return f"{fmt_ratio(statistics.median(values))} ({fmt_ratio(min(values))}-{fmt_ratio(max(values))})"
 
-    Round r runs kltd, setups[0], kltd, setups[1], ...; so the kltd run paired with `setup` in round r is
-    kltd_runs[r * len(setups) + setups.index(setup)]."""
+
+def round_ratios(kltd_runs: list[dict], trl_runs: list[dict], setups: list[str], setup: str) -> list[float]:
+    """One ratio per round: the kltd run's median step over its paired TRL run's median step.
+
+    A TRL run records the kltd run it is paired with (`paired_kltd`, its median s/step). Older saves lack
+    it: there round r ran kltd, setups[0], kltd, setups[1], ..., so the kltd run paired with `setup` in
+    round r is kltd_runs[r * len(setups) + setups.index(setup)]."""
     j, n = setups.index(setup), len(setups)
-    return statistics.median(statistics.median(kltd_runs[r * n + j]["times"]) / statistics.median(t["times"])
-                             for r, t in enumerate(trl_runs))
+    out = []
+    for r, t in enumerate(trl_runs):
+        k = t["paired_kltd"] if "paired_kltd" in t else statistics.median(kltd_runs[r * n + j]["times"])
+        out.append(k / statistics.median(t["times"]))
+    return out
+
+
+def settings_in(data: dict) -> list[str]:
+    """The TRL settings a save holds runs for. A save from before both settings ran in one invocation has
+    `trl` runs only: those were with kltd's malloc setting when it was run with --trl-keep-freed-memory."""
+    runs = data["runs"]
+    present = [s for s in TRL_SETTINGS if any(k.split("|", 1)[1].startswith(TRL_SETTINGS[s][0] + ":") for k in runs)]
+    if present == ["shipped"] and data.get("args", {}).get("trl_keep_freed_memory"):
+        data["runs"] = {k.replace("|trl:", "|trl_same_malloc:"): v for k, v in runs.items()}
+        return ["same_malloc"]
+    return present
+
+
+def load_line(data: dict) -> str:
+    loads = data.get("loadavg") or []
+    shown = [" ".join(f"{x:.2f}" for x in load) for load in loads[:1] + loads[1:][-1:]]
+    where = ", ".join(f"{when} {value}" for when, value in zip(("before", "after"), shown))
+    return (f"load average (1, 5, 15 min): {where or 'not recorded'}; {data.get('cpu_count', '?')} CPUs "
+            "(other work on the machine slows every run, multi-threaded ones unevenly)")
 
 
 def report(data: dict) -> None:
     """Print the table, the FLOP/s fractions, parity and the final line from the collected runs."""
+    settings = settings_in(data)
     runs, scales = data["runs"], [s["name"] for s in data["scales"]]
     summary = {key: summarize(value) for key, value in runs.items()}
     peak_rate = max(data["gflops"]) * 1e9
-    ratios = {"opd": [], "fixed": [], "mem": []}
-    print(f"\nfp32 matmul rate: {max(data['gflops']):.1f} GFLOP/s (best of start/end: "
+    # ratios[setting][case][scale] = per-round ratios against the fastest TRL setup in that setting
+    ratios: dict[str, dict[str, dict[str, list[float]]]] = {s: {c: {} for c in TRL_SETUPS} for s in settings}
+    fastest: dict[tuple[str, str, str], str] = {}
+    mem: dict[str, list[float]] = {s: [] for s in settings}
+    print(f"\n{load_line(data)}")
+    if data.get("args", {}).get("quick"):
+        print("note: --quick runs everything in one process, where kltd's malloc setting, once applied, holds for "
+              "every later run; its two TRL settings are not told apart (a smoke test of the output, not a figure)")
+    print(f"fp32 matmul rate: {max(data['gflops']):.1f} GFLOP/s (best of start/end: "
           f"{', '.join(f'{g:.1f}' for g in data['gflops'])})")
     print("s/step: median over runs of each run's median step; kltd/this: ratio of those medians; paired: median "
-          "over rounds of (kltd run / the TRL run right after it)")
-    print(f"\n{'scale':<5} {'setup':<50} {'s/step':>8} {'(min-max over runs)':>19} {'tok/step':>8} "
-          f"{'tok/s':>7} {'peak MB':>8} {'kltd/this':>9} {'paired':>7} {'mem k/this':>10}")
+          "(min-max) over rounds of (kltd run / this setup's TRL run after it in the same round); "
+          "+malloc: TRL given kltd's malloc setting")
+    print(f"\n{'scale':<5} {'setup':<58} {'s/step':>8} {'(min-max over runs)':>19} {'tok/step':>8} "
+          f"{'tok/s':>7} {'peak MB':>8} {'kltd/this':>9} {'paired (min-max)':>21} {'mem k/this':>10}")
     for scale in scales:
         for case, setups in TRL_SETUPS.items():
             k_runs = runs[f"{scale}|kltd:{case}"]
             k = summary[f"{scale}|kltd:{case}"]
-            rows = [(f"kltd:{case}", k, None)] + [
-                (f"trl:{s}", summary[f"{scale}|trl:{s}"], paired_ratio(k_runs, runs[f"{scale}|trl:{s}"], setups, s))
-                for s in setups]
-            for key, s, paired in rows:
-                mine = key.startswith("kltd")
+            rows = [(LABELS[f"kltd:{case}"], k, None)]
+            for setting in settings:
+                for setup in setups:
+                    key = run_key(scale, setting, setup)
+                    rows.append((LABELS[setup] + SETTING_TAGS[setting], summary[key],
+                                 round_ratios(k_runs, runs[key], setups, setup)))
+            for label, s, paired in rows:
                 mem_ratio = k["peak_mb"] / s["peak_mb"] if s["peak_mb"] > 0 else float("nan")
-                print(f"{scale:<5} {LABELS[key]:<50} {s['s_step']:8.3f} "
+                theirs = paired is not None
+                print(f"{scale:<5} {label:<58} {s['s_step']:8.3f} "
                       f"{'(' + format(s['s_min'], '.3f') + '-' + format(s['s_max'], '.3f') + ')':>19} "
                       f"{s['trained_tokens']:8.0f} {s['tok_s']:7.0f} {s['peak_mb']:8.0f} "
-                      f"{'' if mine else format(k['s_step'] / s['s_step'], '.3f'):>9} "
-                      f"{'' if mine else format(paired, '.3f'):>7} {'' if mine else format(mem_ratio, '.3f'):>10}")
-            fastest = min(setups, key=lambda x: summary[f"{scale}|trl:{x}"]["s_step"])
-            ratio = paired_ratio(k_runs, runs[f"{scale}|trl:{fastest}"], setups, fastest)
-            ratios[case].append(ratio)
-            print(f"{scale:<5} -> {case}: kltd / fastest TRL setup ({fastest}), paired = {ratio:.3f} "
-                  f"(ratio of medians {k['s_step'] / summary[f'{scale}|trl:{fastest}']['s_step']:.3f})")
+                      f"{format(k['s_step'] / s['s_step'], '.3f') if theirs else '':>9} "
+                      f"{fmt_range(paired) if theirs else '':>21} "
+                      f"{format(mem_ratio, '.3f') if theirs else '':>10}")
+            for setting in settings:
+                best = min(setups, key=lambda x, setting=setting: summary[run_key(scale, setting, x)]["s_step"])
+                fastest[setting, case, scale] = best
+                ratios[setting][case][scale] = round_ratios(k_runs, runs[run_key(scale, setting, best)], setups, best)
         if scale == scales[-1]:  # memory: against GKDTrainer (lower of its two settings) at the largest scale
-            for case, setups in TRL_SETUPS.items():
-                lowest = min(summary[f"{scale}|trl:{s}"]["peak_mb"] for s in setups if s.startswith("gkd"))
-                ratios["mem"].append(summary[f"{scale}|kltd:{case}"]["peak_mb"] / max(lowest, 1e-9))
-        for key in ("kltd:fixed", "trl:gkd0", "trl:gkd0_nogc"):
+            for setting in settings:
+                for case, setups in TRL_SETUPS.items():
+                    lowest = min(summary[run_key(scale, setting, s)]["peak_mb"] for s in setups if s.startswith("gkd"))
+                    mem[setting].append(summary[f"{scale}|kltd:{case}"]["peak_mb"] / max(lowest, 1e-9))
+        for key in ("kltd:fixed", *(run_key(scale, st, s).split("|", 1)[1] for st in settings
+                                    for s in ("gkd0", "gkd0_nogc"))):
             s = summary[f"{scale}|{key}"]
             rate = model_flops_per_step(s) / s["s_step"]
             print(f"{scale:<5} fixed-prefix model FLOP/s, {key}: {rate / 1e9:.2f} GFLOP/s = "
@@ -108,8 +165,34 @@ def report(data: dict) -> None:
         verdict = "ok" if r < PARITY_TOLERANCE else "FAIL"
         print(f"  [{scale_name}] {what}: {mine:.8g} vs {theirs:.8g}  rel {r:.1e} {verdict}")
     parity_ok = all(r[4] < PARITY_TOLERANCE for r in data["parity"])
-    print(f"\nratio_opd: max over scales {scales} of {[fmt_ratio(x) for x in ratios['opd']]}; ratio_fixed: of "
-          f"{[fmt_ratio(x) for x in ratios['fixed']]}; ratio_mem ({scales[-1]}, opd and fixed vs GKDTrainer): "
-          f"max of {[fmt_ratio(x) for x in ratios['mem']]}")
-    print(f"ratio_opd={fmt_ratio(max(ratios['opd']))} ratio_fixed={fmt_ratio(max(ratios['fixed']))} "
-          f"ratio_mem={fmt_ratio(max(ratios['mem']))} parity={'ok' if parity_ok else 'fail'}", flush=True)
+
+    rounds = max(len(v) for by_case in ratios.values() for by_scale in by_case.values() for v in by_scale.values())
+    print(f"\nratios, kltd / the fastest TRL setup: median (min-max) over {rounds} round(s), each round's ratio paired")
+    print((f"{'scale':<5} {'case':<6} " + "".join(f"{TRL_SETTINGS[s][2]:<40}" for s in settings)).rstrip())
+    for scale in scales:
+        for case in TRL_SETUPS:
+            cells = [f"{fmt_range(ratios[s][case][scale])} vs {fastest[s, case, scale]}" for s in settings]
+            print((f"{scale:<5} {case:<6} " + "".join(f"{c:<40}" for c in cells)).rstrip())
+    for setting in settings:
+        print(f"ratio_mem, {TRL_SETTINGS[setting][2]} ({scales[-1]}, opd and fixed vs GKDTrainer): "
+              f"max of {[fmt_ratio(x) for x in mem[setting]]}")
+
+    def worst(setting: str, case: str) -> float:
+        return max(statistics.median(v) for v in ratios[setting][case].values())
+
+    fields = []
+    for setting in settings:
+        suffix = TRL_SETTINGS[setting][3]
+        fields += [f"ratio_opd{suffix}={fmt_ratio(worst(setting, 'opd'))}",
+                   f"ratio_fixed{suffix}={fmt_ratio(worst(setting, 'fixed'))}",
+                   f"ratio_mem{suffix}={fmt_ratio(max(mem[setting]))}"]
+        if setting == "shipped":
+            fields.append(f"parity={'ok' if parity_ok else 'fail'}")
+    if "shipped" not in settings:
+        fields.append(f"parity={'ok' if parity_ok else 'fail'}")
+    for scale in scales:
+        for setting in settings:
+            suffix = TRL_SETTINGS[setting][3]
+            fields += [f"ratio_{case}{suffix}_{scale}={fmt_ratio(statistics.median(ratios[setting][case][scale]))}"
+                       for case in TRL_SETUPS]
+    print(" ".join(fields), flush=True)

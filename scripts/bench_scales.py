@@ -1,8 +1,10 @@
 """The scales scripts/bench_vs_trl.py runs at: the models, tokenizer and data of each, written to a work folder.
 
 `toy` is the shipped character-level pair (random stand-ins when it is missing, or with --quick) on the
-built-in addition task; `32k` is a random Llama pair with a 32,000-token word-level vocabulary and
-fixed-length rows, where the [B, T, V] logits dominate memory.
+built-in addition task; `2k` and `32k` are random Llama pairs of one shape (teacher 4x256, student 2x128)
+with a 2,000- and a 32,000-token word-level vocabulary and fixed-length rows (batch 16, 32 prompt + 224
+response tokens). At 32k the [B, T, V] logits dominate memory and time; at 2k the model bodies do, with the
+same sequence lengths, so the two separate what is the vocabulary's and what is the rest of the step's.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SEED = 0
+# the random-vocabulary scales: name -> vocabulary size (same models, batch and lengths otherwise)
+VOCABS = {"2k": 2000, "32k": 32000}
 
 
 @dataclass
@@ -82,6 +86,32 @@ def toy_pair(args, work: Path) -> tuple[str, str, str]:
     return t, s, note
 
 
+def random_vocab_scale(name: str, vocab: int, quick: bool, work: Path) -> tuple[list[dict], str, str, str, int, int]:
+    """A random Llama pair with a `vocab`-token word-level vocabulary and fixed-length rows of random words:
+    (rows, teacher, student, note, batch size, new tokens). Every such scale has the same shapes and lengths
+    (teacher 4x256, student 2x128, batch 16, 32 prompt + 224 response tokens), so scales differ only in V."""
+    batch, prompt_len, new_tokens = (2, 8, 8) if quick else (16, 32, 224)
+    tokenizer = synthetic_tokenizer(vocab)
+    width = (32, 32) if quick else (256, 128)
+    layers = (1, 1) if quick else (4, 2)
+    max_pos = prompt_len + new_tokens + 8
+    # init_range 0.1: logits spread enough that the two models' distributions differ by O(1) nats
+    teacher = random_llama(work / f"{name}_teacher", tokenizer, width=width[0], layers=layers[0], seed=1,
+                           max_positions=max_pos, init_range=0.1)
+    student = random_llama(work / f"{name}_student", tokenizer, width=width[1], layers=layers[1], seed=2,
+                           max_positions=max_pos, init_range=0.1)
+    rng = random.Random(SEED)
+
+    def words(n: int) -> str:
+        return " ".join(f"t{rng.randrange(3, vocab)}" for _ in range(n))
+
+    # fixed length: prompt + response + EOS = prompt_len + new_tokens tokens in every row
+    rows = [{"prompt": words(prompt_len), "response": words(new_tokens - 1)} for _ in range(1000)]
+    note = (f"random Llama, vocab {vocab}, teacher {layers[0]}x{width[0]}, student {layers[1]}x{width[1]}, "
+            f"{prompt_len}-token prompts + {new_tokens} response tokens")
+    return rows, teacher, student, note, batch, new_tokens
+
+
 def build_scales(args, work: Path) -> list[Scale]:
     from kltd.data.addition import make_splits
 
@@ -92,29 +122,10 @@ def build_scales(args, work: Path) -> list[Scale]:
             batch, new_tokens = (4, 8) if args.quick else (32, 48)
             train, _ = make_splits(SEED, n_train=4000, n_eval=0)
             rows = [{"prompt": e.prompt, "response": e.response} for e in train]
-        elif name == "32k":
-            vocab = 32000
-            batch, prompt_len, new_tokens = (2, 8, 8) if args.quick else (16, 32, 224)
-            tokenizer = synthetic_tokenizer(vocab)
-            width = (32, 32) if args.quick else (256, 128)
-            layers = (1, 1) if args.quick else (4, 2)
-            max_pos = prompt_len + new_tokens + 8
-            # init_range 0.1: logits spread enough that the two models' distributions differ by O(1) nats
-            teacher = random_llama(work / "32k_teacher", tokenizer, width=width[0], layers=layers[0], seed=1,
-                                   max_positions=max_pos, init_range=0.1)
-            student = random_llama(work / "32k_student", tokenizer, width=width[1], layers=layers[1], seed=2,
-                                   max_positions=max_pos, init_range=0.1)
-            rng = random.Random(SEED)
-
-            def words(n, rng=rng, vocab=vocab):
-                return " ".join(f"t{rng.randrange(3, vocab)}" for _ in range(n))
-
-            # fixed length: prompt + response + EOS = prompt_len + new_tokens tokens in every row
-            rows = [{"prompt": words(prompt_len), "response": words(new_tokens - 1)} for _ in range(1000)]
-            note = (f"random Llama, vocab {vocab}, teacher {layers[0]}x{width[0]}, student {layers[1]}x{width[1]}, "
-                    f"{prompt_len}-token prompts + {new_tokens} response tokens")
+        elif name in VOCABS:
+            rows, teacher, student, note, batch, new_tokens = random_vocab_scale(name, VOCABS[name], args.quick, work)
         else:
-            raise SystemExit(f"unknown scale {name!r}; choose from toy, 32k")
+            raise SystemExit(f"unknown scale {name!r}; choose from {', '.join(['toy', *VOCABS])}")
         data = work / f"{name}_data.json"
         data.write_text(json.dumps(rows))
         scales.append(Scale(name, teacher, student, str(data), batch, new_tokens, note))

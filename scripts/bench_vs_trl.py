@@ -1,9 +1,10 @@
 """Time kltd against TRL on the same teacher, student, data and settings (CPU).
 
     pip install -e '.[bench]'                            # TRL is only the baseline, never a kltd dependency
-    python scripts/bench_vs_trl.py                       # both scales, 3 repeats (tens of minutes on 2 cores)
-    python scripts/bench_vs_trl.py --scales toy --repeats 1
-    python scripts/bench_vs_trl.py --quick               # tiny models, seconds: the smoke test
+    python scripts/bench_vs_trl.py                       # toy and 32k, 3 rounds (tens of minutes on 2 cores)
+    python scripts/bench_vs_trl.py --scales toy,2k,32k --repeats 5 --json runs.json
+    python scripts/bench_vs_trl.py --report runs.json    # re-print a saved run's report
+    python scripts/bench_vs_trl.py --quick --scales toy,2k,32k   # tiny models, in this process: the smoke test
 
 What is compared (same models, tokenizer, prompts/responses, batch size, lengths, sampling settings,
 learning rate, AdamW, fp32, step count):
@@ -16,31 +17,45 @@ learning rate, AdamW, fp32, step count):
   parity one batch, one set of logits: kltd's losses against TRL's generalized_jsd_loss (and
          DistillationTrainer's chunked loss) for beta in {0, 0.5, 1}; relative difference < 1e-5.
 
-Scales (scripts/bench_scales.py): `toy` is the shipped character-level pair (kltd/assets/toy; random 4x256 / 2x128 stand-ins when
-it is missing, said so in the output) on the built-in addition task, batch 32, 48 new tokens; `32k` is a
-random Llama pair (4x256 / 2x128) with a 32,000-token vocabulary, batch 16 and 256-token sequences
-(32 prompt + 224 response tokens), where the [B, T, V] logits dominate memory. Both systems read the
-examples in the same order (sequential samplers), so step i trains on the same prompts in every run.
+Scales (scripts/bench_scales.py): `toy` is the shipped character-level pair (kltd/assets/toy; random
+4x256 / 2x128 stand-ins when it is missing, said so in the output) on the built-in addition task, batch 32,
+48 new tokens; `2k` and `32k` are random Llama pairs of one shape (4x256 / 2x128) with a 2,000- and a
+32,000-token vocabulary, batch 16 and 256-token sequences (32 prompt + 224 response tokens): at 32k the
+[B, T, V] logits dominate time and memory, at 2k the model bodies do. Both systems read the examples in
+the same order (sequential samplers), so step i trains on the same prompts in every run.
 
-kltd's runs keep freed memory for reuse (kltd.fast.memory, as `kltd train` does at its entry point unless
-trainer.keep_freed_memory=false); TRL runs as shipped unless --trl-keep-freed-memory gives it the same.
+kltd's runs keep freed memory for reuse (kltd.fast.memory), as `kltd train` does at its entry point unless
+trainer.keep_freed_memory=false. TRL runs in two settings in every round: as shipped, and with the same
+malloc setting (like for like). Each round runs, for every case and TRL setup, one kltd run and then the
+TRL run in each setting (the settings' order alternates from round to round); both TRL runs are paired
+with that kltd run. Every measured run is a fresh subprocess (so peak memory and the malloc setting are
+per run) after warm-up steps; --quick runs everything in this process, where the malloc setting, once
+applied, holds for every later run, so --quick does not tell the two settings apart.
 
-Every measured run is a fresh subprocess (so peak memory is per run); kltd and TRL runs alternate
-after warm-up steps. Per run: median seconds per optimiser step, trained (supervised) tokens per
-second, and peak resident memory above the level right after setup (sampled every 2 ms during the
-timed steps). The machine's fp32 matmul rate is measured in the same invocation, and the fixed-prefix
-runs' model FLOP/s are reported as a fraction of it. The last line is machine-readable:
+Per run: median seconds per optimiser step, trained (supervised) tokens per second, and peak resident
+memory above the level right after setup (sampled every 2 ms during the timed steps). The machine's fp32
+matmul rate is measured in the same invocation, and the fixed-prefix runs' model FLOP/s are reported as a
+fraction of it; the load average before and after and the CPU count head the report. Each ratio is
+kltd's run over its paired TRL run, one per round, reported as the median over rounds with the range
+(min-max); the case ratio is against the fastest TRL setup (by median s/step) in that setting.
+
+The last line is machine-readable (key=value, space-separated; these keys first, in this order):
 
     ratio_opd=<kltd/TRL s/step> ratio_fixed=<...> ratio_mem=<kltd/TRL peak> parity=<ok|fail>
+    ratio_opd_same_malloc=<...> ratio_fixed_same_malloc=<...> ratio_mem_same_malloc=<...>
+    then per scale S that was run: ratio_opd_S= ratio_fixed_S= ratio_opd_same_malloc_S= ratio_fixed_same_malloc_S=
 
-each ratio the worst (largest) over the scales that were run; ratio_mem is against GKDTrainer (the
-lower of its two settings) at the largest scale run. See docs/performance.md for measured numbers.
+(all on one line). ratio_opd and ratio_fixed are TRL as shipped, the median over rounds, the worst (largest)
+over the scales run; *_same_malloc the same against TRL with kltd's malloc setting; ratio_mem is against
+GKDTrainer (the lower of its two settings) at the last scale run; per-scale keys are that scale's median.
+See docs/performance.md for measured numbers.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import os
 import platform
@@ -60,7 +75,7 @@ for path in (REPO, REPO / "scripts"):  # kltd itself, and bench_report / bench_s
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from bench_report import TRL_SETUPS, report  # noqa: E402 (needs the path above)
+from bench_report import TRL_SETTINGS, TRL_SETUPS, report, run_key  # noqa: E402 (needs the path above)
 from bench_scales import SEED, Scale, build_scales  # noqa: E402
 
 # Quiet, offline, reproducible workers.
@@ -293,6 +308,11 @@ def run_one(spec: dict, in_process: bool) -> dict:
     return json.loads(lines[-1][len("RESULT ") :])
 
 
+def show(rep: int, name: str, r: dict, extra: str = "") -> None:
+    print(f"  round {rep + 1}: {name:<30} {statistics.median(r['times']):7.3f} s/step"
+          f"  peak +{(r['peak'] - r['baseline']) / 2**20:7.0f} MB{extra}", flush=True)
+
+
 def matmul_gflops(n: int = 1024, seconds: float = 1.5) -> float:
     """Best observed fp32 GEMM rate (all of torch's threads), GFLOP/s."""
     import torch
@@ -398,16 +418,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5, help="timed optimiser steps per run")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them (>= 1)")
-    parser.add_argument("--repeats", type=int, default=3, help="alternating kltd/TRL rounds per setup")
-    parser.add_argument("--scales", default="toy,32k", help="comma-separated: toy, 32k")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="alternating rounds (kltd, then TRL in both settings) per setup (default 3; 1 with --quick)")
+    parser.add_argument("--scales", default="toy,32k", help="comma-separated: toy, 2k, 32k")
     parser.add_argument("--toy-teacher", default=str(REPO / "kltd" / "assets" / "toy" / "teacher"))
     parser.add_argument("--toy-student", default=str(REPO / "kltd" / "assets" / "toy" / "student"))
     parser.add_argument("--quick", action="store_true",
                         help="tiny models and sizes, 1 repeat, runs in this process: a smoke test, not a benchmark")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads in every run (default: torch's own choice, one per core; 1 with --quick)")
-    parser.add_argument("--trl-keep-freed-memory", action="store_true",
-                        help="give TRL's runs kltd's malloc setting too (kltd.fast.memory); default: TRL as shipped")
     parser.add_argument("--json", help="also write every run to this file (re-print it with --report)")
     parser.add_argument("--report", metavar="JSON", help="print the report of a run saved with --json; run nothing")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -428,13 +447,13 @@ def main() -> None:
         report(data)
         return
 
-    try:
-        import trl  # noqa: F401
-    except ImportError:
-        raise SystemExit("TRL is the baseline and is not installed: pip install -e '.[bench]'") from None
+    if importlib.util.find_spec("trl") is None:
+        raise SystemExit("TRL is the baseline and is not installed: pip install -e '.[bench]'")
     if args.quick:
-        args.steps, args.warmup, args.repeats = min(args.steps, 2), 1, 1
+        args.steps, args.warmup = min(args.steps, 2), 1
         args.threads = args.threads or 1  # a loaded machine makes multi-threaded tiny ops crawl
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 3
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -443,14 +462,16 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.warmup < 1:
         raise SystemExit("--warmup must be >= 1 (the first step pays one-time costs)")
+    if args.repeats < 1:
+        raise SystemExit("--repeats must be >= 1 (3 or more for a figure with a range)")
     args.scales = [s.strip() for s in args.scales.split(",") if s.strip()]
 
     with tempfile.TemporaryDirectory(prefix="bench_vs_trl_") as tmp:
         work = Path(tmp)
         loads = [os.getloadavg()]
         print(f"machine: {machine_line()}", flush=True)
-        print(f"load average at start: {' '.join(f'{x:.2f}' for x in loads[0])} (other work on the machine "
-              "slows every run, multi-threaded ones unevenly)", flush=True)
+        print(f"load average before (1, 5, 15 min): {' '.join(f'{x:.2f}' for x in loads[0])}; {os.cpu_count()} CPUs "
+              "(other work on the machine slows every run, multi-threaded ones unevenly)", flush=True)
         scales = build_scales(args, work)
         gflops = [matmul_gflops(seconds=0.3 if args.quick else 1.5)]
         print(f"fp32 matmul (1024^3, torch): {gflops[0]:.1f} GFLOP/s", flush=True)
@@ -464,22 +485,29 @@ def main() -> None:
             print(f"\n[{scale.name}] {scale.note}; batch {scale.batch_size}, max_new_tokens {scale.max_new_tokens}",
                   flush=True)
             for rep in range(args.repeats):
+                # TRL's two settings take turns at being right after the kltd run they are paired with
+                settings = list(TRL_SETTINGS) if rep % 2 == 0 else list(reversed(TRL_SETTINGS))
                 for case, setups in TRL_SETUPS.items():
                     for setup in setups:
-                        for system, name in (("kltd", case), ("trl", setup)):
-                            spec = dict(system=system, case=name, scale=scale.name, teacher=scale.teacher,
-                                        student=scale.student, data=scale.data, batch_size=scale.batch_size,
-                                        max_new_tokens=scale.max_new_tokens, warmup=args.warmup, steps=args.steps,
-                                        workdir=str(work / "trl_out"), threads=args.threads,
-                                        trl_keep_freed_memory=args.trl_keep_freed_memory)
-                            r = run_one(spec, in_process=args.quick)
-                            runs.setdefault(f"{scale.name}|{system}:{name}", []).append(r)
-                            print(f"  round {rep + 1}: {system}:{name:<13} {statistics.median(r['times']):7.3f} s/step"
-                                  f"  peak +{(r['peak'] - r['baseline']) / 2**20:7.0f} MB", flush=True)
+                        base = dict(scale=scale.name, teacher=scale.teacher, student=scale.student, data=scale.data,
+                                    batch_size=scale.batch_size, max_new_tokens=scale.max_new_tokens,
+                                    warmup=args.warmup, steps=args.steps, workdir=str(work / "trl_out"),
+                                    threads=args.threads, round=rep)
+                        k = run_one({**base, "system": "kltd", "case": case}, in_process=args.quick)
+                        runs.setdefault(f"{scale.name}|kltd:{case}", []).append(k)
+                        k_step = statistics.median(k["times"])
+                        show(rep, f"kltd:{case}", k)
+                        for setting in settings:
+                            system, keep_freed, _, _ = TRL_SETTINGS[setting]
+                            spec = {**base, "system": "trl", "case": setup, "trl_keep_freed_memory": keep_freed}
+                            r = {**run_one(spec, in_process=args.quick), "paired_kltd": k_step, "setting": setting}
+                            runs.setdefault(run_key(scale.name, setting, setup), []).append(r)
+                            show(rep, f"{system}:{setup}", r, f"  kltd/this {k_step / statistics.median(r['times']):.3f}")
         gflops.append(matmul_gflops(seconds=0.3 if args.quick else 1.5))
         loads.append(os.getloadavg())
-        print(f"load average at end: {' '.join(f'{x:.2f}' for x in loads[-1])}")
+        print(f"load average after: {' '.join(f'{x:.2f}' for x in loads[-1])}")
         data = {"machine": machine_line(), "command": " ".join(sys.argv), "gflops": gflops, "loadavg": loads,
+                "cpu_count": os.cpu_count(),
                 "parity": parity_rows, "runs": runs, "scales": [asdict(s) for s in scales], "args": vars(args)}
         if args.json:
             Path(args.json).write_text(json.dumps(data, indent=1))

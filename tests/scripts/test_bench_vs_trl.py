@@ -1,35 +1,126 @@
-"""Smoke test of scripts/bench_vs_trl.py: tiny models, one round, both scales; checks the output contract."""
+"""scripts/bench_vs_trl.py: a smoke run (tiny models, one round, every scale) checks the output contract; the
+report's paired ratios, ranges and summary line are checked on made-up runs (no TRL needed)."""
 
+import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-pytest.importorskip("trl")
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_vs_trl.py"
-LAST_LINE = re.compile(
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+SCRIPT = SCRIPTS / "bench_vs_trl.py"
+# the keys that were there before both TRL settings ran in one invocation, first and in this order
+HEAD = re.compile(
     r"ratio_opd=(?P<opd>\d+\.\d+) ratio_fixed=(?P<fixed>\d+\.\d+) ratio_mem=(?P<mem>\d+\.\d+) "
-    r"parity=(?P<parity>ok|fail)"
+    r"parity=(?P<parity>ok|fail) "
 )
+NUMBER = r"\d+\.\d{3}"
+RANGE = rf"{NUMBER} \({NUMBER}-{NUMBER}\)"  # median (min-max) over rounds
 
 
-def test_quick_benchmark_prints_the_summary_line_and_parity_holds():
+def fields(line: str) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in line.split())
+
+
+def expected_keys(scales: list[str]) -> list[str]:
+    keys = ["ratio_opd", "ratio_fixed", "ratio_mem", "parity",
+            "ratio_opd_same_malloc", "ratio_fixed_same_malloc", "ratio_mem_same_malloc"]
+    for scale in scales:
+        keys += [f"ratio_opd_{scale}", f"ratio_fixed_{scale}",
+                 f"ratio_opd_same_malloc_{scale}", f"ratio_fixed_same_malloc_{scale}"]
+    return keys
+
+
+def test_quick_benchmark_reports_both_trl_settings_at_every_scale():
+    pytest.importorskip("trl")
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--scales", "toy,32k"], capture_output=True,
-                          text=True, env=env, timeout=300, check=False)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--scales", "toy,2k,32k"], capture_output=True,
+                          text=True, env=env, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    lines = proc.stdout.strip().splitlines()
-    match = LAST_LINE.fullmatch(lines[-1])
-    assert match, lines[-1]
-    assert match["parity"] == "ok", "\n".join(line for line in lines if "rel " in line)
-    for key in ("opd", "fixed", "mem"):
-        assert float(match[key]) > 0
-    # the table names every compared setup at both scales
     out = proc.stdout
+    lines = out.strip().splitlines()
+    assert HEAD.match(lines[-1]), lines[-1]
+    values = fields(lines[-1])
+    assert list(values) == expected_keys(["toy", "2k", "32k"]), lines[-1]
+    assert values["parity"] == "ok", "\n".join(line for line in lines if "rel " in line)
+    for key, value in values.items():
+        if key != "parity":
+            assert float(value) > 0, key
+    # the header: load before and after, and the CPU count
+    assert re.search(r"load average \(1, 5, 15 min\): before [\d.]+ [\d.]+ [\d.]+, after [\d.]+ [\d.]+ [\d.]+; "
+                     rf"{os.cpu_count()} CPUs", out)
+    # every compared setup, in both TRL settings, at all three scales
     for setup in ("DistillationTrainer beta=1 (GC on", "GKDTrainer lmbda=1 beta=1 (GC off)", "GKDTrainer lmbda=0"):
-        assert out.count(setup) >= 2, setup
+        assert out.count(setup) >= 6, setup
+    assert re.search(r"GKDTrainer lmbda=0 beta=0 \(GC off\) \+malloc", out)
+    # the ratio summary: each scale and case, as shipped and like for like, as median (min-max)
+    for scale in ("toy", "2k", "32k"):
+        for case in ("opd", "fixed"):
+            assert re.search(rf"^{re.escape(scale)} +{case} +{RANGE} vs \w+ +{RANGE} vs \w+$", out, re.M), (scale, case)
+    assert "TRL as shipped" in out and "TRL with kltd's malloc setting" in out
     assert "GFLOP/s" in out
+    assert "random Llama, vocab 2000" in out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The report alone, on made-up runs
+
+
+def fake_run(step: float, peak_mb: float = 10.0, **extra) -> dict:
+    return {"times": [step, step], "trained": [100, 100], "real_tokens": [150, 150], "baseline": 0,
+            "peak": int(peak_mb * 2**20), "params": {"student": [1000, 100], "teacher": [4000, 100]}, **extra}
+
+
+def bench_report():
+    """scripts/bench_report.py, imported as bench_vs_trl.py imports it (from beside it)."""
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        import bench_report as module
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    return module
+
+
+def made_up_save(rounds: int) -> tuple[dict, dict]:
+    """Runs as bench_vs_trl.py saves them: per round, per case and setup, kltd then TRL in both settings.
+    kltd takes 1.0 s in round r + 1 (so ratios differ by round); TRL as shipped 2 s x (1 + setup index),
+    TRL with the malloc setting 1.6 s x (1 + setup index). Returns the save and the expected paired ratios."""
+    runs: dict[str, list] = {}
+    expected: dict[tuple[str, str], list[float]] = {}
+    for r in range(rounds):
+        for case, setups in bench_report().TRL_SETUPS.items():
+            for j, setup in enumerate(setups):
+                k = 1.0 * (r + 1)
+                runs.setdefault(f"s|kltd:{case}", []).append(fake_run(k, 5.0))
+                for system, base in (("trl", 2.0), ("trl_same_malloc", 1.6)):
+                    t = base * (1 + j) * (1 + 0.1 * r)
+                    runs.setdefault(f"s|{system}:{setup}", []).append(fake_run(t, 20.0, paired_kltd=k))
+                    if j == 0:
+                        expected.setdefault((system, case), []).append(k / t)
+    save = {"machine": "test", "gflops": [50.0], "loadavg": [[0.5, 0.4, 0.3], [1.5, 1.0, 0.5]], "cpu_count": 7,
+            "parity": [["s", "a loss", 1.0, 1.0, 0.0]], "runs": runs,
+            "scales": [{"name": "s"}], "args": {"quick": False}}
+    return save, expected
+
+
+def test_report_pairs_each_round_and_prints_median_and_range(capsys):
+    save, expected = made_up_save(rounds=3)
+    bench_report().report(json.loads(json.dumps(save)))
+    out = capsys.readouterr().out
+    last = fields(out.strip().splitlines()[-1])
+    assert list(last) == expected_keys(["s"])
+    for system, suffix in (("trl", ""), ("trl_same_malloc", "_same_malloc")):
+        for case in ("opd", "fixed"):  # the fastest setup is the first of each case
+            ratios = expected[system, case]
+            assert last[f"ratio_{case}{suffix}"] == f"{statistics.median(ratios):.3f}"
+            assert last[f"ratio_{case}{suffix}_s"] == f"{statistics.median(ratios):.3f}"
+    assert last["ratio_mem"] == "0.250" and last["parity"] == "ok"
+    shipped, same = expected["trl", "fixed"], expected["trl_same_malloc", "fixed"]
+    row = next(line for line in out.splitlines() if re.match(r"s +fixed +\d", line))
+    assert (f"{statistics.median(shipped):.3f} ({min(shipped):.3f}-{max(shipped):.3f}) vs gkd0" in row
+            and f"{statistics.median(same):.3f} ({min(same):.3f}-{max(same):.3f}) vs gkd0" in row), row
+    assert "before 0.50 0.40 0.30, after 1.50 1.00 0.50; 7 CPUs" in out

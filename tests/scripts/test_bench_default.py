@@ -1,0 +1,40 @@
+"""Smoke test of scripts/bench_default.py: tiny runs, one round, the matrix sweep included; checks the output
+contract (the last line, and the sections that lead to it)."""
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_default.py"
+TINY = ["trainer.max_steps=2", "trainer.batch_size=4", "eval.num_prompts=4", "eval.batch_size=4", "eval.pass_k=2",
+        "eval.max_new_tokens=16", "sampling.max_new_tokens=16", "data.n_train=64", "data.n_eval=8",
+        "model.device=cpu"]
+LAST_LINE = re.compile(r"run_ratio=(?P<run>\S+) sweep_ratio=(?P<sweep>\S+) eval_speedup=(?P<eval>\S+)")
+THREE_DECIMALS = re.compile(r"\d+\.\d{3}")
+
+
+def test_tiny_benchmark_prints_the_three_ratios(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--rounds", "1", "--eval-rounds", "3", *TINY],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    last = out.strip().splitlines()[-1]
+    match = LAST_LINE.fullmatch(last)
+    assert match, last
+    for key in ("run", "sweep", "eval"):
+        assert THREE_DECIMALS.fullmatch(match[key]), last
+        value = float(match[key])
+        assert math.isfinite(value) and value > 0, last
+    assert float(match["run"]) > 1  # a run's wall time covers its training and more
+    assert float(match["sweep"]) > 1
+    # the sections behind the numbers
+    assert re.search(r"load average \(1, 5, 15 min\) before: [\d.]+ [\d.]+ [\d.]+; \d+ CPUs", out)
+    assert "default run (kltd train: SFT" in out and "sweep=matrix (9 runs" in out
+    for phase in ("startup", "outside runs", "training", "other"):
+        assert re.search(rf"^    {phase} +[\d.]+ s +[\d.]+%", out, re.M), phase
+    assert re.search(r"own / fast +\d+\.\d{3} \(\d+\.\d{3}-\d+\.\d{3}\)", out)  # 3 rounds: median (min-max)
+    assert not any(tmp_path.iterdir()), "the benchmark works in a temporary directory of its own"
