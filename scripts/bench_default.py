@@ -12,9 +12,9 @@ both are given) go to every run and to the evaluation below.
 1. Warm-up: one untimed default run (`kltd train`, the Quickstart run: SFT) fills the teacher cache, so the
    timed runs see the cache a user's second run sees.
 2. `--rounds` rounds (default 3), each: one default run, then (unless --skip-sweep) the matrix sweep at the
-   default budget (`kltd train -m sweep=matrix`, every valid cell, one run each, in one process). Each
-   command is timed from start to exit (its wall time: process start, imports, loading, evaluations,
-   checkpoint, and for the sweep the comparison at its end), against the training time its runs report
+   default budget (`kltd train -m sweep=matrix`, every valid cell, one run each, on the launcher kltd picks:
+   jobs side by side on a machine without a GPU). Each command is timed from start to exit (its wall time:
+   process start, imports, loading, evaluations, checkpoint, and for the sweep the comparison at its end), against the training time its runs report
    (metrics.json `train_time_s`, summed over a sweep's runs; a sweep's runs are found by a glob for
    metrics.json under its directory). Then phase by phase what the command spent: the run's own `phases`
    (seconds by name, in metrics.json) where it records them, the rest of the wall time as `rest`;

@@ -127,6 +127,8 @@ def report(data: dict) -> None:
           f"{'tok/s':>7} {'peak MB':>8} {'kltd/this':>9} {'paired (min-max)':>21} {'mem k/this':>10}")
     for scale in scales:
         for case, setups in TRL_SETUPS.items():
+            # the setups this invocation ran (bench_vs_trl --trl-setups may pick some)
+            setups = [x for x in setups if any(run_key(scale, setting, x) in runs for setting in settings)]
             k_runs = runs[f"{scale}|kltd:{case}"]
             k = summary[f"{scale}|kltd:{case}"]
             rows = [(LABELS[f"kltd:{case}"], k, None)]
@@ -151,10 +153,11 @@ def report(data: dict) -> None:
         if scale == scales[-1]:  # memory: against GKDTrainer (lower of its two settings) at the largest scale
             for setting in settings:
                 for case, setups in TRL_SETUPS.items():
-                    lowest = min(summary[run_key(scale, setting, s)]["peak_mb"] for s in setups if s.startswith("gkd"))
+                    lowest = min(summary[run_key(scale, setting, s)]["peak_mb"] for s in setups
+                                 if s.startswith("gkd") and run_key(scale, setting, s) in summary)
                     mem[setting].append(summary[f"{scale}|kltd:{case}"]["peak_mb"] / max(lowest, 1e-9))
         for key in ("kltd:fixed", *(run_key(scale, st, s).split("|", 1)[1] for st in settings
-                                    for s in ("gkd0", "gkd0_nogc"))):
+                                    for s in ("gkd0", "gkd0_nogc") if run_key(scale, st, s) in summary)):
             s = summary[f"{scale}|{key}"]
             rate = model_flops_per_step(s) / s["s_step"]
             print(f"{scale:<5} fixed-prefix model FLOP/s, {key}: {rate / 1e9:.2f} GFLOP/s = "

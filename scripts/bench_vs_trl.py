@@ -427,6 +427,9 @@ def main() -> None:
                         help="tiny models and sizes, 1 repeat, runs in this process: a smoke test, not a benchmark")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads in every run (default: torch's own choice, one per core; 1 with --quick)")
+    parser.add_argument("--trl-setups", type=lambda text: text.split(","),
+                        help="only these TRL setups (comma-separated, e.g. gkd1_nogc,gkd0_nogc, the fastest in "
+                             "docs/performance.md); default: all, the ratio then against the fastest measured")
     parser.add_argument("--json", help="also write every run to this file (re-print it with --report)")
     parser.add_argument("--report", metavar="JSON", help="print the report of a run saved with --json; run nothing")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -462,6 +465,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.warmup < 1:
         raise SystemExit("--warmup must be >= 1 (the first step pays one-time costs)")
+    if args.trl_setups is not None:
+        known = {setup for setups in TRL_SETUPS.values() for setup in setups}
+        if set(args.trl_setups) - known or any(not set(args.trl_setups) & set(v) for v in TRL_SETUPS.values()):
+            raise SystemExit(f"--trl-setups takes at least one setup per case from {sorted(known)}")
     if args.repeats < 1:
         raise SystemExit("--repeats must be >= 1 (3 or more for a figure with a range)")
     args.scales = [s.strip() for s in args.scales.split(",") if s.strip()]
@@ -488,7 +495,7 @@ def main() -> None:
                 # TRL's two settings take turns at being right after the kltd run they are paired with
                 settings = list(TRL_SETTINGS) if rep % 2 == 0 else list(reversed(TRL_SETTINGS))
                 for case, setups in TRL_SETUPS.items():
-                    for setup in setups:
+                    for setup in [s for s in setups if args.trl_setups is None or s in args.trl_setups]:
                         base = dict(scale=scale.name, teacher=scale.teacher, student=scale.student, data=scale.data,
                                     batch_size=scale.batch_size, max_new_tokens=scale.max_new_tokens,
                                     warmup=args.warmup, steps=args.steps, workdir=str(work / "trl_out"),

@@ -85,21 +85,25 @@ def bench_report():
     return module
 
 
-def made_up_save(rounds: int) -> tuple[dict, dict]:
+def made_up_save(rounds: int, only: set | None = None) -> tuple[dict, dict]:
     """Runs as bench_vs_trl.py saves them: per round, per case and setup, kltd then TRL in both settings.
     kltd takes 1.0 s in round r + 1 (so ratios differ by round); TRL as shipped 2 s x (1 + setup index),
-    TRL with the malloc setting 1.6 s x (1 + setup index). Returns the save and the expected paired ratios."""
+    TRL with the malloc setting 1.6 s x (1 + setup index). `only`: the setups run (bench_vs_trl --trl-setups).
+    Returns the save and the expected paired ratios against the fastest setup run."""
     runs: dict[str, list] = {}
     expected: dict[tuple[str, str], list[float]] = {}
     for r in range(rounds):
         for case, setups in bench_report().TRL_SETUPS.items():
+            ran = [setup for setup in setups if only is None or setup in only]
             for j, setup in enumerate(setups):
+                if setup not in ran:
+                    continue
                 k = 1.0 * (r + 1)
                 runs.setdefault(f"s|kltd:{case}", []).append(fake_run(k, 5.0))
                 for system, base in (("trl", 2.0), ("trl_same_malloc", 1.6)):
                     t = base * (1 + j) * (1 + 0.1 * r)
                     runs.setdefault(f"s|{system}:{setup}", []).append(fake_run(t, 20.0, paired_kltd=k))
-                    if j == 0:
+                    if setup == ran[0]:
                         expected.setdefault((system, case), []).append(k / t)
     save = {"machine": "test", "gflops": [50.0], "loadavg": [[0.5, 0.4, 0.3], [1.5, 1.0, 0.5]], "cpu_count": 7,
             "parity": [["s", "a loss", 1.0, 1.0, 0.0]], "runs": runs,
@@ -124,3 +128,14 @@ def test_report_pairs_each_round_and_prints_median_and_range(capsys):
     assert (f"{statistics.median(shipped):.3f} ({min(shipped):.3f}-{max(shipped):.3f}) vs gkd0" in row
             and f"{statistics.median(same):.3f} ({min(same):.3f}-{max(same):.3f}) vs gkd0" in row), row
     assert "before 0.50 0.40 0.30, after 1.50 1.00 0.50; 7 CPUs" in out
+
+
+def test_a_run_limited_to_some_trl_setups_is_reported_against_those(capsys):
+    save, expected = made_up_save(rounds=3, only={"gkd1_nogc", "gkd0_nogc"})
+    bench_report().report(json.loads(json.dumps(save)))
+    out = capsys.readouterr().out
+    last = fields(out.strip().splitlines()[-1])
+    for case, setup in (("opd", "gkd1_nogc"), ("fixed", "gkd0_nogc")):
+        assert last[f"ratio_{case}"] == f"{statistics.median(expected['trl', case]):.3f}"
+        assert f"vs {setup}" in out
+    assert "DistillationTrainer" not in out
