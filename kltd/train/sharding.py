@@ -99,16 +99,16 @@ def load_weights(model: torch.nn.Module, path: Path, device) -> None:
     unexpected = [name for name in saved if name not in own]
     if unexpected:
         raise RuntimeError(f"{path} holds weights this model does not have: {unexpected[:3]}")
-    with torch.no_grad():
-        for name, target in own.items():
-            if name in saved:
-                _copy_into(target, saved[name])
     # a weight missing from the file must be tied to one that is there (the file keeps tied weights once)
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded = {id(params[name]) for name in saved if name in params}
     untied = [name for name in missing if name not in params or id(params[name]) not in loaded]
     if untied:
         raise RuntimeError(f"{path} lacks weights of this model: {untied[:3]}")
+    with torch.no_grad():
+        for name, target in own.items():
+            if name in saved:
+                _copy_into(target, saved[name])
 
 
 def _copy_into(target: torch.Tensor, value: torch.Tensor) -> None:
