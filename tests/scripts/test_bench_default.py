@@ -34,7 +34,7 @@ def test_tiny_benchmark_prints_the_three_ratios(tmp_path):
     # the sections behind the numbers
     assert re.search(r"load average \(1, 5, 15 min\) before: [\d.]+ [\d.]+ [\d.]+; \d+ CPUs", out)
     assert "default run (kltd train: SFT" in out and "sweep=matrix (9 runs" in out
-    for phase in ("startup", "outside runs", "training", "other"):
-        assert re.search(rf"^    {phase} +[\d.]+ s +[\d.]+%", out, re.M), phase
+    for phase in ("data", "loading", "evaluation", "training", "rest"):  # the runs' own phases (metrics.json)
+        assert re.search(rf"^    {phase} +[\d.]+( \([\d.]+-[\d.]+\))? s +-?[\d.]+%", out, re.M), phase
     assert re.search(r"own / fast +\d+\.\d{3} \(\d+\.\d{3}-\d+\.\d{3}\)", out)  # 3 rounds: median (min-max)
     assert not any(tmp_path.iterdir()), "the benchmark works in a temporary directory of its own"

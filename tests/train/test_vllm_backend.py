@@ -93,7 +93,7 @@ def test_what_the_vllm_backend_cannot_start_is_refused_in_one_line(pair, monkeyp
 
     cfg = config(pair, "vllm")
     toy = Config()
-    toy.sampling.backend, toy.model.device = "vllm", "cpu"
+    toy.sampling.backend, toy.model.device, toy.prefix.source = "vllm", "cpu", "student"
     if HAVE_VLLM:
         with pytest.raises(ConfigError, match="head dimension of 32 or more; the student's is 16"):
             preflight.preflight(toy)
