@@ -17,6 +17,9 @@ from torch import Tensor
 class Responses:
     tokens: Tensor  # [B, N] long, pad after the end
     mask: Tensor  # [B, N] bool, True for real response tokens (EOS included)
+    # [B, N, V] the sampling model's logits at each response state (entry t chose token t), where the sampler
+    # was asked to keep them (evaluation reuses them instead of scoring the samples with that model again)
+    logits: Tensor | None = None
 
     @property
     def num_tokens(self) -> int:

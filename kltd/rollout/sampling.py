@@ -82,6 +82,7 @@ def sample(
     lean: bool = True,
     vocab: int | None = None,
     lockstep: Callable[[bool], bool] | None = None,
+    keep_logits: bool = False,
 ) -> Responses:
     """Sample continuations of left-padded prompts, stopping when every row has produced EOS.
 
@@ -91,18 +92,21 @@ def sample(
     Returns the whole response (prefix included). One decoding step per new token, with a KV cache;
     rows that have ended are fed padding, masked out. `lean=False` forces the model's own forward.
     `lockstep(needs_pass) -> any process needs one` keeps a model sharded across processes decoding in step
-    (kltd.rollout.decoders.Lockstep).
+    (kltd.rollout.decoders.Lockstep). `keep_logits`: also return the logits each token was drawn from
+    (Responses.logits, the first `vocab` ids; not with a `prefix`, whose logits are never computed).
     """
+    if keep_logits and prefix is not None:
+        raise ValueError("keep_logits needs a response written from scratch: a prefix's logits are not computed")
     decoder = decoder_for(model, lean)
     if lockstep is not None:
         decoder = Lockstep(decoder, model, lockstep)
     with without_grad(model):
         out = _sample(decoder, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temperature, top_p, generator,
-                      prefix, vocab)
+                      prefix, vocab, keep_logits)
         if lockstep is not None:
             decoder.drain()
     # plain tensors again: the states feed the autograd-tracked loss
-    return Responses(out.tokens.clone(), out.mask.clone())
+    return Responses(out.tokens.clone(), out.mask.clone(), None if out.logits is None else out.logits.clone())
 
 
 # Drop ended rows from the decoder once this share or fewer of its rows are still writing: every later step
@@ -111,7 +115,7 @@ COMPACT_BELOW = 0.75
 
 
 def _sample(decoder, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temperature, top_p, generator, prefix,
-            vocab):
+            vocab, keep_logits=False):
     batch = prompt_ids.shape[0]
     device = prompt_ids.device
     mask = prompt_mask.long()
@@ -136,6 +140,9 @@ def _sample(decoder, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, te
     logits = decoder.start(context, context_mask, positions, context.shape[1] + max_new_tokens - written)
     # rows whose prompt is empty of real context still start at position 0
     next_pos = torch.where(context_mask.sum(-1) > 0, positions.max(-1).values + 1, 0)
+    kept = None
+    if keep_logits:  # zeros past a row's end
+        kept = logits.new_zeros((batch, max_new_tokens, logits[:, :vocab].shape[-1]))
     rows = None  # the original row of each row the decoder still runs; None: all of them, in order
     while True:
         u = None if table is None else (table if rows is None else table[rows])[:, written : written + 1]
@@ -146,11 +153,13 @@ def _sample(decoder, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, te
             out_tokens[:, written], out_mask[:, written] = token, alive
         else:
             out_tokens[rows, written], out_mask[rows, written] = token, alive
+        if kept is not None:
+            kept[slice(None) if rows is None else rows, written] = logits[:, :vocab]
         written += 1
         finished = finished | (token == eos_id)
         live = int((~finished).sum())
         if written == max_new_tokens or live == 0:
-            return Responses(out_tokens[:, :written], out_mask[:, :written])
+            return Responses(out_tokens[:, :written], out_mask[:, :written], None if kept is None else kept[:, :written])
         if live <= COMPACT_BELOW * finished.shape[0]:
             keep = (~finished).nonzero().squeeze(1)
             decoder.keep(keep)
@@ -173,6 +182,7 @@ class Sampler:
     lean: bool = True
     vocab: int | None = None
     lockstep: Callable[[bool], bool] | None = None  # a sharded model's processes decode in step (see sample)
+    keep_logits: bool = False  # return the logits each token was drawn from (see sample)
 
     def __call__(self, prompt_ids, prompt_mask, generator: torch.Generator | RowNoise | None,
                  prefix: Responses | None = None) -> Responses:
@@ -186,5 +196,7 @@ class Sampler:
         out = sample(self.model, prompt_ids, prompt_mask, max_new_tokens=self.max_new_tokens,
                      eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id,
                      temperature=self.temperature, top_p=self.top_p, generator=generator, prefix=prefix,
-                     lean=self.lean, vocab=self.vocab, lockstep=self.lockstep)
-        return out if device == home else Responses(out.tokens.to(home), out.mask.to(home))
+                     lean=self.lean, vocab=self.vocab, lockstep=self.lockstep, keep_logits=self.keep_logits)
+        if device == home:
+            return out
+        return Responses(out.tokens.to(home), out.mask.to(home), None if out.logits is None else out.logits.to(home))

@@ -42,6 +42,11 @@ class LogitRows:
     width: int  # V, the compared ids
     take: Callable[[slice], Tensor]
 
+    @classmethod
+    def of(cls, rows: Tensor) -> LogitRows:
+        """Logit rows already at hand ([M, V])."""
+        return cls(rows.shape[0], rows.shape[-1], lambda part: rows[part])
+
     def __call__(self, part: slice) -> Tensor:
         return self.take(part)
 
@@ -116,5 +121,4 @@ class Scorer:
             hidden = self.hidden_states(model, batch)
             weight = self.output_weight(model).to(hidden.device)
             return LogitRows(count, weight.shape[0], lambda part: F.linear(hidden[part], weight))
-        rows = self.logits(model, batch)[batch.supervised]
-        return LogitRows(count, rows.shape[-1], lambda part: rows[part])
+        return LogitRows.of(self.logits(model, batch)[batch.supervised])

@@ -15,11 +15,16 @@ from kltd.objectives.divergences import DivergenceSpec, token_divergence
 from kltd.rollout.batch import StateBatch, decode_responses, encode_prompts
 from kltd.rollout.grad_free import without_grad
 from kltd.rollout.sampling import Sampler
-from kltd.rollout.scoring import Scorer
+from kltd.rollout.scoring import LogitRows, Scorer
 from kltd.spec.config import EvalConfig
 
 REVERSE = DivergenceSpec(name="reverse_kl")
 FORWARD = DivergenceSpec(name="forward_kl")
+
+# A model's logits at its own samples are the ones its sampler drew from: kept, they spare scoring those samples
+# with it again (a third of the scoring). Kept where a sampling call's [rows, max_new_tokens, V] fits in this
+# many numbers (512 MiB in float32: the toy pair always, a 32k vocabulary at a few dozen rows).
+KEEP_SAMPLED_LOGITS = 2**27
 
 
 class PositionCurve:
@@ -52,15 +57,21 @@ class PositionCurve:
         return out
 
 
-def _per_token(scorer: Scorer, student, teacher, batch: StateBatch, spec: DivergenceSpec
+def _per_token(scorer: Scorer, student, teacher, batch: StateBatch, spec: DivergenceSpec, sampled_by
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, N] exact per-token divergence and student entropy at the response states (0 past the end).
 
     Both are computed on the response states alone ([M, V] logit rows, a part at a time: through the packed
-    forward where the scorer runs it, else the models' own forward) and scattered back into place.
+    forward where the scorer runs it, else the models' own forward) and scattered back into place. The model
+    that sampled the responses (`sampled_by`) is not run again where its sampler kept the logits.
     """
     mask = batch.supervised  # every response token: evaluation's batches supervise them all
-    q_rows, p_rows = scorer.logit_rows(student, batch), scorer.logit_rows(teacher, batch)
+    kept = batch.responses.logits
+
+    def rows(model) -> LogitRows:
+        return LogitRows.of(kept[mask]) if model is sampled_by and kept is not None else scorer.logit_rows(model, batch)
+
+    q_rows, p_rows = rows(student), rows(teacher)
     divergence, entropy = [], []
     for part in q_rows.parts():
         q_logits, p_logits = q_rows(part).float(), p_rows(part).float()
@@ -76,6 +87,10 @@ def _in_place(rows: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
     if rows:
         out[mask] = torch.cat(rows)
     return out
+
+
+def _widest_output(*models) -> int:
+    return max(model.get_output_embeddings().weight.shape[0] for model in models)
 
 
 def pass_at_k(correct_by_prompt: list[list[bool]], k: int) -> float:
@@ -108,11 +123,15 @@ def _evaluate(student, teacher, tokenizer, examples: list, settings: EvalConfig,
     student.eval()
     device = next(student.parameters()).device
     generator = torch.Generator(device=device).manual_seed(settings.seed)
-    greedy = Sampler(student, tokenizer, settings.max_new_tokens, temperature=0.0, lean=lean, vocab=vocab)
-    student_sampler = Sampler(student, tokenizer, settings.max_new_tokens, temperature=1.0, lean=lean, vocab=vocab)
-    teacher_sampler = Sampler(teacher, tokenizer, settings.max_new_tokens, temperature=1.0, lean=lean, vocab=vocab)
     examples = examples[: settings.num_prompts]
     k = max(1, settings.pass_k)
+    rows = min(settings.batch_size, len(examples)) * k
+    keep = lean and rows * settings.max_new_tokens * (vocab or _widest_output(student, teacher)) <= KEEP_SAMPLED_LOGITS
+    greedy = Sampler(student, tokenizer, settings.max_new_tokens, temperature=0.0, lean=lean, vocab=vocab)
+    student_sampler = Sampler(student, tokenizer, settings.max_new_tokens, temperature=1.0, lean=lean, vocab=vocab,
+                              keep_logits=keep)
+    teacher_sampler = Sampler(teacher, tokenizer, settings.max_new_tokens, temperature=1.0, lean=lean, vocab=vocab,
+                              keep_logits=keep)
     correct, lengths, rkl, fkl, entropy, sampled_correct = [], [], [], [], [], []
     curves = {"student_states": PositionCurve(), "teacher_states": PositionCurve()}
     generated = {"student": 0, "teacher": 0}
@@ -133,7 +152,7 @@ def _evaluate(student, teacher, tokenizer, examples: list, settings: EvalConfig,
             texts = decode_responses(tokenizer, on_student)
             sampled_correct += [[checker(texts[i * k + j], e) for j in range(k)] for i, e in enumerate(chunk)]
         batch = StateBatch(rep_ids, rep_mask, on_student, on_student.mask)
-        per_token, token_entropy = _per_token(scorer, student, teacher, batch, REVERSE)
+        per_token, token_entropy = _per_token(scorer, student, teacher, batch, REVERSE, sampled_by=student)
         rkl += per_token.sum(1).view(len(chunk), k).mean(1).tolist()
         entropy += (token_entropy.sum(1) / on_student.mask.sum(1).clamp(min=1)).view(len(chunk), k).mean(1).tolist()
         curves["student_states"].add(per_token, on_student.mask)
@@ -141,7 +160,7 @@ def _evaluate(student, teacher, tokenizer, examples: list, settings: EvalConfig,
 
         on_teacher = teacher_sampler(prompt_ids, prompt_mask, generator)
         batch = StateBatch(prompt_ids, prompt_mask, on_teacher)
-        per_token, _ = _per_token(scorer, student, teacher, batch, FORWARD)
+        per_token, _ = _per_token(scorer, student, teacher, batch, FORWARD, sampled_by=teacher)
         fkl += per_token.sum(1).tolist()
         curves["teacher_states"].add(per_token, on_teacher.mask)
         generated["teacher"] += on_teacher.num_tokens

@@ -197,3 +197,31 @@ def test_a_ragged_prefix_is_refused(tiny):
     with pytest.raises(ValueError, match="equal lengths"):
         sample(model, ids, mask, max_new_tokens=6, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=0,
                prefix=prefix)
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_kept_logits_are_the_models_own_at_each_sampled_state(monkeypatch, lean):
+    """keep_logits returns, for every response token, the logits it was drawn from: the model's own forward on
+    the whole sequence gives the same rows (also after ended rows were dropped mid-way), zeros past the end."""
+    import kltd.rollout.sampling as sampling
+    from kltd.data.addition import make_splits
+    from kltd.rollout.batch import StateBatch
+    from kltd.rollout.scoring import Scorer
+    from kltd.train.models import load_model, load_tokenizer, toy_dir
+
+    monkeypatch.setattr(sampling, "COMPACT_BELOW", 1.0)  # drop rows as soon as one ends
+    toy = toy_dir() / "student"
+    model, tok = load_model(str(toy)), load_tokenizer(str(toy))
+    ids, mask = encode_prompts(tok, [e.prompt for e in make_splits(0, 12, 0)[0]], "cpu")
+    got = sample(model, ids, mask, max_new_tokens=40, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                 temperature=1.0, generator=torch.Generator().manual_seed(3), lean=lean, vocab=len(tok),
+                 keep_logits=True)
+    lengths = got.mask.sum(1)
+    assert lengths.min() < lengths.max() and got.logits.shape == (*got.tokens.shape, len(tok))
+    with torch.no_grad():
+        own = Scorer(packed=False, vocab=len(tok)).logits(model, StateBatch(ids, mask, got))
+    assert torch.allclose(got.logits[got.mask], own[got.mask], atol=1e-4, rtol=1e-4)
+    assert not got.logits[~got.mask].any()
+    with pytest.raises(ValueError, match="prefix"):
+        sample(model, ids, mask, max_new_tokens=4, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+               prefix=got, keep_logits=True)

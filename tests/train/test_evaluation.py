@@ -69,10 +69,19 @@ def test_lean_evaluation_scores_through_the_packed_forward_with_the_models_own_n
         return evaluate(pair.student, pair.teacher, pair.tokenizer, held_out, settings, checker=is_correct,
                         lean=lean, vocab=pair.vocab_size)
 
+    scored = []  # (model, rows): a model's own samples are scored from its sampler's logits, never again
+    plain_rows = scoring.Scorer.logit_rows
+    monkeypatch.setattr(scoring.Scorer, "logit_rows", lambda self, model, batch: scored.append(
+        (model, batch.responses.tokens.shape[0])) or plain_rows(self, model, batch))
     fast = run(lean=True)
     assert not calls
+    # per batch: the teacher on the student's k samples per prompt, the student on the teacher's one
+    assert [(m is pair.teacher, n) for m, n in scored] == [(True, 15), (False, 5), (True, 15), (False, 5),
+                                                             (True, 6), (False, 2)]
+    scored.clear()
     own = run(lean=False)
     assert calls
+    assert len(scored) == 12  # the models' own forward scores both models on both sets of samples
     for hook in hooks:
         hook.remove()
     exact = ("accuracy", "pass_at_k", "pass_k", "response_length", "student_tokens_generated",
