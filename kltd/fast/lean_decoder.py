@@ -76,7 +76,7 @@ class LeanDecoder:
             # heads sharing a kv head form one batch entry: [B * Hkv, group, d] against [B * Hkv, d, filled]
             scores = torch.bmm(q.reshape(b * kv, group, d), keys.flatten(0, 1)[..., :end]) + self.bias[..., :end]
             attended = torch.bmm(scores.softmax(-1), values.flatten(0, 1)[:, :end]).view(b, -1)
-            hidden = blocks.mlp(layer, blocks.attention_out(layer, hidden, attended))
+            hidden = blocks.after_attention(layer, hidden, attended)
         return blocks.logits(hidden)
 
     def keep(self, rows: Tensor) -> None:

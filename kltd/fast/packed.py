@@ -48,7 +48,7 @@ def packed_layers(blocks: LlamaBlocks, input_ids: Tensor, attention_mask: Tensor
         attended = layout.attend(q, k, v, gqa=blocks.heads != blocks.kv_heads)
         if i == last:  # only the asked-for positions are read from here on
             hidden, attended = hidden[wanted], attended[wanted]
-        hidden = blocks.mlp(layer, blocks.attention_out(layer, hidden, attended))
+        hidden = blocks.after_attention(layer, hidden, attended)
     return hidden
 
 

@@ -140,3 +140,28 @@ def test_logit_rows_from_the_packed_forward_equal_the_models_own_logits(name):
     assert len(parts) == -(-rows.count // 7)
     torch.testing.assert_close(own(slice(None)), reference, atol=0, rtol=0)
     torch.testing.assert_close(fast, reference, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("copied", [True, False], ids=["copied", "shared"])
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_without_autograd_rows_run_in_blocks_with_the_models_own_results(name, copied, monkeypatch):
+    """Without autograd on a CPU the layer's second half runs a block of rows at a time (here 3 or so rows a
+    block, the MLP in place): the hidden states still equal the model's own forward, and with autograd on
+    nothing is split."""
+    monkeypatch.setattr(arranged_module, "COPY_LIMIT", 10**12 if copied else 0)
+    model, tok = tiny_architecture(name)
+    width = 2 * model.config.intermediate_size
+    monkeypatch.setattr(arranged_module, "CACHE_BLOCK_BYTES", 3 * width * 4 // torch.get_num_threads())
+    calls = []
+    plain = arranged_module.LlamaBlocks.mlp
+    monkeypatch.setattr(arranged_module.LlamaBlocks, "mlp", lambda self, layer, hidden: calls.append(hidden.shape[0])
+                        or plain(self, layer, hidden))
+    batch = state_batch(tok, PROMPTS, RESPONSES)
+    with torch.no_grad():
+        blocked = response_states(model, batch)
+        assert max(calls) == 3 and len(calls) > 2 * model.config.num_hidden_layers
+        theirs = response_states(model, batch, packed=False)
+    torch.testing.assert_close(blocked, theirs, atol=2e-5, rtol=1e-5)
+    calls.clear()
+    response_states(model, batch)
+    assert len(calls) == model.config.num_hidden_layers
