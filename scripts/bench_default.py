@@ -22,6 +22,10 @@ both are given) go to every run and to the evaluation below.
    imports, config), training (train_time_s), other (the run's wall_time_s less training: loading, data,
    evaluations, teacher cache, checkpoint). A sweep's phases are summed over its runs; its startup is
    `outside runs` (process start, imports, config, between runs, the comparison at its end).
+   Each round also times the floor: a process that only starts Python, composes the config, imports torch and
+   transformers' model code and loads the tokenizer and both models, what every run does before its first
+   step. It gives the lowest run_ratio any change to kltd's own code could reach, (floor + training) /
+   training, and the same with the run's own evaluation after training added.
 3. The evaluation, in this process: the shipped pair and the task's held-out prompts loaded as a run loads
    them (kltd.train.models.load_pair, kltd.data.prepare.prepare; the config composed from conf/ with the
    overrides), then `kltd.train.evaluation.evaluate(..., lean=True)` (kltd's fast path: the lean decoder,
@@ -107,6 +111,25 @@ def kltd_train(args: list[str], workdir: Path, log: Path) -> float:
     return wall
 
 
+def floor_time(overrides: list[str]) -> float:
+    """Wall seconds of a process that does only what every run must before its first step and nothing else:
+    start Python, compose the config, import torch and transformers' model code, load the tokenizer and both
+    models (--floor-only)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--floor-only", *overrides]
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return time.perf_counter() - start
+
+
+def load_only(overrides: list[str]) -> None:
+    from kltd.train.models import check_tokenizers, load_pair
+
+    m = compose_config(overrides).model
+    tokenizer = check_tokenizers(m.teacher, m.student, trust_remote_code=m.trust_remote_code)
+    load_pair(m.teacher, m.student, m.dtype, m.device, tokenizer=tokenizer, teacher_device=m.teacher_device,
+              trust_remote_code=m.trust_remote_code)
+
+
 def completed(metrics: Path) -> dict:
     summary = json.loads(metrics.read_text())
     if summary.get("status") != "completed":
@@ -163,6 +186,17 @@ def sweep_run(workdir: Path, name: str, cache: Path, overrides: list[str]) -> di
     return {"wall": wall, "train": train, "runs": len(summaries), "methods": [s["method"] for s in summaries],
             "run_walls": sum(s["wall_time_s"] for s in summaries), "phases": phases_of(wall, summaries),
             "per_run": {s["method"]: (s["train_time_s"], s["wall_time_s"]) for s in summaries}}
+
+
+def print_floor(runs: list[dict]) -> None:
+    """What no change to kltd's own code can remove from the default run: the floor, and the run_ratio that
+    remains with nothing but the floor, the training and the run's own evaluation after it."""
+    floors = [r["floor"] for r in runs]
+    lowest = [(r["floor"] + r["train"]) / r["train"] for r in runs]
+    with_eval = [(r["floor"] + r["train"] + r["phases"].get("evaluation", 0.0)) / r["train"] for r in runs]
+    print(f"  {'floor (start, config, imports, load the pair)':<45} {spread(floors)} s  (a process that does only that)")
+    print(f"  {'lowest run_ratio: (floor + training) / training':<45} {spread(lowest, '.3f')}")
+    print(f"  {'  ... + the evaluation after training':<45} {spread(with_eval, '.3f')}")
 
 
 def print_command(title: str, results: list[dict]) -> None:
@@ -271,8 +305,11 @@ def main() -> None:
     parser.add_argument("--cells", nargs="*", default=[],
                         help="also time these prefix:trajectory cells, one run each, after the rounds")
     parser.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (default: a temporary directory)")
+    parser.add_argument("--floor-only", action="store_true", help=argparse.SUPPRESS)  # see floor_time
     parser.add_argument("overrides", nargs="*", help="kltd train overrides for every run, e.g. trainer.max_steps=2")
     args = parser.parse_args()
+    if args.floor_only:
+        return load_only(args.overrides)
     if args.rounds < 1 or args.eval_rounds < 1:
         raise SystemExit("--rounds and --eval-rounds must be >= 1")
     for cell in args.cells:
@@ -293,9 +330,10 @@ def main() -> None:
         runs, sweeps = [], []
         for r in range(args.rounds):
             d = default_run(work, f"default_{r}", cache, args.overrides)
+            d["floor"] = floor_time(args.overrides)
             runs.append(d)
             line = (f"round {r + 1}: default run wall {d['wall']:.1f} s, training {d['train']:.1f} s "
-                    f"(x{d['wall'] / d['train']:.2f})")
+                    f"(x{d['wall'] / d['train']:.2f}); floor {d['floor']:.1f} s")
             if not args.skip_sweep:
                 s = sweep_run(work, f"sweep_{r}", cache, args.overrides)
                 sweeps.append(s)
@@ -317,6 +355,7 @@ def main() -> None:
     print(f"\nload average (1, 5, 15 min): before (above), after {after}; {os.cpu_count()} CPUs")
     print_command(f"default run (kltd train: {runs[0]['method']}, {runs[0]['steps']} steps, warm teacher cache)", runs)
     run_ratio = statistics.median(r["wall"] / r["train"] for r in runs)
+    print_floor(runs)
     sweep_ratio = float("nan")
     if sweeps:
         print_command(f"sweep={SWEEP} ({sweeps[0]['runs']} runs: {', '.join(sweeps[0]['methods'])})", sweeps)

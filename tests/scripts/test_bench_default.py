@@ -36,5 +36,9 @@ def test_tiny_benchmark_prints_the_three_ratios(tmp_path):
     assert "default run (kltd train: SFT" in out and "sweep=matrix (9 runs" in out
     for phase in ("data", "loading", "evaluation", "training", "rest"):  # the runs' own phases (metrics.json)
         assert re.search(rf"^    {phase} +[\d.]+( \([\d.]+-[\d.]+\))? s +-?[\d.]+%", out, re.M), phase
+    # the floor, and the lowest run_ratio it leaves: above 1, below the run's own (which does more)
+    floor = re.search(r"floor \(start, config, imports, load the pair\) +([\d.]+) s", out)
+    lowest = re.search(r"lowest run_ratio: \(floor \+ training\) / training +([\d.]+)", out)
+    assert floor and lowest and float(floor[1]) > 0 and 1 < float(lowest[1]) < float(match["run"]), out
     assert re.search(r"own / fast +\d+\.\d{3} \(\d+\.\d{3}-\d+\.\d{3}\)", out)  # 3 rounds: median (min-max)
     assert not any(tmp_path.iterdir()), "the benchmark works in a temporary directory of its own"
