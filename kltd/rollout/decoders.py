@@ -92,6 +92,6 @@ class Lockstep:
         self.decoder.keep(rows)
 
     def drain(self) -> None:
+        device = next(self.model.parameters()).device
         while self.anyone(False):
-            device = next(self.model.parameters()).device
             self.model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=False, logits_to_keep=1)

@@ -3,7 +3,7 @@
 Every cell and seed of a sweep starts from the same student and is evaluated on the same prompts with the
 same seed (kltd.train.evaluation), so the evaluation before training is the same for all of them. It is
 stored in a small JSON file whose name is a hash of everything the figures depend on (both models' files,
-the tokenizer, the held-out examples and their checker, the evaluation settings, dtype, device type and
+the student's tokenizer among them, the held-out examples and their checker, the evaluation settings, dtype, device type and
 the decoding path), like the teacher cache: a changed input gets a new entry, a stale one is never read.
 """
 
@@ -19,7 +19,8 @@ from kltd.files import atomic_write_json
 from kltd.spec.config import Config, EvalConfig
 from kltd.train.teacher_cache import examples_fingerprint, source_fingerprint
 
-EVAL_CACHE_VERSION = 1
+# raised when the evaluation's own arithmetic changes (2: the samplers' logits reused, blocked MLP rows)
+EVAL_CACHE_VERSION = 2
 # settings that do not change what one evaluation computes
 NOT_IN_KEY = ("every", "before")
 
@@ -29,8 +30,7 @@ class EvalInputs:
     """What the evaluation before training depends on, besides the code."""
 
     student_dir: str
-    teacher_dir: str
-    tokenizer_dir: str
+    teacher_dir: str  # the tokenizer is the student's: its files are in the student's fingerprint
     examples: list
     checker: str
     settings: EvalConfig
@@ -42,7 +42,6 @@ class EvalInputs:
         settings = {k: v for k, v in dataclasses.asdict(self.settings).items() if k not in NOT_IN_KEY}
         payload = {"version": EVAL_CACHE_VERSION, "student": source_fingerprint(self.student_dir),
                    "teacher": source_fingerprint(self.teacher_dir),
-                   "tokenizer": source_fingerprint(self.tokenizer_dir),
                    "examples": examples_fingerprint(self.examples), "checker": self.checker, "settings": settings,
                    "dtype": self.dtype, "device": self.device, "lean": self.lean}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
@@ -69,6 +68,6 @@ def evaluation_inputs(cfg: Config, data, device) -> EvalInputs:
 
     m = cfg.model
     return EvalInputs(student_dir=resolve_model_path(m.student), teacher_dir=resolve_model_path(m.teacher),
-                      tokenizer_dir=resolve_model_path(m.student), examples=data.eval[: cfg.eval.num_prompts],
+                      examples=data.eval[: cfg.eval.num_prompts],
                       checker=cfg.data.checker_name, settings=cfg.eval, dtype=m.dtype,
                       device=str(getattr(device, "type", device)), lean=cfg.sampling.lean_decoder)

@@ -54,7 +54,7 @@ def test_a_second_cell_reuses_the_evaluation_before_training_exactly(tmp_path, c
 def test_changed_inputs_get_their_own_entry_and_a_torn_one_is_evaluated_again(tmp_path):
     cfg, model = config(tmp_path), tmp_path / "model"
     model.mkdir()
-    inputs = EvalInputs(student_dir=str(model), teacher_dir=str(model), tokenizer_dir=str(model),
+    inputs = EvalInputs(student_dir=str(model), teacher_dir=str(model),
                         examples=[], checker="addition", settings=cfg.eval, dtype="float32", device="cpu", lean=True)
     assert inputs.digest() == dataclasses.replace(inputs, settings=dataclasses.replace(cfg.eval, every=5)).digest()
     for change in (dict(checker="exact"), dict(lean=False), dict(dtype="bfloat16"),
