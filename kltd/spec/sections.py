@@ -1,0 +1,248 @@
+"""The run's other config sections: models, data, sampling, the trainer, evaluation, caches, logging and
+processes, each with the checks of its own values."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from kltd.spec import choices as C
+from kltd.spec.checks import ConfigError, at_least, choice, in_unit_interval, positive
+
+
+@dataclass
+class ModelConfig:
+    # "toy/teacher" and "toy/student" are the pair shipped inside the package; anything else is a local
+    # directory or a Hugging Face model id.
+    teacher: str = "toy/teacher"
+    student: str = "toy/student"
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (both models; the loss is always formed in float32)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    teacher_device: Optional[str] = None  # null: the student's device; e.g. cuda:1 to give the teacher its own GPU
+    trust_remote_code: bool = False  # run a model repository's own Python code (only for models that need it)
+
+    def check(self) -> None:
+        choice("model.dtype", self.dtype, C.DTYPES)
+
+
+@dataclass
+class DataFields:
+    """Column names for rows in neither of TRL's formats (e.g. GSM8K: prompt=question, response=answer)."""
+
+    prompt: Optional[str] = None
+    response: Optional[str] = None  # null with a prompt column: prompt-only data (sampled states only)
+    answer: Optional[str] = None  # the reference answer for the checker; null: taken from the response
+
+
+@dataclass
+class DataConfig:
+    """Where the examples come from: the built-in task, a local file or directory, or a hub dataset."""
+
+    source: str = "addition"  # addition | file | hub
+    seed: int = 0  # the built-in task's generator; the held-out fraction's shuffle
+    # the built-in task: how many examples; a file or hub dataset: at most this many
+    n_train: int = 20000
+    n_eval: int = 500
+    min_terms: int = 2  # the built-in task's chains
+    max_terms: int = 5
+    # the built-in task: a JSONL file of responses to train on (`kltd make-data` writes one)
+    responses_file: Optional[str] = None
+    # file: a JSONL, JSON, Parquet or CSV file, or a save_to_disk directory; hub: a dataset name
+    path: Optional[str] = None
+    name: Optional[str] = None  # hub: the dataset's configuration
+    train_split: str = "train"
+    # null: hold out eval_fraction of the training split (seeded by data.seed, recorded in the run)
+    eval_split: Optional[str] = None
+    eval_fraction: float = 0.1
+    fields: DataFields = field(default_factory=DataFields)
+    max_prompt_tokens: Optional[int] = None
+    max_response_tokens: Optional[int] = None
+    overflow: str = "drop"  # rows over a limit: drop them, or truncate (prompt from the left, response from the right)
+    system_prompt: Optional[str] = None
+    chat_template: str = "auto"  # auto: the student tokenizer's template when it has one | none: plain text
+    # how a response is graded (accuracy, pass@k, the correctness reward): auto is the built-in task's own
+    # checker for data=addition and none (no accuracy) otherwise
+    checker: str = "auto"
+
+    def check(self) -> None:
+        choice("data.source", self.source, C.DATA_SOURCES)
+        choice("data.checker", self.checker, C.CHECKERS)
+        choice("data.overflow", self.overflow, C.OVERFLOW)
+        choice("data.chat_template", self.chat_template, C.CHAT_TEMPLATE)
+        at_least("data.n_train", self.n_train, 1)
+        at_least("data.n_eval", self.n_eval, 1)
+        for key in ("max_prompt_tokens", "max_response_tokens"):
+            if getattr(self, key) is not None:
+                at_least(f"data.{key}", getattr(self, key), 2)
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ConfigError(f"data.eval_fraction={self.eval_fraction} must lie in (0, 1)")
+        if self.source == "addition":
+            at_least("data.min_terms", self.min_terms, 2)
+            if self.max_terms < self.min_terms:
+                raise ConfigError(f"data.max_terms={self.max_terms} must be >= data.min_terms={self.min_terms}")
+            if self.path is not None:
+                raise ConfigError("data.path needs data=file or data=hub (the built-in task is generated)")
+        else:
+            if not self.path:
+                example = "data=file data.path=train.jsonl" if self.source == "file" else "data=hub data.path=openai/gsm8k"
+                raise ConfigError(f"data={self.source} needs data.path, e.g. {example}")
+            if self.responses_file is not None:
+                raise ConfigError("data.responses_file applies to the built-in task; with data=file put the "
+                                  "responses in the file itself")
+        if self.source != "hub" and self.name is not None:
+            raise ConfigError("data.name is a hub dataset's configuration; it needs data=hub")
+
+    @property
+    def checker_name(self) -> str:
+        if self.checker != "auto":
+            return self.checker
+        return "addition" if self.source == "addition" else "none"
+
+
+@dataclass
+class SamplingConfig:
+    """How teacher and student sample states, in training and in evaluation."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    # decode Llama/Qwen2/Qwen3 models with kltd's preallocated-cache decoder (same logits, less overhead);
+    # false: always the model's own forward
+    lean_decoder: bool = True
+    # what draws the training samples (the student's or the teacher's): kltd's own decoder, or a vLLM engine
+    # (the vllm extra), given the student's weights every vllm_sync_every optimiser steps; the loss never uses
+    # vLLM's numbers
+    backend: str = "kltd"
+    vllm_sync_every: int = 1
+    vllm_memory: float = 0.3  # the share of device memory (RAM on a CPU) the engine may take
+
+    def check(self) -> None:
+        choice("sampling.backend", self.backend, C.SAMPLING_BACKENDS)
+        at_least("sampling.vllm_sync_every", self.vllm_sync_every, 1)
+        if not 0.0 < self.vllm_memory < 1.0:
+            raise ConfigError(f"sampling.vllm_memory={self.vllm_memory} must lie in (0, 1)")
+        if self.temperature < 0:
+            raise ConfigError(f"sampling.temperature={self.temperature} must be >= 0 (0 = greedy)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"sampling.top_p={self.top_p} must lie in (0, 1]")
+        at_least("sampling.max_new_tokens", self.max_new_tokens, 1)
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 200
+    batch_size: int = 32
+    grad_accum: int = 1
+    # score each micro-batch in up to this many groups of rows of similar length, so padding columns are
+    # not computed (only for losses that are sums over rows); 1: off
+    length_groups: int = 4
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1  # cosine decay floor, as a fraction of lr
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    log_every: int = 10
+    # with the exact divergence loss, score Llama/Qwen2/Qwen3 models on their real tokens only, packed
+    # (kltd.fast.packed; same hidden states); batches are then not split into length groups. false: the
+    # models' own forward over the padded batch
+    packed_forward: bool = True
+    # exact divergence losses straight from hidden states, chunk by chunk (no [B, T, V] logits) where the
+    # output layer allows it; false: the reference path through full logits
+    fused_head: bool = True
+    # recompute the student's activations in backward instead of keeping them (less memory, ~30% more
+    # compute); the student is then scored through its own forward, not the packed one
+    gradient_checkpointing: bool = False
+    # CPU threads for PyTorch during this job (restored afterwards). 0: one thread when both models are
+    # small (the toy pair), where a second thread only adds synchronisation and, on a busy machine, stalls
+    # every tiny matmul; else the process's default.
+    num_threads: int = 0
+    # A process-level setting, applied once by the entry point: keep freed memory in the process for reuse
+    # (glibc malloc; kltd.fast.memory). Saves the page faults of re-allocating the same tensors every step;
+    # the process holds its peak memory until it exits.
+    keep_freed_memory: bool = True
+    save_checkpoint: bool = True  # the trained student in Hugging Face format, in checkpoint/
+    # a training checkpoint (weights, optimiser, every random state, the data position) every this many
+    # steps and at the end, in checkpoints/; a rerun in the same directory resumes from the newest. 0: at
+    # the end (and on SIGTERM / SIGINT) only
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    # steps whose loss or gradients are not finite that may be skipped (no update) before the run stops
+    skip_bad_steps: int = 0
+    progress: bool = True
+
+    def check(self) -> None:
+        at_least("trainer.checkpoint_every", self.checkpoint_every, 0)
+        at_least("trainer.keep_checkpoints", self.keep_checkpoints, 1)
+        at_least("trainer.skip_bad_steps", self.skip_bad_steps, 0)
+        for key in ("max_steps", "batch_size", "grad_accum", "length_groups", "log_every"):
+            at_least(f"trainer.{key}", getattr(self, key), 1)
+        at_least("trainer.num_threads", self.num_threads, 0)
+        at_least("trainer.warmup_steps", self.warmup_steps, 0)
+        in_unit_interval("trainer.min_lr_ratio", self.min_lr_ratio)
+        positive("trainer.lr", self.lr)
+        positive("trainer.max_grad_norm", self.max_grad_norm)
+
+
+@dataclass
+class EvalConfig:
+    num_prompts: int = 200
+    batch_size: int = 200  # prompts per sampling call (x pass_k rows); large batches amortise per-token overhead
+    max_new_tokens: int = 64
+    every: int = 0  # evaluate every N steps as well as before and after; 0 = before and after only
+    before: bool = True  # false skips the evaluation before training (identical for every cell of a sweep)
+    seed: int = 1234  # fixed, so that every cell is evaluated on identical samples
+    pass_k: int = 4  # student samples per prompt for pass@k and the sequence reverse KL
+
+    def check(self) -> None:
+        for key in ("num_prompts", "batch_size", "max_new_tokens", "pass_k"):
+            at_least(f"eval.{key}", getattr(self, key), 1)
+        at_least("eval.every", self.every, 0)
+
+
+@dataclass
+class CacheConfig:
+    """The teacher cache for fixed states (kltd.train.teacher_cache) and the evaluation before training
+    (kltd.train.eval_cache), both kept in `dir` and shared by every run that has the same inputs."""
+
+    teacher: str = "auto"  # auto: on when prefix=fixed needs teacher logits | on | off
+    dir: str = "outputs/cache"
+    format: str = "full"  # full (exact) | topk (k logits per position, the rest spread evenly)
+    top_k: int = 64
+    eval_before: bool = True  # reuse the evaluation before training of a run with the same student, data and eval
+
+    def check(self) -> None:
+        choice("cache.teacher", self.teacher, C.CACHE_MODES)
+        choice("cache.format", self.format, C.CACHE_FORMATS)
+        at_least("cache.top_k", self.top_k, 1)
+
+
+@dataclass
+class WandbConfig:
+    project: str = "kltd"
+    entity: Optional[str] = None
+    # auto: online when credentials exist, else offline (one line says so); or online | offline | disabled
+    mode: str = "auto"
+    init_timeout_s: float = 30.0
+
+    def check(self) -> None:
+        choice("wandb.mode", self.mode, C.WANDB_MODES)
+        positive("wandb.init_timeout_s", self.init_timeout_s)
+
+
+@dataclass
+class DistributedConfig:
+    """Data-parallel training: kltd starts nproc_per_node processes for the run (kltd.train.ranks). Each
+    trains on trainer.batch_size / nproc_per_node rows of every micro-batch; the result does not depend on
+    nproc_per_node."""
+
+    nproc_per_node: int = 1
+    strategy: str = "ddp"  # ddp: every process holds the whole student | fsdp: 1/N of it each (FSDP2)
+    backend: str = "auto"  # auto: nccl on CUDA, gloo on the CPU
+
+    def check(self) -> None:
+        at_least("distributed.nproc_per_node", self.nproc_per_node, 1)
+        choice("distributed.strategy", self.strategy, C.DISTRIBUTED_STRATEGIES)
+        choice("distributed.backend", self.backend, C.DISTRIBUTED_BACKENDS)
+        if self.strategy == "fsdp" and self.nproc_per_node < 2:
+            raise ConfigError("distributed.strategy=fsdp shards the student across processes; set "
+                              "distributed.nproc_per_node=2 or more (or use distributed.strategy=ddp)")
