@@ -122,12 +122,18 @@ def floor_time(overrides: list[str]) -> float:
 
 
 def load_only(overrides: list[str]) -> None:
-    from kltd.train.models import check_tokenizers, load_pair
+    from kltd.train.models import check_tokenizers
 
     m = compose_config(overrides).model
-    tokenizer = check_tokenizers(m.teacher, m.student, trust_remote_code=m.trust_remote_code)
-    load_pair(m.teacher, m.student, m.dtype, m.device, tokenizer=tokenizer, teacher_device=m.teacher_device,
-              trust_remote_code=m.trust_remote_code)
+    load_models(m, check_tokenizers(m.teacher, m.student, trust_remote_code=m.trust_remote_code))
+
+
+def load_models(m, tokenizer):
+    """The pair as a run loads it, from the typed config's `model` section."""
+    from kltd.train.models import load_pair
+
+    return load_pair(m.teacher, m.student, m.dtype, m.device, tokenizer=tokenizer, teacher_device=m.teacher_device,
+                     trust_remote_code=m.trust_remote_code)
 
 
 def completed(metrics: Path) -> dict:
@@ -237,7 +243,7 @@ def eval_speed(overrides: list[str], rounds: int) -> dict:
     from kltd.data.prepare import prepare
     from kltd.train.evaluation import evaluate
     from kltd.train.job import needs_responses
-    from kltd.train.models import check_tokenizers, load_pair
+    from kltd.train.models import check_tokenizers
     from kltd.train.threads import job_threads, threads_for
     from kltd.train.trainer import seed_everything
 
@@ -247,8 +253,7 @@ def eval_speed(overrides: list[str], rounds: int) -> dict:
     m = cfg.model
     tokenizer = check_tokenizers(m.teacher, m.student, trust_remote_code=m.trust_remote_code)
     data = prepare(cfg.data, tokenizer, needs_responses=needs_responses(cfg))
-    pair = load_pair(m.teacher, m.student, m.dtype, m.device, tokenizer=tokenizer, teacher_device=m.teacher_device,
-                     trust_remote_code=m.trust_remote_code)
+    pair = load_models(m, tokenizer)
     examples = data.eval[: cfg.eval.num_prompts]
 
     def run(lean: bool, prompts: list) -> tuple[float, dict]:
