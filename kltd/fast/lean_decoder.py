@@ -4,8 +4,8 @@ A Hugging Face forward call builds a 4-D mask, grows a dynamic cache by concaten
 outputs for every new token; for small models that bookkeeping costs more than the arithmetic. This
 decoder runs the model's weights arranged by kltd.fast.arranged (one q/k/v matrix, one gate/up matrix, the
 rotary embedding as one complex product), prefills the prompt through the packed forward
-(kltd.fast.packed) into a cache allocated once, and for each new token attends with three batched
-operations over the filled part of the cache under an additive mask. Rows that have ended can be dropped
+(kltd.fast.packed) into a cache that grows a few columns at a time, and for each new token attends with
+three batched operations over the whole cache under an additive mask. Rows that have ended can be dropped
 (`keep`), so later steps compute only the rows still writing. Its logits equal the Hugging Face forward's
 to float rounding (tested on Llama, Qwen2 and Qwen3 configurations); any other architecture uses the
 plain forward instead.
@@ -18,6 +18,11 @@ from torch import Tensor
 
 from kltd.fast.arranged import arranged, supports
 from kltd.fast.packed import packed_layers
+
+# The cache grows by this many columns when it is full. Each step attends over all of its columns (those not
+# yet written are masked): a batched product over a whole contiguous tensor runs 1.5 to 3x faster than over
+# the filled part of a wider one (measured with 200 and 800 rows), and at most this many columns are wasted.
+GROWTH = 16
 
 
 class LeanDecoder:
@@ -37,14 +42,16 @@ class LeanDecoder:
         blocks, device = self.blocks, ids.device
         dtype = blocks.final_norm.dtype
         self.rotations = blocks.rotary(torch.arange(capacity + int(positions.max()) + 1, device=device))
+        self.capacity = capacity
+        columns = min(capacity, width + GROWTH)
         # zeros, not empty: unwritten columns are multiplied by a zero weight, and garbage could be NaN
-        # keys stored transposed ([B, Hkv, d, capacity]): a new query's scores are then one plain batched product
-        shape = (b, blocks.kv_heads, capacity, blocks.head_dim)
+        # keys stored transposed ([B, Hkv, d, columns]): a new query's scores are then one plain batched product
+        shape = (b, blocks.kv_heads, columns, blocks.head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device).transpose(2, 3).contiguous() for _ in blocks.layers]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in blocks.layers]
         # additive mask over the cache, one row per (row, kv head): 0 where a real token sits, -inf elsewhere
-        # (columns written later stay 0: a row that has ended computes on, harmlessly, and its output is not read)
-        self.bias = torch.zeros((b, blocks.kv_heads, 1, capacity), dtype=dtype, device=device)
+        # (a column becomes 0 when it is written: a row that has ended computes on, harmlessly, unread)
+        self.bias = torch.full((b, blocks.kv_heads, 1, columns), float("-inf"), dtype=dtype, device=device)
         self.bias[..., :width] = torch.where(mask.bool(), 0.0, float("-inf"))[:, None, None, :]
         self.bias = self.bias.flatten(0, 1)
         self.width = width
@@ -66,18 +73,32 @@ class LeanDecoder:
         blocks, column = self.blocks, self.width
         b, kv, d = token.shape[0], blocks.kv_heads, blocks.head_dim
         group = blocks.heads // kv
-        self.width = end = column + 1
+        self.width = column + 1
+        if column == self.bias.shape[-1]:
+            self._grow()
+        self.bias[..., column] = 0.0
         hidden = torch.nn.functional.embedding(token, self.embed.weight)
         rotations = self.rotations[position]
         for layer, keys, values in zip(blocks.layers, self.keys, self.values):
             q, k, v = blocks.qkv(layer, hidden, rotations)  # [B, H, d]
             keys[..., column] = k
             values[:, :, column] = v
-            # heads sharing a kv head form one batch entry: [B * Hkv, group, d] against [B * Hkv, d, filled]
-            scores = torch.bmm(q.reshape(b * kv, group, d), keys.flatten(0, 1)[..., :end]) + self.bias[..., :end]
-            attended = torch.bmm(scores.softmax(-1), values.flatten(0, 1)[:, :end]).view(b, -1)
+            # heads sharing a kv head form one batch entry: [B * Hkv, group, d] against [B * Hkv, d, columns]
+            scores = torch.baddbmm(self.bias, q.reshape(b * kv, group, d), keys.flatten(0, 1))
+            attended = torch.bmm(scores.softmax(-1), values.flatten(0, 1)).view(b, -1)
             hidden = blocks.after_attention(layer, hidden, attended)
         return blocks.logits(hidden)
+
+    def _grow(self) -> None:
+        """GROWTH more columns (up to the capacity start was given): zeros, masked until written."""
+        old = self.bias.shape[-1]
+        if old >= self.capacity:
+            raise ValueError(f"the cache is full: {self.capacity} columns")
+        extra = min(GROWTH, self.capacity - old)
+        pad = torch.nn.functional.pad
+        self.keys = [pad(k, (0, extra)) for k in self.keys]
+        self.values = [pad(v, (0, 0, 0, extra)) for v in self.values]
+        self.bias = pad(self.bias, (0, extra), value=float("-inf"))
 
     def keep(self, rows: Tensor) -> None:
         """Go on with these rows only (indices into the current batch): later steps compute nothing for the rest."""

@@ -34,6 +34,36 @@ def test_logits_match_the_forward_at_every_step(name, copied, monkeypatch):
             pos = pos + alive.long()
 
 
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_the_cache_grows_and_drops_rows_without_changing_the_logits(name):
+    """Past GROWTH new tokens the cache grows (twice here), and rows dropped in between are gone from it."""
+    from kltd.fast.lean_decoder import GROWTH
+
+    model, tok = tiny_model(name)
+    ids, mask = encode_prompts(tok, ["1+2=", "12+45+7+88=", "99+9=", "5="], "cpu")
+    positions = position_ids_from_mask(mask)
+    steps = 2 * GROWTH + 3
+    lean, plain = LeanDecoder(model), ForwardDecoder(model)
+    with torch.inference_mode():
+        a, b = lean.start(ids, mask, positions, ids.shape[1] + steps), plain.start(ids, mask, positions, 0)
+        assert lean.bias.shape[-1] == ids.shape[1] + GROWTH  # not the whole capacity at once
+        pos = positions[:, -1] + 1
+        for step in range(steps):
+            if step == GROWTH + 5:  # rows 0 and 2 go on
+                rows = torch.tensor([0, 2])
+                lean.keep(rows)
+                plain.keep(rows)
+                a, b, pos = a[rows], b[rows], pos[rows]
+            token = b.argmax(-1)
+            alive = torch.ones_like(token, dtype=torch.bool)
+            a, b = lean.next(token, alive, pos), plain.next(token, alive, pos)
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+            pos = pos + 1
+        assert lean.bias.shape[-1] == ids.shape[1] + steps and lean.keys[0].shape[0] == 2
+        with pytest.raises(ValueError, match="cache is full"):
+            lean.next(token, alive, pos)
+
+
 @pytest.mark.parametrize("name", ["llama", "qwen3"])
 def test_sampling_is_the_same_with_either_decoder(name):
     model, tok = tiny_model(name)
