@@ -78,10 +78,17 @@ class AttentionLayout:
         self.size = offset
         rank = real.long().cumsum(1) - 1  # each real token's place among its row's real tokens
         self.index = (torch.tensor(base, device=real.device)[:, None] + rank)[real]  # [N] places in the grids
+        # the grids' other places (after each row's tokens): zeroed, since causal attention still multiplies
+        # them by a zero weight, and uninitialised memory could hold NaN
+        free = torch.ones(offset, dtype=torch.bool, device=real.device)
+        free[self.index] = False
+        self.padding = free.nonzero().squeeze(1)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, gqa: bool) -> Tensor:
         """[N, heads, d] packed q (pre-scaled), k, v -> [N, Hq * d] attention outputs."""
-        grids = [x.new_zeros((self.size, *x.shape[1:])).index_copy(0, self.index, x) for x in (q, k, v)]
+        # written in place into fresh tensors: a zero-filled grid and an out-of-place copy would each cost a pass
+        grids = [x.new_empty((self.size, *x.shape[1:])).index_fill_(0, self.padding, 0).index_copy_(0, self.index, x)
+                 for x in (q, k, v)]
         outs = []
         for offset, rows, width in self.groups:
             part = [g[offset : offset + rows * width].view(rows, width, *g.shape[1:]).transpose(1, 2) for g in grids]
