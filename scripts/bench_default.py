@@ -49,7 +49,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -61,22 +60,16 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench_machine import cpu_name  # noqa: E402 (beside this script)
+
 SWEEP = "matrix"
 
 
 def machine() -> str:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU only, {os.cpu_count()} cores"
-    return f"{cpu}; {device}; torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    return f"{cpu_name()}; {device}; torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 
 def load() -> str:

@@ -45,7 +45,7 @@ def worker(variant: str, layers: int) -> dict:
     from transformers import Qwen2ForCausalLM
 
     import kltd.fast.arranged as arranged
-    from bench_vs_trl import PeakRSS, current_rss
+    from bench_workers import PeakRSS, current_rss
     from kltd.data.example import Example
     from kltd.fast.memory import keep_freed_memory
     from kltd.spec.config import Config
