@@ -1,4 +1,4 @@
-"""Token-by-token decoding for Llama-family models with a preallocated KV cache and few operations per token.
+"""Token-by-token decoding for Llama-family models with its own KV cache and few operations per token.
 
 A Hugging Face forward call builds a 4-D mask, grows a dynamic cache by concatenation and wraps its
 outputs for every new token; for small models that bookkeeping costs more than the arithmetic. This

@@ -106,7 +106,7 @@ class SamplingConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 64
-    # decode Llama/Qwen2/Qwen3 models with kltd's preallocated-cache decoder (same logits, less overhead);
+    # decode Llama/Qwen2/Qwen3 models with kltd's own KV-cache decoder (same logits, less overhead);
     # false: always the model's own forward
     lean_decoder: bool = True
     # what draws the training samples (the student's or the teacher's): kltd's own decoder, or a vLLM engine
