@@ -80,7 +80,7 @@ class _FusedDivergence(torch.autograd.Function):
 
     For the KLs and their mix the gradient in a chunk's logits is written down (kl_and_gradient); any other
     divergence gets it from autograd, whose graph passes over [chunk, V] several times more: at a 32k
-    vocabulary the written-down form took 0.87x autograd's time for this loss and its backward (one thread).
+    vocabulary the written-down form took 0.86x autograd's time for this loss and its backward (one thread).
     """
 
     @staticmethod
