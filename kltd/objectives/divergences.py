@@ -121,6 +121,19 @@ def divergence_from_logprobs(log_q: Tensor, log_p: Tensor, spec: DivergenceSpec)
     raise ValueError(f"unknown divergence {name!r}")
 
 
+def kl_weights(spec: DivergenceSpec) -> tuple[float, float] | None:
+    """(forward, reverse) where divergence_from_logprobs computes forward * KL(p||q) + reverse * KL(q||p) for
+    this spec (the KLs, their mix, jsd and jsd_scaled at beta 0 and 1); None for every other divergence."""
+    name, beta = spec.name, spec.beta
+    if name == "forward_kl" or (name in ("jsd", "jsd_scaled") and beta == 0.0):
+        return 1.0, 0.0
+    if name == "reverse_kl" or (name in ("jsd", "jsd_scaled") and beta == 1.0):
+        return 0.0, 1.0
+    if name == "kl_mix":
+        return 1.0 - spec.mix, spec.mix
+    return None
+
+
 def log_probs(logits: Tensor, temperature: float = 1.0) -> Tensor:
     """log_softmax(logits / T) in at least float32; [..., V] -> [..., V]."""
     if logits.dtype in (torch.float16, torch.bfloat16):

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from kltd.objectives.divergences import DivergenceSpec, log_probs, token_divergence
+from kltd.objectives.divergences import DivergenceSpec, kl_weights, log_probs, token_divergence
 
 # Positions per chunk: about this many logits (float32) per model at a time.
 CHUNK_LOGITS = 2**22
@@ -32,19 +32,6 @@ def plain_output_layer(model) -> torch.nn.Linear | None:
     if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
         return None
     return head
-
-
-def _kl_weights(spec: DivergenceSpec) -> tuple[float, float] | None:
-    """(forward, reverse): D = forward KL(p||q) + reverse KL(q||p) weighted so, whose gradient in the student's
-    logits has a closed form; None for the other divergences."""
-    name, beta = spec.name, spec.beta
-    if name == "forward_kl" or (name in ("jsd", "jsd_scaled") and beta == 0.0):
-        return 1.0, 0.0
-    if name == "reverse_kl" or (name in ("jsd", "jsd_scaled") and beta == 1.0):
-        return 0.0, 1.0
-    if name == "kl_mix":
-        return 1.0 - spec.mix, spec.mix
-    return None
 
 
 def kl_and_gradient(logits: Tensor, teacher_logits: Tensor, spec: DivergenceSpec, weights: tuple[float, float],
@@ -89,18 +76,18 @@ class _FusedDivergence(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight)
         total = hidden.new_zeros((), dtype=torch.float32)
         w = weight.detach()
-        kl = _kl_weights(spec)
+        kl = kl_weights(spec)
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
-            h = hidden[rows].detach()
-            found = kl_and_gradient(h @ w.T, teacher_rows(rows), spec, kl, row_weights[rows]) if kl else None
+            h, teacher, chunk_weights = hidden[rows].detach(), teacher_rows(rows), row_weights[rows]
+            found = kl_and_gradient(h @ w.T, teacher, spec, kl, chunk_weights) if kl else None
             if found is not None:
                 per_row, g_logits = found
-                value = (per_row * row_weights[rows]).sum()
+                value = (per_row * chunk_weights).sum()
                 g_logits = g_logits.to(h.dtype)
                 g_h, g_w = g_logits @ w, g_logits.T @ h
             else:
-                value, g_h, g_w = _by_autograd(h, w, teacher_rows(rows), row_weights[rows], spec)
+                value, g_h, g_w = _by_autograd(h, w, teacher, chunk_weights, spec)
             grad_hidden[rows] = g_h
             grad_weight += g_w
             total += value.detach().float()
