@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from hydra.core.config_store import ConfigStore
 
-from kltd.spec.config import ConfigError, MakeDataConfig
+from kltd.schema.config import ConfigError, MakeDataConfig
 
 ConfigStore.instance().store(name="kltd_make_data_schema", node=MakeDataConfig)
 
@@ -22,7 +22,7 @@ def main(argv: list[str]) -> None:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from kltd.app.train_command import composition_error, config_dir, fail
+    from kltd.app.compose import composition_error, config_dir, fail
     from kltd.data.formats import DataError
     from kltd.train.make_data import make_data
 

@@ -68,12 +68,15 @@ class Checker:
     name: str
     reference: Callable[[str], object]  # the gold answer from an answer text; raises ValueError if unreadable
     check: Callable[[str, Example], bool]
+    unreadable: str = "unreadable answer"  # what an answer `reference` cannot read is counted as (data.bad_rows)
 
     def __call__(self, response: str, example: Example) -> bool:
         return example.answer is not None and self.check(response, example)
 
 
 def _exact_reference(text: str) -> str:
+    if not text.strip():
+        raise ValueError("empty answer (data.checker=exact compares a response with it)")
     return text.strip()
 
 
@@ -101,9 +104,10 @@ def _boxed_check(response: str, example: Example) -> bool:
 
 
 CHECKERS = {
-    "exact": Checker("exact", _exact_reference, lambda response, e: response.strip() == e.answer),
-    "gsm8k": Checker("gsm8k", _gsm8k_reference, lambda response, e: gsm8k_number(response) == e.answer),
-    "boxed": Checker("boxed", _boxed_reference, _boxed_check),
+    "exact": Checker("exact", _exact_reference, lambda response, e: response.strip() == e.answer, "empty answer"),
+    "gsm8k": Checker("gsm8k", _gsm8k_reference, lambda response, e: gsm8k_number(response) == e.answer,
+                     "no number in the answer"),
+    "boxed": Checker("boxed", _boxed_reference, _boxed_check, "no answer math-verify can read"),
     "addition": Checker("addition", lambda text: addition.parse_answer(text),
                         lambda response, e: addition.is_correct(response, e)),
 }

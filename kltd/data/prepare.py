@@ -1,6 +1,7 @@
 """The examples of one run, from whichever source the config names: the built-in task, a file or a hub
-dataset. Prompts are rendered with the chat template, the reference answers read by the checker, the
-token limits applied; what was dropped or truncated is counted and reported.
+dataset. A file's or hub dataset's rows are read and checked by kltd.data.rows (the checks `kltd train` also
+runs before any model loads); here prompts are rendered with the chat template and the token limits
+applied; what was dropped or truncated is counted and reported.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from kltd.data import addition
 from kltd.data.chat import PromptRenderer, use_end_token
 from kltd.data.checkers import Checker, get_checker
 from kltd.data.example import Example
-from kltd.data.formats import DataError, Row, describe_format, row_reader
+from kltd.data.formats import DataError
+from kltd.data.rows import prompt_only_problem
 
 
 @dataclass
@@ -56,41 +58,22 @@ class Limits:
         return Example(prompt, response, example.answer, example.raw_prompt, example.answer_text)
 
 
-def _examples(rows, read, where: str, split: str, renderer, checker: Checker | None, limit: int,
-              limits: Limits) -> list[Example]:
-    out = []
-    for index, raw in enumerate(rows):
-        if len(out) >= limit:
-            break
-        place = f"{where} [{split}] row {index}"
-        row: Row = read(raw, place)
-        answer, text = None, row.answer if row.answer is not None else row.response
-        if checker is not None:
-            if text is None:
-                raise DataError(f"{place}: data.checker={checker.name} needs a reference answer, and the row has "
-                                "neither a response nor an answer field (data.fields.answer)")
-            try:
-                answer = checker.reference(text)
-            except ValueError as error:
-                raise DataError(f"{place}: {error}") from None
-        kept = limits.apply(Example(renderer(row.prompt), row.response, answer, row.prompt, text))
-        if kept is not None:
-            out.append(kept)
-    return out
+def _from_datasets(cfg, renderer, limits) -> tuple[list, list, dict, list | None]:
+    from kltd.data.rows import checked_rows, take
 
+    rows = checked_rows(cfg)  # read and checked once per process: preflight has usually done it already
 
-def _from_datasets(cfg, renderer, checker, limits) -> tuple[list, list, dict, list | None]:
-    from kltd.data.sources import choose_splits, load
+    def example(good) -> Example | None:
+        row = good.row
+        return limits.apply(Example(renderer(row.prompt), row.response, good.answer, row.prompt, good.answer_text))
 
-    splits = choose_splits(*load(cfg), cfg)
-    columns = list(splits.train.column_names)
-    read = row_reader(columns, cfg.fields)
-    train = _examples(splits.train, read, splits.where, splits.train_name, renderer, checker, cfg.n_train, limits)
-    held = _examples(splits.eval, read, splits.where, splits.eval_name, renderer, checker, cfg.n_eval, limits)
-    summary = {"where": splits.where, "format": describe_format(columns, cfg.fields.prompt),
-               "train_split": splits.train_name, "eval_split": splits.eval_name,
-               "train_rows": len(splits.train), "eval_rows": len(splits.eval)}
-    return train, held, summary, splits.held_out
+    train = take(rows, "train", cfg.n_train, cfg.bad_rows, example)
+    held = take(rows, "eval", cfg.n_eval, cfg.bad_rows, example)
+    splits = rows.splits
+    summary = {"where": splits.where, "format": rows.format, "train_split": splits.train_name,
+               "eval_split": splits.eval_name, "train_rows": len(splits.train), "eval_rows": len(splits.eval),
+               "bad_rows": cfg.bad_rows, "bad_rows_dropped": dict(train.bad + held.bad)}
+    return train.kept, held.kept, summary, splits.held_out
 
 
 def _from_addition(cfg, renderer, limits) -> tuple[list, list, dict]:
@@ -116,18 +99,17 @@ def prepare(cfg, tokenizer, *, needs_responses: bool) -> TaskData:
     if cfg.source == "addition":
         train, held, summary = _from_addition(cfg, renderer, limits)
     else:
-        train, held, summary, held_out = _from_datasets(cfg, renderer, checker, limits)
+        train, held, summary, held_out = _from_datasets(cfg, renderer, limits)
     where = summary["where"]
     if not train:
         raise DataError(f"{where}: no training examples left (after data.max_*_tokens with data.overflow=drop?)")
     if not held:
         raise DataError(f"{where}: no evaluation examples left")
     if needs_responses and any(e.response is None for e in train):
-        raise DataError(f"{where} has prompt-only rows, but these states are the dataset's responses; "
-                        "use prefix=student or prefix=teacher, or data with responses")
+        raise DataError(prompt_only_problem(where))
     summary.update(train_examples=len(train), eval_examples=len(held), dropped=limits.dropped,
                    truncated=limits.truncated, overflow=cfg.overflow, checker=checker.name if checker else "none",
-                   chat_template=renderer.templated, end_token=end)
+                   chat_template=renderer.templated, end_token=end, notes=renderer.notes())
     return TaskData(train, held, checker, end, summary, held_out)
 
 

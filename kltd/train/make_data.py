@@ -15,7 +15,7 @@ from kltd.data.prepare import prepare
 from kltd.files import atomic_write_jsonl
 from kltd.rollout.batch import decode_responses, encode_prompts
 from kltd.rollout.sampling import Sampler
-from kltd.spec.config import ConfigError, MakeDataConfig
+from kltd.schema.config import ConfigError, MakeDataConfig
 from kltd.train.models import check_model_reference, check_tokenizers, load_model, pick_device
 
 
@@ -48,7 +48,7 @@ def make_data(cfg: MakeDataConfig, echo=print) -> dict:
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     coins = torch.rand(len(examples), generator=torch.Generator().manual_seed(cfg.seed)) < cfg.other_fraction
     rows: list[dict | None] = [None] * len(examples)
-    correct = 0
+    correct = empty = 0
     for role, chosen in (("writer", ~coins), ("other", coins)):
         idx = chosen.nonzero().squeeze(1).tolist()
         for start in range(0, len(idx), cfg.batch_size):
@@ -56,11 +56,19 @@ def make_data(cfg: MakeDataConfig, echo=print) -> dict:
             ids, mask = encode_prompts(tokenizer, [examples[i].prompt for i in part], device)
             texts = decode_responses(tokenizer, samplers[role](ids, mask, generator))
             for i, text in zip(part, texts):
+                if not text.strip():  # the model ended at once: no state to train on (data=file refuses it)
+                    empty += 1
+                    continue
                 rows[i] = _row(examples[i], text, getattr(m, roles[role]))
                 correct += bool(data.checker and data.checker(text, examples[i]))
+    rows = [row for row in rows if row is not None]
+    if not rows:
+        raise ConfigError(f"every one of the {len(examples)} sampled responses was empty; nothing to write to {cfg.out}")
     atomic_write_jsonl(cfg.out, rows)
-    summary = {"rows": len(rows), "out": cfg.out, "checker": data.checker.name if data.checker else "none",
-               "correct": correct / len(rows) if data.checker else None}
+    summary = {"rows": len(rows), "empty_left_out": empty, "out": cfg.out,
+               "checker": data.checker.name if data.checker else "none",
+               "correct": correct / len(examples) if data.checker else None}  # an empty response is a wrong one
     graded = f", {summary['correct']:.1%} correct ({summary['checker']})" if data.checker else ""
-    echo(f"wrote {len(rows)} responses to {cfg.out}{graded}")
+    left_out = f"; {empty} empty responses left out" if empty else ""
+    echo(f"wrote {len(rows)} responses to {cfg.out}{graded}{left_out}")
     return summary

@@ -6,7 +6,7 @@ import pytest
 
 from kltd.data.formats import DataError
 from kltd.data.prepare import prepare
-from kltd.spec.config import DataConfig, DataFields
+from kltd.schema.config import DataConfig, DataFields
 from tests.support.fixtures import GSM8K, chat_tokenizer, conversational_dir, gsm8k_jsonl, math_parquet
 
 
@@ -87,7 +87,8 @@ def test_csv_and_token_limits_drop_or_truncate_and_are_counted(tmp_path):
 
 
 @pytest.mark.parametrize("content,message", [
-    ('{"prompt": "a", "completion": "b"}\n{"prompt": 3, "completion": "c"}\n', "row 1: 'prompt' must be text"),
+    ('{"prompt": "a", "completion": "b"}\n{"prompt": 3, "completion": "c"}\n',
+     "rows.jsonl:2: 'prompt' must be text as on the other lines, got a number"),
     ('{"prompt": "a", "completion": "b"}\nnot json\n', "rows.jsonl:2: not valid JSON"),
     ('{"question": "a", "answer": "b"}\n', "data.fields.prompt"),
     ('{"messages": [{"role": "user"}]}\n', "list of messages"),
@@ -113,7 +114,7 @@ def test_not_utf8_missing_splits_unknown_types_and_unreadable_answers(tmp_path):
         prepare(config(odd), chat_tokenizer(), needs_responses=True)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "q", "answer": "no number here"}) + "\n")
-    with pytest.raises(DataError, match=r"bad.jsonl \[train\] row 0: no number"):
+    with pytest.raises(DataError, match=r"bad.jsonl:1: no number"):
         prepare(config(bad, eval_split="train", **GSM8K_FIELDS), chat_tokenizer(), needs_responses=True)
 
 
