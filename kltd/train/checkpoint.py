@@ -3,8 +3,11 @@
 A checkpoint is a directory checkpoints/step-000050/ holding the student's weights (safetensors), the
 trainer's state (optimiser, schedule, every random stream, the data position; kltd.train.trainer
 Trainer.state_dict), the run's progress (counters, the evaluation before training) and the resolved config
-it was made under. Each is written whole (kltd.files) and the newest `keep` are kept. Loading tries the
-newest first and falls back to the one before if it is unreadable, with a warning.
+it was made under. Each is written whole (kltd.files) and the newest `keep` are kept; the older ones are
+removed only once the new one is in place, so a save that fails (a full disk: DiskFull, naming the
+checkpoint a rerun resumes from) leaves the ones before intact. Loading tries the newest first and falls
+back to the one before if it is unreadable, with a warning; it first removes the temporaries a killed
+writer left in the run directory.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from kltd.files import atomic_write_dir
+from kltd.files import DiskFull, atomic_write_dir, remove_stale_temporaries
 from kltd.train.sharding import load_weights, save_weights, whole_weights
 
 DIRECTORY = "checkpoints"
@@ -82,10 +85,21 @@ def save(run_dir: Path, state: Snapshot, progress: Progress, config: dict, keep:
         torch.save(state.trainer_state, directory / TRAINER)
         (directory / PROGRESS).write_text(json.dumps({"progress": asdict(progress), "config": config}, default=str))
 
-    path = atomic_write_dir(path_for(run_dir, progress.step), write)
+    try:
+        path = atomic_write_dir(path_for(run_dir, progress.step), write)
+    except DiskFull as full:
+        raise resumable(full, run_dir) from full.__cause__
     for old in saved(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def resumable(full: DiskFull, run_dir: Path) -> DiskFull:
+    """The same full disk, naming the checkpoint that a rerun of the same command resumes from (if any)."""
+    if full.resume_from is not None:
+        return full
+    done = saved(run_dir)
+    return DiskFull(full.path, done[-1] if done else None)
 
 
 def _load(path: Path) -> Checkpoint:
@@ -99,7 +113,11 @@ def _load(path: Path) -> Checkpoint:
 
 
 def latest(run_dir: Path, echo=print) -> Checkpoint | None:
-    """The newest checkpoint that loads; an unreadable one is skipped with a warning."""
+    """The newest checkpoint that loads; an unreadable one is skipped with a warning. Called where a run starts
+    in `run_dir`: the temporaries that a killed writer left there first go (kltd.files.remove_stale_temporaries:
+    a half-written checkpoint can be as big as a whole one)."""
+    for directory in (Path(run_dir), Path(run_dir) / DIRECTORY):
+        remove_stale_temporaries(directory)
     for path in reversed(saved(run_dir)):
         try:
             return _load(path)
