@@ -223,7 +223,8 @@ def compose_config(overrides: list[str]):
     """The typed config `kltd train OVERRIDES` runs with (composed from conf/, as the command does)."""
     from hydra import compose, initialize_config_dir
 
-    from kltd.app.train_command import config_dir, normalized, to_typed
+    from kltd.app.checks import normalized
+    from kltd.app.compose import config_dir, to_typed
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         job = [o for o in normalized(overrides) if not o.lstrip("+~").startswith("hydra") and not o.startswith("-")]
@@ -235,7 +236,7 @@ def eval_speed(overrides: list[str], rounds: int) -> dict:
     from kltd.app.process import configure_process
     from kltd.data.prepare import prepare
     from kltd.train.evaluation import evaluate
-    from kltd.train.job import needs_responses
+    from kltd.schema.config import needs_responses
     from kltd.train.models import check_tokenizers
     from kltd.train.threads import job_threads, threads_for
     from kltd.train.trainer import seed_everything

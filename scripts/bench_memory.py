@@ -48,7 +48,7 @@ def worker(variant: str, layers: int) -> dict:
     from bench_workers import PeakRSS, current_rss
     from kltd.data.example import Example
     from kltd.fast.memory import keep_freed_memory
-    from kltd.spec.config import Config
+    from kltd.schema.config import Config
     from kltd.train.models import ModelPair
     from kltd.train.trainer import Trainer
 

@@ -4,7 +4,7 @@ At each scale, for fixed-prefix (expert) and student-prefix (student) states: kl
 jsd(beta) against TRL's GKDTrainer.generalized_jsd_loss for beta in {0, 0.5, 1}; kltd's default divergence
 of each (forward KL, reverse KL) against the matching beta; and the loss kltd's Trainer trains with (fused
 head or logits) against generalized_jsd_loss and against DistillationTrainer's chunked loss. Each row is
-(what, kltd, TRL, relative difference); the report holds them to bench_report.PARITY_TOLERANCE.
+(what, kltd, TRL, relative difference); the report holds each to bench_report.parity_tolerance, float32's bound at the scale's sizes.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def parity(scale: Scale) -> list[tuple[str, float, float, float]]:
     from trl.experimental.gkd import GKDTrainer
     from trl.trainer.distillation_trainer import _chunked_divergence_loss
 
-    from kltd.spec.config import Config
+    from kltd.schema.config import Config
     from kltd.objectives.divergences import DivergenceSpec
     from kltd.objectives.losses import trajectory_loss
     from kltd.train.models import load_pair

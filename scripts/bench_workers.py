@@ -91,7 +91,7 @@ def run_kltd(spec) -> dict:
 
     from kltd.data.addition import Example
     from kltd.data.order import ExampleOrder
-    from kltd.spec.config import Config, validate
+    from kltd.schema.config import Config, validate
     from kltd.train.models import load_pair
     from kltd.train.trainer import Trainer, seed_everything
 

@@ -68,7 +68,7 @@ def saved_pair(root: Path, smoke: bool) -> tuple[str, str, int, int]:
 
 
 def cell(name: str, device: str, backend: str, batch: int, new_tokens: int, teacher: str, student: str):
-    from kltd.spec.config import Config
+    from kltd.schema.config import Config
 
     cfg = Config()
     cfg.model.teacher, cfg.model.student = teacher, student

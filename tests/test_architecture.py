@@ -11,14 +11,14 @@ ROOT = Path(kltd.__file__).parent
 ALLOWED = {
     "files": set(),
     "hub": set(),
-    "spec": set(),
-    "data": {"spec", "files", "hub"},
-    "objectives": {"spec"},
+    "schema": set(),
+    "data": {"schema", "files", "hub"},
+    "objectives": {"schema"},
     "fast": set(),
-    "rollout": {"fast", "objectives", "spec"},
-    "report": {"spec", "files"},
-    "train": {"rollout", "objectives", "data", "spec", "report", "files", "hub"},
-    "app": {"train", "rollout", "objectives", "fast", "data", "spec", "report", "files", "hub"},
+    "rollout": {"fast", "objectives", "schema"},
+    "report": {"schema", "files"},
+    "train": {"rollout", "objectives", "data", "schema", "report", "files", "hub"},
+    "app": {"train", "rollout", "objectives", "fast", "data", "schema", "report", "files", "hub"},
 }
 HYDRA = ("hydra", "omegaconf")
 
@@ -95,3 +95,60 @@ def test_no_import_cycles():
     for module in graph:
         if module not in state:
             visit(module)
+
+
+# The execution plan (kltd/rollout/plan.py) is the one place that decides how models run; these modules read it.
+PLAN_READERS = ("train/trainer.py", "train/evaluation.py", "train/stages.py", "train/job.py", "train/teacher_cache.py",
+                "train/eval_cache.py")
+DECISION_KEYS = {"packed_forward", "lean_decoder", "fused_head", "backend"}  # the config's switches for paths
+CAPABILITY_CHECKS = {"hasattr", "supports", "is_sharded", "sharded", "plain_output_layer"}
+
+
+def test_the_trainer_and_the_evaluation_decide_no_path_themselves():
+    """No switch of the config read, no model capability asked, no sampler inspected with hasattr: outside the
+    plan, only the plan's own fields (self.plan.fused_head, plan.evaluation) are read."""
+    wrong = []
+    for relative in PLAN_READERS:
+        path = ROOT / relative
+        source = path.read_text()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Attribute) and node.attr in DECISION_KEYS:
+                base = ast.get_source_segment(source, node.value) or ""
+                if not base.endswith("plan"):
+                    wrong.append(f"{relative}:{node.lineno} reads {base}.{node.attr}")
+            if isinstance(node, ast.Call):
+                name = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", None)
+                if name in CAPABILITY_CHECKS:
+                    wrong.append(f"{relative}:{node.lineno} calls {name}()")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_every_module_and_name_the_architecture_page_cites_exists():
+    """docs/architecture.md names files (`kltd/train/stages.py`) and objects (`kltd.rollout.plan.plan_for`): each
+    must be there, so the page cannot drift from the code unnoticed."""
+    import importlib
+    import re
+
+    page = (ROOT.parent / "docs" / "architecture.md").read_text()
+    spans = set(re.findall(r"`([^`\s]+)`", page))
+    missing = []
+    for span in spans:
+        if span.startswith(("kltd/", "tests/", "conf/", "docs/")):
+            if not (ROOT.parent / span.split("::")[0]).exists():
+                missing.append(span)
+        elif re.fullmatch(r"kltd(\.\w+)+", span):
+            parts = span.split(".")
+            for cut in range(len(parts), 1, -1):  # the longest importable module, then attributes
+                try:
+                    target = importlib.import_module(".".join(parts[:cut]))
+                except ImportError:
+                    continue
+                try:
+                    for name in parts[cut:]:
+                        target = getattr(target, name)
+                except AttributeError:
+                    missing.append(span)
+                break
+            else:
+                missing.append(span)
+    assert spans and not missing, f"docs/architecture.md cites what does not exist: {sorted(missing)}"

@@ -29,6 +29,14 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE)
         return
     command, rest = argv[0], argv[1:]
+    try:
+        _dispatch(command, rest)
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which stops after its step and says so itself)
+        print(f"kltd: {command} stopped by Ctrl-C", file=sys.stderr)
+        sys.exit(130)
+
+
+def _dispatch(command: str, rest: list[str]) -> None:
     if command == "train":
         from kltd.app.train_command import main as train_main
 

@@ -1,16 +1,9 @@
 """Per-token divergences between the teacher p and the student q, all behind one spec.
 
-Conventions (p = teacher, q = student, everything summed over the vocabulary, one value per position):
-
-    forward_kl       KL(p || q)
-    reverse_kl       KL(q || p)
-    jsd              TRL's generalised JSD: beta * KL(p || m) + (1 - beta) * KL(q || m), m = beta p + (1 - beta) q;
-                     beta = 0 is *defined* as KL(p || q) and beta = 1 as KL(q || p) (the mixture form vanishes there)
-    jsd_scaled       jsd / (beta (1 - beta)), continuous on [0, 1]: exactly KL(p || q) at 0 and KL(q || p) at 1
-    skew_kl          KL(p || alpha p + (1 - alpha) q)            (DistiLLM's skew KL)
-    skew_reverse_kl  KL(q || alpha q + (1 - alpha) p)            (DistiLLM's skew reverse KL)
-    tv               0.5 * sum |p - q|
-    kl_mix           (1 - mix) KL(p || q) + mix KL(q || p)
+Which divergences exist, what each computes and how it is parameterised is the divergence table
+(kltd.schema.divergences: forward_kl KL(p || q), reverse_kl KL(q || p), TRL's generalised jsd, jsd_scaled, DistiLLM's
+skew_kl and skew_reverse_kl, tv, kl_mix). Its formulas are written against the operations this module supplies
+(`OPS`): KL between two log-distributions, the log of a mixture, total variation.
 
 Both models' logits are divided by `temperature` before the softmax (no T^2 factor). Everything runs in
 log-space and at least float32; a probability that is exactly 0 (a -inf logit) contributes 0, never NaN.
@@ -20,32 +13,40 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kltd.spec.choices import DIVERGENCES
+from kltd.schema.divergences import DEFAULTS, PARAMETERS
+from kltd.schema.divergences import entry as divergence_entry
 
 
 @dataclass(frozen=True)
 class DivergenceSpec:
-    """Which divergence D(p, q) to use per token; p = teacher, q = student."""
+    """Which divergence D(p, q) to use per token; p = teacher, q = student. beta, alpha and mix are the
+    parameters the table's entries read (jsd and jsd_scaled: beta; the skew KLs: alpha; kl_mix: mix)."""
 
     name: str = "forward_kl"
-    beta: float = 0.5  # jsd / jsd_scaled: 0 -> KL(p||q), 1 -> KL(q||p) (TRL's generalized_jsd_loss convention)
-    alpha: float = 0.1  # skew_kl: KL(p || a p + (1-a) q); skew_reverse_kl: KL(q || a q + (1-a) p)
-    mix: float = 0.5  # kl_mix: (1 - mix) * forward + mix * reverse
+    beta: float = DEFAULTS["beta"]
+    alpha: float = DEFAULTS["alpha"]
+    mix: float = DEFAULTS["mix"]
     temperature: float = 1.0  # divides both models' logits
 
     def __post_init__(self):
-        if self.name not in DIVERGENCES:
-            raise ValueError(f"unknown divergence {self.name!r}; choose one of {', '.join(DIVERGENCES)}")
-        for key in ("beta", "alpha", "mix"):
+        divergence_entry(self.name)  # an unknown name is a ValueError naming the valid ones
+        for key in PARAMETERS:
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ValueError(f"{key}={getattr(self, key)} must lie in [0, 1]")
         if self.temperature <= 0:
             raise ValueError(f"temperature={self.temperature} must be > 0")
+
+    @property
+    def parameter(self) -> float | None:
+        """The value of the one parameter this divergence reads (None for the KLs and tv)."""
+        key = divergence_entry(self.name).parameter
+        return None if key is None else getattr(self, key)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -72,22 +73,12 @@ def _log_mix(log_a: Tensor, log_b: Tensor, w: float) -> Tensor:
     return torch.where(dead, -math.inf, mixed)
 
 
-def _jsd(log_q: Tensor, log_p: Tensor, beta: float) -> Tensor:
-    if beta == 0.0:
-        return _kl(log_p, log_q)
-    if beta == 1.0:
-        return _kl(log_q, log_p)
-    log_m = _log_mix(log_p, log_q, beta)
-    return beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
+def _tv(log_q: Tensor, log_p: Tensor) -> Tensor:
+    return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
 
 
-def _skew(log_a: Tensor, log_b: Tensor, alpha: float) -> Tensor:
-    """KL(a || alpha a + (1 - alpha) b): alpha = 0 is KL(a || b), alpha = 1 is 0."""
-    if alpha == 0.0:
-        return _kl(log_a, log_b)
-    if alpha == 1.0:
-        return log_a.new_zeros(log_a.shape[:-1])
-    return _kl(log_a, _log_mix(log_a, log_b, alpha))
+# what the divergence table's formulas are written against
+OPS = SimpleNamespace(kl=_kl, mix=_log_mix, tv=_tv, zeros=lambda log_a: log_a.new_zeros(log_a.shape[:-1]))
 
 
 def divergence_from_logprobs(log_q: Tensor, log_p: Tensor, spec: DivergenceSpec) -> Tensor:
@@ -99,39 +90,13 @@ def divergence_from_logprobs(log_q: Tensor, log_p: Tensor, spec: DivergenceSpec)
     Returns:
         [...] divergence summed over the last dimension.
     """
-    name = spec.name
-    if name == "forward_kl":
-        return _kl(log_p, log_q)
-    if name == "reverse_kl":
-        return _kl(log_q, log_p)
-    if name == "jsd":
-        return _jsd(log_q, log_p, spec.beta)
-    if name == "jsd_scaled":
-        # beta * (1 - beta) is the leading order of jsd near both endpoints, so the ratio tends to the KLs.
-        b = spec.beta
-        return _jsd(log_q, log_p, b) if b in (0.0, 1.0) else _jsd(log_q, log_p, b) / (b * (1.0 - b))
-    if name == "skew_kl":
-        return _skew(log_p, log_q, spec.alpha)
-    if name == "skew_reverse_kl":
-        return _skew(log_q, log_p, spec.alpha)
-    if name == "tv":
-        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
-    if name == "kl_mix":
-        return (1.0 - spec.mix) * _kl(log_p, log_q) + spec.mix * _kl(log_q, log_p)
-    raise ValueError(f"unknown divergence {name!r}")
+    return divergence_entry(spec.name).compute(OPS, log_q, log_p, spec.parameter)
 
 
 def kl_weights(spec: DivergenceSpec) -> tuple[float, float] | None:
     """(forward, reverse) where divergence_from_logprobs computes forward * KL(p||q) + reverse * KL(q||p) for
     this spec (the KLs, their mix, jsd and jsd_scaled at beta 0 and 1); None for every other divergence."""
-    name, beta = spec.name, spec.beta
-    if name == "forward_kl" or (name in ("jsd", "jsd_scaled") and beta == 0.0):
-        return 1.0, 0.0
-    if name == "reverse_kl" or (name in ("jsd", "jsd_scaled") and beta == 1.0):
-        return 0.0, 1.0
-    if name == "kl_mix":
-        return 1.0 - spec.mix, spec.mix
-    return None
+    return divergence_entry(spec.name).kl_weights(spec.parameter)
 
 
 def log_probs(logits: Tensor, temperature: float = 1.0) -> Tensor:

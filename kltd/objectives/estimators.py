@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kltd.spec.choices import SAMPLED_ESTIMATORS
+from kltd.schema.choices import SAMPLED_ESTIMATORS
 
 
 def sampled_kl(log_q: Tensor, log_p: Tensor, estimator: str, divergence: str = "reverse_kl") -> Tensor:

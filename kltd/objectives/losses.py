@@ -16,14 +16,14 @@ from torch import Tensor
 from kltd.objectives.chunked import chunked_rows, chunked_token_divergence
 from kltd.objectives.divergences import DivergenceSpec, log_probs, top_p_log_mass
 from kltd.objectives.estimators import sampled_kl
-from kltd.spec.choices import BASELINES, ESTIMATORS, NORMALIZATIONS, SAMPLED_ESTIMATORS, TRAJECTORIES
-from kltd.spec.matrix import own_divergence
+from kltd.schema.choices import BASELINES, ESTIMATORS, NORMALIZATIONS, SAMPLED_ESTIMATORS, TRAJECTORIES
+from kltd.schema.matrix import own_divergence
 
 PREFIX_STATES = ("student", "fixed", "teacher")
 
 
 def default_spec(trajectory: str) -> DivergenceSpec:
-    """The divergence a trajectory stands for (kltd.spec.matrix): expert -> KL(p||q), student -> KL(q||p)."""
+    """The divergence a trajectory stands for (kltd.schema.matrix): expert -> KL(p||q), student -> KL(q||p)."""
     name = own_divergence(trajectory)
     if name is None:
         raise ValueError(f"trajectory {trajectory!r} has no divergence (dataset is cross-entropy)")
@@ -182,8 +182,13 @@ def dataset_loss(
         weights: [B] per-sequence weight (a return, an advantage, a 0/1 filter), treated as a constant;
             None = plain behaviour cloning.
     Returns:
-        scalar: normalize(-w_b * log q(y_t | s_t)). For sequences y ~ D its expected gradient is
-        -E_D[w(y) grad log q(y)] (per-sequence normalisation), the gradient of the w-weighted likelihood.
+        scalar: normalize(-w_b * log q(y_t | s_t)). For sequences y ~ D and weights w(y) that depend on each
+        row's own sequence only, its expected gradient is -E_D[w(y) grad log q(y)] (per-sequence
+        normalisation), the gradient of the w-weighted likelihood. The weights kltd trains with (awr, filter
+        in kltd.objectives.rewards) are batch statistics, which also depend on the batch's other rows: the
+        expected gradient is then -E_D[omega_B(y) grad log q(y)], omega_B(y) the weight's mean over the
+        other rows of a batch of B, which approaches the population-weighted gradient as B grows (O(1/B)
+        for awr; the measured gaps are in kltd.objectives.rewards).
     """
     nll = -token_logprobs(student_logits, targets, mask, chunk_size=chunk_size)
     if weights is not None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kltd.report.records import CompareError, Run, is_number
-from kltd.spec.matrix import PREFIXES, TRAJECTORIES
+from kltd.schema.matrix import PREFIXES, TRAJECTORIES
 
 # eval_after keys in the order a reader expects them; others follow alphabetically.
 EVAL_ORDER = ("accuracy", "pass_at_k", "reverse_kl_student_states", "forward_kl_teacher_states", "student_entropy",

@@ -10,7 +10,11 @@ import json
 import math
 import netrc
 import os
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
+
+from kltd.files import DiskFull, disk_full
 
 WANDB_ID_FILE = ".wandb_run_id"  # one W&B run per run directory, resumed with it
 OFFLINE_NOTE = "W&B: {why}; logging offline to {dir} (upload later with: wandb sync {dir}/wandb/offline-run-*)"
@@ -36,27 +40,39 @@ def resolve_wandb_mode(requested: str) -> tuple[str, str | None]:
     return requested, None
 
 
-# Why an online start failed earlier in this process, if it did: later jobs of a sweep go offline at once.
-_online_failed: str | None = None
+PROBE_TIMEOUT_S = 3.0  # how long a job asks whether W&B's server answers before it tries an online start
+
+
+def wandb_unreachable(timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
+    """Why W&B's server (WANDB_BASE_URL, else api.wandb.ai) cannot be reached, or None when a connection opens.
+    Asked by each job, in at most `timeout_s`: without a network an online start would wait its whole
+    init_timeout_s first (and each job of a sweep again)."""
+    url = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    host, port = url.hostname or "api.wandb.ai", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+        return None
+    except OSError:
+        return f"{host}:{port} cannot be reached"
 
 
 def start_wandb(requested_mode: str, init: dict, *, where: Path, timeout_s: float = 30.0, echo=print):
     """(run, mode): a W&B run started online when asked or credentials exist, else offline with one line
     that says why; (None, "disabled") when W&B is off. An online start that fails (no network, a bad key)
-    falls back to offline the same way: W&B never stops a run."""
-    global _online_failed
+    falls back to offline the same way: W&B never stops a run. Everything is decided per job: a failure of one
+    job's start says nothing about the next one's."""
     mode, why = resolve_wandb_mode(requested_mode)
     if mode == "disabled":
         return None, mode
     import wandb
 
-    if mode == "online" and _online_failed:  # found out once in this process (a sweep): don't wait again
-        why = _online_failed
-    elif mode == "online":
+    if mode == "online":
+        why = wandb_unreachable()
+    if mode == "online" and why is None:
         try:
             return wandb.init(mode="online", settings=wandb.Settings(init_timeout=timeout_s), **init), mode
         except Exception as error:  # network, auth: never fatal for the run itself
-            why = _online_failed = f"online start failed ({type(error).__name__})"
+            why = f"online start failed ({type(error).__name__})"
             wandb.teardown()  # the failed attempt's service and its socket in the temp directory go with it
     echo(OFFLINE_NOTE.format(why=why or "offline mode requested", dir=where))
     if why and why.startswith("online start failed") and init.get("id"):
@@ -126,8 +142,13 @@ class RunLogger:
 
     def log(self, metrics: dict, step: int) -> None:
         row = {"step": step, **{k: _finite(v) for k, v in metrics.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as error:
+            if disk_full(error, self.run_dir):
+                raise DiskFull(self.path) from error
+            raise
         if self.wandb_run is not None:
             self.wandb_run.log({**metrics, "trainer/step": step}, step=step)
 

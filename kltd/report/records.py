@@ -14,7 +14,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kltd.spec.matrix import METHOD_NAMES, cell_error, method_name, slug
+from kltd.schema.matrix import METHOD_NAMES, cell_error, method_name, slug
 
 SUMMARY_FILE = "metrics.json"
 HISTORY_FILE = "metrics.jsonl"
@@ -176,7 +176,7 @@ class _Attributes:
 def _label_from_config(config: dict) -> str | None:
     """The method label the trainer would have written (e.g. "GKD λ=0.9"), for a run that never wrote it,
     so a missing seed joins its method's row."""
-    from kltd.spec.config import config_method_label
+    from kltd.schema.config import config_method_label
 
     try:
         return config_method_label(_Attributes(config)) if config else None

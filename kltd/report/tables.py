@@ -12,7 +12,7 @@ from pathlib import Path
 
 from kltd.report.aggregate import COST_FIELDS, CompareResult, MethodSummary, Stat, available_metrics
 from kltd.report.records import Run, is_number
-from kltd.spec.matrix import PREFIXES, TRAJECTORIES, cell_error
+from kltd.schema.matrix import PREFIXES, TRAJECTORIES, cell_error
 
 # --------------------------------------------------------------------------------------------- tables
 

@@ -86,17 +86,25 @@ class StateBatch:
     # [B, N] bool: the positions the loss supervises. None: every response token.
     supervised: Tensor | None = None
     examples: list = field(default_factory=list)
+    # [B] bool: the rows drawn from the student's side (see from_student). None: the rows with a
+    # student-written token.
+    student_rows: Tensor | None = None
 
     def __post_init__(self):
         if self.student_written is None:
             self.student_written = torch.zeros_like(self.responses.mask)
         if self.supervised is None:
             self.supervised = self.responses.mask
+        if self.student_rows is None:
+            self.student_rows = self.student_written.any(1)
 
     @property
     def from_student(self) -> Tensor:
-        """[B] bool: rows whose states depend on the student."""
-        return self.student_written.any(1)
+        """[B] bool: rows whose state distribution is the student's: its own samples, or a hand-off row whose
+        coin chose the student, even when the student wrote 0 of its tokens before the teacher took over.
+        Their prefix term is the score function over `student_written` (empty, so 0, for such a row), never
+        the cross-entropy of fixed states; and their states were written live, never by a cache."""
+        return self.student_rows
 
     @property
     def input_ids(self) -> Tensor:
@@ -121,7 +129,7 @@ class StateBatch:
             self.prompt_ids[idx, first:], prompt_mask[:, first:],
             Responses(self.responses.tokens[idx, :end], response_mask[:, :end]),
             self.student_written[idx, :end], self.supervised[idx, :end],
-            [self.examples[i] for i in rows] if self.examples else [],
+            [self.examples[i] for i in rows] if self.examples else [], self.student_rows[idx],
         )
 
     def by_length(self, max_groups: int, overhead_tokens: int = 64) -> list[StateBatch]:

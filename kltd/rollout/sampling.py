@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -169,10 +170,30 @@ def _sample(decoder, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, te
         next_pos = next_pos + alive.long()
 
 
+class StateSampler(Protocol):
+    """What the trainer asks of whatever draws its states: kltd's `Sampler`, or a vLLM engine
+    (kltd.rollout.vllm_sampler.VllmSampler). The execution plan (kltd.rollout.plan) says which one a job uses."""
+
+    max_new_tokens: int
+
+    def __call__(self, prompt_ids: Tensor, prompt_mask: Tensor, generator, prefix: Responses | None = None
+                 ) -> Responses: ...
+
+    def push_weights(self, model: torch.nn.Module, step: int) -> None:
+        """The model's weights as of optimiser step `step` are the ones to sample from from now on."""
+
+    def staleness(self, step: int) -> int | None:
+        """Optimiser steps between the weights it samples from and the model's at `step`; None: always current."""
+
+    def close(self) -> None:
+        """Stop what it started outside PyTorch."""
+
+
 @dataclass
 class Sampler:
     """Everything needed to draw responses from one model. A model on another device than the prompts (a
-    teacher on its own GPU) samples there; the responses come back on the prompts' device."""
+    teacher on its own GPU) samples there; the responses come back on the prompts' device. It samples from
+    the model's live weights, so pushing weights does nothing and it is never stale."""
 
     model: torch.nn.Module
     tokenizer: object
@@ -200,3 +221,12 @@ class Sampler:
         if device == home:
             return out
         return Responses(out.tokens.to(home), out.mask.to(home), None if out.logits is None else out.logits.to(home))
+
+    def push_weights(self, model: torch.nn.Module, step: int) -> None:
+        pass
+
+    def staleness(self, step: int) -> int | None:
+        return None
+
+    def close(self) -> None:
+        pass

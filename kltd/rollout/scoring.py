@@ -2,9 +2,9 @@
 path.
 
 The trainer, the evaluation and the teacher cache ask a `Scorer` for the models' logits, final hidden
-states or logit rows at a batch's response states; whether that runs kltd's packed forward
-(kltd.fast.packed, Llama-family models, real tokens only) or the model's own Hugging Face forward is
-decided here and nowhere else. Both give the same numbers to float rounding (tests/fast).
+states or logit rows at a batch's response states; a Scorer runs kltd's packed forward (kltd.fast.packed,
+Llama-family models, real tokens only) or the model's own Hugging Face forward, as the job's execution plan
+(kltd.rollout.plan) says. Both give the same numbers to float rounding (tests/fast).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kltd.fast.arranged import is_sharded, supports
+from kltd.fast.arranged import supports
 from kltd.fast.packed import packed_hidden
 from kltd.objectives.fused_head import plain_output_layer
 from kltd.rollout.batch import StateBatch, position_ids_from_mask
@@ -59,7 +59,8 @@ class LogitRows:
 class Scorer:
     """Logits or hidden states at the response states of a StateBatch.
 
-    packed: use kltd's packed forward for the architectures it supports (else always the model's own).
+    packed: run kltd's packed forward (the plan asks for it only for the models it supports; for another model
+        the model's own forward runs).
     vocab: compare logits on the first `vocab` ids only (the shared tokenizer's; an output layer may have
         padded rows beyond it); None: all of them.
     A model on another device than the batch (a teacher on its own GPU) gets the batch there and gives its
@@ -73,10 +74,6 @@ class Scorer:
         """The output layer's weight over the compared ids (for the fused head; a plain linear layer)."""
         weight = model.get_output_embeddings().weight
         return weight if self.vocab is None else weight[: self.vocab]
-
-    def reads_weights(self, model) -> bool:
-        """Whether the model's weights can be used outside its forward (the fused head does): not when sharded."""
-        return not is_sharded(model)
 
     def packs(self, model) -> bool:
         """Whether `hidden_states` runs the packed forward for this model (real tokens only, no padding)."""

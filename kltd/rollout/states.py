@@ -19,7 +19,7 @@ from kltd.rollout.batch import (
 )
 from kltd.rollout.noise import RowNoise
 from kltd.rollout.sampling import Sampler
-from kltd.spec.config import PrefixConfig
+from kltd.schema.config import PrefixConfig
 
 
 def student_fraction_at(mix: PrefixConfig, step: int) -> float:
@@ -103,8 +103,10 @@ class StateSource:
         n = len(examples)
         if self.source != "mixed":
             responses = self._draw(self.source, prompt_ids, prompt_mask, examples, noise, counts)
-            written = responses.mask if self.source == "student" else None
-            return StateBatch(prompt_ids, prompt_mask, responses, written, examples=examples), counts
+            mine = self.source == "student"
+            rows = torch.full((n,), mine, dtype=torch.bool, device=device)
+            return StateBatch(prompt_ids, prompt_mask, responses, responses.mask if mine else None, examples=examples,
+                              student_rows=rows), counts
         # GKD-style: one coin per sequence; only the rows that need a model are sampled by it
         coins = noise.named("coin").uniforms(1)[:, 0] < student_fraction_at(self.mix, step)
         rows: list[list[int]] = [[] for _ in range(n)]
@@ -127,4 +129,6 @@ class StateSource:
         supervised = responses.mask
         if self.mix.handoff and self.mix.supervise == "after_handoff":
             supervised = responses.mask & ~written
-        return StateBatch(prompt_ids, prompt_mask, responses, written, supervised, examples), counts
+        # a row is the student's when its coin says so: a hand-off at k = 0 leaves it no written token, yet it
+        # is a draw of the hand-off distribution, not a fixed row (whose prefix term would be cross-entropy)
+        return StateBatch(prompt_ids, prompt_mask, responses, written, supervised, examples, coins.to(device)), counts

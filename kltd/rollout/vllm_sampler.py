@@ -89,7 +89,7 @@ class VllmEngine:
                            max_model_len=options.max_model_len or getattr(config, "max_position_embeddings", None),
                            max_logprobs=-1, enable_prefix_caching=True, **memory, **options.extra)
         self.pushes = 0  # push_weights calls since the start (the first load from the live model not counted)
-        self.pushed_at_step: int | None = None
+        self.pushed_at_step = 0  # it starts with the model's weights as they are: those of step 0 in training
         self.load(model)
 
     def load(self, model: torch.nn.Module) -> None:
@@ -194,9 +194,8 @@ class VllmSampler:
         return self.engine.pushes
 
     def staleness(self, step: int) -> int | None:
-        """Optimiser steps since the weights the engine samples from (None before any push)."""
-        pushed = self.engine.pushed_at_step
-        return None if pushed is None else step - pushed
+        """Optimiser steps since the weights the engine samples from."""
+        return step - self.engine.pushed_at_step
 
     def close(self) -> None:
         self.engine.close()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from kltd.spec.config import Config, ConfigError
+from kltd.schema.config import Config, ConfigError
 from kltd.train.ranks import Ranks
 from kltd.train.threads import share_of_cores
 

@@ -15,8 +15,8 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from kltd.files import atomic_write_json
-from kltd.spec.config import Config, EvalConfig
+from kltd.files import atomic_write_json, remove_stale_temporaries
+from kltd.schema.config import Config, EvalConfig
 from kltd.train.teacher_cache import examples_fingerprint, source_fingerprint
 
 # raised when the evaluation's own arithmetic changes (2: the samplers' logits reused, blocked MLP rows)
@@ -36,20 +36,21 @@ class EvalInputs:
     settings: EvalConfig
     dtype: str
     device: str  # "cpu" or "cuda": rounding differs between them
-    lean: bool
+    paths: dict  # how the models run (the execution plan's evaluation part): rounding differs between paths
 
     def digest(self) -> str:
         settings = {k: v for k, v in dataclasses.asdict(self.settings).items() if k not in NOT_IN_KEY}
         payload = {"version": EVAL_CACHE_VERSION, "student": source_fingerprint(self.student_dir),
                    "teacher": source_fingerprint(self.teacher_dir),
                    "examples": examples_fingerprint(self.examples), "checker": self.checker, "settings": settings,
-                   "dtype": self.dtype, "device": self.device, "lean": self.lean}
+                   "dtype": self.dtype, "device": self.device, "paths": self.paths}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 
 def cached_evaluation(inputs: EvalInputs, evaluate: Callable[[], dict], cache_dir: Path, echo=print) -> dict:
     """The stored figures for these inputs, else `evaluate()`'s, stored for the next run."""
     path = Path(cache_dir) / f"eval-before-{inputs.digest()}.json"
+    remove_stale_temporaries(cache_dir)  # what a writer killed half-way left (a writer still at work keeps its own)
     if path.is_file():
         try:
             result = json.loads(path.read_text())
@@ -62,12 +63,13 @@ def cached_evaluation(inputs: EvalInputs, evaluate: Callable[[], dict], cache_di
     return result
 
 
-def evaluation_inputs(cfg: Config, data, device) -> EvalInputs:
-    """The inputs of this run's evaluation before training (data: kltd.data.prepare's result)."""
+def evaluation_inputs(cfg: Config, data, device, plan) -> EvalInputs:
+    """The inputs of this run's evaluation before training (data: kltd.data.prepare's result; plan: the execution
+    plan's evaluation part, kltd.rollout.plan.EvaluationPlan)."""
     from kltd.train.models import resolve_model_path
 
     m = cfg.model
     return EvalInputs(student_dir=resolve_model_path(m.student), teacher_dir=resolve_model_path(m.teacher),
                       examples=data.eval[: cfg.eval.num_prompts],
                       checker=cfg.data.checker_name, settings=cfg.eval, dtype=m.dtype,
-                      device=str(getattr(device, "type", device)), lean=cfg.sampling.lean_decoder)
+                      device=str(getattr(device, "type", device)), paths=dataclasses.asdict(plan))

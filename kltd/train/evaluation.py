@@ -14,17 +14,13 @@ import torch
 from kltd.objectives.divergences import DivergenceSpec, token_divergence
 from kltd.rollout.batch import StateBatch, decode_responses, encode_prompts
 from kltd.rollout.grad_free import without_grad
+from kltd.rollout.plan import EvaluationPlan, evaluation_plan
 from kltd.rollout.sampling import Sampler
 from kltd.rollout.scoring import LogitRows, Scorer
-from kltd.spec.config import EvalConfig
+from kltd.schema.config import EvalConfig
 
 REVERSE = DivergenceSpec(name="reverse_kl")
 FORWARD = DivergenceSpec(name="forward_kl")
-
-# A model's logits at its own samples are the ones its sampler drew from: kept, they spare scoring those samples
-# with it again (a third of the scoring). Kept where a sampling call's [rows, max_new_tokens, V] fits in this
-# many numbers (512 MiB in float32: the toy pair always, a 32k vocabulary at a few dozen rows).
-KEEP_SAMPLED_LOGITS = 2**27
 
 
 class PositionCurve:
@@ -57,21 +53,23 @@ class PositionCurve:
         return out
 
 
-def _per_token(scorer: Scorer, student, teacher, batch: StateBatch, spec: DivergenceSpec, sampled_by
+def _per_token(scorers: dict, student, teacher, batch: StateBatch, spec: DivergenceSpec, sampled_by
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, N] exact per-token divergence and student entropy at the response states (0 past the end).
 
     Both are computed on the response states alone ([M, V] logit rows, a part at a time: through the packed
-    forward where the scorer runs it, else the models' own forward) and scattered back into place. The model
-    that sampled the responses (`sampled_by`) is not run again where its sampler kept the logits.
+    forward where the plan runs it, else the models' own forward; `scorers` by role) and scattered back into
+    place. The model that sampled the responses (`sampled_by`) is not run again where its sampler kept the logits.
     """
     mask = batch.supervised  # every response token: evaluation's batches supervise them all
     kept = batch.responses.logits
 
-    def rows(model) -> LogitRows:
-        return LogitRows.of(kept[mask]) if model is sampled_by and kept is not None else scorer.logit_rows(model, batch)
+    def rows(model, role: str) -> LogitRows:
+        if model is sampled_by and kept is not None:
+            return LogitRows.of(kept[mask])
+        return scorers[role].logit_rows(model, batch)
 
-    q_rows, p_rows = rows(student), rows(teacher)
+    q_rows, p_rows = rows(student, "student"), rows(teacher, "teacher")
     divergence, entropy = [], []
     for part in q_rows.parts():
         q_logits, p_logits = q_rows(part).float(), p_rows(part).float()
@@ -89,10 +87,6 @@ def _in_place(rows: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _widest_output(*models) -> int:
-    return max(model.get_output_embeddings().weight.shape[0] for model in models)
-
-
 def pass_at_k(correct_by_prompt: list[list[bool]], k: int) -> float:
     """Unbiased pass@k (Chen et al. 2021) from n >= k samples per prompt."""
     total = 0.0
@@ -103,35 +97,42 @@ def pass_at_k(correct_by_prompt: list[list[bool]], k: int) -> float:
 
 
 def evaluate(student, teacher, tokenizer, examples: list, settings: EvalConfig, *,
-             checker: Callable[[str, object], bool] | None, lean: bool = True, vocab: int | None = None) -> dict:
+             checker: Callable[[str, object], bool] | None, lean: bool = True, vocab: int | None = None,
+             plan: EvaluationPlan | None = None, on_progress: Callable[[int, int], None] | None = None) -> dict:
     """Greedy accuracy, pass@k, response length, sequence KLs, entropy and per-position curves.
 
     Uses the first `num_prompts` examples and a generator seeded from `settings.seed`, so every cell of
     a sweep is measured on the same prompts with the same random stream. `checker(response, example)`
-    grades an answer (None: no accuracy or pass@k, the other metrics need no checker); `lean` (as
-    sampling.lean_decoder in training) runs kltd's fast paths where a model allows them: the lean decoder,
-    and the packed forward for scoring; False runs the models' own forward throughout (a sharded model
-    needs it). `vocab` limits both models to the tokenizer's ids.
+    grades an answer (None: no accuracy or pass@k, the other metrics need no checker). How the models run is
+    `plan` (the job's: kltd.rollout.plan), else the plan for `lean` (as sampling.lean_decoder in training:
+    kltd's lean decoder and packed forward where a model allows them; False: the models' own forward
+    throughout). `vocab` limits both models to the tokenizer's ids. `on_progress(done, total)` is told after
+    each batch of prompts how many are done.
     """
+    examples = examples[: settings.num_prompts]
+    if plan is None:
+        plan = evaluation_plan(student, teacher, lean=lean, rows=min(settings.batch_size, len(examples)) *
+                               max(1, settings.pass_k), max_new_tokens=settings.max_new_tokens, vocab=vocab)
     with without_grad(student, teacher):
-        return _evaluate(student, teacher, tokenizer, examples, settings, checker, lean, vocab)
+        return _evaluate(student, teacher, tokenizer, examples, settings, checker, plan, vocab, on_progress)
 
 
-def _evaluate(student, teacher, tokenizer, examples: list, settings: EvalConfig, checker, lean: bool, vocab) -> dict:
-    scorer = Scorer(packed=lean, vocab=vocab)  # lean=False: the models' own forward for scoring too
+def _evaluate(student, teacher, tokenizer, examples: list, settings: EvalConfig, checker, plan: EvaluationPlan,
+              vocab, on_progress) -> dict:
+    scorers = {role: Scorer(packed=route.packed, vocab=vocab)
+               for role, route in (("student", plan.student), ("teacher", plan.teacher))}
     was_training = student.training
     student.eval()
     device = next(student.parameters()).device
     generator = torch.Generator(device=device).manual_seed(settings.seed)
-    examples = examples[: settings.num_prompts]
     k = max(1, settings.pass_k)
-    rows = min(settings.batch_size, len(examples)) * k
-    keep = lean and rows * settings.max_new_tokens * (vocab or _widest_output(student, teacher)) <= KEEP_SAMPLED_LOGITS
-    greedy = Sampler(student, tokenizer, settings.max_new_tokens, temperature=0.0, lean=lean, vocab=vocab)
-    student_sampler = Sampler(student, tokenizer, settings.max_new_tokens, temperature=1.0, lean=lean, vocab=vocab,
-                              keep_logits=keep)
-    teacher_sampler = Sampler(teacher, tokenizer, settings.max_new_tokens, temperature=1.0, lean=lean, vocab=vocab,
-                              keep_logits=keep)
+    keep = plan.keep_sampled_logits
+    lean = {"student": plan.student.decoder == "lean", "teacher": plan.teacher.decoder == "lean"}
+    greedy = Sampler(student, tokenizer, settings.max_new_tokens, temperature=0.0, lean=lean["student"], vocab=vocab)
+    student_sampler = Sampler(student, tokenizer, settings.max_new_tokens, temperature=1.0, lean=lean["student"],
+                              vocab=vocab, keep_logits=keep)
+    teacher_sampler = Sampler(teacher, tokenizer, settings.max_new_tokens, temperature=1.0, lean=lean["teacher"],
+                              vocab=vocab, keep_logits=keep)
     correct, lengths, rkl, fkl, entropy, sampled_correct = [], [], [], [], [], []
     curves = {"student_states": PositionCurve(), "teacher_states": PositionCurve()}
     generated = {"student": 0, "teacher": 0}
@@ -152,7 +153,7 @@ def _evaluate(student, teacher, tokenizer, examples: list, settings: EvalConfig,
             texts = decode_responses(tokenizer, on_student)
             sampled_correct += [[checker(texts[i * k + j], e) for j in range(k)] for i, e in enumerate(chunk)]
         batch = StateBatch(rep_ids, rep_mask, on_student, on_student.mask)
-        per_token, token_entropy = _per_token(scorer, student, teacher, batch, REVERSE, sampled_by=student)
+        per_token, token_entropy = _per_token(scorers, student, teacher, batch, REVERSE, sampled_by=student)
         rkl += per_token.sum(1).view(len(chunk), k).mean(1).tolist()
         entropy += (token_entropy.sum(1) / on_student.mask.sum(1).clamp(min=1)).view(len(chunk), k).mean(1).tolist()
         curves["student_states"].add(per_token, on_student.mask)
@@ -160,10 +161,12 @@ def _evaluate(student, teacher, tokenizer, examples: list, settings: EvalConfig,
 
         on_teacher = teacher_sampler(prompt_ids, prompt_mask, generator)
         batch = StateBatch(prompt_ids, prompt_mask, on_teacher)
-        per_token, _ = _per_token(scorer, student, teacher, batch, FORWARD, sampled_by=teacher)
+        per_token, _ = _per_token(scorers, student, teacher, batch, FORWARD, sampled_by=teacher)
         fkl += per_token.sum(1).tolist()
         curves["teacher_states"].add(per_token, on_teacher.mask)
         generated["teacher"] += on_teacher.num_tokens
+        if on_progress is not None:
+            on_progress(start + len(chunk), len(examples))
     student.train(was_training)
     n = len(examples)
     graded = {"accuracy": sum(correct) / n, "pass_at_k": pass_at_k(sampled_correct, k)} if checker else {}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from kltd.hub import cache_only_when_offline, cached_model_dir, hub_reachable, in_model_cache, why_offline
+from kltd.hub import cached_model_dir, hub_reachable, in_model_cache, why_offline
 
 TOY_PREFIX = "toy/"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -57,16 +57,13 @@ def check_model_reference(reference: str) -> str | None:
         return None
     if not in_model_cache(reference) and not hub_reachable():
         return (f"'{reference}' is not a local directory nor in the Hugging Face cache, and {why_offline()}; "
-                f"download it first (huggingface-cli download {reference}) or give a local directory")
+                f"download it first (hf download {reference}) or give a local directory")
     return None
 
 
 def _local_only(path: str) -> bool:
     # directories never reach for the network; hub names only while the hub can be reached
-    if _looks_local(path):
-        return True
-    cache_only_when_offline()
-    return not hub_reachable()
+    return _looks_local(path) or not hub_reachable()
 
 
 def pick_device(name: str) -> torch.device:

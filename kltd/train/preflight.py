@@ -1,33 +1,21 @@
-"""Everything that can be checked before a model is loaded: the config (kltd.spec.config) and the files
-it names. Raises ConfigError with one line that says what is wrong and how to fix it."""
+"""Everything that can be checked before a model is loaded: the config (kltd.schema.config), the files it
+names and the rows of data=file and data=hub. Raises ConfigError with one line that says what is wrong and
+how to fix it."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from kltd.spec.config import Config, ConfigError
+from kltd.files import directory_problem
+from kltd.schema.config import Config, ConfigError, needs_responses
 from kltd.train.models import check_model_reference, model_directory
 
 VLLM_MIN_CPU_HEAD_DIM = 32  # vLLM's CPU attention refuses smaller heads (the toy pair's are 16)
 
 
-def writable_dir_problem(path: str | Path) -> str | None:
-    """Why a directory could not be created and written at `path` (None: it can)."""
-    path = Path(path).expanduser().absolute()
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        return f"'{path}' cannot be a directory: '{probe}' is a file"
-    if not os.access(probe, os.W_OK | os.X_OK):
-        return f"'{path}' cannot be written: no write permission on '{probe}'"
-    return None
-
-
 def preflight(cfg: Config) -> None:
     cfg.check()
-    problem = writable_dir_problem(cfg.cache.dir)
+    problem = directory_problem(cfg.cache.dir)
     if problem:
         raise ConfigError(f"cache.dir: {problem}")
     for role in ("teacher", "student"):
@@ -42,6 +30,24 @@ def preflight(cfg: Config) -> None:
         raise ConfigError(f"data.responses_file '{responses}' does not exist (make one with `kltd make-data`)")
     if cfg.data.source == "file" and not Path(cfg.data.path).expanduser().exists():
         raise ConfigError(f"data.path '{cfg.data.path}' does not exist")
+    problem = data_problem(cfg)
+    if problem:
+        raise ConfigError(problem)
+
+
+def data_problem(cfg: Config) -> str | None:
+    """The first bad row (or unreadable file) of data=file or data=hub, before Hydra writes a directory or a
+    model loads; no tokenizer needed. The checked rows stay in the process for prepare() (kltd.data.rows)."""
+    if cfg.data.source not in ("file", "hub"):
+        return None
+    from kltd.data.formats import DataError
+    from kltd.data.rows import check_rows
+
+    try:
+        check_rows(cfg.data, needs_responses(cfg))
+    except DataError as error:
+        return str(error)
+    return None
 
 
 def vllm_problem(cfg: Config) -> str | None:

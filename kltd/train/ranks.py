@@ -11,6 +11,8 @@ runs on, and summing once after the last micro-batch is what DDP's no_sync does 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -106,6 +108,15 @@ class Ranks:
             import torch.distributed as dist
 
             dist.barrier()
+
+    @contextmanager
+    def main_first(self) -> Iterator[None]:
+        """Process 0 runs the block first (e.g. fills a shared cache), then the others (e.g. read it)."""
+        if not self.main:
+            self.barrier()
+        yield
+        if self.main:
+            self.barrier()
 
 
 SINGLE = Ranks()

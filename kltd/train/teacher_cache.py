@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from kltd.files import atomic_write
+from kltd.files import atomic_write, remove_stale_temporaries
 from kltd.rollout.batch import StateBatch, encode_prompts, encode_responses
 from kltd.rollout.scoring import Scorer
 
@@ -205,6 +205,7 @@ def cached_teacher(teacher, tokenizer, teacher_dir: str, tokenizer_dir: str, exa
     key = CacheKey(source_fingerprint(teacher_dir), tokenizer_key, examples_fingerprint(examples), dtype, fmt,
                    top_k if fmt == "topk" else 0)
     path = Path(cache_dir) / f"teacher-{key.digest()}.pt"
+    remove_stale_temporaries(cache_dir)  # what a writer killed half-way left (a writer still at work keeps its own)
     read = _modified(path)
     cache = None
     if read:

@@ -6,8 +6,9 @@
 
 Each step: draw states from the prefix source, score them with the student (grad) and the teacher
 (inference_mode), form kl_trajectory_weight * L_traj + kl_prefix_weight * L_prefix, step AdamW. Models are
-run through one seam (kltd.rollout.scoring.Scorer, kltd.rollout.sampling.Sampler); the trainer never
-chooses between the fast path and the models' own forward itself.
+run through one seam (kltd.rollout.scoring.Scorer, a kltd.rollout.sampling.StateSampler) as the job's execution
+plan (kltd.rollout.plan) says: the trainer never chooses between the fast path and the models' own forward, nor
+between samplers, itself.
 """
 
 from __future__ import annotations
@@ -21,18 +22,19 @@ import torch
 
 from kltd.data.order import ExampleOrder
 from kltd.objectives.divergences import DivergenceSpec
-from kltd.objectives.fused_head import fused_divergence, plain_output_layer
+from kltd.objectives.fused_head import fused_divergence
 from kltd.objectives.losses import dataset_loss, prefix_loss, trajectory_loss
 from kltd.objectives.rewards import sequence_weights, teacher_loglik
 from kltd.rollout.batch import StateBatch, TokenCounts
 from kltd.rollout.noise import RowNoise
-from kltd.rollout.sampling import Sampler
+from kltd.rollout.plan import ExecutionPlan, loss_is_sum_over_rows, plan_for
+from kltd.rollout.sampling import Sampler, StateSampler
 from kltd.rollout.scoring import Scorer
 from kltd.rollout.states import StateSource
-from kltd.spec.config import Config
-from kltd.spec.matrix import own_divergence
+from kltd.schema.config import Config
+from kltd.schema.matrix import own_divergence
 from kltd.train.ranks import SINGLE, Ranks
-from kltd.train.sharding import gathered_optimizer_state, scattered_optimizer_state, sharded, whole
+from kltd.train.sharding import gathered_optimizer_state, scattered_optimizer_state, whole
 
 
 class TrainingError(RuntimeError):
@@ -82,10 +84,11 @@ class Trainer:
     order: the data order (default: seeded shuffles of the training examples, epoch after epoch).
     ranks: this process's place in a data-parallel run (kltd.train.ranks); every process draws the same
     global batch and trains on its share of the rows.
+    plan: how the models run (kltd.rollout.plan; default: the plan for this config and these models).
     """
 
     def __init__(self, cfg: Config, pair, train_examples: list, checker: Callable[[str, object], bool] | None = None,
-                 order: ExampleOrder | None = None, ranks: Ranks = SINGLE):
+                 order: ExampleOrder | None = None, ranks: Ranks = SINGLE, plan: ExecutionPlan | None = None):
         self.cfg = cfg
         self.ranks = ranks
         self.student, self.teacher, self.tokenizer = pair.student, pair.teacher, pair.tokenizer
@@ -95,8 +98,8 @@ class Trainer:
         self.spec = divergence_spec(cfg)
         t = cfg.trainer
         self.vocab = pair.vocab_size or None
-        # gradient checkpointing lives in the model's own forward, so the student is then scored through it
-        self.scorer = Scorer(packed=t.packed_forward and not t.gradient_checkpointing, vocab=self.vocab)
+        self.plan = plan or plan_for(cfg, self.student, self.teacher, self.vocab)
+        self.scorers = {role: Scorer(packed=route.packed, vocab=self.vocab) for role, route in self.plan.training.items()}
         self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(t.warmup_steps, t.max_steps, t.min_lr_ratio)
@@ -109,36 +112,31 @@ class Trainer:
         self.teacher_cache = None
         self.order = order or ExampleOrder(len(train_examples), cfg.seed)
 
-    def _sampler(self, role: str):
-        """kltd's decoder, or (sampling.backend=vllm, for the model that samples the states) a vLLM engine that
-        starts from the model's directory and is given its live weights."""
-        s = self.cfg.sampling
+    def _sampler(self, role: str) -> StateSampler:
+        """What the plan says draws the model's states: kltd's sampler (its lean decoder or the model's own
+        forward), or a vLLM engine that starts from the model's directory and is given its live weights."""
+        s, route = self.cfg.sampling, self.plan.training[role]
         model = self.student if role == "student" else self.teacher
-        if s.backend != "vllm" or role not in self.cfg.prefix.sampling_models():
+        if route.decoder != "vllm":
             # a sharded student's forward passes are collectives: the processes decode in step
-            return Sampler(model, self.tokenizer, s.max_new_tokens, s.temperature, s.top_p, s.lean_decoder,
-                           self.vocab, lockstep=self.ranks.any if sharded(model) else None)
+            return Sampler(model, self.tokenizer, s.max_new_tokens, s.temperature, s.top_p, route.decoder == "lean",
+                           self.vocab, lockstep=self.ranks.any if route.lockstep else None)
         from kltd.rollout.vllm_sampler import EngineOptions, VllmSampler
         from kltd.train.models import model_directory
 
         options = EngineOptions(model_dir=str(model_directory(getattr(self.cfg.model, role))), seed=self.cfg.seed,
                                 gpu_memory_utilization=s.vllm_memory)
-        sampler = VllmSampler(model, self.tokenizer, s.max_new_tokens, s.temperature, s.top_p, self.vocab,
-                              options=options)
-        sampler.engine.pushed_at_step = 0
-        return sampler
+        return VllmSampler(model, self.tokenizer, s.max_new_tokens, s.temperature, s.top_p, self.vocab, options=options)
 
     def _push_weights(self) -> None:
-        """sampling.backend=vllm: the engine samples from the student's weights as of the last push (a teacher's
-        engine keeps the weights it started with)."""
-        if hasattr(self.states.student, "push_weights"):
-            self.states.student.push_weights(self.student, step=self.steps_done)
+        """The student's sampler samples from its weights as of now (a vLLM engine is given them; kltd's sampler
+        reads the live weights anyway). A teacher's sampler keeps the weights it has."""
+        self.states.student.push_weights(self.student, step=self.steps_done)
 
     def close(self) -> None:
         """Stop what the trainer started outside PyTorch (a vLLM engine)."""
         for sampler in (self.states.student, self.states.teacher):
-            if hasattr(sampler, "close"):
-                sampler.close()
+            sampler.close()
 
     def state_dict(self) -> dict:
         """Everything besides the student's weights that the next step depends on: optimiser, schedule, the
@@ -181,9 +179,7 @@ class Trainer:
 
     def uses_teacher_cache(self) -> bool:
         """auto: cache whenever the states are fixed and the loss needs the teacher's logits at them."""
-        c = self.cfg.cache
-        needed = self.cfg.prefix.source == "fixed" and self._loss_needs_teacher(fixed_states=True)
-        return needed and c.teacher in ("on", "auto")
+        return self.plan.teacher_cache
 
     def attach_teacher_cache(self, cache) -> None:
         self.teacher_cache = cache
@@ -202,7 +198,7 @@ class Trainer:
         if self.cache_serves(batch):
             return self.teacher_cache.lookup(batch)
         with torch.inference_mode():
-            logits = self.scorer.logits(self.teacher, batch)
+            logits = self.scorers["teacher"].logits(self.teacher, batch)
         self.teacher_forwards += 1
         return logits.clone()  # a normal tensor again, usable by autograd
 
@@ -233,35 +229,27 @@ class Trainer:
 
     def loss_is_sum_over_rows(self) -> bool:
         """True unless a batch-level term couples the rows (prefix-term baselines, offline-RL weights)."""
-        loss, traj = self.cfg.loss, self.cfg.trajectory
-        return loss.kl_prefix_weight == 0 and (traj.supervisor != "dataset" or traj.reward == "none")
+        return loss_is_sum_over_rows(self.cfg)
 
     def can_fuse(self) -> bool:
-        """The exact trajectory divergence alone, through plain output layers: no logits tensor is needed."""
-        loss, traj = self.cfg.loss, self.cfg.trajectory
-        return (self.cfg.trainer.fused_head and loss.estimator == "exact" and loss.kl_prefix_weight == 0
-                and traj.supervisor != "dataset" and plain_output_layer(self.student) is not None
-                and self.scorer.reads_weights(self.student) and self.scorer.reads_weights(self.teacher)
-                and plain_output_layer(self.teacher) is not None)
-
-    def packs_both(self) -> bool:
-        """Both models score real tokens only: splitting a batch by length gains nothing."""
-        return self.can_fuse() and self.scorer.packs(self.student) and self.scorer.packs(self.teacher)
+        """The plan's choice: the exact trajectory divergence from hidden states (no logits tensor)."""
+        return self.plan.fused_head
 
     def fused_loss(self, batch: StateBatch, denominator: float) -> torch.Tensor:
         """kl_trajectory_weight * L_traj from hidden states; equals the logits path (tested)."""
-        hidden = self.scorer.hidden_states(self.student, batch)
+        student, teacher = self.scorers["student"], self.scorers["teacher"]
+        hidden = student.hidden_states(self.student, batch)
         if self.cache_serves(batch):
             teacher_rows = self.teacher_cache.lookup(batch)[batch.supervised]
             rows = lambda part: teacher_rows[part]  # noqa: E731
         else:
             with torch.inference_mode():
-                teacher_hidden = self.scorer.hidden_states(self.teacher, batch)
+                teacher_hidden = teacher.hidden_states(self.teacher, batch)
             self.teacher_forwards += 1
-            teacher_head = self.scorer.output_weight(self.teacher).to(teacher_hidden.device)
+            teacher_head = teacher.output_weight(self.teacher).to(teacher_hidden.device)
             rows = lambda part: (teacher_hidden[part] @ teacher_head.T).float()  # noqa: E731
         weights = torch.full((hidden.shape[0],), 1.0 / denominator, device=hidden.device)
-        head = self.scorer.output_weight(self.student)
+        head = student.output_weight(self.student)
         return self.cfg.loss.kl_trajectory_weight * fused_divergence(hidden, head, rows, weights, self.spec)
 
     def loss(self, batch: StateBatch, denominator: float) -> tuple[torch.Tensor, dict[str, float]]:
@@ -271,11 +259,11 @@ class Trainer:
         micro-batch), so accumulated gradients equal those of one large batch.
         """
         cfg = self.cfg.loss
-        if self.can_fuse():
+        if self.plan.fused_head:
             total = self.fused_loss(batch, denominator)
             return total, {"loss_trajectory": float(total.detach()) / cfg.kl_trajectory_weight}
         targets, mask = batch.responses.tokens, batch.supervised
-        student_logits = self.scorer.logits(self.student, batch)
+        student_logits = self.scorers["student"].logits(self.student, batch)
         teacher_logits = self.teacher_logits(batch) if self.needs_teacher_logits(batch) else None
         common = dict(normalization=cfg.normalization, denominator=denominator)
         total = student_logits.new_zeros(())
@@ -337,9 +325,9 @@ class Trainer:
         """One optimiser step over trainer.grad_accum micro-batches (this process's rows of each)."""
         t = self.cfg.trainer
         stats = StepStats()
-        staleness = getattr(self.states.student, "staleness", None)
+        staleness = self.states.student.staleness(self.steps_done)
         if staleness is not None:  # optimiser steps between the engine's weights and the student's
-            stats.parts["sampler_staleness"] = float(staleness(self.steps_done))
+            stats.parts["sampler_staleness"] = float(staleness)
         self.student.eval()  # sampling states: no dropout
         batches = []
         for micro in range(t.grad_accum):
@@ -355,9 +343,7 @@ class Trainer:
         tokens, sequences = self.ranks.sum([local_tokens, sum(b.num_sequences for b in batches)])
         denominator = float(tokens if self.cfg.loss.normalization == "token" else sequences)
         self.optimizer.zero_grad(set_to_none=True)
-        # a sharded student makes one (collective) forward per micro-batch in every process
-        split = self.loss_is_sum_over_rows() and not self.packs_both() and not sharded(self.student)
-        groups = t.length_groups if split else 1
+        groups = self.plan.length_groups
         bad = None
         for batch in (part for b in batches for part in b.by_length(groups)):
             loss, parts = self.loss(batch, denominator)

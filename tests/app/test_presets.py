@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from kltd.spec.config import validate
+from kltd.schema.config import validate
 from kltd.app.train_command import config_dir, to_typed
 
 CONF = Path(config_dir())
@@ -52,7 +52,7 @@ def test_sweep_presets_are_multiruns_over_valid_cells(sweep):
 
 
 def test_matrix_sweep_covers_every_valid_cell():
-    from kltd.spec.matrix import METHOD_NAMES
+    from kltd.schema.matrix import METHOD_NAMES
 
     cells = str(composed("sweep=matrix").hydra.sweeper.params["method"]).split(",")
     got = set()
@@ -79,7 +79,8 @@ def test_every_method_preset_runs_a_few_steps(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "kltd.app.cli", "train", "method=filtered_bc", f"data.responses_file={responses}", *TINY,
          f"hydra.run.dir={tmp_path / 'filtered'}"],
-        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "WANDB_MODE": "disabled"}, timeout=300)
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "WANDB_MODE": "disabled"},
+        timeout=900)  # a hang guard (as the sweep's above), not a measure of speed
     assert out.returncode == 0, out.stderr[-3000:]
     summaries = [json.loads(p.read_text()) for p in [*sweep.glob("*/metrics.json"), tmp_path / "filtered/metrics.json"]]
     assert len(summaries) == len(METHODS)
@@ -92,9 +93,31 @@ DATA = sorted(p.stem for p in (CONF / "data").glob("*.yaml"))
 
 @pytest.mark.parametrize("model", MODELS)
 def test_every_model_preset_composes_and_names_a_pair(model):
-    cfg = typed(f"model={model}")
+    named = ["model.teacher=some/teacher", "model.student=some/student"] if model == "pretrained" else []
+    cfg = typed(f"model={model}", *named)
     validate(cfg)
     assert cfg.model.teacher and cfg.model.student and cfg.model.teacher != cfg.model.student
+
+
+@pytest.mark.parametrize("model", [m for m in MODELS if m != "toy"])
+def test_presets_for_pretrained_pairs_carry_their_own_training_settings(model):
+    """The toy pair's defaults (lr 1e-3, 64-token answers, 800-row evaluation batches) are not applied to a real
+    pair by its preset; the command line still overrides them."""
+    from kltd.schema.config import Config
+
+    named = ["model.teacher=some/teacher", "model.student=some/student"] if model == "pretrained" else []
+    cfg, toy = typed(f"model={model}", *named), Config()
+    assert cfg.trainer.lr <= 1e-5 < toy.trainer.lr
+    assert cfg.sampling.max_new_tokens > toy.sampling.max_new_tokens
+    assert cfg.eval.batch_size < toy.eval.batch_size
+    assert typed(f"model={model}", *named, "trainer.lr=3e-6").trainer.lr == 3e-6
+
+
+def test_the_generic_pretrained_preset_needs_both_models_named():
+    from kltd.schema.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.teacher is empty"):
+        validate(typed("model=pretrained"))
 
 
 @pytest.mark.parametrize("data", DATA)
@@ -106,7 +129,7 @@ def test_every_data_preset_composes_and_validates(data, tmp_path):
 
 
 def test_file_and_hub_data_without_a_path_are_refused_with_an_example():
-    from kltd.spec.config import ConfigError
+    from kltd.schema.config import ConfigError
 
     for data in ("file", "hub"):
         with pytest.raises(ConfigError, match=f"data={data} needs data.path"):

@@ -6,11 +6,13 @@ import warnings
 import pytest
 import torch
 
-from kltd.spec.choices import DIVERGENCES
+from kltd.schema.choices import DIVERGENCES
 from kltd.objectives.divergences import DivergenceSpec, token_divergence, topk_token_divergence
 from kltd.objectives.chunked import chunked_token_divergence
+from tests.support.tolerances import U, divergence_bound, divergence_gradient_bound
 
 V = 11
+U64 = 2.0**-53  # float64's unit roundoff
 
 
 def _probs(logits, temperature):
@@ -80,6 +82,58 @@ def _logits(*shape, seed=0, scale=2.0, dtype=torch.float64):
     return (scale * torch.randn(*shape, generator=g, dtype=torch.float64)).to(dtype)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Tolerances from the arithmetic (tests/support/tolerances.py: divergence_bound and its gradient's): the
+# vocabulary V, the logits' size over T, how many terms are summed and how large they are. Each is far below
+# what a wrong formula gives (another divergence, direction, beta or temperature: differences of 1e-2 or more
+# on these logits, whose distributions differ by O(1) nats).
+
+
+def _shape(spec: DivergenceSpec) -> tuple[float, float | None]:
+    """(weight, mix) for divergence_bound: the sum of the |weights| on the spec's KLs, and the smaller weight of
+    its mixture (None: it has none)."""
+    if spec.name in ("jsd", "jsd_scaled") and 0 < spec.beta < 1:
+        return (1 / (spec.beta * (1 - spec.beta)) if spec.name == "jsd_scaled" else 1.0), min(spec.beta, 1 - spec.beta)
+    if spec.name in ("skew_kl", "skew_reverse_kl") and 0 < spec.alpha < 1:
+        return 1.0, min(spec.alpha, 1 - spec.alpha)
+    return 1.0, None
+
+
+def _max_logit(s, t, temperature) -> float:
+    """max |z| / T over both models' finite logits."""
+    z = torch.cat([s.detach().double().flatten(), t.detach().double().flatten()])
+    return float(z[torch.isfinite(z)].abs().max()) / temperature
+
+
+def _magnitude(s, t, spec) -> torch.Tensor:
+    """Per position, the largest sum_v a_v |log a_v - log b_v| over the pairs the spec's KLs may take (a teacher
+    p or student q, b either or one of their mixtures), from float64 probabilities; at least 1 (tv's)."""
+    p, q = _probs(t.detach(), spec.temperature), _probs(s.detach(), spec.temperature)
+    _, mix = _shape(spec)
+    others = [p, q] + ([mix * p + (1 - mix) * q, mix * q + (1 - mix) * p] if mix else [])
+    sums = [torch.where(a > 0, a * (a.log() - b.log()).abs(), torch.zeros_like(a)).sum(-1) for a in (p, q)
+            for b in others]
+    return torch.stack(sums).max(0).values.clamp_min(1.0)
+
+
+def _bound(s, t, spec, u=U, positions=None) -> float:
+    """divergence_bound for one position's value (the largest over the positions), or for the sum over
+    `positions` (a bool mask) of them."""
+    weight, mix = _shape(spec)
+    m = _magnitude(s, t, spec)
+    z = _max_logit(s, t, spec.temperature)
+    if positions is None:
+        return divergence_bound(V, z, float(m.max()), weight=weight, mix=mix, u=u)
+    return divergence_bound(V, z, float(m[positions].sum()), weight=weight, mix=mix, tokens=int(positions.sum()), u=u)
+
+
+def _gradient_bound(s, t, spec) -> float:
+    """divergence_gradient_bound for one position (the largest over the positions), in float32."""
+    weight, mix = _shape(spec)
+    return divergence_gradient_bound(V, _max_logit(s, t, spec.temperature), float(_magnitude(s, t, spec).max()),
+                                     weight=weight, mix=mix, temperature=spec.temperature)
+
+
 def test_every_divergence_is_listed():
     assert {s.name for s in SPECS} == set(DIVERGENCES)
     with pytest.raises(ValueError):
@@ -92,12 +146,18 @@ def test_every_divergence_is_listed():
 def test_matches_direct_formula(spec):
     s, t = _logits(3, 5, V, seed=1), _logits(3, 5, V, seed=2)
     want = reference(s, t, spec)
-    torch.testing.assert_close(token_divergence(s, t, spec), want, rtol=1e-10, atol=1e-12)
-    # float32 inputs run in float32 and stay close
-    got32 = token_divergence(s.float(), t.float(), spec)
+    # float64 both: kltd's and the reference's evaluations (the same roundings: exp, a sum of V, logs) are each
+    # within divergence_bound at u = 2**-53 of the exact value (some 1e-13 here)
+    float64 = _bound(s, t, spec, u=U64)
+    torch.testing.assert_close(token_divergence(s, t, spec), want, rtol=0, atol=2 * float64)
+    # float32 inputs run in float32 and stay within float32's bound (some 1e-5 to 1e-3 here) of the reference on
+    # the same (float32-rounded) logits, itself within float64's
+    s32, t32 = s.float(), t.float()
+    got32 = token_divergence(s32, t32, spec)
     assert got32.dtype == torch.float32
-    torch.testing.assert_close(got32.double(), want, rtol=1e-4, atol=1e-5)
-    assert (want >= -1e-12).all()
+    torch.testing.assert_close(got32.double(), reference(s32.double(), t32.double(), spec), rtol=0,
+                               atol=_bound(s32, t32, spec) + float64)
+    assert (want >= -float64).all()  # a divergence is >= 0: the reference is, to its own rounding
 
 
 def test_jsd_endpoints_and_scaled_continuity():
@@ -127,7 +187,11 @@ def test_zero_probabilities_give_no_nan(name):
     s.requires_grad_()
     value = token_divergence(s, t, spec)
     assert torch.isfinite(value).all()
-    torch.testing.assert_close(value.double(), reference(s.detach()[:, 3:], t[:, 3:], spec), rtol=1e-5, atol=1e-6)
+    # float32 against the float64 reference on the live tokens: float32's bound (the sums run over all V entries,
+    # the zeros adding exactly), plus the reference's own at float64
+    live_s, live_t = s.detach()[:, 3:], t[:, 3:]
+    torch.testing.assert_close(value.double(), reference(live_s, live_t, spec), rtol=0,
+                               atol=_bound(live_s, live_t, spec) + _bound(live_s, live_t, spec, u=U64))
     value.sum().backward()
     assert torch.isfinite(s.grad).all() and (s.grad[:, :3] == 0).all()
 
@@ -150,14 +214,19 @@ def test_chunked_equals_unchunked(spec, chunk_size):
     s = _logits(3, 6, V, seed=9, dtype=torch.float32).requires_grad_()
     t = _logits(3, 6, V, seed=10, dtype=torch.float32)
     mask = torch.rand(3, 6, generator=torch.Generator().manual_seed(0)) > 0.3
-    upstream = torch.randn(3, 6)  # a non-uniform upstream gradient
+    upstream = torch.randn(3, 6, generator=torch.Generator().manual_seed(1))  # a non-uniform upstream gradient
 
     full = token_divergence(s, t, spec) * mask
     (g_full,) = torch.autograd.grad((full * upstream).sum(), s)
     chunked = chunked_token_divergence(s, t, mask, spec, chunk_size=chunk_size)
     (g_chunk,) = torch.autograd.grad((chunked * upstream).sum(), s)
-    torch.testing.assert_close(chunked, full, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(g_chunk, g_full, rtol=1e-6, atol=1e-7)
+    # two float32 evaluations of the same values (chunks of other sizes may block the sums otherwise), each
+    # within float32's bound of the exact value; a gradient entry is upstream x the position's gradient (one
+    # more rounding of the product)
+    torch.testing.assert_close(chunked, full, rtol=0, atol=2 * _bound(s, t, spec))
+    up = float(upstream.abs().max())
+    torch.testing.assert_close(g_chunk, g_full, rtol=0,
+                               atol=2 * (up * _gradient_bound(s, t, spec) + U * float(g_full.abs().max())))
     assert (chunked[~mask] == 0).all() and (g_chunk[~mask] == 0).all()
 
 
@@ -251,19 +320,26 @@ def test_trl_generalized_jsd_parity(beta, temperature):
     mask = labels != -100
     spec = DivergenceSpec("jsd", beta=beta, temperature=temperature)
 
+    # ours and TRL's: two float32 evaluations of the same sums (TRL sums all kept tokens' V terms at once), each
+    # within float32's bound of the exact value; "batchmean" divides the sum over the kept tokens by their count
+    # (one more rounding of the loss), and so is each token's gradient
+    n = int(mask.sum())
+    total = _bound(s, t, spec, positions=mask)
     s1 = s.clone().requires_grad_()
     ours = normalize(chunked_token_divergence(s1, t, mask, spec, chunk_size=5), mask, "token")
     s2 = s.clone().requires_grad_()
     theirs = trl_loss(s2, t, labels=labels, beta=beta, temperature=temperature, reduction="batchmean")
-    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=0)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=2 * (total / n + U * float(theirs.detach().abs())))
     ours.backward()
     theirs.backward()
-    torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(s1.grad, s2.grad, rtol=0,
+                               atol=2 * (_gradient_bound(s, t, spec) / n + U * float(s2.grad.abs().max())))
 
     per_token = token_divergence(s, t, spec)
     kw = dict(labels=labels, beta=beta, temperature=temperature)
-    torch.testing.assert_close(per_token[mask], trl_loss(s, t, reduction="none", **kw).sum(-1), rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(per_token[mask].sum(), trl_loss(s, t, reduction="sum", **kw), rtol=1e-5, atol=0)
+    torch.testing.assert_close(per_token[mask], trl_loss(s, t, reduction="none", **kw).sum(-1), rtol=0,
+                               atol=2 * _bound(s, t, spec))
+    torch.testing.assert_close(per_token[mask].sum(), trl_loss(s, t, reduction="sum", **kw), rtol=0, atol=2 * total)
 
 
 @pytest.mark.parametrize("top_k", [None, 3])
@@ -287,3 +363,25 @@ def test_chunked_saves_no_vocabulary_sized_tensor(top_k):
     )
     torch.testing.assert_close(g, g_ref)
     assert (g[:, -1] == 0).all()
+
+
+@pytest.mark.parametrize("name", DIVERGENCES)
+@pytest.mark.parametrize("value", [0.0, 0.3, 0.5, 0.8, 1.0])
+def test_the_table_entries_kl_weights_and_leaning_are_what_it_computes(name, value):
+    """Each entry of the divergence table says where it is a weighting of the two KLs (the fused head's closed
+    form and the matrix's one-direction rule read it): that must be what the formula computes; and a blend is
+    filed under the KL that carries at least as much weight."""
+    from kltd.objectives.divergences import kl_weights
+    from kltd.schema.divergences import FORWARD, REVERSE, entry
+
+    d = entry(name)
+    spec = DivergenceSpec(name, **({d.parameter: value} if d.parameter else {}))
+    torch.manual_seed(0)
+    student, teacher = torch.randn(6, V, dtype=torch.float64), torch.randn(6, V, dtype=torch.float64)
+    weights = kl_weights(spec)
+    if weights is not None:
+        p, q = _probs(teacher, 1.0), _probs(student, 1.0)
+        torch.testing.assert_close(token_divergence(student, teacher, spec), weights[0] * _kl(p, q) + weights[1] * _kl(q, p))
+        assert d.leans(spec.parameter) == (REVERSE if weights[1] > weights[0] else FORWARD)
+    assert d.direction(spec.parameter) in (None, FORWARD, REVERSE)
+    assert d.tag(spec.parameter) == (f"{name}({value:g})" if d.parameter else name)

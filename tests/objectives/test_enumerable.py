@@ -26,6 +26,7 @@ from tests.support.enumerable import (  # noqa: E402
     grad,
     make_testbed,
     occupancy,
+    reward,
     sample,
     sequence_kls,
     sequence_logprob,
@@ -54,11 +55,6 @@ def _per_state(tb, name, top_k=None):
     if name == "reverse_kl":
         return (q * (q.log() - p.log())).sum(-1)
     return (p * (p.log() - q.log())).sum(-1)
-
-
-def reward(y):
-    """An arbitrary sequence return for the offline-RL check: number of token-0s, minus 1 if truncated."""
-    return float(sum(tok == 0 for tok in y)) - (1.0 if len(y) == 4 and y[-1] != 3 else 0.0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -117,6 +113,8 @@ LINEAR = {
     "sampled_reward + prefix": ("student", _plus(_traj("student", "sampled_reward"), _prefix("student")), "seq_reverse_kl"),
     "sampled_k1": ("student", _traj("student", "sampled_k1"), "zero"),
     "sampled_k2": ("student", _traj("student", "sampled_k2"), "opd"),
+    "sampled_k2 + prefix":
+        ("student", _plus(_traj("student", "sampled_k2"), _prefix("student")), "seq_reverse_kl"),
     "sampled_k3 (reverse-KL value, forward-KL gradient)": ("student", _traj("student", "sampled_k3"), "dagger"),
     "topk k=2 (bucketed reverse KL)": ("student", _traj("student", "topk", top_k=2), "opd_top2"),
     "DAgger exact (forward KL at student states)": ("student", _traj("expert"), "dagger"),
@@ -143,8 +141,12 @@ CLAIMS = {**LINEAR, **BASELINED}
 
 def expected_gradient(claim):
     """sum_y model(y) * grad loss(y): the production loss on all 121 responses, rows weighted exactly."""
-    tb, _ = exact_targets()
     sampler, loss, _ = CLAIMS[claim]
+    return expected_gradient_of(sampler, loss)
+
+
+def expected_gradient_of(sampler, loss):
+    tb, _ = exact_targets()
     seqs = all_sequences()
     table = tb.theta if sampler == "student" else tb.teacher
     weights = sequence_logprob(table, seqs).exp().detach()
@@ -224,6 +226,32 @@ def test_prefix_term_closes_the_opd_gap():
         assert err <= Z * noise
     closed = ((expected_gradient("OPD + prefix (gamma 1, no baseline)") - exact).norm() / exact.norm()).item()
     assert closed < 1e-12
+
+
+def test_the_prefix_term_needs_an_estimator_whose_expected_gradient_is_the_exact_per_token_one():
+    """OPD's trajectory term plus the prefix term is the exact sequence reverse-KL gradient only when the
+    trajectory estimator's expected gradient is the exact per-token one (exact, sampled_k2, sampled_reward).
+    With topk, sampled_k1 or sampled_k3 the sum is the gradient of no stated objective; Config.check()
+    accepts exactly the estimators that close the gap."""
+    from kltd.schema.config import Config, ConfigError
+
+    _, targets = exact_targets()
+    exact = targets["seq_reverse_kl"]
+    for estimator in ("exact", "topk", "sampled_k1", "sampled_k2", "sampled_k3", "sampled_reward"):
+        trajectory = _traj("student", estimator, **({"top_k": 2} if estimator == "topk" else {}))
+        g = expected_gradient_of("student", _plus(trajectory, _prefix("student")))
+        gap = ((g - exact).norm() / exact.norm()).item()
+        cfg = Config()
+        cfg.prefix.source, cfg.trajectory.supervisor, cfg.loss.estimator = "student", "student", estimator
+        cfg.loss.kl_prefix_weight, cfg.loss.normalization = 1.0, "sequence"
+        try:
+            cfg.check()
+            accepted = True
+        except ConfigError:
+            accepted = False
+        print(f"{estimator} + prefix: relative gap to the sequence reverse-KL gradient {gap:.4f}, accepted {accepted}")
+        assert accepted == (gap < 1e-10), estimator
+        assert accepted or gap > 0.3, estimator
 
 
 def report() -> str:

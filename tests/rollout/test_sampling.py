@@ -108,6 +108,8 @@ def assert_frequencies_match(draws: torch.Tensor, probs: torch.Tensor, sigmas: f
     p = probs.double() / probs.double().sum()
     se = (p * (1 - p) / n).sqrt()
     assert (freq[p == 0] == 0).all()
+    # a true distribution's frequency lies beyond 5 standard errors with probability below 6e-7 per token (the
+    # generator's seed is fixed, so the outcome is too); 1e-12 only absorbs float64 rounding of freq - p
     assert ((freq - p).abs() <= sigmas * se + 1e-12).all(), float(((freq - p).abs() / se.clamp(min=1e-12)).max())
 
 
@@ -220,7 +222,10 @@ def test_kept_logits_are_the_models_own_at_each_sampled_state(monkeypatch, lean)
     assert lengths.min() < lengths.max() and got.logits.shape == (*got.tokens.shape, len(tok))
     with torch.no_grad():
         own = Scorer(packed=False, vocab=len(tok)).logits(model, StateBatch(ids, mask, got))
-    assert torch.allclose(got.logits[got.mask], own[got.mask], atol=1e-4, rtol=1e-4)
+    from tests.support.tolerances import forward_bound
+
+    tol = forward_bound(model.config.to_dict())  # the same logits through a decoder's cache: float32's bound
+    assert torch.allclose(got.logits[got.mask], own[got.mask], atol=tol, rtol=tol)
     assert not got.logits[~got.mask].any()
     with pytest.raises(ValueError, match="prefix"):
         sample(model, ids, mask, max_new_tokens=4, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kltd.spec.config import PrefixConfig
+from kltd.schema.config import PrefixConfig
 from kltd.train.models import load_model, load_tokenizer
 from kltd.rollout.batch import decode_responses
 from kltd.rollout.sampling import sample
@@ -81,6 +81,20 @@ def test_handoff_student_writes_k_tokens_then_the_teacher_continues(parts, super
         supervised = batch.supervised[row][batch.responses.mask[row]].tolist()
         assert supervised == ([not w for w in written] if supervise == "after_handoff" else [True] * len(tokens))
     assert counts.student_generated > 0 and counts.teacher_generated > 0
+
+
+def test_a_handoff_row_at_k_0_is_still_the_students(parts):
+    """The coin chose the student and the hand-off point came up 0: the teacher wrote every token, yet the row
+    is a draw of the hand-off distribution (its prefix term is an empty score function, so 0), not a fixed
+    row (whose prefix term is cross-entropy on its tokens), and it was written live (no cache serves it)."""
+    examples = parts[3][:6]
+    handoff = dict(source="mixed", handoff=True, handoff_k="fixed", handoff_k_value=0)
+    batch, counts = source(parts, student_fraction=1.0, **handoff).build(examples, torch.Generator().manual_seed(0))
+    assert not batch.student_written.any() and counts.student_generated == 0 and counts.teacher_generated > 0
+    assert batch.from_student.all()
+    assert batch.select([4, 1]).from_student.all() and all(p.from_student.all() for p in batch.by_length(3))
+    fixed, _ = source(parts, student_fraction=0.0, **handoff).build(examples, torch.Generator().manual_seed(0))
+    assert not fixed.from_student.any()
 
 
 def test_handoff_points_by_distribution(parts):

@@ -29,16 +29,19 @@ def test_tiny_benchmark_prints_the_three_ratios(tmp_path):
         assert THREE_DECIMALS.fullmatch(match[key]), last
         value = float(match[key])
         assert math.isfinite(value) and value > 0, last
-    assert float(match["run"]) > 1  # a run's wall time covers its training and more
-    assert float(match["sweep"]) > 1
+    assert float(match["run"]) > 1  # a run's wall time covers its training and more (one process, one clock)
+    # the sweep runs its 9 jobs side by side, min(9, cores) at a time: their summed training can exceed the sweep's
+    # wall time up to that many times over (the ratio is printed to 3 decimals)
+    assert float(match["sweep"]) >= 1 / min(9, os.cpu_count() or 1) - 5e-4
     # the sections behind the numbers
     assert re.search(r"load average \(1, 5, 15 min\) before: [\d.]+ [\d.]+ [\d.]+; \d+ CPUs", out)
     assert "default run (kltd train: SFT" in out and "sweep=matrix (9 runs" in out
     for phase in ("data", "loading", "evaluation", "training", "rest"):  # the runs' own phases (metrics.json)
         assert re.search(rf"^    {phase} +[\d.]+( \([\d.]+-[\d.]+\))? s +-?[\d.]+%", out, re.M), phase
-    # the floor, and the lowest run_ratio it leaves: above 1, below the run's own (which does more)
+    # the floor, and the lowest run_ratio it leaves: above 1. (Not compared with the run's own ratio: the floor is
+    # timed in a process of its own, and on a busy machine it can take longer than the run's own start did.)
     floor = re.search(r"floor \(start, config, imports, load the pair\) +([\d.]+) s", out)
     lowest = re.search(r"lowest run_ratio: \(floor \+ training\) / training +([\d.]+)", out)
-    assert floor and lowest and float(floor[1]) > 0 and 1 < float(lowest[1]) < float(match["run"]), out
+    assert floor and lowest and float(floor[1]) > 0 and float(lowest[1]) > 1, out
     assert re.search(r"own / fast +\d+\.\d{3} \(\d+\.\d{3}-\d+\.\d{3}\)", out)  # 3 rounds: median (min-max)
     assert not any(tmp_path.iterdir()), "the benchmark works in a temporary directory of its own"

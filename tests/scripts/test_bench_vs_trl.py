@@ -139,3 +139,25 @@ def test_a_run_limited_to_some_trl_setups_is_reported_against_those(capsys):
         assert last[f"ratio_{case}"] == f"{statistics.median(expected['trl', case]):.3f}"
         assert f"vs {setup}" in out
     assert "DistillationTrainer" not in out
+
+
+def test_parity_is_held_to_float32s_bound_at_the_scales_sizes(capsys):
+    """A parity row passes within bench_report.parity_tolerance at its scale's vocabulary, tokens and models
+    (read from their config.json): at the toy pair's sizes that is far below what a wrong divergence gives
+    (forward against reverse KL: 3-6% apart on the toy pair), so such a row fails; a scale whose models are gone
+    has nothing to derive a tolerance from, and only an exact match passes."""
+    module = bench_report()
+    toy = SCRIPTS.parent / "kltd" / "assets" / "toy"
+    scale = {"name": "s", "student": str(toy / "student"), "teacher": str(toy / "teacher"), "batch_size": 4,
+             "max_new_tokens": 8}
+    assert module.parity_sizes(scale)[:2] == (17, 32)
+    what = "fixed states: kltd trajectory_loss forward_kl vs TRL generalized_jsd_loss(0.0)"
+    tolerance = module.parity_tolerance(17, 32, 0.3)
+    assert tolerance < 1e-3
+    for r, scales, verdict in ((tolerance / 2, [scale], "ok"), (0.03, [scale], "fail"),
+                               (tolerance / 2, [{"name": "s"}], "fail"), (0.0, [{"name": "s"}], "ok")):
+        save, _ = made_up_save(rounds=1)
+        save["scales"], save["parity"] = scales, [["s", what, 0.3 * (1 + r), 0.3, r]]
+        module.report(json.loads(json.dumps(save)))
+        out = capsys.readouterr().out
+        assert fields(out.strip().splitlines()[-1])["parity"] == verdict, (r, scales, out)

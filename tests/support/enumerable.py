@@ -105,6 +105,11 @@ def sequence_kls(tb: Testbed) -> tuple[Tensor, Tensor]:
     return fkl, rkl
 
 
+def reward(y: tuple[int, ...]) -> float:
+    """An arbitrary sequence return for the offline-RL checks: number of token-0s, minus 1 if truncated."""
+    return float(sum(tok == 0 for tok in y)) - (1.0 if len(y) == H and y[-1] != EOS else 0.0)
+
+
 def occupancy(table: Tensor) -> Tensor:
     """Probability that a rollout of the model visits each state; [S, V] -> [S]."""
     probs = torch.softmax(table, -1)

@@ -121,3 +121,22 @@ def conversational_dir(path: Path, repeat: int = 4, split_dict: bool = True) -> 
     else:
         train.save_to_disk(str(path))
     return path
+
+
+def strip_tokenizer(directory: Path, *tokens: str, template: bool = True) -> Path:
+    """A model directory's tokenizer without these special tokens (e.g. "pad_token": GPT-2's and Llama's have
+    none) and, with template=False, without its chat template. Returns the directory."""
+    directory = Path(directory)
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    for token in tokens:
+        config.pop(token, None)
+    if not template:
+        config.pop("chat_template", None)
+        (directory / "chat_template.jinja").unlink(missing_ok=True)
+    config_path.write_text(json.dumps(config, indent=2))
+    model_config = json.loads((directory / "config.json").read_text())
+    for token in tokens:
+        model_config[token.replace("_token", "_token_id")] = None
+    (directory / "config.json").write_text(json.dumps(model_config, indent=2))
+    return directory

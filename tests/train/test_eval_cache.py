@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import kltd.train.evaluation as evaluation
-from kltd.spec.config import Config
+from kltd.schema.config import Config
 from kltd.train.eval_cache import EvalInputs, cached_evaluation
 from kltd.train.job import train_job
 
@@ -47,6 +47,7 @@ def test_a_second_cell_reuses_the_evaluation_before_training_exactly(tmp_path, c
     assert second["eval_before"]["accuracy"] >= 0 and second["phases"]["evaluation"] > 0
     fresh = config(tmp_path / "other-cache")
     fresh.cache.eval_before = False
+    # exactly equal: the same evaluation of the same weights, the same float32 operations in the same order
     assert train_job(fresh, tmp_path / "uncached")["eval_before"] == first["eval_before"]
     assert len(counted) == 5
 
@@ -55,9 +56,11 @@ def test_changed_inputs_get_their_own_entry_and_a_torn_one_is_evaluated_again(tm
     cfg, model = config(tmp_path), tmp_path / "model"
     model.mkdir()
     inputs = EvalInputs(student_dir=str(model), teacher_dir=str(model),
-                        examples=[], checker="addition", settings=cfg.eval, dtype="float32", device="cpu", lean=True)
+                        examples=[], checker="addition", settings=cfg.eval, dtype="float32", device="cpu",
+                        paths={"student": {"packed": True, "decoder": "lean"}})
     assert inputs.digest() == dataclasses.replace(inputs, settings=dataclasses.replace(cfg.eval, every=5)).digest()
-    for change in (dict(checker="exact"), dict(lean=False), dict(dtype="bfloat16"),
+    for change in (dict(checker="exact"), dict(paths={"student": {"packed": False, "decoder": "forward"}}),
+                   dict(dtype="bfloat16"),
                    dict(settings=dataclasses.replace(cfg.eval, num_prompts=4))):
         assert dataclasses.replace(inputs, **change).digest() != inputs.digest()
     (model / "model.safetensors").write_bytes(b"weights")

@@ -1,9 +1,22 @@
 """Per-position curves: exact means, and no tail resting on a handful of long responses."""
 
+import math
+
 import pytest
 import torch
 
 from kltd.train.evaluation import PositionCurve
+from tests.support.tolerances import llama_chain, two_orders
+
+
+def metric_bound(pair, result: dict, value: float) -> float:
+    """How far two float32 evaluations of an evaluation's mean divergence or entropy (`value`) can be apart: per
+    token both models' forward chains and vocabularies, then the mean over the generated tokens; the magnitude
+    per token is the divergence's own plus 2 ln V (tests/support/tolerances.py, divergence_magnitude)."""
+    vocab = pair.vocab_size or pair.student.config.vocab_size
+    tokens = result["student_tokens_generated"] + result["teacher_tokens_generated"]
+    chains = sum(llama_chain(m.config.to_dict()) for m in (pair.student, pair.teacher))
+    return two_orders(tokens + 2 * vocab + chains, abs(value) + 2 * math.log(vocab))
 
 
 def test_means_by_position_and_the_tail_that_too_few_sequences_reach_is_dropped():
@@ -15,6 +28,7 @@ def test_means_by_position_and_the_tail_that_too_few_sequences_reach_is_dropped(
     curve.add(values[50:], mask[50:])
     means = curve.means()
     assert len(means) == 5  # positions 0..4 are reached by >= 5% of the sequences, 5..8 by 2%
+    # integers below 2**24 add up exactly in float32; a mean is one rounding (u = 6e-8), within approx's 1e-6
     assert means[0] == pytest.approx(values[:, 0].mean().item())
     assert means[4] == pytest.approx(values[60:, 0].mean().item())  # the 40 sequences of length >= 5
 
@@ -29,7 +43,7 @@ def test_evaluation_decodes_as_sampling_lean_decoder_says(lean, monkeypatch):
     numbers do not depend on it (same samples either way)."""
     import kltd.rollout.sampling as sampling
     from kltd.data.addition import is_correct, make_splits
-    from kltd.spec.config import EvalConfig
+    from kltd.schema.config import EvalConfig
     from kltd.train.evaluation import evaluate
     from kltd.train.models import load_pair
 
@@ -43,7 +57,8 @@ def test_evaluation_decodes_as_sampling_lean_decoder_says(lean, monkeypatch):
     assert asked and set(asked) == {lean}
     other = evaluate(pair.student, pair.teacher, pair.tokenizer, held_out, settings, checker=is_correct, lean=not lean)
     assert result["accuracy"] == other["accuracy"] and result["response_length"] == other["response_length"]
-    assert result["reverse_kl_student_states"] == pytest.approx(other["reverse_kl_student_states"], rel=1e-4)
+    key = "reverse_kl_student_states"  # the same samples, scored by another decoder's forward: float32's bound
+    assert result[key] == pytest.approx(other[key], rel=0, abs=metric_bound(pair, result, other[key]))
 
 
 def test_lean_evaluation_scores_through_the_packed_forward_with_the_models_own_numbers(monkeypatch):
@@ -52,7 +67,7 @@ def test_lean_evaluation_scores_through_the_packed_forward_with_the_models_own_n
     grades exactly, divergences, entropy and per-position curves to float rounding."""
     import kltd.rollout.scoring as scoring
     from kltd.data.addition import is_correct, make_splits
-    from kltd.spec.config import EvalConfig
+    from kltd.schema.config import EvalConfig
     from kltd.train.evaluation import evaluate
     from kltd.train.models import load_pair
 
@@ -89,7 +104,8 @@ def test_lean_evaluation_scores_through_the_packed_forward_with_the_models_own_n
     assert {k: fast[k] for k in exact} == {k: own[k] for k in exact}
     assert fast["response_length"] > 0 and fast["reverse_kl_student_states"] > 0.01
     for key in ("reverse_kl_student_states", "forward_kl_teacher_states", "student_entropy"):
-        assert fast[key] == pytest.approx(own[key], rel=1e-5), key
-    # a position's mean rests on a few dozen float32 divergences of peaked distributions, not hundreds
+        assert fast[key] == pytest.approx(own[key], rel=0, abs=metric_bound(pair, own, own[key])), key
+    # a position's mean: fewer tokens than the whole mean (metric_bound counts them all), its own size
     for name, curve in own["divergence_by_position"].items():
-        assert len(curve) > 5 and fast["divergence_by_position"][name] == pytest.approx(curve, rel=1e-4, abs=1e-7)
+        assert len(curve) > 5 and fast["divergence_by_position"][name] == pytest.approx(
+            curve, rel=0, abs=metric_bound(pair, own, max(curve))), name

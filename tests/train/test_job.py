@@ -6,7 +6,7 @@ import weakref
 import torch
 
 import kltd.train.models as models
-from kltd.spec.config import Config
+from kltd.schema.config import Config
 from kltd.train.job import train_job
 
 

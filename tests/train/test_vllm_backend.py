@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kltd.spec.config import Config, ConfigError
+from kltd.schema.config import Config, ConfigError
 from kltd.train.job import train_job
 
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None

@@ -1,22 +1,21 @@
 """The valid values of every enumerated config key, in one place.
 
-The objectives and the trainer implement these names; the schema (kltd.spec.config) refuses anything
+The objectives and the trainer implement these names; the schema (kltd.schema.config) refuses anything
 else before a model is loaded. Plain tuples: nothing here imports torch or Hydra.
 """
 
 from __future__ import annotations
 
+from kltd.schema.divergences import NAMES, one_token_estimators
+
 PREFIXES = ("fixed", "teacher", "student", "mixed")
 TRAJECTORIES = ("expert", "student", "dataset")
 
-# Per-token divergences D(p, q), p = teacher, q = student (kltd.objectives.divergences defines each).
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "jsd_scaled", "skew_kl", "skew_reverse_kl", "tv", "kl_mix")
+# Per-token divergences D(p, q), p = teacher, q = student: the divergence table (kltd.schema.divergences) has one
+# entry each, with the one-token estimators defined for it (kltd.objectives.estimators says why).
+DIVERGENCES = NAMES
 ESTIMATORS = ("exact", "topk", "sampled_k1", "sampled_k2", "sampled_k3", "sampled_reward")
-# The one-token estimators defined for each KL direction (kltd.objectives.estimators says why).
-SAMPLED_ESTIMATORS = {
-    "reverse_kl": ("sampled_k1", "sampled_k2", "sampled_k3", "sampled_reward"),
-    "forward_kl": ("sampled_k1", "sampled_k3"),
-}
+SAMPLED_ESTIMATORS = one_token_estimators()
 NORMALIZATIONS = ("token", "sequence")
 BASELINES = ("none", "batch_mean", "leave_one_out")
 
@@ -28,6 +27,7 @@ DATA_SOURCES = ("addition", "file", "hub")  # the built-in task, a local file or
 CHECKERS = ("auto", "none", "exact", "gsm8k", "boxed", "addition")
 OVERFLOW = ("drop", "truncate")  # rows longer than data.max_prompt_tokens / data.max_response_tokens
 CHAT_TEMPLATE = ("auto", "none")
+BAD_ROWS = ("error", "drop")  # a row that does not fit, is empty or has an unreadable answer: refuse, or drop and count
 
 MIXED_OTHER = ("fixed", "teacher")
 SCHEDULES = ("constant", "linear")

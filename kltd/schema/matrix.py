@@ -11,7 +11,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from kltd.spec.choices import PREFIXES, TRAJECTORIES
+from kltd.schema.choices import PREFIXES, TRAJECTORIES
+from kltd.schema.divergences import DEFAULTS, parameter_value
+from kltd.schema.divergences import entry as divergence_entry
 
 __all__ = ["PREFIXES", "TRAJECTORIES", "METHOD_NAMES", "Trajectory", "TRAJECTORY", "cell_error", "method_name",
            "method_label", "slug", "direction_of", "direction_error", "own_divergence"]
@@ -69,38 +71,40 @@ def own_divergence(trajectory: str) -> str | None:
     return TRAJECTORY[trajectory].divergence
 
 
-def direction_of(divergence: str, *, beta: float = 0.5, alpha: float = 0.1, mix: float = 0.5) -> str | None:
-    """"forward" or "reverse" when the divergence (with these parameters) is exactly one KL direction, else
-    None (a blend: JSD, a skew, TV, a KL mix strictly between its ends)."""
-    ends = {
-        "forward_kl": "forward",
-        "reverse_kl": "reverse",
-        "jsd": {0.0: "forward", 1.0: "reverse"}.get(beta),
-        "jsd_scaled": {0.0: "forward", 1.0: "reverse"}.get(beta),
-        "kl_mix": {0.0: "forward", 1.0: "reverse"}.get(mix),
-        "skew_kl": "forward" if alpha == 0.0 else None,
-        "skew_reverse_kl": "reverse" if alpha == 0.0 else None,
-    }
-    return ends.get(divergence)
+def direction_of(divergence: str, **parameters) -> str | None:
+    """"forward" or "reverse" when the divergence (with these parameters: beta, alpha, mix) is exactly one KL
+    direction, else None (a blend: JSD, a skew, TV, a KL mix strictly between its ends). The divergence table
+    (kltd.schema.divergences) says which."""
+    return divergence_entry(divergence).direction(parameter_value(divergence, **parameters))
 
 
 def direction_error(trajectory: str, divergence: str | None, **parameters) -> str | None:
-    """Why a divergence contradicts its trajectory (a pure KL in the other direction), or None.
+    """Why a divergence cannot be filed under this trajectory, or None.
 
-    The trajectory axis fixes the KL direction: forward KL under trajectory=student would be DAgger's loss
-    filed under OPD's name (and the reverse), so the run would sit in the wrong column of the matrix.
+    The trajectory axis fixes the KL direction: forward KL under trajectory=student would be DAgger's loss filed
+    under OPD's name (and the reverse), so the run would sit in the wrong column of the matrix. A blend computes
+    the same loss under either trajectory, so it is filed under the one whose KL it weighs more (the expert's on
+    a tie) and refused under the other: one computation, one name.
     """
     own = TRAJECTORY[trajectory]
     if divergence is None or own.direction is None:
         return None
-    direction = direction_of(divergence, **parameters)
-    if direction is None or direction == own.direction:
+    d = divergence_entry(divergence)
+    w = parameter_value(divergence, **parameters)
+    pure = d.direction(w)
+    leaning = pure or d.leans(w)
+    if leaning == own.direction:
         return None
-    right = next(t for t in TRAJECTORY.values() if t.direction == direction)
-    shown = divergence_tag(divergence, **parameters)
-    return (f"loss.divergence={shown} is the {direction} KL, which is trajectory={right.name}'s own divergence; "
-            f"trajectory={trajectory} means {own.meaning}. Use trajectory={right.name} "
-            f"(and drop loss.divergence), or a blend (jsd, kl_mix, tv, skew_kl) to mix the two")
+    right = next(t for t in TRAJECTORY.values() if t.direction == leaning)
+    shown = d.tag(w)
+    if pure:
+        return (f"loss.divergence={shown} is the {pure} KL, which is trajectory={right.name}'s own divergence; "
+                f"trajectory={trajectory} means {own.meaning}. Use trajectory={right.name} "
+                f"(and drop loss.divergence), or a blend (jsd, kl_mix, tv, skew_kl) to mix the two")
+    weighs = ("the reverse KL more than the forward" if leaning == "reverse"
+              else "the forward KL at least as much as the reverse")
+    return (f"loss.divergence={shown} weighs {weighs}, so it is filed under trajectory={right.name} (the same loss "
+            f"under trajectory={trajectory} would be a second name for it); use trajectory={right.name}")
 
 
 def method_name(prefix: str, trajectory: str, reward: str = "none", handoff: bool = False) -> str:
@@ -120,17 +124,18 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def divergence_tag(divergence: str, beta: float = 0.5, alpha: float = 0.1, mix: float = 0.5) -> str:
+def divergence_tag(divergence: str, beta: float = DEFAULTS["beta"], alpha: float = DEFAULTS["alpha"],
+                   mix: float = DEFAULTS["mix"]) -> str:
     """'jsd' with beta 0.1 -> 'jsd(0.1)': the parameter that matters for each divergence."""
-    parameter = {"jsd": beta, "jsd_scaled": beta, "skew_kl": alpha, "skew_reverse_kl": alpha, "kl_mix": mix}
-    return f"{divergence}({parameter[divergence]:g})" if divergence in parameter else divergence
+    return divergence_entry(divergence).tag(parameter_value(divergence, beta=beta, alpha=alpha, mix=mix))
 
 
-def method_label(prefix: str, trajectory: str, *, reward="none", handoff=False, divergence=None, beta=0.5,
-                 alpha=0.1, mix=0.5, student_fraction=None, kl_prefix_weight=0.0) -> str:
+def method_label(prefix: str, trajectory: str, *, reward="none", handoff=False, divergence=None,
+                 beta=DEFAULTS["beta"], alpha=DEFAULTS["alpha"], mix=DEFAULTS["mix"], student_fraction=None,
+                 kl_prefix_weight=0.0, estimator="exact", top_k=8) -> str:
     """The method name plus what sets this run apart within its cell: a blend in place of the trajectory's
-    own divergence, the student fraction of a mixture, the prefix term. Runs with equal labels are seeds
-    of one method."""
+    own divergence, an estimator in place of the exact divergence (~topk(8), ~sampled_k2), the student fraction
+    of a mixture, the prefix term. Runs with equal labels are seeds of one method."""
     label = method_name(prefix, trajectory, reward=reward, handoff=handoff)
     if prefix == "mixed" and student_fraction is not None:
         label += f" λ={student_fraction:g}"
@@ -138,6 +143,8 @@ def method_label(prefix: str, trajectory: str, *, reward="none", handoff=False, 
     if divergence and divergence != own_divergence(trajectory) and not (
             own and direction_of(divergence, beta=beta, alpha=alpha, mix=mix) == own):
         label += f" [{divergence_tag(divergence, beta, alpha, mix)}]"
+    if estimator != "exact" and trajectory != "dataset":
+        label += f" ~topk({top_k})" if estimator == "topk" else f" ~{estimator}"
     if kl_prefix_weight:
         label += f" +prefix({kl_prefix_weight:g})"
     return label

@@ -1,14 +1,15 @@
 """The two axes of a method and its loss: which states the student trains on (prefix), whose next-token
 choice supervises it there (trajectory), and how the two terms are weighed (loss). Each section checks its
-own values; the rules between them and the rest live in kltd.spec.config."""
+own values; the rules between them and the rest live in kltd.schema.config."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
 
-from kltd.spec import choices as C
-from kltd.spec.checks import ConfigError, at_least, choice, in_unit_interval, positive
+from kltd.schema import choices as C
+from kltd.schema.checks import ConfigError, at_least, choice, in_unit_interval, positive
+from kltd.schema.divergences import DEFAULTS
 
 
 @dataclass
@@ -95,9 +96,9 @@ class LossConfig:
     # None: the trajectory's own divergence (expert -> forward_kl, student -> reverse_kl). A blend (jsd,
     # kl_mix, tv, the skews) may replace it; the other KL direction may not (that is the other trajectory).
     divergence: Optional[str] = None
-    beta: float = 0.5  # jsd
-    alpha: float = 0.1  # skew KLs
-    mix: float = 0.5  # kl_mix: weight of reverse KL
+    beta: float = DEFAULTS["beta"]  # jsd, jsd_scaled (kltd.schema.divergences has each divergence's parameter)
+    alpha: float = DEFAULTS["alpha"]  # skew KLs
+    mix: float = DEFAULTS["mix"]  # kl_mix: weight of reverse KL
     temperature: float = 1.0
     estimator: str = "exact"  # exact | topk | sampled_k1 | sampled_k2 | sampled_k3 | sampled_reward
     top_k: int = 8

@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from kltd.spec import choices as C
-from kltd.spec.checks import ConfigError, at_least, choice, in_unit_interval, positive
+from kltd.schema import choices as C
+from kltd.schema.checks import ConfigError, at_least, choice, in_unit_interval, positive
 
 
 @dataclass
@@ -23,6 +23,10 @@ class ModelConfig:
 
     def check(self) -> None:
         choice("model.dtype", self.dtype, C.DTYPES)
+        for role in ("teacher", "student"):
+            if not getattr(self, role).strip():
+                raise ConfigError(f"model.{role} is empty: name a local directory or a Hugging Face model, "
+                                  f"e.g. model.{role}=path/to/{role}")
 
 
 @dataclass
@@ -63,10 +67,14 @@ class DataConfig:
     # how a response is graded (accuracy, pass@k, the correctness reward): auto is the built-in task's own
     # checker for data=addition and none (no accuracy) otherwise
     checker: str = "auto"
+    # a bad row of a file or hub dataset (it does not fit its format, its prompt or response is empty, the checker
+    # cannot read its answer): error names the first and stops | drop leaves them out, counted by reason
+    bad_rows: str = "error"
 
     def check(self) -> None:
         choice("data.source", self.source, C.DATA_SOURCES)
         choice("data.checker", self.checker, C.CHECKERS)
+        choice("data.bad_rows", self.bad_rows, C.BAD_ROWS)
         choice("data.overflow", self.overflow, C.OVERFLOW)
         choice("data.chat_template", self.chat_template, C.CHAT_TEMPLATE)
         at_least("data.n_train", self.n_train, 1)
@@ -168,7 +176,11 @@ class TrainerConfig:
     keep_checkpoints: int = 2
     # steps whose loss or gradients are not finite that may be skipped (no update) before the run stops
     skip_bad_steps: int = 0
+    # a progress bar on a terminal; elsewhere (a log file, SLURM, CI) a plain line every log_every steps or every
+    # progress_every_s seconds, whichever comes first, and during an evaluation or the teacher-cache fill a line
+    # every progress_every_s seconds. false: neither
     progress: bool = True
+    progress_every_s: float = 30.0
 
     def check(self) -> None:
         at_least("trainer.checkpoint_every", self.checkpoint_every, 0)
@@ -181,6 +193,7 @@ class TrainerConfig:
         in_unit_interval("trainer.min_lr_ratio", self.min_lr_ratio)
         positive("trainer.lr", self.lr)
         positive("trainer.max_grad_norm", self.max_grad_norm)
+        positive("trainer.progress_every_s", self.progress_every_s)
 
 
 @dataclass

@@ -1,0 +1,124 @@
+"""The execution plan: how one job runs its models, decided once from the config and what the models allow.
+
+Which forward scores each model (kltd's packed forward, or the model's own), which decoder samples (kltd's lean
+decoder, the model's own forward, or a vLLM engine), whether the loss is formed from hidden states (the fused
+head), whether a batch is split by length, whether the teacher cache serves, how the evaluation runs. The
+trainer, the evaluation and the cache fill read the plan; none of them decides. A job prints it in one line
+and records it in metrics.json, so a user sees which paths ran.
+
+The choices rest on what a model allows: its architecture (kltd.fast serves the Llama family), sharding (a
+model sharded by FSDP runs through its own forward), its output layer (the fused head needs a plain linear
+map), and the config's switches (trainer.packed_forward, trainer.fused_head, sampling.lean_decoder,
+sampling.backend, trainer.gradient_checkpointing: checkpointing lives in the model's own forward).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from kltd.fast.arranged import is_sharded, supports
+from kltd.objectives.fused_head import plain_output_layer
+from kltd.schema.config import Config, teacher_cache_used
+
+ROLES = ("student", "teacher")
+# A model's logits at its own samples are the ones its sampler drew from: kept, they spare scoring those samples
+# with it again in the evaluation. Kept where a sampling call's [rows, max_new_tokens, V] fits in this many
+# numbers (512 MiB in float32: the toy pair always, a 32k vocabulary at a few dozen rows).
+KEEP_SAMPLED_LOGITS = 2**27
+
+
+@dataclass(frozen=True)
+class Route:
+    """How one model runs in one part of a job."""
+
+    packed: bool  # scored by kltd's packed forward (real tokens only), else by the model's own forward
+    decoder: str  # what samples from it: "lean" (kltd's decoder), "forward" (the model's own), "vllm"
+    lockstep: bool = False  # a sharded model: its processes decode in step (each pass is a collective)
+
+    def text(self) -> str:
+        return f"{'packed' if self.packed else 'own forward'}, {self.decoder} decoder" + (", lockstep" if self.lockstep else "")
+
+
+def route(model, *, packed: bool, lean: bool, backend: str = "kltd") -> Route:
+    """The fastest way `model` allows, of those the switches permit."""
+    fast = supports(model)  # the Llama family, not sharded
+    decoder = "vllm" if backend == "vllm" else "lean" if lean and fast else "forward"
+    return Route(packed=packed and fast, decoder=decoder, lockstep=is_sharded(model))
+
+
+@dataclass(frozen=True)
+class EvaluationPlan:
+    student: Route
+    teacher: Route
+    keep_sampled_logits: bool  # a model's logits at its own samples are kept from sampling, not scored again
+
+
+def evaluation_plan(student, teacher, *, lean: bool, rows: int, max_new_tokens: int, vocab: int | None
+                    ) -> EvaluationPlan:
+    """kltd's fast paths where a model allows them (`lean`), else the models' own forward throughout. `rows`: the
+    most rows one sampling call holds (prompts per batch x samples per prompt)."""
+    routes = {role: route(model, packed=lean, lean=lean) for role, model in (("student", student), ("teacher", teacher))}
+    width = vocab or max(model.get_output_embeddings().weight.shape[0] for model in (student, teacher))
+    return EvaluationPlan(routes["student"], routes["teacher"],
+                          keep_sampled_logits=lean and rows * max_new_tokens * width <= KEEP_SAMPLED_LOGITS)
+
+
+@dataclass(frozen=True)
+class ExecutionPlan:
+    training: dict[str, Route]  # "student", "teacher"
+    samplers: tuple[str, ...]  # the models that write training states by sampling
+    fused_head: bool  # the exact divergence from hidden states, chunk by chunk (no [B, T, V] logits)
+    length_groups: int  # a micro-batch is scored in up to this many groups of rows of similar length (1: whole)
+    teacher_cache: bool  # fixed states: the teacher's logits come from the cache
+    cache_fill_packed: bool  # the cache is filled through the teacher's packed forward
+    evaluation: EvaluationPlan
+    reuse_evaluation_before: bool  # the evaluation before training is read from the eval cache when there
+
+    def line(self) -> str:
+        """The plan in one line, as a job prints it."""
+        s, t = self.training["student"], self.training["teacher"]
+        sampling = ", ".join(f"{role} by the {self.training[role].decoder} decoder" for role in self.samplers)
+        e = self.evaluation
+        return (f"plan: scoring student {'packed' if s.packed else 'own forward'}, teacher "
+                f"{'packed' if t.packed else 'own forward'}; loss {'fused head' if self.fused_head else 'from logits'}"
+                + (f" in {self.length_groups} length groups" if self.length_groups > 1 else "")
+                + (f"; states sampled: {sampling}" if sampling else "")
+                + ("; teacher cache" if self.teacher_cache else "")
+                + f"; evaluation: student {e.student.text()}, teacher {e.teacher.text()}"
+                + (", sampled logits kept" if e.keep_sampled_logits else ""))
+
+    def record(self) -> dict:
+        """What metrics.json keeps."""
+        return asdict(self)
+
+
+def loss_is_sum_over_rows(cfg: Config) -> bool:
+    """True unless a batch-level term couples the rows (the prefix term's baselines, offline-RL weights)."""
+    loss, traj = cfg.loss, cfg.trajectory
+    return loss.kl_prefix_weight == 0 and (traj.supervisor != "dataset" or traj.reward == "none")
+
+
+def plan_for(cfg: Config, student, teacher, vocab: int | None = None) -> ExecutionPlan:
+    """The plan of a job with this config and these (loaded, possibly sharded) models."""
+    t, s, loss = cfg.trainer, cfg.sampling, cfg.loss
+    sampling = cfg.prefix.sampling_models()
+    training = {
+        # gradient checkpointing lives in the model's own forward, so a checkpointed student is scored through it
+        "student": route(student, packed=t.packed_forward and not t.gradient_checkpointing, lean=s.lean_decoder,
+                         backend=s.backend if "student" in sampling else "kltd"),
+        "teacher": route(teacher, packed=t.packed_forward, lean=s.lean_decoder,
+                         backend=s.backend if "teacher" in sampling else "kltd"),
+    }
+    fused = (t.fused_head and loss.estimator == "exact" and loss.kl_prefix_weight == 0
+             and cfg.trajectory.supervisor != "dataset"
+             and all(plain_output_layer(m) is not None and not is_sharded(m) for m in (student, teacher)))
+    both_packed = fused and training["student"].packed and training["teacher"].packed
+    split = loss_is_sum_over_rows(cfg) and not both_packed and not is_sharded(student)
+    e = cfg.eval
+    evaluation = evaluation_plan(student, teacher, lean=s.lean_decoder, rows=min(e.batch_size, e.num_prompts) * e.pass_k,
+                                 max_new_tokens=e.max_new_tokens, vocab=vocab)
+    return ExecutionPlan(training=training, samplers=sampling, fused_head=fused,
+                         length_groups=t.length_groups if split else 1, teacher_cache=teacher_cache_used(cfg),
+                         cache_fill_packed=t.packed_forward and supports(teacher), evaluation=evaluation,
+                         # the processes of a sharded student evaluate together: none may skip one the others make
+                         reuse_evaluation_before=cfg.cache.eval_before and not is_sharded(student))

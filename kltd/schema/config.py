@@ -1,0 +1,317 @@
+"""Typed configuration: the schema every config file and override is checked against, each section with
+its own checks beside it (the axes and the loss in kltd.schema.axes, the other sections in
+kltd.schema.sections); here the whole run's config, the rules that join sections, and make-data's config.
+
+Plain dataclasses; the Hydra entry point (kltd.app.train_command) registers them as the schema and turns
+the composed config into these objects. `Config.check()` refuses bad values and invalid combinations
+before anything expensive happens; it reads no files (kltd.train.preflight checks those). Nothing here
+imports Hydra or torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from kltd.schema.axes import LossConfig, PrefixConfig, TrajectoryConfig
+from kltd.schema.checks import ConfigError, at_least, choice, in_unit_interval
+from kltd.schema.choices import SAMPLED_ESTIMATORS
+from kltd.schema.matrix import cell_error, direction_error, method_label, own_divergence
+from kltd.schema.sections import (CacheConfig, DataConfig, DataFields, DistributedConfig, EvalConfig, ModelConfig,
+                                SamplingConfig, TrainerConfig, WandbConfig)
+
+# the sections are imported from here by the rest of kltd: one place to name a config class from
+__all__ = ["CacheConfig", "Config", "ConfigError", "DataConfig", "DataFields", "DistributedConfig", "EvalConfig",
+           "LossConfig", "MakeDataConfig", "ModelConfig", "PrefixConfig", "SamplingConfig", "TrainerConfig",
+           "TrajectoryConfig", "WandbConfig", "approximations", "config_method_label", "needs_responses",
+           "score_function_term", "teacher_cache_used", "validate"]
+
+
+def _check_data_parallel(cfg: Config) -> None:
+    """What data parallelism needs of the other sections."""
+    n = cfg.distributed.nproc_per_node
+    if n == 1:
+        return
+    if cfg.trainer.batch_size % n:
+        raise ConfigError(f"trainer.batch_size={cfg.trainer.batch_size} must be a multiple of "
+                          f"distributed.nproc_per_node={n} (each process trains on batch_size / {n} rows)")
+    if cfg.sampling.backend == "vllm":
+        raise ConfigError("sampling.backend=vllm runs one engine in one process; with distributed.nproc_per_node > 1 "
+                          "use sampling.backend=kltd")
+    if cfg.model.teacher_device is not None:
+        raise ConfigError("model.teacher_device places the teacher of a one-process run; with "
+                          "distributed.nproc_per_node > 1 each process keeps its teacher on its own device")
+    # a sharded student's passes are collectives, and with a mixed prefix a process may have no rows to sample
+    if cfg.distributed.strategy == "fsdp" and cfg.prefix.source == "mixed":
+        raise ConfigError("distributed.strategy=fsdp with prefix=mixed is not built (processes would sample unequal "
+                          "numbers of student rows); use distributed.strategy=ddp")
+    # the batch_mean baseline is summed across processes; with a mixed prefix a process may hold no
+    # student rows in a micro-batch, and would then miss that collective
+    if cfg.loss.kl_prefix_weight > 0 and cfg.loss.baseline == "batch_mean" and cfg.prefix.source == "mixed":
+        raise ConfigError("loss.baseline=batch_mean with prefix=mixed couples rows that data parallelism splits "
+                          "unevenly; use loss.baseline=none, or distributed.nproc_per_node=1")
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    prefix: PrefixConfig = field(default_factory=PrefixConfig)
+    trajectory: TrajectoryConfig = field(default_factory=TrajectoryConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    @property
+    def method(self) -> str:
+        return config_method_label(self)
+
+    def check(self) -> None:
+        """Every section, then the rules that join sections (no file is read, no model is loaded)."""
+        self.prefix.check()
+        self.trajectory.check()
+        error = cell_error(self.prefix.source, self.trajectory.supervisor)
+        if error:
+            raise ConfigError(error)
+        for section in (self.loss, self.model, self.data, self.sampling, self.trainer, self.eval, self.cache,
+                        self.wandb, self.distributed):
+            section.check()
+        _check_data_parallel(self)
+        _check_loss_against_axes(self)
+        _check_prefix_term(self)
+        if self.cache.teacher == "on" and self.prefix.source != "fixed":
+            raise ConfigError("cache.teacher=on caches teacher logits at fixed states; it needs prefix=fixed")
+        if self.data.responses_file is not None and self.prefix.source not in ("fixed", "mixed"):
+            raise ConfigError("data.responses_file supplies fixed states; use prefix=fixed (or mixed)")
+        if self.eval.num_prompts > self.data.n_eval:
+            raise ConfigError(f"eval.num_prompts={self.eval.num_prompts} exceeds data.n_eval={self.data.n_eval}")
+        if self.sampling.backend == "vllm" and len(self.prefix.sampling_models()) > 1:
+            raise ConfigError("sampling.backend=vllm runs one engine, and this prefix samples from both the student "
+                              "and the teacher; use sampling.backend=kltd")
+        if self.trajectory.reward == "correctness" and self.data.checker_name == "none":
+            raise ConfigError("trajectory.reward=correctness grades responses with an answer checker; set "
+                              "data.checker (exact, gsm8k or boxed)")
+
+
+@dataclass
+class MakeDataConfig:
+    """`kltd make-data`: responses sampled from a model for the training prompts of `data`, written as JSONL
+    in TRL's format (prompt, completion, answer, source), for SeqKD and offline RL."""
+
+    out: Optional[str] = None  # the JSONL file to write
+    n: int = 5000  # rows (at most the training split's size)
+    writer: str = "student"  # student | teacher: the model that writes the responses
+    other_fraction: float = 0.0  # per row, the probability that the other model writes instead
+    batch_size: int = 256
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def check(self) -> None:
+        if not self.out:
+            raise ConfigError("make-data needs out=FILE, the JSONL file to write")
+        at_least("n", self.n, 1)
+        at_least("batch_size", self.batch_size, 1)
+        choice("writer", self.writer, ("student", "teacher"))
+        in_unit_interval("other_fraction", self.other_fraction)
+        for section in (self.model, self.data, self.sampling):
+            section.check()
+
+
+def score_function_term(cfg) -> bool:
+    """Whether the loss has the prefix term's score-function part: loss.kl_prefix_weight > 0 and the student
+    writes some of the states (prefix=student, or mixed with student rows). On fixed or teacher states alone
+    the prefix term is cross-entropy on the prefix tokens instead (kltd.objectives.losses.prefix_loss)."""
+    return cfg.loss.kl_prefix_weight > 0 and "student" in cfg.prefix.sampling_models()
+
+
+def needs_responses(cfg) -> bool:
+    """Whether the run's states include the dataset's own responses (prefix=fixed, a mixture with fixed states, a
+    hand-off drawn over the reference length), so prompt-only data cannot serve."""
+    p = cfg.prefix
+    fixed = p.source == "fixed" or (p.source == "mixed" and p.other == "fixed" and p.student_fraction < 1)
+    return fixed or (p.source == "mixed" and p.handoff and p.handoff_k == "uniform")
+
+
+def teacher_cache_used(cfg) -> bool:
+    """Whether the run reads the teacher's logits from the teacher cache: fixed states whose loss needs the
+    teacher (a divergence term, or the teacher_loglik reward), unless cache.teacher=off."""
+    traj = cfg.trajectory
+    needs = cfg.loss.kl_trajectory_weight > 0 and (traj.supervisor != "dataset" or traj.reward == "teacher_loglik")
+    return cfg.prefix.source == "fixed" and cfg.cache.teacher != "off" and needs
+
+
+def _divergence_name(cfg) -> str | None:
+    """The per-token divergence of the trajectory term: the blend in its place, else the trajectory's own."""
+    return cfg.loss.divergence or own_divergence(cfg.trajectory.supervisor)
+
+
+# One-token estimators of the reverse KL whose value estimates KL(q||p) but whose expected gradient is not its
+# gradient (kltd.objectives.estimators; tests/objectives/test_enumerable.py): as a loss, the run would train
+# something other than what its name says
+_WRONG_GRADIENT = {
+    ("sampled_k1", "reverse_kl"): "its expected gradient is zero (log q - log p at the student's own token only adds "
+                                  "noise); use loss.estimator=sampled_k2 or sampled_reward (the reverse KL's gradient)",
+    ("sampled_k3", "reverse_kl"): "its expected gradient is the forward KL(p||q)'s, DAgger's loss at the same states "
+                                  "under OPD's name; use loss.estimator=sampled_k2 or sampled_reward, or "
+                                  "trajectory=expert for the forward KL",
+}
+
+
+def _check_loss_against_axes(cfg: Config) -> None:
+    loss, supervisor, states = cfg.loss, cfg.trajectory.supervisor, cfg.prefix.source
+    if supervisor == "dataset" and loss.divergence is not None:
+        raise ConfigError("loss.divergence has no effect with trajectory=dataset (cross-entropy); remove it")
+    if supervisor == "dataset" and loss.estimator != "exact":
+        raise ConfigError(f"loss.estimator={loss.estimator} has no effect with trajectory=dataset (cross-entropy on "
+                          "the dataset's token); remove it (loss.estimator=exact)")
+    error = direction_error(supervisor, loss.divergence, **loss.parameters)
+    if error:
+        raise ConfigError(error)
+    if loss.estimator.startswith("sampled"):
+        name = _divergence_name(cfg)
+        defined = SAMPLED_ESTIMATORS.get(name, ())
+        if loss.estimator not in defined:  # a blend has no one-token form; k2 and reward need y ~ q
+            fix = f"loss.estimator={', '.join(defined)} or exact" if defined else "loss.estimator=exact or topk"
+            raise ConfigError(f"loss.estimator={loss.estimator} is not a one-token estimator of {name} "
+                              f"(trajectory={supervisor}); use {fix}")
+        wrong = _WRONG_GRADIENT.get((loss.estimator, name))
+        if wrong:
+            raise ConfigError(f"loss.estimator={loss.estimator} under trajectory={supervisor}: {wrong}")
+        # a one-token estimator is only unbiased at tokens drawn from the very distribution it assumes
+        wanted = {"student": "student", "expert": "teacher"}[supervisor]
+        if states != wanted:
+            raise ConfigError(f"loss.estimator={loss.estimator} needs tokens sampled by the {wanted}: use "
+                              f"prefix={wanted} with trajectory={supervisor}, or loss.estimator=exact")
+        if cfg.sampling.top_p < 1 or cfg.sampling.temperature != loss.temperature:
+            raise ConfigError(f"loss.estimator={loss.estimator} assumes tokens drawn from the full softmax at "
+                              f"loss.temperature={loss.temperature:g}; the sampler uses sampling.top_p="
+                              f"{cfg.sampling.top_p:g}, sampling.temperature={cfg.sampling.temperature:g}. "
+                              "Use sampling.top_p=1 and equal temperatures, or loss.estimator=exact")
+
+
+# The trajectory estimators whose expected gradient is the exact per-token divergence's: only with one of
+# them does adding the score-function term give the exact gradient of the sequence-level divergence
+# (tests/objectives/test_enumerable.py: topk, sampled_k1 and sampled_k3 plus the prefix term are off by 0.46-0.79)
+_PREFIX_TERM_ESTIMATORS = ("exact", "sampled_k2", "sampled_reward")
+
+
+def _check_prefix_term(cfg: Config) -> None:
+    """What the score-function term needs to be the exact gradient (docs/theory.md §3): the student's current,
+    sampled states, per-sequence normalisation, an estimator with the exact expected gradient, and a
+    baseline that kltd can form. On fixed or teacher states the prefix term is cross-entropy on the prefix
+    tokens, a legitimate objective with either normalisation and any estimator: none of this applies there."""
+    loss, sampling = cfg.loss, cfg.sampling
+    scored = score_function_term(cfg)
+    sampled = loss.estimator.startswith("sampled") and loss.kl_trajectory_weight > 0
+    stale = sampling.backend == "vllm" and sampling.vllm_sync_every > 1 and "student" in cfg.prefix.sampling_models()
+    if stale and (scored or sampled):
+        n = sampling.vllm_sync_every
+        users = ["the prefix term's score function"] * scored + [f"loss.estimator={loss.estimator}"] * sampled
+        fixes = ["loss.kl_prefix_weight=0"] * scored + ["loss.estimator=exact"] * sampled
+        raise ConfigError(f"sampling.vllm_sync_every={n} samples the student's states from weights up to {n - 1} "
+                          f"optimiser step{'s' * (n > 2)} old, but {' and '.join(users)} "
+                          f"assume{'s' * (len(users) == 1)} samples of the current student; "
+                          f"use sampling.vllm_sync_every=1, or {' and '.join(fixes)}")
+    if not scored:
+        return
+    if sampling.temperature == 0:
+        raise ConfigError("loss.kl_prefix_weight > 0 needs sampled student states (a score function); "
+                          "greedy sampling.temperature=0 has none: set sampling.temperature > 0")
+    if loss.normalization != "sequence":
+        raise ConfigError("loss.kl_prefix_weight > 0 on student-written states needs loss.normalization=sequence: "
+                          f"with loss.normalization={loss.normalization} each sample's gradient is divided by its "
+                          "batch's token count, and the trajectory and prefix terms no longer add up to the gradient "
+                          "of the sequence-level divergence; set loss.normalization=sequence")
+    if loss.kl_trajectory_weight > 0 and loss.estimator not in _PREFIX_TERM_ESTIMATORS:
+        defined = SAMPLED_ESTIMATORS.get(_divergence_name(cfg), ())
+        fine = [e for e in _PREFIX_TERM_ESTIMATORS if e == "exact" or e in defined]
+        raise ConfigError(f"loss.estimator={loss.estimator} with loss.kl_prefix_weight > 0 on student-written states: "
+                          "its expected gradient is not the exact per-token divergence's, so adding the prefix term "
+                          f"gives the gradient of no objective; use loss.estimator={' or '.join(fine)}, or "
+                          "loss.kl_prefix_weight=0")
+    # baseline_values can form leave-one-out groups, but the trainer draws one sample per prompt: with groups
+    # of 1 the baseline is 0, the same gradient as none, bit for bit
+    if loss.baseline == "leave_one_out":
+        raise ConfigError("loss.baseline=leave_one_out needs groups of samples of one prompt, which kltd does not "
+                          "form yet (it would equal loss.baseline=none); use loss.baseline=batch_mean or none")
+
+
+# What each one-token estimator gives, by divergence (kltd.objectives.estimators; docs/theory.md §5)
+_ONE_TOKEN = {
+    ("sampled_k2", "reverse_kl"): "one token's 0.5 (log q - log p)^2: its expected gradient is KL(q||p)'s, its value "
+                                  "is not the KL",
+    ("sampled_reward", "reverse_kl"): "a one-token policy-gradient estimate of KL(q||p)'s gradient (reward "
+                                      "log p - log q)",
+    ("sampled_k1", "forward_kl"): "cross-entropy on the teacher's one sampled token, a one-token estimate of "
+                                  "KL(p||q) and its gradient",
+    ("sampled_k3", "forward_kl"): "one token's (r - 1) - log r, a one-token estimate of KL(p||q) and its gradient",
+}
+
+
+def approximations(cfg: Config) -> list[str]:
+    """One short line per approximation an accepted config makes: each place where its gradient is not the
+    exact (expected) gradient of the objective its method label names (docs/theory.md §9). [] when there is
+    none. The config is assumed to pass Config.check() (what it refuses is not listed); settings a config
+    does not use (the estimator of a weight-0 term, a baseline without a score-function term) add nothing.
+    """
+    loss, traj, sampling, prefix = cfg.loss, cfg.trajectory, cfg.sampling, cfg.prefix
+    out = []
+    divergence = loss.kl_trajectory_weight > 0 and traj.supervisor != "dataset"
+    if divergence and loss.estimator == "topk":
+        out.append(f"loss.estimator=topk: the divergence over the teacher's top {loss.top_k} tokens and one bucket "
+                   "for all the others, not over the whole vocabulary")
+    if divergence and loss.estimator.startswith("sampled"):
+        out.append(f"loss.estimator={loss.estimator}: {_ONE_TOKEN[(loss.estimator, _divergence_name(cfg))]}")
+    if teacher_cache_used(cfg) and cfg.cache.format == "topk":
+        out.append(f"cache.format=topk: the cached teacher keeps its top {cfg.cache.top_k} logits per position and "
+                   "spreads the rest of its mass evenly")
+    batch = cfg.trainer.batch_size
+    if traj.weighting == "awr":
+        out.append(f"trajectory.weighting=awr: a row's weight compares its reward with the mean reward of its "
+                   f"micro-batch ({batch} rows), not the population's mean: a bias of order 1/{batch}")
+    if traj.weighting == "filter":
+        out.append(f"trajectory.weighting=filter: keeps the top {traj.keep_fraction:g} of each micro-batch "
+                   f"({batch} rows) by reward, not the rows above the population's quantile")
+    writers = " and ".join(prefix.sampling_models())
+    if writers and sampling.temperature == 0:
+        out.append(f"sampling.temperature=0: the states are the {writers}'s greedy responses, not samples of its "
+                   "distribution")
+    elif writers and sampling.temperature != 1:
+        out.append(f"sampling.temperature={sampling.temperature:g}: the states are sampled from the {writers}'s "
+                   "distribution sharpened or flattened, not from the distribution itself")
+    if writers and sampling.top_p < 1:
+        out.append(f"sampling.top_p={sampling.top_p:g}: the states come from the nucleus of the {writers}'s "
+                   "distribution, while the loss compares the full distributions")
+    if sampling.backend == "vllm" and sampling.vllm_sync_every > 1 and "student" in prefix.sampling_models():
+        out.append(f"sampling.vllm_sync_every={sampling.vllm_sync_every}: the student's states come from its "
+                   f"weights up to {sampling.vllm_sync_every - 1} optimiser step{'s' * (sampling.vllm_sync_every > 2)} "
+                   "old (off-policy states)")
+    if score_function_term(cfg):
+        if loss.gamma < 1:
+            out.append(f"loss.gamma={loss.gamma:g}: the prefix term discounts later divergence, a biased gradient "
+                       "of the sequence-level divergence")
+        if loss.kl_prefix_weight != loss.kl_trajectory_weight:
+            out.append(f"loss.kl_prefix_weight={loss.kl_prefix_weight:g}: differs from loss.kl_trajectory_weight="
+                       f"{loss.kl_trajectory_weight:g}; only equal weights give the exact gradient of the "
+                       "sequence-level divergence")
+    return out
+
+
+def validate(cfg: Config) -> None:
+    """Refuse invalid cells and values before anything expensive happens (no file read, no model loaded)."""
+    cfg.check()
+
+
+def config_method_label(cfg) -> str:
+    """The method label of a config (typed, or an OmegaConf node with the same keys)."""
+    p, t, loss = cfg.prefix, cfg.trajectory, cfg.loss
+    return method_label(p.source, t.supervisor, reward=t.reward, handoff=p.handoff, divergence=loss.divergence,
+                        beta=loss.beta, alpha=loss.alpha, mix=loss.mix, student_fraction=p.student_fraction,
+                        kl_prefix_weight=loss.kl_prefix_weight, estimator=loss.estimator, top_k=loss.top_k)

@@ -1,0 +1,254 @@
+"""The stages of one training job, as methods of one object that carries what they share.
+
+    Job(cfg, run_dir, out, ...).run()  ->  prepare  ->  load  ->  evaluate before  ->  fill the teacher cache
+                                       ->  train  ->  finish (evaluate after, save the student)
+
+`prepare` reads the tokenizer and the data (a bad row costs seconds, not a model load); `load` loads the pair
+and makes the execution plan (kltd.rollout.plan), which every later stage reads; `train` is the loop of
+optimiser steps with its logging, checkpoints and stop requests. What differs between process 0 and the others
+of a data-parallel run sits behind `out` (kltd.train.output.Output) and `ranks` (kltd.train.ranks.Ranks): a
+stage does not ask which process it runs in. kltd.train.job wraps a Job with what the run directory needs
+(claiming it, resuming, the summary's status).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.markup import escape
+
+from kltd.report.progress import RunProgress, StepFigures
+from kltd.rollout.batch import TokenCounts
+from kltd.schema.config import Config, approximations, needs_responses
+from kltd.train import checkpoint
+from kltd.train.interrupt import Interrupted, stop_requests
+from kltd.train.output import Output, before_after_table, data_lines, save_student
+from kltd.train.phases import Phases
+from kltd.train.ranks import SINGLE, Ranks
+
+
+@dataclass
+class Job:
+    cfg: Config
+    run_dir: Path
+    out: Output
+    config_dict: dict  # the resolved config, redacted: what checkpoints and metrics.json keep
+    ranks: Ranks = SINGLE
+    sweep: str | None = None
+    resume: checkpoint.Checkpoint | None = None
+    notes: list[str] = field(default_factory=list)  # the command's lines about this run (kltd.train.job.train_job)
+    phases: Phases = field(default_factory=Phases)
+    # built by the stages, in this order
+    tokenizer: object = None
+    data: object = None  # kltd.data.prepare.TaskData
+    pair: object = None  # kltd.train.models.Pair
+    plan: object = None  # kltd.rollout.plan.ExecutionPlan
+    trainer: object = None  # kltd.train.trainer.Trainer
+    display: RunProgress | None = None
+    resumed_from: int | None = None  # the step a resumed run went on from
+
+    def run(self) -> dict:
+        """Every stage; the figures of the run (process 0), {} in the other processes."""
+        from kltd.train.threads import job_threads, threads_for
+        from kltd.train.trainer import Trainer, seed_everything
+
+        seed_everything(self.cfg.seed)
+        self.prepare()
+        self.load()
+        p = self.pair
+        with job_threads(threads_for(self.cfg.trainer.num_threads, p.device, (p.teacher, p.student))):
+            self.announce()
+            self.trainer = Trainer(self.cfg, p, self.data.train, checker=self.data.checker, ranks=self.ranks,
+                                   plan=self.plan)
+            try:
+                with self.display:
+                    progress = self.start()
+                    self.fill_teacher_cache()
+                    figures = self.finish(self.train(progress))
+            finally:
+                self.trainer.close()  # a vLLM engine dies with its job
+        if not self.ranks.main:
+            return {}
+        self.out.show(before_after_table(self.cfg.method, figures["eval_before"] or {}, figures["eval_after"]))
+        return {**figures, "approximations": approximations(self.cfg), "plan": self.plan.record(),
+                "data": self.data.summary, "phases": self.phases.seconds}
+
+    # -------------------------------------------------------------------------------------------- stages
+
+    def prepare(self) -> None:
+        """The tokenizer and the data, before any weights: a bad row or a tokenizer mismatch costs seconds."""
+        from kltd.data.prepare import prepare, rendered_example
+        from kltd.train.models import check_tokenizers
+
+        m = self.cfg.model
+        with self.phases("data"):
+            self.tokenizer = check_tokenizers(m.teacher, m.student, trust_remote_code=m.trust_remote_code)
+            self.data = prepare(self.cfg.data, self.tokenizer, needs_responses=needs_responses(self.cfg))
+        self.out.write_text("first_example.txt", rendered_example(self.data.train[0], self.data.end_token))
+        if self.data.held_out is not None:
+            self.out.write_json("data_split.json", {"held_out_rows": self.data.held_out, **self.data.summary})
+        for line in data_lines(self.data.summary):
+            self.out.say(line)
+
+    def load(self) -> None:
+        """Both models (the student sharded before an optimiser is built on it), and the execution plan."""
+        from kltd.rollout.plan import plan_for
+        from kltd.train.models import load_pair
+        from kltd.train.sharding import shard
+
+        m, t = self.cfg.model, self.cfg.trainer
+        with self.phases("loading"):
+            self.pair = load_pair(m.teacher, m.student, m.dtype, m.device, tokenizer=self.tokenizer,
+                                  teacher_device=m.teacher_device, gradient_checkpointing=t.gradient_checkpointing,
+                                  trust_remote_code=m.trust_remote_code)
+            if self.cfg.distributed.strategy == "fsdp":
+                shard(self.pair.student)
+        self.plan = plan_for(self.cfg, self.pair.student, self.pair.teacher, self.pair.vocab_size)
+
+    def announce(self) -> None:
+        """What runs, where it writes, what it approximates and how it runs; the progress display."""
+        cfg, t = self.cfg, self.cfg.trainer
+        self.out.show(f"[bold]{escape(cfg.method)}[/] (prefix={cfg.prefix.source}, "
+                      f"trajectory={cfg.trajectory.supervisor}) on {self.pair.device}")
+        self.out.say(f"run directory: {self.run_dir}")
+        for line in approximations(cfg):  # what this config computes that is not exact (also in metrics.json)
+            self.out.say(f"approximation: {line}")
+        self.out.say(self.plan.line())
+        for note in self.notes:
+            self.out.say(f"note: {note}")
+        # jobs of a sweep side by side share one log: their lines carry the run's name
+        self.display = RunProgress(self.out.console, cfg.method, total_steps=t.max_steps,
+                                   done_steps=self.resume.progress.step if self.resume else 0,
+                                   every_steps=t.log_every, every_s=t.progress_every_s,
+                                   enabled=t.progress and self.out.active,
+                                   prefix=f"[{self.run_dir.name}] " if self.sweep else "")
+
+    def evaluate(self, step: int) -> dict | None:
+        """The held-out evaluation at `step` (0: before training, read from the eval cache where it is there).
+        Process 0 evaluates; a sharded student's processes all take part (its forward needs them all)."""
+        from kltd.train.eval_cache import cached_evaluation, evaluation_inputs
+        from kltd.train.evaluation import evaluate
+
+        if not (self.ranks.main or self.plan.training["student"].lockstep):
+            return None  # the others go on to the next step and wait there
+        e, p, data = self.cfg.eval, self.pair, self.data
+        when = "before training" if step == 0 else f"after step {step}"
+        with self.phases("evaluation"), self.display.phase(f"evaluation {when}") as report:
+            def compute() -> dict:
+                return evaluate(p.student, p.teacher, p.tokenizer, data.eval[: e.num_prompts], e,
+                                checker=data.checker, vocab=p.vocab_size, plan=self.plan.evaluation,
+                                on_progress=report)
+
+            if step == 0 and self.plan.reuse_evaluation_before:  # the same for every cell and seed of this student
+                inputs = evaluation_inputs(self.cfg, data, p.device, self.plan.evaluation)
+                result = cached_evaluation(inputs, compute, Path(self.cfg.cache.dir), self.out.say)
+            else:
+                result = compute()
+        self.out.log({f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))}, step=step)
+        return result
+
+    def start(self) -> checkpoint.Progress:
+        """Where training starts: the resumed checkpoint's progress, or step 0 after the evaluation before."""
+        if self.resume is not None:
+            self.resume.restore(self.trainer)
+            progress = self.resume.progress
+            self.resumed_from = progress.step
+        else:
+            progress = checkpoint.Progress(eval_before=self.evaluate(0) if self.cfg.eval.before else None)
+        self.ranks.broadcast_parameters(self.trainer.student)
+        return progress
+
+    def fill_teacher_cache(self) -> None:
+        """With fixed states the teacher's logits come from the cache: process 0 fills what this run will read."""
+        if not self.plan.teacher_cache:
+            return
+        from kltd.train.models import resolve_model_path
+        from kltd.train.teacher_cache import cached_teacher
+
+        cfg, p, trainer = self.cfg, self.pair, self.trainer
+
+        def count(n: int) -> None:
+            trainer.teacher_forwards += n
+
+        with self.ranks.main_first(), self.phases("cache"), self.display.phase("teacher cache"):
+            trainer.attach_teacher_cache(cached_teacher(
+                p.teacher, p.tokenizer, resolve_model_path(cfg.model.teacher), resolve_model_path(cfg.model.student),
+                self.data.train, cache_dir=Path(cfg.cache.dir), dtype=cfg.model.dtype, fmt=cfg.cache.format,
+                top_k=cfg.cache.top_k, needed=trainer.planned_examples(), counter=count, echo=self.out.say,
+                packed=self.plan.cache_fill_packed))
+
+    def save(self, progress: checkpoint.Progress, tokens: TokenCounts) -> Path:
+        """A training checkpoint of this step. Process 0 writes it; the others take part only in gathering a
+        sharded student's weights and state."""
+        progress.tokens = dataclasses.asdict(tokens)
+        gathering = self.plan.training["student"].lockstep
+        state = checkpoint.snapshot(self.trainer) if self.ranks.main or gathering else None
+        if not self.ranks.main:
+            return checkpoint.path_for(self.run_dir, progress.step)
+        return checkpoint.save(self.run_dir, state, progress, self.config_dict, self.cfg.trainer.keep_checkpoints)
+
+    def train(self, progress: checkpoint.Progress) -> tuple[checkpoint.Progress, TokenCounts, float]:
+        """The optimiser steps from where `progress` stands to trainer.max_steps: logged every trainer.log_every
+        steps, evaluated every eval.every, checkpointed every trainer.checkpoint_every and at the end; a stop
+        request (SIGTERM, Ctrl-C) ends it after the step with a checkpoint. Returns the progress, the token
+        counts and the training time of runs before this one (a resumed run trained before too)."""
+        e, t, trainer = self.cfg.eval, self.cfg.trainer, self.trainer
+        tokens = TokenCounts(**progress.tokens)
+        session_started, time_before, first_step = time.perf_counter(), progress.train_time_s, progress.step
+        with stop_requests() as stop:
+            for step in range(progress.step + 1, t.max_steps + 1):
+                stats = trainer.step()
+                tokens.add(stats.tokens)
+                progress.step, progress.loss = step, stats.loss
+                progress.trained_tokens += stats.trained_tokens
+                progress.train_time_s = time_before + time.perf_counter() - session_started
+                elapsed = progress.train_time_s
+                self.display.step(StepFigures(step, stats.loss, progress.trained_tokens / elapsed, elapsed,
+                                              session_steps=step - first_step, session_s=elapsed - time_before))
+                if step % t.log_every == 0 or step == t.max_steps:
+                    self.out.log({"train/loss": stats.loss, **{f"train/{k}": v for k, v in stats.parts.items()},
+                                  "train/tokens_per_s": progress.trained_tokens / elapsed,
+                                  "cost/student_tokens_generated": tokens.student_generated,
+                                  "cost/teacher_tokens_generated": tokens.teacher_generated,
+                                  "cost/tokens_scored": tokens.scored, "cost/wall_time_s": elapsed}, step=step)
+                if e.every and step % e.every == 0 and step != t.max_steps:
+                    self.evaluate(step)
+                if self.ranks.any(stop.signum is not None):  # every process stops after the same step
+                    raise Interrupted(stop.signum or signal.SIGTERM, step, self.save(progress, tokens))
+                if step == t.max_steps or (t.checkpoint_every and step % t.checkpoint_every == 0):
+                    self.save(progress, tokens)
+        return progress, tokens, time_before
+
+    def finish(self, trained: tuple[checkpoint.Progress, TokenCounts, float]) -> dict:
+        """The evaluation after training, the trained student in checkpoint/, and the run's figures."""
+        from kltd.train.sharding import whole_weights
+
+        progress, tokens, time_before = trained
+        t, trainer, student = self.cfg.trainer, self.trainer, self.pair.student
+        teacher_forwards = int(self.ranks.sum([trainer.teacher_forwards])[0])
+        after = self.evaluate(t.max_steps)
+        # a sharded student's whole weights are gathered by every process
+        weights = whole_weights(student) if t.save_checkpoint and self.plan.training["student"].lockstep else None
+        if not self.ranks.main:
+            return {}
+        with self.phases("checkpoint"):
+            final = save_student(student, self.pair.tokenizer, self.run_dir, weights) if t.save_checkpoint else None
+        train_time = progress.train_time_s
+        self.phases.add("training", train_time - time_before)  # this session's share
+        return {
+            "steps": t.max_steps,
+            "train_time_s": train_time,
+            "steps_per_s": t.max_steps / train_time if train_time > 0 else None,
+            "final_loss": progress.loss,
+            "tokens": {**dataclasses.asdict(tokens), "trained": progress.trained_tokens},
+            "teacher_forward_passes": teacher_forwards,  # training only (cache building included), all processes
+            "skipped_steps": trainer.skipped_steps,
+            "resumed_from_step": self.resumed_from,
+            "eval_before": progress.eval_before,
+            "eval_after": after,
+            "checkpoint": str(final) if final else None,
+        }
