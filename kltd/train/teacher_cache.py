@@ -104,8 +104,9 @@ class TeacherCache:
 
     @staticmethod
     def build(teacher, tokenizer, examples: list, *, fmt: str = "full", top_k: int = 64, batch_size: int = 256,
-              counter=None, packed: bool = True) -> "TeacherCache":
-        """One teacher pass per batch of examples; `counter(n)` is told how many passes ran.
+              counter=None, packed: bool = True, scored=None) -> "TeacherCache":
+        """One teacher pass per batch of examples; `counter(n)` is told how many passes ran, `scored(states)`
+        each StateBatch a pass ran over (kltd.train.compute counts its FLOPs).
 
         The pass is the packed forward where the teacher allows it (real tokens only, logits at the response
         states alone), else the teacher's own forward (always with packed=False); the two agree to float
@@ -120,8 +121,9 @@ class TeacherCache:
             chunk = examples[start : start + batch_size]
             prompt_ids, prompt_mask = encode_prompts(tokenizer, [e.prompt for e in chunk], device)
             responses = encode_responses(tokenizer, [e.response for e in chunk], device)
+            states = StateBatch(prompt_ids, prompt_mask, responses)
             with torch.inference_mode():
-                rows = scorer.logit_rows(teacher, StateBatch(prompt_ids, prompt_mask, responses))
+                rows = scorer.logit_rows(teacher, states)
                 for part in rows.parts():  # every response state of the chunk, row after row
                     kept = rows(part).float().cpu()
                     if fmt == "topk":
@@ -131,6 +133,8 @@ class TeacherCache:
                     values.append(kept)
             if counter:
                 counter(1)
+            if scored:
+                scored(states)
             offsets += (offsets[-1] + responses.mask.sum(1).cumsum(0)).tolist()
         index = {e.prompt: i for i, e in enumerate(examples)}
         vocab = rows.width
@@ -192,13 +196,14 @@ def _modified(path: Path) -> tuple[int, int] | None:
 
 def cached_teacher(teacher, tokenizer, teacher_dir: str, tokenizer_dir: str, examples: list, *, cache_dir: Path,
                    dtype: str, fmt: str = "full", top_k: int = 64, needed: list | None = None, counter=None,
-                   echo=print, packed: bool = True) -> TeacherCache:
+                   echo=print, packed: bool = True, scored=None) -> TeacherCache:
     """The cache entry for these exact inputs, holding at least the `needed` examples (default: all).
 
     The entry is keyed by the whole training split but filled lazily: a run scores only the examples it
     will train on and the entry lacks, so a short run does not pay for the whole split, and the next
     cell or seed reuses what is there. Entries another job stored meanwhile are kept. `packed` as in
-    TeacherCache.build (False: the teacher's own forward, as trainer.packed_forward=false asks).
+    TeacherCache.build (False: the teacher's own forward, as trainer.packed_forward=false asks); `counter` and
+    `scored` as there (told only of the passes this call runs).
     """
     # the tokenizer's end-of-response token is part of every encoded response (a chat template may set it)
     tokenizer_key = f"{source_fingerprint(tokenizer_dir)}:{tokenizer.eos_token_id}:{len(tokenizer)}"
@@ -219,7 +224,8 @@ def cached_teacher(teacher, tokenizer, teacher_dir: str, tokenizer_dir: str, exa
         echo(f"teacher cache: hit {path} ({len(wanted)} examples)")
         return cache
     echo(f"teacher cache: adding {len(missing)} of {len(wanted)} examples to {path}")
-    built = TeacherCache.build(teacher, tokenizer, missing, fmt=fmt, top_k=top_k, counter=counter, packed=packed)
+    built = TeacherCache.build(teacher, tokenizer, missing, fmt=fmt, top_k=top_k, counter=counter, packed=packed,
+                               scored=scored)
     cache = built if cache is None else cache.merged(built)
     if _modified(path) != read:  # a parallel job stored entries since we read the file: keep them
         try:

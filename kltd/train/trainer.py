@@ -13,6 +13,7 @@ between samplers, itself.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from kltd.rollout.scoring import Scorer
 from kltd.rollout.states import StateSource
 from kltd.schema.config import Config
 from kltd.schema.matrix import own_divergence
+from kltd.train.compute import PARTS, FlopCounter, ModelShape, batch_flops, sampling_flops, sequence_flops
 from kltd.train.ranks import SINGLE, Ranks
 from kltd.train.sharding import gathered_optimizer_state, scattered_optimizer_state, whole
 
@@ -75,6 +77,7 @@ class StepStats:
     tokens: TokenCounts = field(default_factory=TokenCounts)
     trained_tokens: int = 0  # supervised positions
     real_tokens: int = 0  # prompt and response tokens of the scored batches (what a forward pass computes)
+    flops: FlopCounter = field(default_factory=FlopCounter)  # this step's (kltd.train.compute), every process's
 
 
 class Trainer:
@@ -110,6 +113,9 @@ class Trainer:
         self.skipped_steps = 0  # steps whose loss or gradients were not finite (trainer.skip_bad_steps)
         self.teacher_forwards = 0  # live teacher passes during training (the cache avoids them)
         self.teacher_cache = None
+        self.shapes = {"student": ModelShape.of(self.student), "teacher": ModelShape.of(self.teacher)}
+        self.flops = FlopCounter()  # the run's, all processes (kltd.train.compute); cache_fill: see count_cache_fill
+        self.cache_fill_flops = 0  # this process's teacher forwards filling the teacher cache, not yet in self.flops
         self.order = order or ExampleOrder(len(train_examples), cfg.seed)
 
     def _sampler(self, role: str) -> StateSampler:
@@ -145,13 +151,15 @@ class Trainer:
         return {"optimizer": gathered_optimizer_state(self.optimizer), "scheduler": self.scheduler.state_dict(),
                 "steps_done": self.steps_done, "teacher_forwards": self.teacher_forwards,
                 "order_position": self.order.position, "torch_rng": torch.get_rng_state(),
-                "python_rng": random.getstate(), "skipped_steps": self.skipped_steps}
+                "python_rng": random.getstate(), "skipped_steps": self.skipped_steps,
+                "flops": dataclasses.asdict(self.flops)}
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(scattered_optimizer_state(state["optimizer"], self.optimizer))
         self.scheduler.load_state_dict(state["scheduler"])
         self.steps_done, self.teacher_forwards = state["steps_done"], state["teacher_forwards"]
         self.skipped_steps = state["skipped_steps"]
+        self.flops = FlopCounter(**state.get("flops", {}))  # a checkpoint from before compute accounting: 0
         self.order.seek(state["order_position"])
         self._push_weights()  # the restored weights (kltd.train.checkpoint loads them first)
         torch.set_rng_state(state["torch_rng"])
@@ -201,6 +209,11 @@ class Trainer:
             logits = self.scorers["teacher"].logits(self.teacher, batch)
         self.teacher_forwards += 1
         return logits.clone()  # a normal tensor again, usable by autograd
+
+    def count_cache_fill(self, batch: StateBatch) -> None:
+        """The teacher's forward over a batch of fixed states while this process fills the teacher cache (the
+        job adds the processes' sum to self.flops once the cache is filled)."""
+        self.cache_fill_flops += batch_flops(self.shapes["teacher"], batch)
 
     def needs_teacher_logits(self, batch: StateBatch) -> bool:
         return self._loss_needs_teacher(fixed_states=not bool(batch.from_student.any()))
@@ -338,6 +351,9 @@ class Trainer:
                                     "and rerun (the last good checkpoint is kept)") from None
             batches.append(batch)
             stats.tokens.add(counts)
+            sampled = sampling_flops(batch, self.cfg.prefix, self.shapes["student"], self.shapes["teacher"])
+            stats.flops.student_sampling += sampled[0]
+            stats.flops.teacher_sampling += sampled[1]
         self.student.train()
         local_tokens = sum(int(b.supervised.sum()) for b in batches)
         tokens, sequences = self.ranks.sum([local_tokens, sum(b.num_sequences for b in batches)])
@@ -346,13 +362,21 @@ class Trainer:
         groups = self.plan.length_groups
         bad = None
         for batch in (part for b in batches for part in b.by_length(groups)):
+            teacher_passes = self.teacher_forwards
             loss, parts = self.loss(batch, denominator)
-            if not torch.isfinite(loss):
+            finite = bool(torch.isfinite(loss))
+            # counted where the step waits for the device anyway: the student's forward (and backward), the live
+            # teacher's forward when the loss ran one (the cache's lookups cost nothing here)
+            lengths = batch.attention_mask.sum(1).tolist()
+            stats.flops.student_train += (3 if finite else 1) * sequence_flops(self.shapes["student"], lengths)
+            stats.flops.teacher_score += ((self.teacher_forwards - teacher_passes)
+                                          * sequence_flops(self.shapes["teacher"], lengths))
+            if not finite:
                 bad = f"the loss became {float(loss.detach())}"
                 break
             loss.backward()
             stats.loss += float(loss.detach())
-            stats.real_tokens += int(batch.attention_mask.sum())
+            stats.real_tokens += sum(lengths)
             for k, v in parts.items():
                 stats.parts[k] = stats.parts.get(k, 0.0) + v
         self.ranks.sum_gradients(self.student.parameters())
@@ -363,6 +387,7 @@ class Trainer:
         if bad is None and not torch.isfinite(grad_norm):
             bad = f"the gradient norm became {float(grad_norm)}"
         self._gather_stats(stats)
+        self.flops.add(stats.flops)
         if bad is not None:
             self._bad_step(bad)
             self.optimizer.zero_grad(set_to_none=True)
@@ -391,7 +416,9 @@ class Trainer:
         c = stats.tokens
         local = [stats.loss, stats.real_tokens, c.student_generated, c.teacher_generated,
                  stats.parts.get("mean_weight", 0.0), *(stats.parts.get(k, 0.0) for k in self.SUMMED_PARTS)]
-        total = self.ranks.sum(local)
+        total = self.ranks.sum(local + stats.flops.values())  # float64: FLOPs exact to 2^53 a step
+        total, flops = total[: len(local)], total[len(local) :]
+        stats.flops = FlopCounter(**{name: int(round(v)) for name, v in zip(PARTS, flops)})
         stats.loss, stats.real_tokens = total[0], int(total[1])
         c.student_generated, c.teacher_generated = int(total[2]), int(total[3])
         if "mean_weight" in stats.parts:
