@@ -9,22 +9,23 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kltd.report.records import CompareError, Run, is_number
+from kltd.report.records import CompareError, Run, figure, figure_names, is_number
 from kltd.schema.matrix import PREFIXES, TRAJECTORIES
 
 # eval_after keys in the order a reader expects them; others follow alphabetically.
-EVAL_ORDER = ("accuracy", "pass_at_k", "reverse_kl_student_states", "forward_kl_teacher_states", "student_entropy",
-              "response_length", "student_tokens_generated", "teacher_tokens_generated")
+EVAL_ORDER = ("accuracy", "avg_at_k", "pass_at_k", "reverse_kl_student_states", "forward_kl_teacher_states", "student_entropy",
+              "response_length", "truncated", "student_tokens_generated", "teacher_tokens_generated")
 COST_FIELDS = ("wall_time_s", "train_time_s", "steps", "steps_per_s", "final_loss", "tokens_student_generated",
                "tokens_teacher_generated", "tokens_generated", "tokens_scored", "tokens_trained")
 COUNT_FIELDS = {"steps", "tokens_student_generated", "tokens_teacher_generated", "tokens_generated", "tokens_scored",
                 "tokens_trained"}
 LOWER_IS_BETTER = {"reverse_kl_student_states", "forward_kl_teacher_states"}
-HIGHER_IS_BETTER = {"accuracy", "pass_at_k"}  # the rest (entropy, length, ...) describe; neither way is better
+HIGHER_IS_BETTER = {"accuracy", "avg_at_k", "pass_at_k"}  # the rest (entropy, length, ...) describe; neither way is better
 
 
 def better_direction(metric: str) -> str | None:
-    return "lower" if metric in LOWER_IS_BETTER else "higher" if metric in HIGHER_IS_BETTER else None
+    name = metric.rsplit("/", 1)[-1]  # a per-set metric (gsm8k/pass_at_k) goes the way of its plain name
+    return "lower" if name in LOWER_IS_BETTER else "higher" if name in HIGHER_IS_BETTER else None
 
 
 # ---------------------------------------------------------------------------------------- aggregation
@@ -88,10 +89,10 @@ class MethodSummary:
         return [run for run in self.runs if run.status == "completed"]
 
     def after(self, metric: str) -> Stat | None:
-        return stat_of(run.eval_after.get(metric) for run in self.completed)
+        return stat_of(figure(run.eval_after, metric) for run in self.completed)
 
     def before(self, metric: str) -> Stat | None:
-        return stat_of(run.eval_before.get(metric) for run in self.completed)
+        return stat_of(figure(run.eval_before, metric) for run in self.completed)
 
     def cost(self, name: str) -> Stat | None:
         places = 0 if name in COUNT_FIELDS else None
@@ -141,7 +142,7 @@ def summarize(runs: list[Run]) -> list[MethodSummary]:
 
 
 def available_metrics(runs: list[Run]) -> list[str]:
-    keys = {key for run in runs if run.status == "completed" for key, v in run.eval_after.items() if is_number(v)}
+    keys = {key for run in runs if run.status == "completed" for key in figure_names(run.eval_after)}
     return [k for k in EVAL_ORDER if k in keys] + sorted(keys - set(EVAL_ORDER))
 
 
@@ -170,3 +171,6 @@ class CompareResult:
     out_dir: Path
     files: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # plots skipped, duplicate seeds, ...
+    budget: object | None = None  # a kltd.report.budget.BudgetComparison: `kltd compare --at` (equal compute)
+    against: str | None = None  # `kltd compare --against LABEL`: the method paired differences are taken from
+    paired: list = field(default_factory=list)  # kltd.report.paired.PairedDifference

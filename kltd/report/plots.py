@@ -1,4 +1,5 @@
-"""The PNGs of `kltd compare`: the method-matrix heatmap, per-position divergence, learning curves.
+"""The PNGs of `kltd compare`: the method-matrix heatmap, per-position divergence, learning curves, and
+quality against cost (the Pareto plot of `kltd compare --at`).
 
 Figures are drawn on matplotlib's Agg canvas directly (no pyplot): no display is needed and the
 global backend of whoever imports kltd (a notebook, a Hydra callback) is left alone.
@@ -52,7 +53,7 @@ def _text_color(rgba) -> str:
 
 
 def matrix_heatmap(path: Path, metric: str, prefixes: list[str], trajectories: list[str], grid: list[list[HeatCell]],
-                   *, better: str | None = "higher", unit_interval: bool = False) -> Path:
+                   *, better: str | None = "higher", unit_interval: bool = False, title: str | None = None) -> Path:
     """prefix rows x trajectory columns, coloured by the metric; failed/missing/empty cells grey.
 
     `better`: "higher", "lower" (the colour map is flipped so that better is always brighter) or None for
@@ -85,8 +86,8 @@ def matrix_heatmap(path: Path, metric: str, prefixes: list[str], trajectories: l
         side.set_visible(False)
     colorbar = figure.colorbar(_scalar_mappable(norm, cmap), ax=axes, shrink=0.85)
     colorbar.set_label(f"{metric} ({better} is better)" if better else metric)
-    axes.set_title(f"Method matrix: {metric} after training\nmean ± std over seeds; grey = failed or missing",
-                   fontsize=10)
+    title = title or f"Method matrix: {metric} after training"
+    axes.set_title(f"{title}\nmean ± std over seeds; grey = failed or missing", fontsize=10)
     return _save(figure, path)
 
 
@@ -153,3 +154,36 @@ def _draw_series(axes, series: dict[str, tuple], colors: dict[str, tuple], marke
         if any(s > 0 and math.isfinite(s) for s in stds):
             axes.fill_between(steps, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
                               color=color, alpha=band_alpha, linewidth=0)
+
+
+def pareto(path: Path, *, metric: str, axis: str, curves: dict[str, tuple[list[float], list[float]]],
+           finals: dict[str, tuple[float, float]], front: list[str], colors: dict[str, tuple], budget: float,
+           budget_label: str, better: str | None) -> Path:
+    """Quality against cost: each method's evaluation curve (thin, mean over seeds), its final point (after
+    training, at its total cost), the Pareto frontier (the non-dominated final points, ringed and joined) and
+    the budget the matrix was read at (a dotted vertical line)."""
+    figure = _new_figure(10, 5.4)
+    axes = figure.add_subplot()
+    for label, (costs, values) in curves.items():
+        axes.plot(costs, values, color=colors.get(label), linewidth=1.2, alpha=0.6, marker="o", markersize=2.5)
+    for label, (cost, value) in finals.items():
+        axes.scatter([cost], [value], color=colors.get(label), s=55, zorder=3)
+    if front:
+        axes.plot([finals[label][0] for label in front], [finals[label][1] for label in front], color="black",
+                  linestyle="--", linewidth=1.0, zorder=2)
+        axes.scatter([finals[label][0] for label in front], [finals[label][1] for label in front], s=190,
+                     facecolors="none", edgecolors="black", linewidths=1.6, zorder=4)
+    axes.axvline(budget, color="grey", linestyle=":", linewidth=1.4)
+    labels = dict.fromkeys([*curves, *finals])
+    handles = [Line2D([], [], color=colors.get(label), marker="o", label=label) for label in labels]
+    handles += [Line2D([], [], color="black", linestyle="--", marker="o", markerfacecolor="none",
+                       label="Pareto frontier")]
+    handles += [Line2D([], [], color="grey", linestyle=":", label=f"budget ({budget_label})")]
+    figure.legend(handles=handles, loc="outside right upper", title="method", fontsize=8, title_fontsize=8)
+    axes.set_xlabel(axis)
+    axes.set_ylabel(f"{metric} ({better} is better)" if better else metric)
+    frontier = "ringed: the Pareto frontier" if better else f"no frontier: {metric} has no better direction"
+    axes.set_title(f"{metric} against {axis}\nlines: evaluations during training, dots: after training (mean over "
+                   f"seeds); {frontier}", fontsize=9)
+    axes.grid(alpha=0.3)
+    return _save(figure, path)

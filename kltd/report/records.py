@@ -71,6 +71,23 @@ class Run:
         return costs
 
 
+def figure(block: dict, metric: str):
+    """One evaluation's figure: `metric` of its first set, or `set/metric` of any set (eval.sets)."""
+    if "/" in metric:
+        name, _, key = metric.partition("/")
+        return ((block.get("sets") or {}).get(name) or {}).get(key)
+    return block.get(metric)
+
+
+def figure_names(block: dict) -> list[str]:
+    """Every numeric figure of an evaluation: the first set's by name, each set's as set/metric (several sets)."""
+    names = [k for k, v in block.items() if is_number(v)]
+    sets = block.get("sets") or {}
+    if len(sets) > 1:
+        names += [f"{name}/{k}" for name, figures in sets.items() for k, v in figures.items() if is_number(v)]
+    return names
+
+
 def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -185,7 +202,12 @@ def _label_from_config(config: dict) -> str | None:
 
 
 def _identity(summary: dict, config: dict, run_dir: Path) -> dict:
-    """method, prefix, trajectory, seed, sweep: from the summary, else the saved config, else the dir name."""
+    """method, prefix, trajectory, seed, sweep: from the summary, else the saved config, else the dir name. A
+    `kltd eval` result (kind: eval) is no cell of the matrix: a row of the tables beside the runs."""
+    if summary.get("kind") == "eval":
+        return dict(method=summary.get("method"), prefix=None, trajectory=None, seed=summary.get("seed"),
+                    sweep=summary.get("sweep") or (run_dir.parent.name if (run_dir.parent / SWEEP_MARKER).is_file()
+                                                   else None))
     prefix = summary.get("prefix") or (config.get("prefix") or {}).get("source")
     trajectory = summary.get("trajectory") or (config.get("trajectory") or {}).get("supervisor")
     seed = summary.get("seed", config.get("seed"))

@@ -9,6 +9,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from kltd.report.aggregate import COST_FIELDS, CompareResult, MethodSummary, Stat, available_metrics
 from kltd.report.records import Run, is_number
@@ -43,12 +44,16 @@ def matrix_grid(rows: list[MethodSummary]) -> tuple[list[str], list[str], list[l
     return prefixes, trajectories, [[cells.get((p, t), []) for t in trajectories] for p in prefixes]
 
 
-def matrix_table(rows: list[MethodSummary], metric: str) -> TableData:
+def matrix_table(rows: list[MethodSummary], metric: str, *, title: str | None = None,
+                 value_text: Callable[[MethodSummary], str] | None = None) -> TableData:
+    """The matrix of one metric: after training by default, or any reading of each method (`value_text`, e.g.
+    the value at a cost budget) under its own title."""
+    value_text = value_text or (lambda row: row.value_text(metric))
     prefixes, trajectories, grid = matrix_grid(rows)
-    body = [[prefix, *("\n".join(f"{row.label}\n{row.value_text(metric)}" for row in methods)
+    body = [[prefix, *("\n".join(f"{row.label}\n{value_text(row)}" for row in methods)
                        or empty_cell(prefix, trajectory) for trajectory, methods in zip(trajectories, line))]
             for prefix, line in zip(prefixes, grid)]
-    return TableData(f"Method matrix: {metric} after training (mean ± std across seeds)",
+    return TableData(title or f"Method matrix: {metric} after training (mean ± std across seeds)",
                      ["prefix \\ trajectory", *trajectories], body)
 
 
@@ -69,11 +74,11 @@ def flat_table(rows: list[MethodSummary]) -> TableData:
     body = []
     for row in rows:
         if not row.completed:
-            body.append([row.label, row.prefix or "?", row.trajectory or "?", row.seeds_text(), row.problem_text()]
+            body.append([row.label, row.prefix or "—", row.trajectory or "—", row.seeds_text(), row.problem_text()]
                         + ["—"] * (len(headers) - 5))
             continue
         before = row.before("accuracy")
-        body.append([row.label, row.prefix or "?", row.trajectory or "?", row.seeds_text(),
+        body.append([row.label, row.prefix or "—", row.trajectory or "—", row.seeds_text(),
                      f"{_mean_text(before)} → {_stat_text(row.after('accuracy'))}",
                      *(_stat_text(row.after(key)) for key in ("reverse_kl_student_states", "forward_kl_teacher_states",
                                                               "student_entropy", "response_length")),
@@ -114,8 +119,32 @@ def summary_tables(result: CompareResult) -> list[TableData]:
     return tables + ([unfinished] if unfinished else [])
 
 
+def budget_tables(result: CompareResult) -> list[TableData]:
+    """The matrices at one cost budget (`kltd compare --at`), when asked for and a matrix can be drawn."""
+    return result.budget.tables() if result.budget is not None and has_matrix(result.rows) else []
+
+
+def paired_table(result: CompareResult) -> list[TableData]:
+    """`--against`: each method minus the reference, question by question, with its 95% paired interval."""
+    if not result.paired:
+        return []
+    metrics = list(dict.fromkeys(d.metric for d in result.paired))
+    labels = list(dict.fromkeys(d.label for d in result.paired))
+    cells = {(d.label, d.metric): d for d in result.paired}
+
+    def text(d) -> str:
+        if d.difference is None:
+            return d.problem
+        span = f" [{d.interval[0]:+.3g}, {d.interval[1]:+.3g}]" if d.interval else ""
+        return f"{d.difference:+.3g}{span}"
+
+    return [TableData(f"Paired differences against {result.against} (after training; 95% bootstrap interval "
+                      "over the same questions)", ["method", *metrics],
+                      [[label, *(text(cells[label, m]) for m in metrics)] for label in labels])]
+
+
 def all_tables(result: CompareResult) -> list[TableData]:
-    return [*matrix_tables(result).values(), *summary_tables(result)]
+    return [*matrix_tables(result).values(), *budget_tables(result), *paired_table(result), *summary_tables(result)]
 
 
 def to_rich(table: TableData):
@@ -143,6 +172,11 @@ def to_markdown(table: TableData) -> str:
 # ---------------------------------------------------------------------------------------------- files
 
 
+def file_stem(metric: str) -> str:
+    """A metric name as part of a file name (per-set metrics such as gsm8k/avg_at_k hold a slash)."""
+    return metric.replace("/", "_")
+
+
 def csv_columns(runs: list[Run]) -> list[str]:
     return ["sweep", "run_dir", "method", "variant", "prefix", "trajectory", "seed", "status", "error",
             *available_metrics(runs), "accuracy_before", *COST_FIELDS]
@@ -153,8 +187,10 @@ def _csv_value(value):
     return "" if value is None or (isinstance(value, float) and not math.isfinite(value)) else value
 
 
-def write_csv(runs: list[Run], path: Path) -> Path:
-    columns = csv_columns(runs)
+def write_csv(runs: list[Run], path: Path, budget=None) -> Path:
+    """One row per run; with `budget` (a kltd.report.budget.BudgetComparison) also the budget and each run's
+    value at it."""
+    columns = csv_columns(runs) + (budget.csv_columns() if budget is not None else [])
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
@@ -164,6 +200,8 @@ def write_csv(runs: list[Run], path: Path) -> Path:
                    "error": run.error, "accuracy_before": run.eval_before.get("accuracy")}
             row.update({key: value for key, value in run.eval_after.items() if is_number(value)})
             row.update(run.costs())
+            if budget is not None:
+                row.update(budget.csv_values(run))
             writer.writerow({key: _csv_value(value) for key, value in row.items()})
     return path
 
@@ -180,7 +218,9 @@ def write_markdown(result: CompareResult, paths: list[Path], path: Path) -> Path
         parts += ["", to_markdown(table)]
         if f"matrix_{metric}.png" in pngs:
             parts += ["", f"![{metric} matrix](matrix_{metric}.png)"]
-    for table in summary_tables(result):
+    if result.budget is not None:
+        parts += _budget_markdown(result, pngs)
+    for table in paired_table(result) + summary_tables(result):
         parts += ["", to_markdown(table)]
     for name, caption in (("divergence_by_position.png", "Per-position divergence"), ("learning_curves.png", "Learning curves")):
         if name in pngs:
@@ -190,3 +230,19 @@ def write_markdown(result: CompareResult, paths: list[Path], path: Path) -> Path
     path.write_text("\n".join(parts) + "\n")
     return path
 
+
+def _budget_markdown(result: CompareResult, pngs: set[str]) -> list[str]:
+    """The comparison at equal compute: the matrices at the budget, their heatmaps and the Pareto plots."""
+    budget = result.budget  # a kltd.report.budget.BudgetComparison
+    parts = ["", f"## At equal {budget.at}: {budget.text}", "", budget.note[0].upper() + budget.note[1:] + "."]
+    tables = dict(zip(budget.metrics, budget_tables(result)))
+    for metric in budget.metrics:
+        stem = file_stem(metric)
+        heatmap, pareto = f"matrix_{stem}_at_{budget.at}.png", f"pareto_{stem}_{budget.at}.png"
+        if metric in tables:
+            parts += ["", to_markdown(tables[metric])]
+        if heatmap in pngs:
+            parts += ["", f"![{metric} at {budget.text}]({heatmap})"]
+        if pareto in pngs:
+            parts += ["", f"![{metric} against {budget.at}]({pareto})"]
+    return parts
