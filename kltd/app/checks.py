@@ -51,7 +51,8 @@ def unknown_keys(composed: DictConfig, typed) -> list[str]:
     return walk(composed, typed, "")
 
 
-def job_overrides(overrides: list[str], multirun_flag: bool) -> tuple[bool, list[list[str]], str | None]:
+def job_overrides(overrides: list[str], multirun_flag: bool, config_name: str = "config"
+                  ) -> tuple[bool, list[list[str]], str | None]:
     """(multirun?, every job's overrides, the sweep's directory) exactly as Hydra will launch them: its own mode
     rule (-m, or hydra.mode in a preset such as sweep=matrix), its basic sweeper's expansion of the command line
     and of hydra.sweeper.params, and hydra.sweep.dir resolved once (its name holds the time), so that the
@@ -61,11 +62,11 @@ def job_overrides(overrides: list[str], multirun_flag: bool) -> tuple[bool, list
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     hydra_app = GlobalHydra.instance().hydra
-    mode = hydra_app.get_mode(config_name="config", overrides=overrides)
+    mode = hydra_app.get_mode(config_name=config_name, overrides=overrides)
     multirun = multirun_flag or mode == RunMode.MULTIRUN
     if not multirun:
         return False, [overrides], None
-    cfg = hydra_app.compose_config("config", overrides, run_mode=RunMode.MULTIRUN, with_log_configuration=False)
+    cfg = hydra_app.compose_config(config_name, overrides, run_mode=RunMode.MULTIRUN, with_log_configuration=False)
     params = cfg.hydra.sweeper.get("params") or {}
     task = list(OmegaConf.to_container(cfg.hydra.overrides.task, resolve=False))
     arguments = [f"{key}={value}" for key, value in params.items()] + task

@@ -12,6 +12,7 @@ choice supervises it there (trajectory).
 
 commands:
   train     train one cell, or a sweep with -m (Hydra overrides; `kltd train --help` lists them)
+  eval      evaluate a model on the evaluation sets: kltd eval target=teacher 'eval.sets=[heldout]'
   compare   compare finished runs: kltd compare DIR [DIR ...]
   make-data write a JSONL dataset of responses sampled from a model, for offline RL
 
@@ -41,6 +42,10 @@ def _dispatch(command: str, rest: list[str]) -> None:
         from kltd.app.train_command import main as train_main
 
         train_main(rest)
+    elif command == "eval":
+        from kltd.app.eval_command import main as eval_main
+
+        eval_main(rest)
     elif command == "compare":
         from kltd.app.compare_command import main as compare_main
 

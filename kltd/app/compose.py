@@ -71,4 +71,6 @@ def composition_error(error: Exception) -> str:
         if group and chosen:
             return f"{group}={chosen} is not an option; choose one of: {', '.join(sorted(error.options))}"
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and lines[1].startswith("To append"):  # Hydra's fix for a key a dict does not hold yet
+        return f"{lines[0]} {lines[1][0].lower()}{lines[1][1:]}"
     return lines[0] if lines else type(error).__name__

@@ -26,8 +26,10 @@ def _messages(prompt, system_prompt: str | None) -> list[dict]:
 class PromptRenderer:
     """Renders prompts (a string, or a list of {role, content} messages) for one tokenizer."""
 
-    def __init__(self, tokenizer, chat_template: str = "auto", system_prompt: str | None = None):
+    def __init__(self, tokenizer, chat_template: str = "auto", system_prompt: str | None = None,
+                 template_kwargs: dict | None = None):
         self.tokenizer = tokenizer
+        self.template_kwargs = dict(template_kwargs or {})  # data.chat_template_kwargs, e.g. enable_thinking
         self.system_prompt = system_prompt
         self.templated = chat_template == "auto" and bool(getattr(tokenizer, "chat_template", None))
         self.wanted_template = chat_template == "auto"
@@ -36,7 +38,7 @@ class PromptRenderer:
     def __call__(self, prompt) -> str:
         if self.templated:
             return self.tokenizer.apply_chat_template(_messages(prompt, self.system_prompt), tokenize=False,
-                                                      add_generation_prompt=True)
+                                                      add_generation_prompt=True, **self.template_kwargs)
         self.joined_messages = self.joined_messages or not isinstance(prompt, str)
         return "\n\n".join(m["content"] for m in _messages(prompt, self.system_prompt))
 
@@ -49,7 +51,7 @@ class PromptRenderer:
         if not self.templated:
             return None
         conversation = [{"role": "user", "content": "u"}, {"role": "assistant", "content": SENTINEL}]
-        text = self.tokenizer.apply_chat_template(conversation, tokenize=False)
+        text = self.tokenizer.apply_chat_template(conversation, tokenize=False, **self.template_kwargs)
         after = text.split(SENTINEL, 1)[1] if SENTINEL in text else ""
         specials = sorted(set(self.tokenizer.all_special_tokens) | set(self.tokenizer.get_added_vocab()),
                           key=len, reverse=True)

@@ -91,7 +91,7 @@ def _from_addition(cfg, renderer, limits) -> tuple[list, list, dict]:
 def prepare(cfg, tokenizer, *, needs_responses: bool) -> TaskData:
     """Every example of the run. `needs_responses`: the states include the dataset's responses (prefix=fixed,
     a mixture with fixed states, a hand-off drawn over the reference length), so prompt-only rows are refused."""
-    renderer = PromptRenderer(tokenizer, cfg.chat_template, cfg.system_prompt)
+    renderer = PromptRenderer(tokenizer, cfg.chat_template, cfg.system_prompt, cfg.chat_template_kwargs)
     end = use_end_token(tokenizer, renderer)
     checker = get_checker(cfg.checker_name)
     limits = Limits(tokenizer, cfg)
@@ -109,7 +109,8 @@ def prepare(cfg, tokenizer, *, needs_responses: bool) -> TaskData:
         raise DataError(prompt_only_problem(where))
     summary.update(train_examples=len(train), eval_examples=len(held), dropped=limits.dropped,
                    truncated=limits.truncated, overflow=cfg.overflow, checker=checker.name if checker else "none",
-                   chat_template=renderer.templated, end_token=end, notes=renderer.notes())
+                   chat_template=renderer.templated, chat_template_kwargs=renderer.template_kwargs, end_token=end,
+                   notes=renderer.notes())
     return TaskData(train, held, checker, end, summary, held_out)
 
 

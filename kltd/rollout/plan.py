@@ -14,7 +14,7 @@ sampling.backend, trainer.gradient_checkpointing: checkpointing lives in the mod
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from kltd.fast.arranged import is_sharded, supports
 from kltd.objectives.fused_head import plain_output_layer
@@ -51,6 +51,18 @@ class EvaluationPlan:
     student: Route
     teacher: Route
     keep_sampled_logits: bool  # a model's logits at its own samples are kept from sampling, not scored again
+    may_keep: bool = True  # the fast paths are on: logits are kept wherever a sampling call's fit
+    logit_width: int = 0  # the vocabulary the kept logits span
+
+    def at(self, rows: int, max_new_tokens: int) -> EvaluationPlan:
+        """This plan for sampling calls of `rows` rows and `max_new_tokens` tokens (an evaluation set's own
+        batches and budget): logits are kept only where they fit."""
+        keep = self.may_keep and rows * max_new_tokens * self.logit_width <= KEEP_SAMPLED_LOGITS
+        return replace(self, keep_sampled_logits=keep)
+
+    def text(self) -> str:
+        return (f"student {self.student.text()}, teacher {self.teacher.text()}"
+                + (", sampled logits kept" if self.keep_sampled_logits else ""))
 
 
 def evaluation_plan(student, teacher, *, lean: bool, rows: int, max_new_tokens: int, vocab: int | None
@@ -59,8 +71,8 @@ def evaluation_plan(student, teacher, *, lean: bool, rows: int, max_new_tokens: 
     most rows one sampling call holds (prompts per batch x samples per prompt)."""
     routes = {role: route(model, packed=lean, lean=lean) for role, model in (("student", student), ("teacher", teacher))}
     width = vocab or max(model.get_output_embeddings().weight.shape[0] for model in (student, teacher))
-    return EvaluationPlan(routes["student"], routes["teacher"],
-                          keep_sampled_logits=lean and rows * max_new_tokens * width <= KEEP_SAMPLED_LOGITS)
+    return EvaluationPlan(routes["student"], routes["teacher"], keep_sampled_logits=False, may_keep=lean,
+                          logit_width=width).at(rows, max_new_tokens)
 
 
 @dataclass(frozen=True)
@@ -78,14 +90,12 @@ class ExecutionPlan:
         """The plan in one line, as a job prints it."""
         s, t = self.training["student"], self.training["teacher"]
         sampling = ", ".join(f"{role} by the {self.training[role].decoder} decoder" for role in self.samplers)
-        e = self.evaluation
         return (f"plan: scoring student {'packed' if s.packed else 'own forward'}, teacher "
                 f"{'packed' if t.packed else 'own forward'}; loss {'fused head' if self.fused_head else 'from logits'}"
                 + (f" in {self.length_groups} length groups" if self.length_groups > 1 else "")
                 + (f"; states sampled: {sampling}" if sampling else "")
                 + ("; teacher cache" if self.teacher_cache else "")
-                + f"; evaluation: student {e.student.text()}, teacher {e.teacher.text()}"
-                + (", sampled logits kept" if e.keep_sampled_logits else ""))
+                + f"; evaluation: {self.evaluation.text()}")
 
     def record(self) -> dict:
         """What metrics.json keeps."""
@@ -115,7 +125,7 @@ def plan_for(cfg: Config, student, teacher, vocab: int | None = None) -> Executi
     both_packed = fused and training["student"].packed and training["teacher"].packed
     split = loss_is_sum_over_rows(cfg) and not both_packed and not is_sharded(student)
     e = cfg.eval
-    evaluation = evaluation_plan(student, teacher, lean=s.lean_decoder, rows=min(e.batch_size, e.num_prompts) * e.pass_k,
+    evaluation = evaluation_plan(student, teacher, lean=s.lean_decoder, rows=min(e.batch_size, e.num_prompts) * e.n_samples,
                                  max_new_tokens=e.max_new_tokens, vocab=vocab)
     return ExecutionPlan(training=training, samplers=sampling, fused_head=fused,
                          length_groups=t.length_groups if split else 1, teacher_cache=teacher_cache_used(cfg),

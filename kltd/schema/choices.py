@@ -27,6 +27,7 @@ DATA_SOURCES = ("addition", "file", "hub")  # the built-in task, a local file or
 CHECKERS = ("auto", "none", "exact", "gsm8k", "boxed", "addition")
 OVERFLOW = ("drop", "truncate")  # rows longer than data.max_prompt_tokens / data.max_response_tokens
 CHAT_TEMPLATE = ("auto", "none")
+EVAL_SET_SOURCES = ("heldout", "hub", "file")
 BAD_ROWS = ("error", "drop")  # a row that does not fit, is empty or has an unreadable answer: refuse, or drop and count
 
 MIXED_OTHER = ("fixed", "teacher")

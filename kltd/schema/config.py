@@ -11,20 +11,20 @@ imports Hydra or torch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Dict, Optional
 
 from kltd.schema.axes import LossConfig, PrefixConfig, TrajectoryConfig
 from kltd.schema.checks import ConfigError, at_least, choice, in_unit_interval
 from kltd.schema.choices import SAMPLED_ESTIMATORS
 from kltd.schema.matrix import cell_error, direction_error, method_label, own_divergence
-from kltd.schema.sections import (CacheConfig, DataConfig, DataFields, DistributedConfig, EvalConfig, ModelConfig,
-                                SamplingConfig, TrainerConfig, WandbConfig)
+from kltd.schema.sections import (CacheConfig, DataConfig, DataFields, DistributedConfig, EvalConfig, EvalSetConfig,
+                                  ModelConfig, SamplingConfig, TrainerConfig, WandbConfig)
 
 # the sections are imported from here by the rest of kltd: one place to name a config class from
 __all__ = ["CacheConfig", "Config", "ConfigError", "DataConfig", "DataFields", "DistributedConfig", "EvalConfig",
-           "LossConfig", "MakeDataConfig", "ModelConfig", "PrefixConfig", "SamplingConfig", "TrainerConfig",
-           "TrajectoryConfig", "WandbConfig", "approximations", "config_method_label", "needs_responses",
-           "score_function_term", "teacher_cache_used", "validate"]
+           "EvalRunConfig", "EvalSetConfig", "LossConfig", "MakeDataConfig", "ModelConfig", "PrefixConfig",
+           "SamplingConfig", "TrainerConfig", "TrajectoryConfig", "WandbConfig", "approximations",
+           "config_method_label", "needs_responses", "score_function_term", "teacher_cache_used", "validate"]
 
 
 def _check_data_parallel(cfg: Config) -> None:
@@ -63,6 +63,8 @@ class Config:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # every evaluation set eval.sets may name (conf/eval_set/ fills it; +eval_sets.NAME={...} adds one)
+    eval_sets: Dict[str, EvalSetConfig] = field(default_factory=lambda: {"heldout": EvalSetConfig()})
     cache: CacheConfig = field(default_factory=CacheConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
@@ -88,14 +90,41 @@ class Config:
             raise ConfigError("cache.teacher=on caches teacher logits at fixed states; it needs prefix=fixed")
         if self.data.responses_file is not None and self.prefix.source not in ("fixed", "mixed"):
             raise ConfigError("data.responses_file supplies fixed states; use prefix=fixed (or mixed)")
-        if self.eval.num_prompts > self.data.n_eval:
-            raise ConfigError(f"eval.num_prompts={self.eval.num_prompts} exceeds data.n_eval={self.data.n_eval}")
+        check_eval_sets(self.eval, self.eval_sets)
+        heldout = [name for name in self.eval.sets if self.eval_sets[name].source == "heldout"]
+        for name in heldout:
+            wanted = self.eval_sets[name].num_prompts or self.eval.num_prompts
+            if wanted > self.data.n_eval:
+                raise ConfigError(f"eval.num_prompts={wanted} ({name}) exceeds data.n_eval={self.data.n_eval}")
         if self.sampling.backend == "vllm" and len(self.prefix.sampling_models()) > 1:
             raise ConfigError("sampling.backend=vllm runs one engine, and this prefix samples from both the student "
                               "and the teacher; use sampling.backend=kltd")
         if self.trajectory.reward == "correctness" and self.data.checker_name == "none":
             raise ConfigError("trajectory.reward=correctness grades responses with an answer checker; set "
                               "data.checker (exact, gsm8k or boxed)")
+
+
+def check_eval_sets(settings: EvalConfig, catalog: dict) -> None:
+    """Every set eval.sets names exists in eval_sets and is well formed."""
+    for name in settings.sets:
+        if name not in catalog:
+            raise ConfigError(f"eval.sets names '{name}', which is not an evaluation set; known: "
+                              f"{', '.join(sorted(catalog))} (add one with +eval_sets.{name}={{...}} or conf/eval_set/)")
+        catalog[name].check(f"eval_sets.{name}")
+
+
+@dataclass
+class EvalRunConfig(Config):
+    """`kltd eval`: a run's config (models, data, sampling, eval.*, eval_sets) plus the model it evaluates."""
+
+    # student | teacher (model.student / model.teacher), a model directory, a hub name, or a run directory
+    # (its trained student, checkpoint/)
+    target: str = "student"
+
+    def check(self) -> None:
+        if not self.target.strip():
+            raise ConfigError("target is empty; name student, teacher, a model directory or a run directory")
+        super().check()
 
 
 @dataclass

@@ -4,7 +4,7 @@ processes, each with the checks of its own values."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Dict, List, Optional
 
 from kltd.schema import choices as C
 from kltd.schema.checks import ConfigError, at_least, choice, in_unit_interval, positive
@@ -64,6 +64,8 @@ class DataConfig:
     overflow: str = "drop"  # rows over a limit: drop them, or truncate (prompt from the left, response from the right)
     system_prompt: Optional[str] = None
     chat_template: str = "auto"  # auto: the student tokenizer's template when it has one | none: plain text
+    # passed to the chat template in training, evaluation and make-data alike, e.g. {enable_thinking: false} (Qwen3)
+    chat_template_kwargs: Dict[str, Any] = field(default_factory=dict)
     # how a response is graded (accuracy, pass@k, the correctness reward): auto is the built-in task's own
     # checker for data=addition and none (no accuracy) otherwise
     checker: str = "auto"
@@ -198,18 +200,68 @@ class TrainerConfig:
 
 @dataclass
 class EvalConfig:
-    num_prompts: int = 200
-    batch_size: int = 200  # prompts per sampling call (x pass_k rows); large batches amortise per-token overhead
-    max_new_tokens: int = 64
+    # the evaluation sets, by name in eval_sets (conf/eval_set/): heldout is the training data's held-out split
+    sets: List[str] = field(default_factory=lambda: ["heldout"])
+    num_prompts: int = 200  # questions per set (a set's own num_prompts wins; a set with fewer has them all)
+    batch_size: int = 200  # questions per sampling call (x samples rows); large batches amortise per-token overhead
+    # at most this many tokens (prompt + budget, every row) in one sampling call: long budgets get smaller batches
+    max_batch_tokens: int = 131072
+    max_new_tokens: int = 64  # the token budget of a response (a set's own max_new_tokens wins)
     every: int = 0  # evaluate every N steps as well as before and after; 0 = before and after only
     before: bool = True  # false skips the evaluation before training (identical for every cell of a sweep)
     seed: int = 1234  # fixed, so that every cell is evaluated on identical samples
-    pass_k: int = 4  # student samples per prompt for pass@k and the sequence reverse KL
+    pass_k: int = 4  # k of pass@k
+    samples: Optional[int] = None  # student samples per question (Avg@k over them; null: pass_k), >= pass_k
+    greedy: bool = True  # also a greedy answer per question (accuracy)
+    kl: bool = True  # the teacher's columns: sequence KLs on student and teacher samples (needs a teacher)
+    intervals: int = 1000  # bootstrap resamples over questions for each figure's 95% interval; 0: none
+
+    @property
+    def n_samples(self) -> int:
+        return self.samples if self.samples is not None else self.pass_k
 
     def check(self) -> None:
-        for key in ("num_prompts", "batch_size", "max_new_tokens", "pass_k"):
+        for key in ("num_prompts", "batch_size", "max_new_tokens", "pass_k", "max_batch_tokens"):
             at_least(f"eval.{key}", getattr(self, key), 1)
         at_least("eval.every", self.every, 0)
+        at_least("eval.intervals", self.intervals, 0)
+        if self.samples is not None and self.samples < self.pass_k:
+            raise ConfigError(f"eval.samples={self.samples} is below eval.pass_k={self.pass_k}: pass@k needs at least "
+                              "k samples per question")
+        if not self.sets:
+            raise ConfigError("eval.sets is empty; name at least one set, e.g. eval.sets=[heldout]")
+        if len(set(self.sets)) < len(self.sets):
+            raise ConfigError(f"eval.sets={list(self.sets)} names a set twice")
+
+
+@dataclass
+class EvalSetConfig:
+    """One evaluation set (conf/eval_set/): where its questions come from, how they are read and graded."""
+
+    source: str = "heldout"  # heldout (the training data's held-out split) | hub | file
+    path: Optional[str] = None  # hub: the dataset's name; file: a JSONL/JSON/Parquet/CSV file or save_to_disk dir
+    name: Optional[str] = None  # hub: the dataset's configuration
+    split: str = "test"
+    fields: DataFields = field(default_factory=DataFields)
+    checker: str = "auto"  # auto: heldout uses data.checker; others name theirs (exact | gsm8k | boxed | none)
+    instruction: Optional[str] = None  # appended to each question, e.g. where to put the final answer
+    max_new_tokens: Optional[int] = None  # the set's token budget; null: eval.max_new_tokens
+    num_prompts: Optional[int] = None  # null: eval.num_prompts
+
+    def check(self, key: str) -> None:
+        choice(f"{key}.source", self.source, C.EVAL_SET_SOURCES)
+        choice(f"{key}.checker", self.checker, C.CHECKERS)
+        for limit in ("max_new_tokens", "num_prompts"):
+            if getattr(self, limit) is not None:
+                at_least(f"{key}.{limit}", getattr(self, limit), 1)
+        if self.source != "heldout":
+            if not self.path:
+                raise ConfigError(f"{key} has source={self.source} and no path; set {key}.path")
+            if not self.fields.prompt:
+                raise ConfigError(f"{key} names no question column; set {key}.fields.prompt")
+            if self.checker == "auto":
+                raise ConfigError(f"{key}.checker=auto means data.checker for the held-out split only; name one "
+                                  "(exact, gsm8k, boxed or none)")
 
 
 @dataclass

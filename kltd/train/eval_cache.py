@@ -3,7 +3,7 @@
 Every cell and seed of a sweep starts from the same student and is evaluated on the same prompts with the
 same seed (kltd.train.evaluation), so the evaluation before training is the same for all of them. It is
 stored in a small JSON file whose name is a hash of everything the figures depend on (both models' files,
-the student's tokenizer among them, the held-out examples and their checker, the evaluation settings, dtype, device type and
+the student's tokenizer among them, the evaluation set's examples and their checker, the evaluation settings, dtype, device type and
 the decoding path), like the teacher cache: a changed input gets a new entry, a stale one is never read.
 """
 
@@ -19,10 +19,11 @@ from kltd.files import atomic_write_json, remove_stale_temporaries
 from kltd.schema.config import Config, EvalConfig
 from kltd.train.teacher_cache import examples_fingerprint, source_fingerprint
 
-# raised when the evaluation's own arithmetic changes (2: the samplers' logits reused, blocked MLP rows)
-EVAL_CACHE_VERSION = 2
-# settings that do not change what one evaluation computes
-NOT_IN_KEY = ("every", "before")
+# raised when the evaluation's own arithmetic changes (2: the samplers' logits reused, blocked MLP rows;
+# 3: Avg@k, truncation, intervals and per-question figures; one entry per evaluation set)
+EVAL_CACHE_VERSION = 3
+# settings that do not change what one evaluation computes (a set's own settings are in its entry)
+NOT_IN_KEY = ("every", "before", "sets")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,13 +64,12 @@ def cached_evaluation(inputs: EvalInputs, evaluate: Callable[[], dict], cache_di
     return result
 
 
-def evaluation_inputs(cfg: Config, data, device, plan) -> EvalInputs:
-    """The inputs of this run's evaluation before training (data: kltd.data.prepare's result; plan: the execution
-    plan's evaluation part, kltd.rollout.plan.EvaluationPlan)."""
+def evaluation_inputs(cfg: Config, eval_set, device, plan) -> EvalInputs:
+    """The inputs of this run's evaluation before training on one set (kltd.data.eval_sets.EvalSet; plan: the
+    execution plan's evaluation part, kltd.rollout.plan.EvaluationPlan)."""
     from kltd.train.models import resolve_model_path
 
     m = cfg.model
     return EvalInputs(student_dir=resolve_model_path(m.student), teacher_dir=resolve_model_path(m.teacher),
-                      examples=data.eval[: cfg.eval.num_prompts],
-                      checker=cfg.data.checker_name, settings=cfg.eval, dtype=m.dtype,
-                      device=str(getattr(device, "type", device)), paths=dataclasses.asdict(plan))
+                      examples=eval_set.examples, checker=eval_set.checker_name, settings=eval_set.settings,
+                      dtype=m.dtype, device=str(getattr(device, "type", device)), paths=dataclasses.asdict(plan))

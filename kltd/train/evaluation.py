@@ -1,7 +1,11 @@
-"""Evaluation, identical for every cell: held-out prompts, a fixed seed, exact per-token divergences.
+"""Evaluation, identical for every cell: one set's questions, a fixed seed, exact per-token divergences.
 
-Sequence-level KLs are sums of exact per-token divergences over the response, so they have
-low variance: reverse KL(q||p) on student samples, forward KL(p||q) on teacher samples.
+The paper's figures per set: Avg@k (the mean accuracy of k samples per question), Pass@k (unbiased, from n >= k
+samples), the mean response length and the share of responses the token budget cut (`truncated`), the student's
+per-token entropy; greedy accuracy; each with a bootstrap interval over questions (kltd.report.bootstrap), and
+the per-question values that paired comparisons of two runs need. Sequence-level KLs are sums of exact
+per-token divergences over the response, so they have low variance: reverse KL(q||p) on student samples,
+forward KL(p||q) on teacher samples.
 """
 
 from __future__ import annotations
@@ -54,8 +58,9 @@ class PositionCurve:
 
 
 def _per_token(scorers: dict, student, teacher, batch: StateBatch, spec: DivergenceSpec, sampled_by
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, N] exact per-token divergence and student entropy at the response states (0 past the end).
+               ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """[B, N] exact per-token divergence (None without a teacher) and student entropy at the response states (0 past
+    the end).
 
     Both are computed on the response states alone ([M, V] logit rows, a part at a time: through the packed
     forward where the plan runs it, else the models' own forward; `scorers` by role) and scattered back into
@@ -69,14 +74,16 @@ def _per_token(scorers: dict, student, teacher, batch: StateBatch, spec: Diverge
             return LogitRows.of(kept[mask])
         return scorers[role].logit_rows(model, batch)
 
-    q_rows, p_rows = rows(student, "student"), rows(teacher, "teacher")
+    q_rows = rows(student, "student")
+    p_rows = rows(teacher, "teacher") if teacher is not None else None
     divergence, entropy = [], []
     for part in q_rows.parts():
-        q_logits, p_logits = q_rows(part).float(), p_rows(part).float()
+        q_logits = q_rows(part).float()
         log_q = torch.log_softmax(q_logits, -1)
         entropy.append(-(log_q.exp() * log_q).sum(-1))
-        divergence.append(token_divergence(q_logits, p_logits, spec))
-    return _in_place(divergence, mask), _in_place(entropy, mask)
+        if p_rows is not None:
+            divergence.append(token_divergence(q_logits, p_rows(part).float(), spec))
+    return (_in_place(divergence, mask) if p_rows is not None else None), _in_place(entropy, mask)
 
 
 def _in_place(rows: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
@@ -89,96 +96,161 @@ def _in_place(rows: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
 
 def pass_at_k(correct_by_prompt: list[list[bool]], k: int) -> float:
     """Unbiased pass@k (Chen et al. 2021) from n >= k samples per prompt."""
-    total = 0.0
-    for outcomes in correct_by_prompt:
-        n, c = len(outcomes), sum(outcomes)
-        total += 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
-    return total / len(correct_by_prompt)
+    return sum(question_pass_at_k(outcomes, k) for outcomes in correct_by_prompt) / len(correct_by_prompt)
+
+
+def question_pass_at_k(outcomes: list[bool], k: int) -> float:
+    """1 - C(n-c, k) / C(n, k): the chance that k of the n samples, drawn without replacement, hold a correct one."""
+    n, c = len(outcomes), sum(outcomes)
+    return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def questions_per_call(settings: EvalConfig, longest_prompt: int) -> int:
+    """Questions per sampling call: eval.batch_size, fewer where their rows (x samples, prompt + budget tokens
+    each) would pass eval.max_batch_tokens, so a long budget does not run out of memory."""
+    row_tokens = (longest_prompt + settings.max_new_tokens) * settings.n_samples
+    return max(1, min(settings.batch_size, settings.max_batch_tokens // row_tokens))
 
 
 def evaluate(student, teacher, tokenizer, examples: list, settings: EvalConfig, *,
              checker: Callable[[str, object], bool] | None, lean: bool = True, vocab: int | None = None,
              plan: EvaluationPlan | None = None, on_progress: Callable[[int, int], None] | None = None) -> dict:
-    """Greedy accuracy, pass@k, response length, sequence KLs, entropy and per-position curves.
+    """Avg@k, Pass@k, greedy accuracy, response length, truncation, entropy, sequence KLs and per-position curves,
+    each with a bootstrap interval over questions.
 
     Uses the first `num_prompts` examples and a generator seeded from `settings.seed`, so every cell of
     a sweep is measured on the same prompts with the same random stream. `checker(response, example)`
-    grades an answer (None: no accuracy or pass@k, the other metrics need no checker). How the models run is
-    `plan` (the job's: kltd.rollout.plan), else the plan for `lean` (as sampling.lean_decoder in training:
-    kltd's lean decoder and packed forward where a model allows them; False: the models' own forward
-    throughout). `vocab` limits both models to the tokenizer's ids. `on_progress(done, total)` is told after
-    each batch of prompts how many are done.
+    grades an answer (None: no accuracy, Avg@k or Pass@k; the other metrics need no checker). `teacher` None
+    (or eval.kl false): no KL columns. How the models run is `plan` (the job's: kltd.rollout.plan), else the
+    plan for `lean` (as sampling.lean_decoder in training: kltd's lean decoder and packed forward where a model
+    allows them; False: the models' own forward throughout). `vocab` limits both models to the tokenizer's ids.
+    `on_progress(done, total)` is told after each batch of prompts how many are done.
     """
     examples = examples[: settings.num_prompts]
+    longest = max(len(tokenizer.encode(e.prompt, add_special_tokens=False)) for e in examples)
+    per_call = questions_per_call(settings, longest)
+    rows = min(per_call, len(examples)) * settings.n_samples
     if plan is None:
-        plan = evaluation_plan(student, teacher, lean=lean, rows=min(settings.batch_size, len(examples)) *
-                               max(1, settings.pass_k), max_new_tokens=settings.max_new_tokens, vocab=vocab)
-    with without_grad(student, teacher):
-        return _evaluate(student, teacher, tokenizer, examples, settings, checker, plan, vocab, on_progress)
+        plan = evaluation_plan(student, teacher or student, lean=lean, rows=rows,
+                               max_new_tokens=settings.max_new_tokens, vocab=vocab)
+    plan = plan.at(rows, settings.max_new_tokens)  # this set's batches and budget
+    models = (student,) if teacher is None else (student, teacher)
+    with without_grad(*models):
+        return _evaluate(student, teacher if settings.kl else None, tokenizer, examples, settings, checker, plan,
+                         vocab, per_call, on_progress)
+
+
+class _Questions:
+    """Per-question figures as they are measured, and their means and intervals."""
+
+    def __init__(self):
+        self.values: dict[str, list[float]] = {}
+
+    def add(self, name: str, values) -> None:
+        self.values.setdefault(name, []).extend(float(v) for v in values)
+
+    def summary(self, resamples: int, seed: int) -> dict:
+        from kltd.report.bootstrap import interval
+
+        means = {name: sum(v) / len(v) for name, v in self.values.items()}
+        spans = {name: list(interval(v, resamples, seed)) for name, v in self.values.items()} if resamples else {}
+        return {**means, "intervals": spans, "per_question": self.values}
+
+
+def _ended(responses, eos_id: int | None) -> list[bool]:
+    """Whether each response ended by itself (its end token), not by running out of budget."""
+    lengths = responses.mask.sum(1)
+    ends = []
+    for row, length in zip(responses.tokens, lengths.tolist()):
+        ends.append(length < responses.tokens.shape[1] or (eos_id is not None and int(row[length - 1]) == eos_id))
+    return ends
 
 
 def _evaluate(student, teacher, tokenizer, examples: list, settings: EvalConfig, checker, plan: EvaluationPlan,
-              vocab, on_progress) -> dict:
+              vocab, per_call: int, on_progress) -> dict:
     scorers = {role: Scorer(packed=route.packed, vocab=vocab)
                for role, route in (("student", plan.student), ("teacher", plan.teacher))}
     was_training = student.training
     student.eval()
     device = next(student.parameters()).device
     generator = torch.Generator(device=device).manual_seed(settings.seed)
-    k = max(1, settings.pass_k)
+    n, k, budget = settings.n_samples, settings.pass_k, settings.max_new_tokens
     keep = plan.keep_sampled_logits
     lean = {"student": plan.student.decoder == "lean", "teacher": plan.teacher.decoder == "lean"}
-    greedy = Sampler(student, tokenizer, settings.max_new_tokens, temperature=0.0, lean=lean["student"], vocab=vocab)
-    student_sampler = Sampler(student, tokenizer, settings.max_new_tokens, temperature=1.0, lean=lean["student"],
-                              vocab=vocab, keep_logits=keep)
-    teacher_sampler = Sampler(teacher, tokenizer, settings.max_new_tokens, temperature=1.0, lean=lean["teacher"],
-                              vocab=vocab, keep_logits=keep)
-    correct, lengths, rkl, fkl, entropy, sampled_correct = [], [], [], [], [], []
+    greedy = Sampler(student, tokenizer, budget, temperature=0.0, lean=lean["student"], vocab=vocab)
+    student_sampler = Sampler(student, tokenizer, budget, temperature=1.0, lean=lean["student"], vocab=vocab,
+                              keep_logits=keep)
+    teacher_sampler = (Sampler(teacher, tokenizer, budget, temperature=1.0, lean=lean["teacher"], vocab=vocab,
+                               keep_logits=keep) if teacher is not None else None)
+    q = _Questions()
     curves = {"student_states": PositionCurve(), "teacher_states": PositionCurve()}
     generated = {"student": 0, "teacher": 0}
-    for start in range(0, len(examples), settings.batch_size):
-        chunk = examples[start : start + settings.batch_size]
+    for start in range(0, len(examples), per_call):
+        chunk = examples[start : start + per_call]
         prompt_ids, prompt_mask = encode_prompts(tokenizer, [e.prompt for e in chunk], device)
 
-        answers = greedy(prompt_ids, prompt_mask, None)
-        if checker is not None:
-            correct += [checker(t, e) for t, e in zip(decode_responses(tokenizer, answers), chunk)]
-        lengths += answers.mask.sum(1).tolist()
-        generated["student"] += answers.num_tokens
+        if settings.greedy:
+            answers = greedy(prompt_ids, prompt_mask, None)
+            if checker is not None:
+                q.add("accuracy", [checker(t, e) for t, e in zip(decode_responses(tokenizer, answers), chunk)])
+            q.add("greedy_response_length", answers.mask.sum(1).tolist())
+            generated["student"] += answers.num_tokens
 
-        # k student samples per prompt: pass@k, and the reverse KL averaged over all of them
-        rep_ids, rep_mask = prompt_ids.repeat_interleave(k, 0), prompt_mask.repeat_interleave(k, 0)
+        # n student samples per question: Avg@k, Pass@k, length, truncation, entropy and the reverse KL
+        rep_ids, rep_mask = prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0)
         on_student = student_sampler(rep_ids, rep_mask, generator)
         if checker is not None:
             texts = decode_responses(tokenizer, on_student)
-            sampled_correct += [[checker(texts[i * k + j], e) for j in range(k)] for i, e in enumerate(chunk)]
+            outcomes = [[checker(texts[i * n + j], e) for j in range(n)] for i, e in enumerate(chunk)]
+            q.add("avg_at_k", [sum(o) / n for o in outcomes])
+            q.add("pass_at_k", [question_pass_at_k(o, k) for o in outcomes])
+        lengths = on_student.mask.sum(1)
+        q.add("response_length", lengths.float().view(len(chunk), n).mean(1).tolist())
+        cut = torch.tensor([not e for e in _ended(on_student, tokenizer.eos_token_id)], dtype=torch.float)
+        q.add("truncated", cut.view(len(chunk), n).mean(1).tolist())
         batch = StateBatch(rep_ids, rep_mask, on_student, on_student.mask)
         per_token, token_entropy = _per_token(scorers, student, teacher, batch, REVERSE, sampled_by=student)
-        rkl += per_token.sum(1).view(len(chunk), k).mean(1).tolist()
-        entropy += (token_entropy.sum(1) / on_student.mask.sum(1).clamp(min=1)).view(len(chunk), k).mean(1).tolist()
-        curves["student_states"].add(per_token, on_student.mask)
+        q.add("student_entropy", (token_entropy.sum(1) / lengths.clamp(min=1)).view(len(chunk), n).mean(1).tolist())
         generated["student"] += on_student.num_tokens
+        if per_token is not None:
+            q.add("reverse_kl_student_states", per_token.sum(1).view(len(chunk), n).mean(1).tolist())
+            curves["student_states"].add(per_token, on_student.mask)
 
-        on_teacher = teacher_sampler(prompt_ids, prompt_mask, generator)
-        batch = StateBatch(prompt_ids, prompt_mask, on_teacher)
-        per_token, _ = _per_token(scorers, student, teacher, batch, FORWARD, sampled_by=teacher)
-        fkl += per_token.sum(1).tolist()
-        curves["teacher_states"].add(per_token, on_teacher.mask)
-        generated["teacher"] += on_teacher.num_tokens
+            on_teacher = teacher_sampler(prompt_ids, prompt_mask, generator)
+            batch = StateBatch(prompt_ids, prompt_mask, on_teacher)
+            per_token, _ = _per_token(scorers, student, teacher, batch, FORWARD, sampled_by=teacher)
+            q.add("forward_kl_teacher_states", per_token.sum(1).tolist())
+            curves["teacher_states"].add(per_token, on_teacher.mask)
+            generated["teacher"] += on_teacher.num_tokens
         if on_progress is not None:
             on_progress(start + len(chunk), len(examples))
     student.train(was_training)
-    n = len(examples)
-    graded = {"accuracy": sum(correct) / n, "pass_at_k": pass_at_k(sampled_correct, k)} if checker else {}
     return {
-        **graded,
+        **q.summary(settings.intervals, settings.seed),
+        "questions": len(examples),
         "pass_k": k,
-        "response_length": sum(lengths) / n,
-        "reverse_kl_student_states": sum(rkl) / n,
-        "forward_kl_teacher_states": sum(fkl) / n,
-        "student_entropy": sum(entropy) / n,
+        "samples": n,
+        "max_new_tokens": budget,
         "student_tokens_generated": generated["student"],
         "teacher_tokens_generated": generated["teacher"],
         # reverse KL(q||p) by position on student samples, forward KL(p||q) on teacher samples
-        "divergence_by_position": {name: curve.means() for name, curve in curves.items()},
+        "divergence_by_position": {name: curve.means() for name, curve in curves.items() if curve.total},
     }
+
+
+def sets_result(results: dict[str, dict]) -> dict:
+    """One evaluation's figures on every set: the first set's figures at the top (where metrics.json has always
+    kept them, so `kltd compare --metric accuracy` reads them), every set's under "sets"."""
+    first, figures = next(iter(results.items()))
+    return {**{k: v for k, v in figures.items() if k != "per_question"}, "set": first, "sets": results}
+
+
+def logged_figures(result: dict) -> dict:
+    """What metrics.jsonl and W&B get: eval/<metric> for the first set, eval/<set>/<metric> for each set."""
+    def scalars(figures: dict) -> dict:
+        return {k: v for k, v in figures.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+    logged = {f"eval/{k}": v for k, v in scalars(result).items()}
+    for name, figures in (result.get("sets") or {}).items():
+        logged.update({f"eval/{name}/{k}": v for k, v in scalars(figures).items()})
+    return logged

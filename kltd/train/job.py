@@ -27,6 +27,7 @@ from kltd.report.records import SUMMARY_FILE
 from kltd.schema.config import Config, ConfigError
 from kltd.schema.matrix import slug
 from kltd.train import checkpoint
+from kltd.train.evaluation import logged_figures
 from kltd.train.interrupt import Interrupted
 from kltd.train.output import Output, plain_lines
 from kltd.train.preflight import preflight
@@ -76,7 +77,10 @@ def check_resumable(saved: dict, current: dict, where: Path) -> None:
     lacks (a setting added to kltd since) counts as its default, the value the run was made with."""
     defaults = _flat(dataclasses.asdict(Config()))
     a, b = {**defaults, **_flat(saved)}, {**defaults, **_flat(current)}
-    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES))
+    # evaluation sets the run does not evaluate on are only the catalog it could have picked from
+    unused = tuple(f"eval_sets.{name}." for name in {k.split(".")[1] for k in b if k.startswith("eval_sets.")}
+                   if name not in ((current.get("eval") or {}).get("sets") or ["heldout"]))
+    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES + unused))
     if changed:
         shown = ", ".join(f"{k}={b.get(k)!r} (was {a.get(k)!r})" for k in changed[:4])
         raise ConfigError(f"{where} holds an unfinished run made with another config: {shown}"
@@ -169,7 +173,7 @@ def claimed_job(cfg: Config, run_dir: Path, sweep: str | None, config_dict: dict
         raise
     summary = {**identity, "status": "completed", "wall_time_s": time.perf_counter() - started, **summary,
                "config": config_dict}
-    logger.summary({f"final/{k}": v for k, v in summary["eval_after"].items()})
+    logger.summary({f"final/{k.removeprefix('eval/')}": v for k, v in logged_figures(summary["eval_after"]).items()})
     logger.finish()
     atomic_write_json(summary_path, summary)
     return summary

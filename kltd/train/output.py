@@ -18,7 +18,9 @@ from kltd.report.logger import QuietLogger
 from kltd.train import checkpoint
 from kltd.train.sharding import save_weights
 
-HEADLINE = ("accuracy", "reverse_kl_student_states", "forward_kl_teacher_states", "student_entropy", "response_length")
+HEADLINE = ("accuracy", "avg_at_k", "pass_at_k", "reverse_kl_student_states", "forward_kl_teacher_states",
+            "student_entropy", "response_length", "truncated")
+SET_HEADLINE = ("accuracy", "avg_at_k", "pass_at_k", "response_length", "truncated")  # a table of several sets
 
 
 def plain_lines(console: Console):
@@ -53,14 +55,32 @@ class Output:
 
 
 def before_after_table(method: str, before: dict, after: dict) -> Table:
-    """The headline metrics the run has (no accuracy without an answer checker), before and after."""
-    table = Table(title=f"{escape(method)}: held-out evaluation")  # a label such as "DAgger [kl_mix(0.5)]" is text
+    """The headline metrics the run has (no accuracy without an answer checker), before and after, for each
+    evaluation set (kltd.train.evaluation.sets_result)."""
+    sets = after.get("sets") or {after.get("set", "heldout"): after}
+    title = "held-out evaluation" if list(sets) == ["heldout"] else "evaluation on " + ", ".join(sets)
+    table = Table(title=f"{escape(method)}: {title}")  # a label such as "DAgger [kl_mix(0.5)]" is text
     for column in ("metric", "before", "after", "change"):
         table.add_column(column, justify="left" if column == "metric" else "right")
-    for key in (k for k in HEADLINE if k in after or k in before):
-        shown = [f"{row[key]:.4g}" if key in row else "-" for row in (before, after)]
-        change = f"{after[key] - before[key]:+.4g}" if key in before and key in after else "-"
-        table.add_row(key, *shown, change)
+    for name, later in sets.items():
+        earlier = (before.get("sets") or {}).get(name, before if name == before.get("set", "heldout") else {})
+        for key in (k for k in (HEADLINE if len(sets) == 1 else SET_HEADLINE) if k in later or k in earlier):
+            shown = [f"{row[key]:.4g}" if key in row else "-" for row in (earlier, later)]
+            change = f"{later[key] - earlier[key]:+.4g}" if key in earlier and key in later else "-"
+            table.add_row(key if len(sets) == 1 else f"{name} {key}", *shown, change)
+    return table
+
+
+def evaluation_table(label: str, result: dict) -> Table:
+    """One evaluation's headline figures on each set, with their bootstrap intervals (kltd eval)."""
+    table = Table(title=f"{escape(label)}: evaluation")
+    for column in ("set", "metric", "value", "95% interval"):
+        table.add_column(column, justify="left" if column in ("set", "metric") else "right")
+    for name, figures in (result.get("sets") or {"": result}).items():
+        spans = figures.get("intervals") or {}
+        for key in (k for k in HEADLINE if k in figures):
+            span = spans.get(key)
+            table.add_row(name, key, f"{figures[key]:.4g}", f"{span[0]:.4g} to {span[1]:.4g}" if span else "-")
     return table
 
 

@@ -36,15 +36,17 @@ def preflight(cfg: Config) -> None:
 
 
 def data_problem(cfg: Config) -> str | None:
-    """The first bad row (or unreadable file) of data=file or data=hub, before Hydra writes a directory or a
-    model loads; no tokenizer needed. The checked rows stay in the process for prepare() (kltd.data.rows)."""
-    if cfg.data.source not in ("file", "hub"):
-        return None
+    """The first bad row (or unreadable file, or hub dataset missing offline) of data=file or data=hub and of every
+    hub or file evaluation set, before Hydra writes a directory or a model loads; no tokenizer needed. The checked
+    rows stay in the process for prepare() (kltd.data.rows)."""
+    from kltd.data.eval_sets import check_set_rows
     from kltd.data.formats import DataError
     from kltd.data.rows import check_rows
 
     try:
-        check_rows(cfg.data, needs_responses(cfg))
+        if cfg.data.source in ("file", "hub"):
+            check_rows(cfg.data, needs_responses(cfg))
+        check_set_rows(cfg.eval, cfg.eval_sets, cfg.data)
     except DataError as error:
         return str(error)
     return None

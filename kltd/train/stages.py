@@ -45,6 +45,7 @@ class Job:
     # built by the stages, in this order
     tokenizer: object = None
     data: object = None  # kltd.data.prepare.TaskData
+    eval_sets: list = field(default_factory=list)  # kltd.data.eval_sets.EvalSet, in eval.sets order
     pair: object = None  # kltd.train.models.Pair
     plan: object = None  # kltd.rollout.plan.ExecutionPlan
     trainer: object = None  # kltd.train.trainer.Trainer
@@ -75,24 +76,32 @@ class Job:
             return {}
         self.out.show(before_after_table(self.cfg.method, figures["eval_before"] or {}, figures["eval_after"]))
         return {**figures, "approximations": approximations(self.cfg), "plan": self.plan.record(),
-                "data": self.data.summary, "phases": self.phases.seconds}
+                "data": self.data.summary, "eval_sets": {s.name: s.summary for s in self.eval_sets},
+                "phases": self.phases.seconds}
 
     # -------------------------------------------------------------------------------------------- stages
 
     def prepare(self) -> None:
         """The tokenizer and the data, before any weights: a bad row or a tokenizer mismatch costs seconds."""
+        from kltd.data.eval_sets import load_sets
         from kltd.data.prepare import prepare, rendered_example
         from kltd.train.models import check_tokenizers
 
-        m = self.cfg.model
+        cfg, m = self.cfg, self.cfg.model
         with self.phases("data"):
             self.tokenizer = check_tokenizers(m.teacher, m.student, trust_remote_code=m.trust_remote_code)
-            self.data = prepare(self.cfg.data, self.tokenizer, needs_responses=needs_responses(self.cfg))
+            self.data = prepare(cfg.data, self.tokenizer, needs_responses=needs_responses(cfg))
+            self.eval_sets = load_sets(cfg.eval, cfg.eval_sets, cfg.data, self.tokenizer, self.data.eval,
+                                       self.data.checker)
         self.out.write_text("first_example.txt", rendered_example(self.data.train[0], self.data.end_token))
         if self.data.held_out is not None:
             self.out.write_json("data_split.json", {"held_out_rows": self.data.held_out, **self.data.summary})
         for line in data_lines(self.data.summary):
             self.out.say(line)
+        if [s.name for s in self.eval_sets] != ["heldout"]:
+            self.out.say("evaluation sets: " + "; ".join(
+                f"{s.name} ({len(s.examples)} questions, checker {s.checker_name}, {s.settings.max_new_tokens} tokens)"
+                for s in self.eval_sets))
 
     def load(self) -> None:
         """Both models (the student sharded before an optimiser is built on it), and the execution plan."""
@@ -128,27 +137,31 @@ class Job:
                                    prefix=f"[{self.run_dir.name}] " if self.sweep else "")
 
     def evaluate(self, step: int) -> dict | None:
-        """The held-out evaluation at `step` (0: before training, read from the eval cache where it is there).
-        Process 0 evaluates; a sharded student's processes all take part (its forward needs them all)."""
+        """The evaluation at `step` on every set of eval.sets (0: before training, read from the eval cache where it
+        is there). Process 0 evaluates; a sharded student's processes all take part (its forward needs them all)."""
         from kltd.train.eval_cache import cached_evaluation, evaluation_inputs
-        from kltd.train.evaluation import evaluate
+        from kltd.train.evaluation import evaluate, logged_figures, sets_result
 
         if not (self.ranks.main or self.plan.training["student"].lockstep):
             return None  # the others go on to the next step and wait there
-        e, p, data = self.cfg.eval, self.pair, self.data
+        p = self.pair
         when = "before training" if step == 0 else f"after step {step}"
-        with self.phases("evaluation"), self.display.phase(f"evaluation {when}") as report:
-            def compute() -> dict:
-                return evaluate(p.student, p.teacher, p.tokenizer, data.eval[: e.num_prompts], e,
-                                checker=data.checker, vocab=p.vocab_size, plan=self.plan.evaluation,
-                                on_progress=report)
+        results = {}
+        with self.phases("evaluation"):
+            for s in self.eval_sets:
+                on = f" on {s.name}" if len(self.eval_sets) > 1 else ""
+                with self.display.phase(f"evaluation {when}{on}") as report:
+                    def compute(s=s, report=report) -> dict:
+                        return evaluate(p.student, p.teacher, p.tokenizer, s.examples, s.settings, checker=s.checker,
+                                        vocab=p.vocab_size, plan=self.plan.evaluation, on_progress=report)
 
-            if step == 0 and self.plan.reuse_evaluation_before:  # the same for every cell and seed of this student
-                inputs = evaluation_inputs(self.cfg, data, p.device, self.plan.evaluation)
-                result = cached_evaluation(inputs, compute, Path(self.cfg.cache.dir), self.out.say)
-            else:
-                result = compute()
-        self.out.log({f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))}, step=step)
+                    if step == 0 and self.plan.reuse_evaluation_before:  # the same for every cell and seed
+                        inputs = evaluation_inputs(self.cfg, s, p.device, self.plan.evaluation)
+                        results[s.name] = cached_evaluation(inputs, compute, Path(self.cfg.cache.dir), self.out.say)
+                    else:
+                        results[s.name] = compute()
+        result = sets_result(results)
+        self.out.log(logged_figures(result), step=step)
         return result
 
     def start(self) -> checkpoint.Progress:
@@ -179,7 +192,10 @@ class Job:
                 p.teacher, p.tokenizer, resolve_model_path(cfg.model.teacher), resolve_model_path(cfg.model.student),
                 self.data.train, cache_dir=Path(cfg.cache.dir), dtype=cfg.model.dtype, fmt=cfg.cache.format,
                 top_k=cfg.cache.top_k, needed=trainer.planned_examples(), counter=count, echo=self.out.say,
-                packed=self.plan.cache_fill_packed))
+                packed=self.plan.cache_fill_packed, scored=trainer.count_cache_fill))
+        # the FLOPs of what process 0 filled (0 when the cache already held it), in every process's count
+        trainer.flops.cache_fill += int(self.ranks.sum([trainer.cache_fill_flops])[0])
+        trainer.cache_fill_flops = 0
 
     def save(self, progress: checkpoint.Progress, tokens: TokenCounts) -> Path:
         """A training checkpoint of this step. Process 0 writes it; the others take part only in gathering a
@@ -195,10 +211,16 @@ class Job:
         """The optimiser steps from where `progress` stands to trainer.max_steps: logged every trainer.log_every
         steps, evaluated every eval.every, checkpointed every trainer.checkpoint_every and at the end; a stop
         request (SIGTERM, Ctrl-C) ends it after the step with a checkpoint. Returns the progress, the token
-        counts and the training time of runs before this one (a resumed run trained before too)."""
+        counts and the training time of runs before this one (a resumed run trained before too). Every logged
+        row, and every step evaluated, carries the cumulative costs (kltd.train.compute.cost_metrics); the
+        evaluation before training costs 0."""
+        from kltd.train.compute import FlopCounter, cost_metrics
+
         e, t, trainer = self.cfg.eval, self.cfg.trainer, self.trainer
         tokens = TokenCounts(**progress.tokens)
         session_started, time_before, first_step = time.perf_counter(), progress.train_time_s, progress.step
+        if progress.step == 0:
+            self.out.log(cost_metrics(FlopCounter(), TokenCounts(), 0, 0.0), step=0)
         with stop_requests() as stop:
             for step in range(progress.step + 1, t.max_steps + 1):
                 stats = trainer.step()
@@ -209,13 +231,14 @@ class Job:
                 elapsed = progress.train_time_s
                 self.display.step(StepFigures(step, stats.loss, progress.trained_tokens / elapsed, elapsed,
                                               session_steps=step - first_step, session_s=elapsed - time_before))
+                cost = cost_metrics(trainer.flops, tokens, progress.trained_tokens, elapsed)
+                evaluated = e.every and step % e.every == 0 and step != t.max_steps
                 if step % t.log_every == 0 or step == t.max_steps:
                     self.out.log({"train/loss": stats.loss, **{f"train/{k}": v for k, v in stats.parts.items()},
-                                  "train/tokens_per_s": progress.trained_tokens / elapsed,
-                                  "cost/student_tokens_generated": tokens.student_generated,
-                                  "cost/teacher_tokens_generated": tokens.teacher_generated,
-                                  "cost/tokens_scored": tokens.scored, "cost/wall_time_s": elapsed}, step=step)
-                if e.every and step % e.every == 0 and step != t.max_steps:
+                                  "train/tokens_per_s": progress.trained_tokens / elapsed, **cost}, step=step)
+                elif evaluated:  # the evaluation's row is read with the cost of its step
+                    self.out.log(cost, step=step)
+                if evaluated:
                     self.evaluate(step)
                 if self.ranks.any(stop.signum is not None):  # every process stops after the same step
                     raise Interrupted(stop.signum or signal.SIGTERM, step, self.save(progress, tokens))
@@ -225,6 +248,7 @@ class Job:
 
     def finish(self, trained: tuple[checkpoint.Progress, TokenCounts, float]) -> dict:
         """The evaluation after training, the trained student in checkpoint/, and the run's figures."""
+        from kltd.train.compute import FORMULA
         from kltd.train.sharding import whole_weights
 
         progress, tokens, time_before = trained
@@ -246,6 +270,7 @@ class Job:
             "final_loss": progress.loss,
             "tokens": {**dataclasses.asdict(tokens), "trained": progress.trained_tokens},
             "teacher_forward_passes": teacher_forwards,  # training only (cache building included), all processes
+            "compute": {"flops": trainer.flops.record(), "formula": FORMULA},  # all processes (kltd.train.compute)
             "skipped_steps": trainer.skipped_steps,
             "resumed_from_step": self.resumed_from,
             "eval_before": progress.eval_before,

@@ -72,6 +72,9 @@ class Case:
 
 
 SLURM = "hydra/launcher=slurm needs SLURM"
+# the benchmark sets read from the fixtures in each set's own schema (tests/fixtures/eval_sets/) in place of the hub
+LOCAL_SETS = " ".join(f"eval_sets.{name}.source=file eval_sets.{name}.path={ROOT}/tests/fixtures/eval_sets/{name}.jsonl"
+                      for name in ("gsm8k", "math500", "aime24", "amc23"))
 OFFLINE = r"(not in the local cache|cannot be loaded|not a local directory|offline)"
 
 COMMANDS: dict[str, Case] = {
@@ -85,8 +88,11 @@ COMMANDS: dict[str, Case] = {
     "kltd train loss.divergence=jsd loss.beta=0.1 prefix=mixed": Case(),
     "kltd train trainer.max_steps=50 seed=3 wandb.mode=disabled": Case(),
     "kltd train --help": Case(tiny=False),
+    "kltd eval --help": Case(tiny=False),
     "kltd compare outputs/multirun/<sweep>": Case(replace={"outputs/multirun/<sweep>": "{sweep}"}, tiny=False,
                                                   needs=("sweep",)),
+    "kltd compare outputs/multirun/<sweep> --at flops": Case(replace={"outputs/multirun/<sweep>": "{sweep}"},
+                                                             tiny=False, needs=("sweep",)),
     "kltd make-data out=student.jsonl n=5000": Case(replace={"n=5000": "n=32"}, tiny=False),
     "kltd train model=qwen3_8b_to_0_6b data=gsm8k prefix=student trajectory=student eval.num_prompts=500 "
     "data.max_prompt_tokens=512": Case(refused=OFFLINE),
@@ -115,6 +121,34 @@ COMMANDS: dict[str, Case] = {
              needs=("unfinished",)),
     "kltd train resume=RUN_DIR": Case(replace={"RUN_DIR": "{unfinished}"}, tiny=False, needs=("unfinished",)),
     "kltd train sweep=matrix trainer.max_steps=20 eval.num_prompts=50": Case(),
+    "kltd train 'eval.sets=[heldout,gsm8k,math500]' eval.samples=8 eval.pass_k=4":
+        Case(replace={"'eval.sets=[heldout,gsm8k,math500]'": "'eval.sets=[heldout,gsm8k,math500]' " + LOCAL_SETS}),
+    "kltd eval target=teacher 'eval.sets=[heldout]'": Case(),
+    "kltd eval target=outputs/runs/<date>/<time>_<method>_s<seed> 'eval.sets=[heldout,gsm8k]'":
+        Case(replace={"outputs/runs/<date>/<time>_<method>_s<seed>": "{finished}",
+                      "'eval.sets=[heldout,gsm8k]'": "'eval.sets=[heldout,gsm8k]' " + LOCAL_SETS},
+             needs=("finished",)),
+    "kltd eval -m target=student,teacher": Case(),
+    "kltd compare outputs/multirun/<sweep> outputs/evals/ --against SFT --metric avg_at_k":
+        Case(replace={"outputs/multirun/<sweep>": "{sweep}", "outputs/evals/": "{evals}"}, tiny=False,
+             needs=("sweep", "evals")),
+    "kltd train model=qwen3_8b_to_0_6b data=gsm8k +data.chat_template_kwargs.enable_thinking=false":
+        Case(refused=OFFLINE),
+    # docs/paper.md: the paper's study on a GPU with hub models and sets
+    "kltd eval -m model=qwen3_8b_to_0_6b target=student,teacher 'eval.sets=[gsm8k,math500,amc23,aime24]' "
+    "eval.samples=8 eval.pass_k=4 +data.chat_template_kwargs.enable_thinking=false": Case(refused=OFFLINE),
+    "kltd train -m model=qwen3_4b_to_0_6b,qwen3_8b_to_0_6b data=gsm8k prefix=teacher,student "
+    "divergence=forward_kl,reverse_kl sampling.max_new_tokens=128 'eval.sets=[gsm8k,math500,amc23,aime24]' "
+    "eval.samples=8 eval.pass_k=4 eval.every=50 +data.chat_template_kwargs.enable_thinking=false": Case(refused=OFFLINE),
+    "kltd compare outputs/multirun/<sweep> outputs/evals/ --metric gsm8k/avg_at_k,math500/avg_at_k,amc23/avg_at_k,"
+    "aime24/avg_at_k": Case(replace={"outputs/multirun/<sweep>": "{sweep}", "outputs/evals/": "{evals}",
+                                     "gsm8k/avg_at_k,math500/avg_at_k,amc23/avg_at_k,aime24/avg_at_k": "avg_at_k"},
+                            tiny=False, needs=("sweep", "evals")),
+    "kltd compare outputs/multirun/<sweep> --metric math500/avg_at_k --at flops":
+        Case(replace={"outputs/multirun/<sweep>": "{sweep}", "math500/avg_at_k": "avg_at_k"}, tiny=False,
+             needs=("sweep",)),
+    "kltd train -m model=qwen3_8b_to_0_6b data=gsm8k prefix=student divergence=kl_mix loss.mix=0.1,0.3,0.5 "
+    "'eval.sets=[gsm8k,math500]' eval.samples=8 eval.pass_k=4": Case(refused=OFFLINE),
 }
 
 
@@ -174,6 +208,18 @@ def _prepare(need: str, workspace: Path) -> dict:
                         f"hydra.sweep.dir={sweep}"], workspace)
             assert out.returncode == 0, out.stderr[-2000:]
         return {"sweep": str(sweep)}
+    elif need == "finished":
+        run = workspace / "outputs" / "runs" / "finished"
+        if not (run / "metrics.json").exists():
+            out = kltd(["train", *TINY, f"hydra.run.dir={run}"], workspace)
+            assert out.returncode == 0, out.stderr[-2000:]
+        return {"finished": str(run)}
+    elif need == "evals":  # the teacher evaluated on the questions the sweep's runs were evaluated on
+        evals = workspace / "outputs" / "evals"
+        if not (evals / "teacher" / "metrics.json").exists():
+            out = kltd(["eval", "target=teacher", *TINY, f"hydra.run.dir={evals / 'teacher'}"], workspace)
+            assert out.returncode == 0, out.stderr[-2000:]
+        return {"evals": str(evals)}
     elif need == "unfinished":  # a run as a kill after step 2's checkpoint leaves it (no timing involved)
         run = workspace / "outputs" / "runs" / f"unfinished-{len(list(workspace.glob('outputs/runs/unfinished-*')))}"
         out = kltd(["train", *TINY, "trainer.max_steps=3", "trainer.checkpoint_every=1", "trainer.keep_checkpoints=3",

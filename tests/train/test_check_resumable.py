@@ -26,3 +26,16 @@ def test_reporting_keys_may_change_and_others_may_not(tmp_path):
     current.trainer.lr = 0.5
     with pytest.raises(ConfigError, match="trainer.lr=0.5"):
         check_resumable(saved, dataclasses.asdict(current), tmp_path)
+
+
+def test_evaluation_sets_the_run_does_not_use_are_not_part_of_it(tmp_path):
+    """A run made before the benchmark sets existed resumes with them in the catalog; a set it evaluates on may
+    not change."""
+    from kltd.schema.config import EvalSetConfig
+
+    saved, current = dataclasses.asdict(Config()), Config()
+    current.eval_sets["gsm8k"] = EvalSetConfig(source="hub", path="openai/gsm8k", checker="gsm8k")
+    check_resumable(saved, dataclasses.asdict(current), tmp_path)
+    current.eval.sets = ["heldout", "gsm8k"]
+    with pytest.raises(ConfigError, match="eval.sets"):
+        check_resumable(saved, dataclasses.asdict(current), tmp_path)

@@ -1,0 +1,123 @@
+"""One `kltd eval` job: a model evaluated on the evaluation sets in a results directory of its own.
+
+The stages are a training job's (kltd.train.stages.Job: prepare, load, evaluate) with the evaluated model in the
+student's place, so the sampler, the checkers, the metrics and the eval cache are the same as in training. The
+directory's metrics.json has `kind: eval`, the label of what was evaluated and `eval_after`; kltd compare reads
+it beside training runs, so the teacher and the untrained student are rows of the same table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from kltd import hub
+from kltd.files import atomic_write_json, exclusive_claim
+from kltd.report.logger import RunLogger
+from kltd.report.progress import RunProgress
+from kltd.report.records import SUMMARY_FILE
+from kltd.report.redact import redact
+from kltd.schema.config import ConfigError, EvalRunConfig
+from kltd.train.evaluation import logged_figures
+from kltd.train.output import Output, evaluation_table, plain_lines
+from kltd.train.preflight import preflight
+from kltd.train.stages import Job
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    model: str  # what loads: a directory or a hub name
+    label: str  # its row in kltd compare
+    slug: str  # its part of the results directory's name
+    teacher_columns: bool  # KLs against model.teacher make sense (not for the teacher itself)
+
+
+def resolve_target(cfg: EvalRunConfig) -> Target:
+    """The model `target` names; a run directory stands for its trained student (checkpoint/)."""
+    m, target = cfg.model, cfg.target
+    if target in ("student", "teacher"):
+        path = getattr(m, target)
+        return Target(path, f"{target} ({path})", target, target == "student")
+    where = Path(target).expanduser()
+    summary = where / SUMMARY_FILE
+    if summary.is_file() and not (where / "config.json").is_file():  # a run directory, not a model directory
+        trained = where / "checkpoint"
+        if not trained.is_dir():
+            raise ConfigError(f"target={target} is a run directory without a trained student (checkpoint/): "
+                              "the run did not finish, or ran with trainer.save_checkpoint=false")
+        method = _read(summary).get("method") or "run"
+        return Target(str(trained), f"{method} ({where.name})", f"run-{where.name}", True)
+    if where.is_dir() or "/" in target:
+        return Target(target, target, where.name or "model", True)
+    raise ConfigError(f"target={target} is neither student, teacher, a directory nor a hub name (owner/name)")
+
+
+def _read(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def evaluated_config(cfg: EvalRunConfig) -> tuple[EvalRunConfig, Target]:
+    """The config with the target in the student's place (no KL columns for the teacher against itself), checked
+    as far as files tell (kltd.train.preflight) before any model loads."""
+    cfg.check()
+    target = resolve_target(cfg)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, student=target.model),
+                              eval=dataclasses.replace(cfg.eval, kl=cfg.eval.kl and target.teacher_columns))
+    preflight(cfg)
+    return cfg, target
+
+
+def eval_job(cfg: EvalRunConfig, run_dir: Path, *, config_dict: dict | None = None,
+             console: Console | None = None) -> dict:
+    """Evaluate the target on every set of eval.sets; returns (and writes as metrics.json) the summary."""
+    from kltd.train.threads import job_threads, threads_for
+
+    console = console or Console()
+    hub.forget()
+    cfg, target = evaluated_config(cfg)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_dict = redact(config_dict or dataclasses.asdict(cfg))
+    say = plain_lines(console)
+    identity = {"kind": "eval", "method": target.label, "evaluated": target.model, "teacher": cfg.model.teacher,
+                "prefix": None, "trajectory": None, "seed": cfg.seed, "sweep": None}
+    with exclusive_claim(run_dir):
+        logger = RunLogger(run_dir, wandb_mode=cfg.wandb.mode, project=cfg.wandb.project, entity=cfg.wandb.entity,
+                           name=f"eval-{target.slug}", group=None, job_type="eval", tags=["eval"],
+                           config={**config_dict, "method": target.label}, init_timeout_s=cfg.wandb.init_timeout_s,
+                           echo=say)
+        started = time.perf_counter()
+        try:
+            job = Job(cfg, run_dir, Output(console, logger, run_dir), config_dict)
+            job.prepare()
+            job.load()
+            with job_threads(threads_for(cfg.trainer.num_threads, job.pair.device, (job.pair.teacher, job.pair.student))):
+                say(f"evaluating {target.label} on {', '.join(cfg.eval.sets)}; results in {run_dir}")
+                say(f"plan: evaluation: {job.plan.evaluation.text()}")
+                job.display = RunProgress(console, target.label, total_steps=0, done_steps=0,
+                                          every_steps=cfg.trainer.log_every, every_s=cfg.trainer.progress_every_s,
+                                          enabled=cfg.trainer.progress)
+                with job.display:
+                    result = job.evaluate(0)
+        except BaseException as error:
+            atomic_write_json(run_dir / SUMMARY_FILE, {**identity, "status": "failed",
+                                                       "error": f"{type(error).__name__}: {error}",
+                                                       "config": config_dict})
+            logger.finish(exit_code=1)
+            raise
+        summary = {**identity, "status": "completed", "wall_time_s": time.perf_counter() - started,
+                   "eval_after": result, "eval_sets": {s.name: s.summary for s in job.eval_sets},
+                   "data": job.data.summary, "plan": job.plan.record()["evaluation"], "config": config_dict}
+        logger.summary({f"final/{k.removeprefix('eval/')}": v for k, v in logged_figures(result).items()})
+        logger.finish()
+        atomic_write_json(run_dir / SUMMARY_FILE, summary)
+    console.print(evaluation_table(target.label, result))
+    return summary

@@ -1,0 +1,102 @@
+"""The paper's Table 1 at toy scale: a `sweep=paper` sweep read at equal steps and at equal FLOPs.
+
+    kltd train sweep=paper hydra.sweep.dir=outputs/multirun/paper-toy
+    python scripts/paper_table.py outputs/multirun/paper-toy                   # prints the section
+    python scripts/paper_table.py outputs/multirun/paper-toy --doc docs/results.md   # writes it into the page
+
+Rows are prefix x divergence x horizon, columns the paper's Avg@k, Pass@k and mean response length, each with
+its 95% bootstrap interval over questions (after training, i.e. at equal steps), then the same figures read
+at the largest FLOP budget every cell reached (kltd.report.budget: linear between the evaluations around it).
+The verdicts compare student and teacher prefixes for each divergence and horizon: a difference counts when
+the paired interval over the same questions (kltd.report.bootstrap.paired_interval) leaves out 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from kltd.report.aggregate import summarize
+from kltd.report.bootstrap import paired_interval
+from kltd.report.budget import budget_text, default_budget, reading
+from kltd.report.records import load_runs
+
+START, END = "<!-- paper-table:start -->", "<!-- paper-table:end -->"
+METRICS = ("avg_at_k", "pass_at_k", "response_length")
+
+
+def cell_key(run) -> tuple[str, str, int]:
+    c = run.config
+    return run.prefix, c["loss"]["divergence"], c["sampling"]["max_new_tokens"]
+
+
+def _interval_text(value: float, span) -> str:
+    return f"{value:.3f} [{span[0]:.3f}, {span[1]:.3f}]" if span else f"{value:.3f}"
+
+
+def section(sweep: Path) -> str:
+    runs = [run for run in load_runs([sweep]) if run.status == "completed"]
+    if not runs:
+        sys.exit(f"no finished runs under {sweep}")
+    summarize(runs)  # labels each run with what sets it apart
+    by_cell = {cell_key(run): run for run in runs}
+    flops = default_budget(runs, "flops")
+    k, n = runs[0].eval_after["pass_k"], runs[0].eval_after["samples"]
+    lines = [START, "## The paper's protocol at toy scale (`sweep=paper`)", "",
+             f"One seed per cell, {len(runs)} cells: teacher and student prefixes x forward KL, reverse KL and a "
+             f"50/50 KL mix x a short (24-token) and a long (64-token) horizon, 200 steps each. Held-out questions: "
+             f"{runs[0].eval_after['questions']}, {n} samples each (Avg@{n}, Pass@{k}), evaluated every 50 steps. "
+             "Brackets: 95% bootstrap interval over questions.", "",
+             "| prefix | divergence | horizon | Avg@k (equal steps) | Pass@k (equal steps) | length | "
+             f"Avg@k at {budget_text('flops', flops)} | FLOPs at 200 steps |", "|---|---|---|---|---|---|---|---|"]
+    for key in sorted(by_cell, key=lambda c: (c[2], c[1], c[0])):
+        run = by_cell[key]
+        after, spans = run.eval_after, run.eval_after.get("intervals") or {}
+        at = reading(run, "flops", "avg_at_k", flops)
+        total = (run.summary.get("compute") or {}).get("flops", {}).get("total")
+        at_flops = f"{at.value:.3f}" if at.value is not None else "does not reach"
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | "
+                     + " | ".join(_interval_text(after[m], spans.get(m)) for m in METRICS)
+                     + f" | {at_flops} | {total:.3g} |")
+    lines += ["", "Verdicts, student against teacher prefix (paired over the same questions, after training):", ""]
+    for divergence in ("forward_kl", "reverse_kl", "kl_mix"):
+        for horizon in sorted({c[2] for c in by_cell}):
+            student, teacher = by_cell.get(("student", divergence, horizon)), by_cell.get(("teacher", divergence, horizon))
+            if not (student and teacher):
+                continue
+            a = student.eval_after["sets"]["heldout"]["per_question"]["avg_at_k"]
+            b = teacher.eval_after["sets"]["heldout"]["per_question"]["avg_at_k"]
+            diff = sum(a) / len(a) - sum(b) / len(b)
+            low, high = paired_interval(a, b)
+            verdict = "student ahead" if low > 0 else "teacher ahead" if high < 0 else "no difference the interval shows"
+            s_at, t_at = (reading(r, "flops", "avg_at_k", flops).value for r in (student, teacher))
+            equal = f"{s_at - t_at:+.3f}" if s_at is not None and t_at is not None else "not read"
+            lines.append(f"- {divergence}, horizon {horizon}: Avg@k student - teacher {diff:+.3f} [{low:+.3f}, "
+                         f"{high:+.3f}]: {verdict}; at equal FLOPs {equal}")
+    lines += ["", END]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sweep", type=Path)
+    parser.add_argument("--doc", type=Path, help="write the section into this page (between its markers, else at "
+                                                   "the end)")
+    args = parser.parse_args()
+    text = section(args.sweep)
+    if not args.doc:
+        print(text)
+        return
+    page = args.doc.read_text()
+    if START in page:
+        page = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: text, page, flags=re.S)
+    else:
+        page = page.rstrip("\n") + "\n\n" + text + "\n"
+    args.doc.write_text(page)
+    print(f"wrote the section into {args.doc}")
+
+
+if __name__ == "__main__":
+    main()
