@@ -63,14 +63,16 @@ def section(sweep: Path) -> str:
     lines += ["", "Verdicts, student against teacher prefix (paired over the same questions, after training):", ""]
     for divergence in ("forward_kl", "reverse_kl", "kl_mix"):
         for horizon in sorted({c[2] for c in by_cell}):
-            student, teacher = by_cell.get(("student", divergence, horizon)), by_cell.get(("teacher", divergence, horizon))
+            student = by_cell.get(("student", divergence, horizon))
+            teacher = by_cell.get(("teacher", divergence, horizon))
             if not (student and teacher):
                 continue
             a = student.eval_after["sets"]["heldout"]["per_question"]["avg_at_k"]
             b = teacher.eval_after["sets"]["heldout"]["per_question"]["avg_at_k"]
             diff = sum(a) / len(a) - sum(b) / len(b)
             low, high = paired_interval(a, b)
-            verdict = "student ahead" if low > 0 else "teacher ahead" if high < 0 else "no difference the interval shows"
+            verdict = ("student ahead" if low > 0 else "teacher ahead" if high < 0
+                       else "no difference the interval shows")
             s_at, t_at = (reading(r, "flops", "avg_at_k", flops).value for r in (student, teacher))
             equal = f"{s_at - t_at:+.3f}" if s_at is not None and t_at is not None else "not read"
             lines.append(f"- {divergence}, horizon {horizon}: Avg@k student - teacher {diff:+.3f} [{low:+.3f}, "

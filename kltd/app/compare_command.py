@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
                "  kltd compare outputs/multirun/2026-11-28_09-00-00\n"
                "  kltd compare outputs/ --metric accuracy,reverse_kl_student_states --out report/\n"
-               "  kltd compare outputs/multirun/2026-11-28_09-00-00 --at flops   # at the largest FLOPs every cell reached\n"
+               "  kltd compare outputs/multirun/2026-11-28_09-00-00 --at flops   # the largest FLOPs every cell reached\n"
                "  kltd compare outputs/multirun/2026-11-28_09-00-00 --at tokens --budget 3.5e9\n"
                "  kltd compare outputs/multirun/2026-11-28_09-00-00 outputs/evals/ --against SFT --metric avg_at_k\n"
                "with --at, each run's evaluation curve is read at one budget of that cost (linear interpolation "

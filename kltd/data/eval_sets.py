@@ -44,7 +44,8 @@ def source_of(spec: EvalSetConfig, data: DataConfig, settings: EvalConfig) -> Da
     split, which `datasets` calls train; a save_to_disk directory has the set's own split names)."""
     one_file = spec.source == "file" and not Path(spec.path).expanduser().is_dir()
     split = "train" if one_file else spec.split
-    return DataConfig(source=spec.source, path=spec.path, name=spec.name, train_split=split, eval_split=split, fields=spec.fields, checker=spec.checker, bad_rows=data.bad_rows,
+    return DataConfig(source=spec.source, path=spec.path, name=spec.name, train_split=split, eval_split=split,
+                      fields=spec.fields, checker=spec.checker, bad_rows=data.bad_rows,
                       n_eval=set_settings(settings, spec).num_prompts)
 
 

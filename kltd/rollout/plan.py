@@ -65,11 +65,13 @@ class EvaluationPlan:
                 + (", sampled logits kept" if self.keep_sampled_logits else ""))
 
 
-def evaluation_plan(student, teacher, *, lean: bool, rows: int, max_new_tokens: int, vocab: int | None
-                    ) -> EvaluationPlan:
-    """kltd's fast paths where a model allows them (`lean`), else the models' own forward throughout. `rows`: the
-    most rows one sampling call holds (prompts per batch x samples per prompt)."""
-    routes = {role: route(model, packed=lean, lean=lean) for role, model in (("student", student), ("teacher", teacher))}
+def evaluation_plan(student, teacher, *, lean: bool, rows: int, max_new_tokens: int, vocab: int | None,
+                    vllm: tuple[str, ...] = ()) -> EvaluationPlan:
+    """kltd's fast paths where a model allows them (`lean`), else the models' own forward throughout; the roles in
+    `vllm` sample through the job's vLLM engine. `rows`: the most rows one sampling call holds (prompts per batch x
+    samples per prompt)."""
+    routes = {role: route(model, packed=lean, lean=lean, backend="vllm" if role in vllm else "kltd")
+              for role, model in (("student", student), ("teacher", teacher))}
     width = vocab or max(model.get_output_embeddings().weight.shape[0] for model in (student, teacher))
     return EvaluationPlan(routes["student"], routes["teacher"], keep_sampled_logits=False, may_keep=lean,
                           logit_width=width).at(rows, max_new_tokens)
@@ -108,8 +110,22 @@ def loss_is_sum_over_rows(cfg: Config) -> bool:
     return loss.kl_prefix_weight == 0 and (traj.supervisor != "dataset" or traj.reward == "none")
 
 
-def plan_for(cfg: Config, student, teacher, vocab: int | None = None) -> ExecutionPlan:
-    """The plan of a job with this config and these (loaded, possibly sharded) models."""
+def evaluation_engines(cfg: Config, training: dict[str, Route], evaluation_only: bool) -> tuple[str, ...]:
+    """The roles the evaluation samples through vLLM (sampling.backend=vllm): the model training samples with it,
+    where the engine holds its current weights at every evaluation (the teacher's never change; the student's are
+    pushed after every step only with sampling.vllm_sync_every=1); in `kltd eval`, the evaluated model."""
+    if cfg.sampling.backend != "vllm":
+        return ()
+    if evaluation_only:
+        return ("student",)
+    return tuple(role for role, r in training.items()
+                 if r.decoder == "vllm" and (role == "teacher" or cfg.sampling.vllm_sync_every == 1))
+
+
+def plan_for(cfg: Config, student, teacher, vocab: int | None = None, evaluation_only: bool = False
+             ) -> ExecutionPlan:
+    """The plan of a job with this config and these (loaded, possibly sharded) models (`evaluation_only`: a
+    `kltd eval` job, whose evaluated model sits in the student's place)."""
     t, s, loss = cfg.trainer, cfg.sampling, cfg.loss
     sampling = cfg.prefix.sampling_models()
     training = {
@@ -125,8 +141,9 @@ def plan_for(cfg: Config, student, teacher, vocab: int | None = None) -> Executi
     both_packed = fused and training["student"].packed and training["teacher"].packed
     split = loss_is_sum_over_rows(cfg) and not both_packed and not is_sharded(student)
     e = cfg.eval
-    evaluation = evaluation_plan(student, teacher, lean=s.lean_decoder, rows=min(e.batch_size, e.num_prompts) * e.n_samples,
-                                 max_new_tokens=e.max_new_tokens, vocab=vocab)
+    evaluation = evaluation_plan(student, teacher, lean=s.lean_decoder,
+                                 rows=min(e.batch_size, e.num_prompts) * e.n_samples, max_new_tokens=e.max_new_tokens,
+                                 vocab=vocab, vllm=evaluation_engines(cfg, training, evaluation_only))
     return ExecutionPlan(training=training, samplers=sampling, fused_head=fused,
                          length_groups=t.length_groups if split else 1, teacher_cache=teacher_cache_used(cfg),
                          cache_fill_packed=t.packed_forward and supports(teacher), evaluation=evaluation,

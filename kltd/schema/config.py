@@ -109,7 +109,8 @@ def check_eval_sets(settings: EvalConfig, catalog: dict) -> None:
     for name in settings.sets:
         if name not in catalog:
             raise ConfigError(f"eval.sets names '{name}', which is not an evaluation set; known: "
-                              f"{', '.join(sorted(catalog))} (add one with +eval_sets.{name}={{...}} or conf/eval_set/)")
+                              f"{', '.join(sorted(catalog))} (add one with +eval_sets.{name}={{...}} or "
+                              "conf/eval_set/)")
         catalog[name].check(f"eval_sets.{name}")
 
 

@@ -2,9 +2,10 @@
 
 Every cell and seed of a sweep starts from the same student and is evaluated on the same prompts with the
 same seed (kltd.train.evaluation), so the evaluation before training is the same for all of them. It is
-stored in a small JSON file whose name is a hash of everything the figures depend on (both models' files,
-the student's tokenizer among them, the evaluation set's examples and their checker, the evaluation settings, dtype, device type and
-the decoding path), like the teacher cache: a changed input gets a new entry, a stale one is never read.
+stored in a small JSON file, one per evaluation set, whose name is a hash of everything the figures depend on
+(both models' files, the student's tokenizer among them, the set's examples and their checker, the evaluation
+settings, dtype, device type and the decoding path), like the teacher cache: a changed input gets a new entry,
+a stale one is never read.
 """
 
 from __future__ import annotations

@@ -68,6 +68,13 @@ def evaluated_config(cfg: EvalRunConfig) -> tuple[EvalRunConfig, Target]:
     """The config with the target in the student's place (no KL columns for the teacher against itself), checked
     as far as files tell (kltd.train.preflight) before any model loads."""
     cfg.check()
+    if cfg.sampling.backend == "vllm":
+        import importlib.util
+
+        from kltd.rollout.vllm_sampler import MISSING
+
+        if importlib.util.find_spec("vllm") is None:
+            raise ConfigError(MISSING)
     target = resolve_target(cfg)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, student=target.model),
                               eval=dataclasses.replace(cfg.eval, kl=cfg.eval.kl and target.teacher_columns))
@@ -96,17 +103,27 @@ def eval_job(cfg: EvalRunConfig, run_dir: Path, *, config_dict: dict | None = No
                            echo=say)
         started = time.perf_counter()
         try:
-            job = Job(cfg, run_dir, Output(console, logger, run_dir), config_dict)
+            job = Job(cfg, run_dir, Output(console, logger, run_dir), config_dict, evaluation_only=True)
             job.prepare()
             job.load()
-            with job_threads(threads_for(cfg.trainer.num_threads, job.pair.device, (job.pair.teacher, job.pair.student))):
+            if job.plan.evaluation.student.decoder == "vllm":  # sampling.backend=vllm: the evaluated model's engine
+                from kltd.train.trainer import vllm_sampler
+
+                job.engines = {"student": vllm_sampler(cfg, "student", job.pair.student, job.pair.tokenizer,
+                                                       job.pair.vocab_size)}
+            pair = job.pair
+            with job_threads(threads_for(cfg.trainer.num_threads, pair.device, (pair.teacher, pair.student))):
                 say(f"evaluating {target.label} on {', '.join(cfg.eval.sets)}; results in {run_dir}")
                 say(f"plan: evaluation: {job.plan.evaluation.text()}")
                 job.display = RunProgress(console, target.label, total_steps=0, done_steps=0,
                                           every_steps=cfg.trainer.log_every, every_s=cfg.trainer.progress_every_s,
                                           enabled=cfg.trainer.progress)
-                with job.display:
-                    result = job.evaluate(0)
+                try:
+                    with job.display:
+                        result = job.evaluate(0)
+                finally:
+                    for engine in job.engines.values():
+                        engine.close()
         except BaseException as error:
             atomic_write_json(run_dir / SUMMARY_FILE, {**identity, "status": "failed",
                                                        "error": f"{type(error).__name__}: {error}",

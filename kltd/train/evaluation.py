@@ -10,6 +10,7 @@ forward KL(p||q) on teacher samples.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -114,7 +115,8 @@ def questions_per_call(settings: EvalConfig, longest_prompt: int) -> int:
 
 def evaluate(student, teacher, tokenizer, examples: list, settings: EvalConfig, *,
              checker: Callable[[str, object], bool] | None, lean: bool = True, vocab: int | None = None,
-             plan: EvaluationPlan | None = None, on_progress: Callable[[int, int], None] | None = None) -> dict:
+             plan: EvaluationPlan | None = None, on_progress: Callable[[int, int], None] | None = None,
+             engines: dict | None = None) -> dict:
     """Avg@k, Pass@k, greedy accuracy, response length, truncation, entropy, sequence KLs and per-position curves,
     each with a bootstrap interval over questions.
 
@@ -124,7 +126,8 @@ def evaluate(student, teacher, tokenizer, examples: list, settings: EvalConfig, 
     (or eval.kl false): no KL columns. How the models run is `plan` (the job's: kltd.rollout.plan), else the
     plan for `lean` (as sampling.lean_decoder in training: kltd's lean decoder and packed forward where a model
     allows them; False: the models' own forward throughout). `vocab` limits both models to the tokenizer's ids.
-    `on_progress(done, total)` is told after each batch of prompts how many are done.
+    `on_progress(done, total)` is told after each batch of prompts how many are done. `engines`: by role, the
+    job's vLLM samplers (kltd.rollout.vllm_sampler.VllmSampler), for the roles the plan samples through vLLM.
     """
     examples = examples[: settings.num_prompts]
     longest = max(len(tokenizer.encode(e.prompt, add_special_tokens=False)) for e in examples)
@@ -136,8 +139,31 @@ def evaluate(student, teacher, tokenizer, examples: list, settings: EvalConfig, 
     plan = plan.at(rows, settings.max_new_tokens)  # this set's batches and budget
     models = (student,) if teacher is None else (student, teacher)
     with without_grad(*models):
-        return _evaluate(student, teacher if settings.kl else None, tokenizer, examples, settings, checker, plan,
-                         vocab, per_call, on_progress)
+        samplers = _Samplers(student, teacher if settings.kl else None, tokenizer, settings.max_new_tokens, plan, vocab,
+                             engines or {})
+        return _evaluate(student, teacher if settings.kl else None, tokenizer, examples, settings, checker, samplers,
+                         plan, vocab, per_call, on_progress)
+
+
+class _Samplers:
+    """The evaluation's three samplers, as the plan says: kltd's (its lean decoder or the model's own forward), or
+    the job's vLLM engine for a role the plan samples through it (the engine's own seeds, drawn from the same
+    generator, so a run is still reproducible)."""
+
+    def __init__(self, student, teacher, tokenizer, budget: int, plan: EvaluationPlan, vocab, engines: dict):
+        def sampler(role: str, model, temperature: float, keep: bool):
+            route = plan.student if role == "student" else plan.teacher
+            if route.decoder != "vllm":
+                return Sampler(model, tokenizer, budget, temperature=temperature, lean=route.decoder == "lean",
+                               vocab=vocab, keep_logits=keep)
+            if role not in engines:
+                raise ValueError(f"the evaluation plan samples the {role} through vLLM, and the job gave no engine")
+            return dataclasses.replace(engines[role], max_new_tokens=budget, temperature=temperature, top_p=1.0)
+
+        keep = plan.keep_sampled_logits
+        self.greedy = sampler("student", student, 0.0, False)
+        self.student = sampler("student", student, 1.0, keep)
+        self.teacher = sampler("teacher", teacher, 1.0, keep) if teacher is not None else None
 
 
 class _Questions:
@@ -166,8 +192,8 @@ def _ended(responses, eos_id: int | None) -> list[bool]:
     return ends
 
 
-def _evaluate(student, teacher, tokenizer, examples: list, settings: EvalConfig, checker, plan: EvaluationPlan,
-              vocab, per_call: int, on_progress) -> dict:
+def _evaluate(student, teacher, tokenizer, examples: list, settings: EvalConfig, checker, samplers: _Samplers,
+              plan: EvaluationPlan, vocab, per_call: int, on_progress) -> dict:
     scorers = {role: Scorer(packed=route.packed, vocab=vocab)
                for role, route in (("student", plan.student), ("teacher", plan.teacher))}
     was_training = student.training
@@ -175,13 +201,7 @@ def _evaluate(student, teacher, tokenizer, examples: list, settings: EvalConfig,
     device = next(student.parameters()).device
     generator = torch.Generator(device=device).manual_seed(settings.seed)
     n, k, budget = settings.n_samples, settings.pass_k, settings.max_new_tokens
-    keep = plan.keep_sampled_logits
-    lean = {"student": plan.student.decoder == "lean", "teacher": plan.teacher.decoder == "lean"}
-    greedy = Sampler(student, tokenizer, budget, temperature=0.0, lean=lean["student"], vocab=vocab)
-    student_sampler = Sampler(student, tokenizer, budget, temperature=1.0, lean=lean["student"], vocab=vocab,
-                              keep_logits=keep)
-    teacher_sampler = (Sampler(teacher, tokenizer, budget, temperature=1.0, lean=lean["teacher"], vocab=vocab,
-                               keep_logits=keep) if teacher is not None else None)
+    greedy, student_sampler, teacher_sampler = samplers.greedy, samplers.student, samplers.teacher
     q = _Questions()
     curves = {"student_states": PositionCurve(), "teacher_states": PositionCurve()}
     generated = {"student": 0, "teacher": 0}

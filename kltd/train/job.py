@@ -80,7 +80,8 @@ def check_resumable(saved: dict, current: dict, where: Path) -> None:
     # evaluation sets the run does not evaluate on are only the catalog it could have picked from
     unused = tuple(f"eval_sets.{name}." for name in {k.split(".")[1] for k in b if k.startswith("eval_sets.")}
                    if name not in ((current.get("eval") or {}).get("sets") or ["heldout"]))
-    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES + unused))
+    kept = RESUMABLE_CHANGES + unused
+    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not k.startswith(kept))
     if changed:
         shown = ", ".join(f"{k}={b.get(k)!r} (was {a.get(k)!r})" for k in changed[:4])
         raise ConfigError(f"{where} holds an unfinished run made with another config: {shown}"

@@ -50,6 +50,8 @@ class Job:
     plan: object = None  # kltd.rollout.plan.ExecutionPlan
     trainer: object = None  # kltd.train.trainer.Trainer
     display: RunProgress | None = None
+    engines: dict = field(default_factory=dict)  # by role, the vLLM samplers the evaluation plan may sample through
+    evaluation_only: bool = False  # a `kltd eval` job: the evaluated model in the student's place, no training
     resumed_from: int | None = None  # the step a resumed run went on from
 
     def run(self) -> dict:
@@ -65,6 +67,7 @@ class Job:
             self.announce()
             self.trainer = Trainer(self.cfg, p, self.data.train, checker=self.data.checker, ranks=self.ranks,
                                    plan=self.plan)
+            self.engines = {"student": self.trainer.states.student, "teacher": self.trainer.states.teacher}
             try:
                 with self.display:
                     progress = self.start()
@@ -116,7 +119,8 @@ class Job:
                                   trust_remote_code=m.trust_remote_code)
             if self.cfg.distributed.strategy == "fsdp":
                 shard(self.pair.student)
-        self.plan = plan_for(self.cfg, self.pair.student, self.pair.teacher, self.pair.vocab_size)
+        self.plan = plan_for(self.cfg, self.pair.student, self.pair.teacher, self.pair.vocab_size,
+                             evaluation_only=self.evaluation_only)
 
     def announce(self) -> None:
         """What runs, where it writes, what it approximates and how it runs; the progress display."""
@@ -153,7 +157,8 @@ class Job:
                 with self.display.phase(f"evaluation {when}{on}") as report:
                     def compute(s=s, report=report) -> dict:
                         return evaluate(p.student, p.teacher, p.tokenizer, s.examples, s.settings, checker=s.checker,
-                                        vocab=p.vocab_size, plan=self.plan.evaluation, on_progress=report)
+                                        vocab=p.vocab_size, plan=self.plan.evaluation, on_progress=report,
+                                        engines=self.engines)
 
                     if step == 0 and self.plan.reuse_evaluation_before:  # the same for every cell and seed
                         inputs = evaluation_inputs(self.cfg, s, p.device, self.plan.evaluation)

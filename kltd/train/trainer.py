@@ -80,6 +80,17 @@ class StepStats:
     flops: FlopCounter = field(default_factory=FlopCounter)  # this step's (kltd.train.compute), every process's
 
 
+def vllm_sampler(cfg: Config, role: str, model, tokenizer, vocab: int | None) -> StateSampler:
+    """A vLLM engine for `model` (model.<role>'s directory), given the live model's weights at once."""
+    from kltd.rollout.vllm_sampler import EngineOptions, VllmSampler
+    from kltd.train.models import model_directory
+
+    s = cfg.sampling
+    options = EngineOptions(model_dir=str(model_directory(getattr(cfg.model, role))), seed=cfg.seed,
+                            gpu_memory_utilization=s.vllm_memory)
+    return VllmSampler(model, tokenizer, s.max_new_tokens, s.temperature, s.top_p, vocab, options=options)
+
+
 class Trainer:
     """Owns the optimiser, the schedule, the state source and the data order of one run.
 
@@ -127,12 +138,7 @@ class Trainer:
             # a sharded student's forward passes are collectives: the processes decode in step
             return Sampler(model, self.tokenizer, s.max_new_tokens, s.temperature, s.top_p, route.decoder == "lean",
                            self.vocab, lockstep=self.ranks.any if route.lockstep else None)
-        from kltd.rollout.vllm_sampler import EngineOptions, VllmSampler
-        from kltd.train.models import model_directory
-
-        options = EngineOptions(model_dir=str(model_directory(getattr(self.cfg.model, role))), seed=self.cfg.seed,
-                                gpu_memory_utilization=s.vllm_memory)
-        return VllmSampler(model, self.tokenizer, s.max_new_tokens, s.temperature, s.top_p, self.vocab, options=options)
+        return vllm_sampler(self.cfg, role, model, self.tokenizer, self.vocab)
 
     def _push_weights(self) -> None:
         """The student's sampler samples from its weights as of now (a vLLM engine is given them; kltd's sampler

@@ -62,8 +62,11 @@ def test_opd_on_vllm_samples_reaches_the_metrics_of_kltds_sampler(pair, tmp_path
     ours = train_job(config(pair, "kltd"), tmp_path / "kltd")
     theirs = train_job(config(pair, "vllm"), tmp_path / "vllm")
     before, a, b = ours["eval_before"], ours["eval_after"], theirs["eval_after"]
-    assert theirs["eval_before"] == before  # evaluation samples with kltd's sampler in both
     key = "reverse_kl_student_states"
+    # the evaluation samples the student as training does: through the engine, another stream of the same model
+    assert theirs["plan"]["evaluation"]["student"]["decoder"] == "vllm"
+    assert ours["plan"]["evaluation"]["student"]["decoder"] != "vllm"
+    assert abs(theirs["eval_before"][key] - before[key]) < 0.15 * before[key], (before[key], theirs["eval_before"])
     assert a[key] < 0.8 * before[key] and b[key] < 0.8 * before[key]  # both learned
     assert abs(a[key] - b[key]) < 0.15 * before[key], (before[key], a[key], b[key])
     assert staleness(tmp_path / "vllm") == [0.0] * 30  # weights pushed after every step
@@ -74,8 +77,26 @@ def test_opd_on_vllm_samples_reaches_the_metrics_of_kltds_sampler(pair, tmp_path
 def test_weights_pushed_every_k_steps_record_their_staleness(pair, tmp_path):
     cfg = config(pair, "vllm", vllm_sync_every=3)
     cfg.trainer.max_steps = 6
-    train_job(cfg, tmp_path / "run")
+    summary = train_job(cfg, tmp_path / "run")
     assert staleness(tmp_path / "run") == [0.0, 1.0, 2.0, 0.0, 1.0, 2.0]
+    # an engine behind the student's weights would evaluate a stale student: kltd's decoder evaluates instead
+    assert summary["plan"]["evaluation"]["student"]["decoder"] != "vllm"
+
+
+@needs_vllm
+def test_kltd_eval_samples_the_evaluated_model_through_vllm(pair, tmp_path):
+    from kltd.schema.config import EvalRunConfig
+    from kltd.train.eval_job import eval_job
+
+    results = {}
+    for backend in ("kltd", "vllm"):
+        cfg = EvalRunConfig(**vars(config(pair, backend)))
+        results[backend] = eval_job(cfg, tmp_path / backend)
+    assert results["vllm"]["plan"]["student"]["decoder"] == "vllm"
+    assert results["kltd"]["plan"]["student"]["decoder"] != "vllm"
+    key = "reverse_kl_student_states"
+    a, b = results["kltd"]["eval_after"][key], results["vllm"]["eval_after"][key]
+    assert abs(a - b) < 0.15 * a, (a, b)  # two samplers of one model: within the run-to-run bound used above
 
 
 def test_the_vllm_backend_is_refused_with_data_parallel_processes(pair):
