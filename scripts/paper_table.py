@@ -60,25 +60,35 @@ def section(sweep: Path) -> str:
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | "
                      + " | ".join(_interval_text(after[m], spans.get(m)) for m in METRICS)
                      + f" | {at_flops} | {total:.3g} |")
-    lines += ["", "Verdicts, student against teacher prefix (paired over the same questions, after training):", ""]
+    horizons = sorted({c[2] for c in by_cell})
+    lines += ["", "Student against teacher prefix, same divergence (Avg@k after training, paired over the same "
+              "questions; then the difference of the two curves at the FLOP budget above):", ""]
     for divergence in ("forward_kl", "reverse_kl", "kl_mix"):
-        for horizon in sorted({c[2] for c in by_cell}):
-            student = by_cell.get(("student", divergence, horizon))
-            teacher = by_cell.get(("teacher", divergence, horizon))
-            if not (student and teacher):
-                continue
-            a = student.eval_after["sets"]["heldout"]["per_question"]["avg_at_k"]
-            b = teacher.eval_after["sets"]["heldout"]["per_question"]["avg_at_k"]
-            diff = sum(a) / len(a) - sum(b) / len(b)
-            low, high = paired_interval(a, b)
-            verdict = ("student ahead" if low > 0 else "teacher ahead" if high < 0
-                       else "no difference the interval shows")
-            s_at, t_at = (reading(r, "flops", "avg_at_k", flops).value for r in (student, teacher))
-            equal = f"{s_at - t_at:+.3f}" if s_at is not None and t_at is not None else "not read"
-            lines.append(f"- {divergence}, horizon {horizon}: Avg@k student - teacher {diff:+.3f} [{low:+.3f}, "
-                         f"{high:+.3f}]: {verdict}; at equal FLOPs {equal}")
+        for horizon in horizons:
+            lines += _verdict(by_cell, ("student", divergence, horizon), ("teacher", divergence, horizon), flops,
+                              f"{divergence}, horizon {horizon}: student - teacher", ("student", "teacher"))
+    lines += ["", "Reverse against forward KL, same prefix:", ""]
+    for prefix in ("student", "teacher"):
+        for horizon in horizons:
+            lines += _verdict(by_cell, (prefix, "reverse_kl", horizon), (prefix, "forward_kl", horizon), flops,
+                              f"{prefix} prefix, horizon {horizon}: reverse - forward", ("reverse", "forward"))
     lines += ["", END]
     return "\n".join(lines)
+
+
+def _verdict(by_cell: dict, first: tuple, second: tuple, flops: float, what: str, names: tuple[str, str]
+             ) -> list[str]:
+    """One line: `first` minus `second` after training with its paired interval, and at the FLOP budget."""
+    a_run, b_run = by_cell.get(first), by_cell.get(second)
+    if not (a_run and b_run):
+        return []
+    a, b = (run.eval_after["sets"]["heldout"]["per_question"]["avg_at_k"] for run in (a_run, b_run))
+    diff = sum(a) / len(a) - sum(b) / len(b)
+    low, high = paired_interval(a, b)
+    verdict = f"{names[0]} ahead" if low > 0 else f"{names[1]} ahead" if high < 0 else "no difference the interval shows"
+    at = [reading(run, "flops", "avg_at_k", flops).value for run in (a_run, b_run)]
+    equal = f"{at[0] - at[1]:+.3f}" if None not in at else "not read"
+    return [f"- {what}: {diff:+.3f} [{low:+.3f}, {high:+.3f}], {verdict}; at equal FLOPs {equal}"]
 
 
 def main() -> None:
