@@ -4,6 +4,7 @@ own values; the rules between them and the rest live in kltd.schema.config."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -98,7 +99,11 @@ class LossConfig:
     divergence: Optional[str] = None
     beta: float = DEFAULTS["beta"]  # jsd, jsd_scaled (kltd.schema.divergences has each divergence's parameter)
     alpha: float = DEFAULTS["alpha"]  # skew KLs
-    mix: float = DEFAULTS["mix"]  # kl_mix: weight of reverse KL
+    mix: float = DEFAULTS["mix"]  # kl_mix: weight of reverse KL (at the first step, with a schedule)
+    # kl_mix over training: constant (mix throughout) | linear | cosine, from mix at the first optimiser step to
+    # mix_end at the last (the paper's KL mixing with a schedule)
+    mix_schedule: str = "constant"
+    mix_end: Optional[float] = None
     temperature: float = 1.0
     estimator: str = "exact"  # exact | topk | sampled_k1 | sampled_k2 | sampled_k3 | sampled_reward
     top_k: int = 8
@@ -118,9 +123,43 @@ class LossConfig:
         at_least("loss.kl_prefix_weight", self.kl_prefix_weight, 0.0)
         at_least("loss.top_k", self.top_k, 1)
         positive("loss.temperature", self.temperature)
+        choice("loss.mix_schedule", self.mix_schedule, C.MIX_SCHEDULES)
+        if self.mix_schedule == "constant" and self.mix_end is not None:
+            raise ConfigError("loss.mix_end is where a schedule of loss.mix ends; set loss.mix_schedule=linear or "
+                              "cosine, or drop loss.mix_end")
+        if self.mix_schedule != "constant":
+            if self.divergence != "kl_mix":
+                raise ConfigError(f"loss.mix_schedule={self.mix_schedule} schedules kl_mix's weight; it needs "
+                                  "loss.divergence=kl_mix (or divergence=kl_mix)")
+            if self.mix_end is None:
+                raise ConfigError(f"loss.mix_schedule={self.mix_schedule} needs loss.mix_end, the weight of reverse "
+                                  "KL at the last step (loss.mix is the first step's)")
+            in_unit_interval("loss.mix_end", self.mix_end)
         if self.kl_trajectory_weight == 0 and self.kl_prefix_weight == 0:
             raise ConfigError("loss.kl_trajectory_weight and loss.kl_prefix_weight are both 0: nothing would be trained")
 
     @property
     def parameters(self) -> dict:
-        return {"beta": self.beta, "alpha": self.alpha, "mix": self.mix}
+        """The divergence parameters a blend is filed and named by; a scheduled mix by its mean over training."""
+        return {"beta": self.beta, "alpha": self.alpha, "mix": self.mean_mix}
+
+    @property
+    def mean_mix(self) -> float:
+        # both schedules are symmetric about the middle of training: their mean is the endpoints' mean
+        return self.mix if self.mix_schedule == "constant" else (self.mix + self.mix_end) / 2
+
+    def mix_at(self, step: int, total: int) -> float:
+        """kl_mix's weight of reverse KL at optimiser step `step` of `total` (1-based): mix at the first step,
+        mix_end at the last, linear or half a cosine between."""
+        if self.mix_schedule == "constant":
+            return self.mix
+        progress = min(1.0, max(0.0, (step - 1) / max(1, total - 1)))
+        if self.mix_schedule == "cosine":
+            progress = (1.0 - math.cos(math.pi * progress)) / 2
+        return self.mix + progress * (self.mix_end - self.mix)
+
+    def mix_text(self) -> str | None:
+        """'0.1→0.9 cosine' for a scheduled mix, None for a constant one."""
+        if self.mix_schedule == "constant":
+            return None
+        return f"{self.mix:g}→{self.mix_end:g} {self.mix_schedule}"

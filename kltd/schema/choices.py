@@ -32,6 +32,7 @@ BAD_ROWS = ("error", "drop")  # a row that does not fit, is empty or has an unre
 
 MIXED_OTHER = ("fixed", "teacher")
 SCHEDULES = ("constant", "linear")
+MIX_SCHEDULES = ("constant", "linear", "cosine")  # loss.mix_schedule: kl_mix's weight over training
 HANDOFF_K = ("fixed", "uniform", "geometric")
 SUPERVISE = ("all", "after_handoff")
 DTYPES = ("float32", "bfloat16", "float16")

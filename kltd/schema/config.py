@@ -342,6 +342,9 @@ def validate(cfg: Config) -> None:
 def config_method_label(cfg) -> str:
     """The method label of a config (typed, or an OmegaConf node with the same keys)."""
     p, t, loss = cfg.prefix, cfg.trajectory, cfg.loss
+    schedule = getattr(loss, "mix_schedule", "constant")  # an OmegaConf node or a saved config may predate it
+    mix = loss.mix if schedule == "constant" else (loss.mix + loss.mix_end) / 2
     return method_label(p.source, t.supervisor, reward=t.reward, handoff=p.handoff, divergence=loss.divergence,
-                        beta=loss.beta, alpha=loss.alpha, mix=loss.mix, student_fraction=p.student_fraction,
-                        kl_prefix_weight=loss.kl_prefix_weight, estimator=loss.estimator, top_k=loss.top_k)
+                        beta=loss.beta, alpha=loss.alpha, mix=mix, student_fraction=p.student_fraction,
+                        kl_prefix_weight=loss.kl_prefix_weight, estimator=loss.estimator, top_k=loss.top_k,
+                        schedule=None if schedule == "constant" else f"{loss.mix:g}→{loss.mix_end:g} {schedule}")

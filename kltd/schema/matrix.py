@@ -132,17 +132,18 @@ def divergence_tag(divergence: str, beta: float = DEFAULTS["beta"], alpha: float
 
 def method_label(prefix: str, trajectory: str, *, reward="none", handoff=False, divergence=None,
                  beta=DEFAULTS["beta"], alpha=DEFAULTS["alpha"], mix=DEFAULTS["mix"], student_fraction=None,
-                 kl_prefix_weight=0.0, estimator="exact", top_k=8) -> str:
+                 kl_prefix_weight=0.0, estimator="exact", top_k=8, schedule: str | None = None) -> str:
     """The method name plus what sets this run apart within its cell: a blend in place of the trajectory's
     own divergence, an estimator in place of the exact divergence (~topk(8), ~sampled_k2), the student fraction
-    of a mixture, the prefix term. Runs with equal labels are seeds of one method."""
+    of a mixture, the prefix term. Runs with equal labels are seeds of one method. `schedule`: a scheduled
+    parameter's course ('0.1→0.9 cosine'), shown in its place; `mix` is then its mean, which files the blend."""
     label = method_name(prefix, trajectory, reward=reward, handoff=handoff)
     if prefix == "mixed" and student_fraction is not None:
         label += f" λ={student_fraction:g}"
     own = TRAJECTORY[trajectory].direction
     if divergence and divergence != own_divergence(trajectory) and not (
             own and direction_of(divergence, beta=beta, alpha=alpha, mix=mix) == own):
-        label += f" [{divergence_tag(divergence, beta, alpha, mix)}]"
+        label += f" [{divergence}({schedule})]" if schedule else f" [{divergence_tag(divergence, beta, alpha, mix)}]"
     if estimator != "exact" and trajectory != "dataset":
         label += f" ~topk({top_k})" if estimator == "topk" else f" ~{estimator}"
     if kl_prefix_weight:

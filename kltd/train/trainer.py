@@ -60,14 +60,15 @@ def lr_lambda(warmup: int, total: int, floor: float):
     return factor
 
 
-def divergence_spec(cfg: Config) -> DivergenceSpec | None:
-    """The per-token divergence of the trajectory term: the configured blend, else the trajectory's own."""
+def divergence_spec(cfg: Config, step: int = 1) -> DivergenceSpec | None:
+    """The per-token divergence of the trajectory term at optimiser step `step` (1-based): the configured blend
+    (a scheduled kl_mix at that step's weight), else the trajectory's own."""
     own = own_divergence(cfg.trajectory.supervisor)
     if own is None:
         return None
     loss = cfg.loss
-    return DivergenceSpec(name=loss.divergence or own, beta=loss.beta, alpha=loss.alpha, mix=loss.mix,
-                          temperature=loss.temperature)
+    return DivergenceSpec(name=loss.divergence or own, beta=loss.beta, alpha=loss.alpha,
+                          mix=loss.mix_at(step, cfg.trainer.max_steps), temperature=loss.temperature)
 
 
 @dataclass
@@ -344,6 +345,9 @@ class Trainer:
         """One optimiser step over trainer.grad_accum micro-batches (this process's rows of each)."""
         t = self.cfg.trainer
         stats = StepStats()
+        if self.cfg.loss.mix_schedule != "constant":  # this step's weight of reverse KL (the spec depends on the step)
+            self.spec = divergence_spec(self.cfg, self.steps_done + 1)
+            stats.parts["mix"] = self.spec.mix
         staleness = self.states.student.staleness(self.steps_done)
         if staleness is not None:  # optimiser steps between the engine's weights and the student's
             stats.parts["sampler_staleness"] = float(staleness)

@@ -86,6 +86,7 @@ COMMANDS: dict[str, Case] = {
     "kltd train sweep=matrix": Case(),
     "kltd train divergence=kl_mix prefix=student": Case(),
     "kltd train loss.divergence=jsd loss.beta=0.1 prefix=mixed": Case(),
+    "kltd train divergence=kl_mix prefix=student loss.mix=0.1 loss.mix_schedule=cosine loss.mix_end=0.9": Case(),
     "kltd train trainer.max_steps=50 seed=3 wandb.mode=disabled": Case(),
     "kltd train --help": Case(tiny=False),
     "kltd eval --help": Case(tiny=False),
