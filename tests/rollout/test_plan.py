@@ -61,7 +61,18 @@ def test_the_switches_and_the_loss_choose_the_paths(llama, changes, student_pack
 def test_vllm_samples_only_for_the_model_that_writes_the_states(llama):
     plan = plan_for(config(prefix__source="teacher", sampling__backend="vllm"), llama, llama)
     assert plan.training["teacher"].decoder == "vllm" and plan.training["student"].decoder == "lean"
-    assert plan.evaluation.student.decoder == "lean"  # the evaluation stays on kltd's sampler
+    # the evaluation samples each model as training does: the teacher through the engine, the student with kltd's
+    assert plan.evaluation.teacher.decoder == "vllm" and plan.evaluation.student.decoder == "lean"
+
+
+def test_the_evaluation_samples_the_student_through_vllm_only_while_the_engine_is_current(llama):
+    every_step = plan_for(config(prefix__source="student", sampling__backend="vllm"), llama, llama)
+    assert every_step.evaluation.student.decoder == "vllm" and every_step.evaluation.teacher.decoder == "lean"
+    stale = plan_for(config(prefix__source="student", sampling__backend="vllm", sampling__vllm_sync_every=3),
+                     llama, llama)
+    assert stale.evaluation.student.decoder == "lean"  # weights up to 2 steps old at an evaluation: kltd's decoder
+    alone = plan_for(config(sampling__backend="vllm"), llama, llama, evaluation_only=True)  # kltd eval, fixed prefix
+    assert alone.evaluation.student.decoder == "vllm"
 
 
 def test_fixed_states_read_the_teacher_cache_and_the_evaluation_can_run_on_own_forwards(llama):
