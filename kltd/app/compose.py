@@ -14,7 +14,8 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from kltd.schema.config import Config, config_method_label
+from kltd.files import DirectoryBusy, DiskFull
+from kltd.schema.config import Config, ConfigError, config_method_label
 from kltd.schema.matrix import cell_error, slug
 
 
@@ -35,6 +36,8 @@ def _slug_resolver(*, _root_) -> str:
 
 
 ConfigStore.instance().store(name="kltd_schema", node=Config)
+# what a command reports as one line rather than a traceback (a DataError is a ValueError)
+USER_ERRORS = (ConfigError, FileNotFoundError, ValueError, DirectoryBusy, DiskFull)
 TOKEN_VARIABLE = "KLTD_RUN_TOKEN"
 
 

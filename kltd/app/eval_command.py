@@ -12,13 +12,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from kltd.app.compose import config_dir, fail
+from kltd.app.compose import USER_ERRORS, config_dir, fail
 from kltd.app.process import configure_process
-from kltd.files import DirectoryBusy, DiskFull
 from kltd.schema.config import ConfigError, EvalRunConfig
 
 ConfigStore.instance().store(name="kltd_eval_schema", node=EvalRunConfig)
-USER_ERRORS = (ConfigError, FileNotFoundError, ValueError, DirectoryBusy, DiskFull)  # DataError is a ValueError
 
 
 def _target_slug(*, _root_) -> str:

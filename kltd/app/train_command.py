@@ -18,13 +18,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from kltd.app.checks import normalized, prevalidate, resumed, toy_defaults_notes
-from kltd.app.compose import config_dir, fail, to_typed
+from kltd.app.compose import USER_ERRORS, config_dir, fail, to_typed
 from kltd.app.process import configure_process
 from kltd.app.sweeps import LOCAL_LAUNCHERS, job_statuses, launcher_of, launcher_problem, side_by_side, stopped_sweep
-from kltd.files import DirectoryBusy, DiskFull
-from kltd.schema.config import ConfigError
+from kltd.files import DiskFull
 
-USER_ERRORS = (ConfigError, FileNotFoundError, ValueError, DirectoryBusy, DiskFull)  # DataError is a ValueError
 
 
 def sweep_of(run_dir: Path) -> str | None:

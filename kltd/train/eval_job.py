@@ -9,7 +9,6 @@ it beside training runs, so the teacher and the untrained student are rows of th
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -22,7 +21,8 @@ from kltd.report.progress import RunProgress
 from kltd.report.records import SUMMARY_FILE
 from kltd.report.redact import redact
 from kltd.schema.config import ConfigError, EvalRunConfig
-from kltd.train.evaluation import logged_figures
+from kltd.train.evaluation import final_figures
+from kltd.train.job import read_summary
 from kltd.train.output import Output, evaluation_table, plain_lines
 from kltd.train.preflight import preflight
 from kltd.train.stages import Job
@@ -49,19 +49,11 @@ def resolve_target(cfg: EvalRunConfig) -> Target:
         if not trained.is_dir():
             raise ConfigError(f"target={target} is a run directory without a trained student (checkpoint/): "
                               "the run did not finish, or ran with trainer.save_checkpoint=false")
-        method = _read(summary).get("method") or "run"
+        method = read_summary(summary).get("method") or "run"
         return Target(str(trained), f"{method} ({where.name})", f"run-{where.name}", True)
     if where.is_dir() or "/" in target:
         return Target(target, target, where.name or "model", True)
     raise ConfigError(f"target={target} is neither student, teacher, a directory nor a hub name (owner/name)")
-
-
-def _read(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def evaluated_config(cfg: EvalRunConfig) -> tuple[EvalRunConfig, Target]:
@@ -133,7 +125,7 @@ def eval_job(cfg: EvalRunConfig, run_dir: Path, *, config_dict: dict | None = No
         summary = {**identity, "status": "completed", "wall_time_s": time.perf_counter() - started,
                    "eval_after": result, "eval_sets": {s.name: s.summary for s in job.eval_sets},
                    "data": job.data.summary, "plan": job.plan.record()["evaluation"], "config": config_dict}
-        logger.summary({f"final/{k.removeprefix('eval/')}": v for k, v in logged_figures(result).items()})
+        logger.summary(final_figures(result))
         logger.finish()
         atomic_write_json(run_dir / SUMMARY_FILE, summary)
     console.print(evaluation_table(target.label, result))

@@ -274,3 +274,8 @@ def logged_figures(result: dict) -> dict:
     for name, figures in (result.get("sets") or {}).items():
         logged.update({f"eval/{name}/{k}": v for k, v in scalars(figures).items()})
     return logged
+
+
+def final_figures(result: dict) -> dict:
+    """The W&B run summary of the last evaluation: logged_figures under final/ in place of eval/."""
+    return {f"final/{k.removeprefix('eval/')}": v for k, v in logged_figures(result).items()}

@@ -27,7 +27,7 @@ from kltd.report.records import SUMMARY_FILE
 from kltd.schema.config import Config, ConfigError
 from kltd.schema.matrix import slug
 from kltd.train import checkpoint
-from kltd.train.evaluation import logged_figures
+from kltd.train.evaluation import final_figures
 from kltd.train.interrupt import Interrupted
 from kltd.train.output import Output, plain_lines
 from kltd.train.preflight import preflight
@@ -174,7 +174,7 @@ def claimed_job(cfg: Config, run_dir: Path, sweep: str | None, config_dict: dict
         raise
     summary = {**identity, "status": "completed", "wall_time_s": time.perf_counter() - started, **summary,
                "config": config_dict}
-    logger.summary({f"final/{k.removeprefix('eval/')}": v for k, v in logged_figures(summary["eval_after"]).items()})
+    logger.summary(final_figures(summary["eval_after"]))
     logger.finish()
     atomic_write_json(summary_path, summary)
     return summary
