@@ -45,6 +45,11 @@ class StateSource:
         self.source, self.student, self.teacher, self.tokenizer = mix.source, student, teacher, tokenizer
         self.mix = mix
 
+    def set_horizon(self, max_new_tokens: int) -> int:
+        """Sample states of up to `max_new_tokens` tokens from now on (a length schedule's current horizon)."""
+        self.student.max_new_tokens = self.teacher.max_new_tokens = max_new_tokens
+        return max_new_tokens
+
     def _draw(self, source: str, prompt_ids, prompt_mask, examples, noise: RowNoise, counts: TokenCounts) -> Responses:
         if source == "fixed":
             return encode_responses(self.tokenizer, [e.response for e in examples], prompt_ids.device)

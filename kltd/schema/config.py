@@ -18,7 +18,7 @@ from kltd.schema.checks import ConfigError, at_least, choice, in_unit_interval
 from kltd.schema.choices import SAMPLED_ESTIMATORS
 from kltd.schema.matrix import cell_error, direction_error, method_label, own_divergence
 from kltd.schema.sections import (CacheConfig, DataConfig, DataFields, DistributedConfig, EvalConfig, EvalSetConfig,
-                                  ModelConfig, SamplingConfig, TrainerConfig, WandbConfig)
+                                  ModelConfig, SamplingConfig, TrainerConfig, WandbConfig, horizon_text)
 
 # the sections are imported from here by the rest of kltd: one place to name a config class from
 __all__ = ["CacheConfig", "Config", "ConfigError", "DataConfig", "DataFields", "DistributedConfig", "EvalConfig",
@@ -50,6 +50,22 @@ def _check_data_parallel(cfg: Config) -> None:
     if cfg.loss.kl_prefix_weight > 0 and cfg.loss.baseline == "batch_mean" and cfg.prefix.source == "mixed":
         raise ConfigError("loss.baseline=batch_mean with prefix=mixed couples rows that data parallelism splits "
                           "unevenly; use loss.baseline=none, or distributed.nproc_per_node=1")
+
+
+def _check_length_schedule(cfg: Config) -> None:
+    """A scheduled horizon needs sampled states, and the gate needs evaluations during training to read."""
+    s, schedule, steps = cfg.sampling, cfg.sampling.length_schedule, cfg.trainer.max_steps
+    if schedule == "fixed":
+        return
+    if not cfg.prefix.sampling_models():
+        raise ConfigError(f"sampling.length_schedule={schedule} sets the horizon of sampled states, and "
+                          f"prefix={cfg.prefix.source} samples none; use prefix=student, teacher or mixed")
+    if schedule == "steps" and s.length_steps[-1] > steps:
+        raise ConfigError(f"sampling.length_steps={list(s.length_steps)} reaches past trainer.max_steps={steps}: "
+                          "a length that starts there is never used")
+    if schedule == "entropy_gated" and not 0 < cfg.eval.every < steps:
+        raise ConfigError("sampling.length_schedule=entropy_gated decides at each evaluation during training; set "
+                          f"eval.every between 1 and trainer.max_steps - 1 (e.g. eval.every={max(1, steps // 4)})")
 
 
 @dataclass
@@ -86,6 +102,7 @@ class Config:
         _check_data_parallel(self)
         _check_loss_against_axes(self)
         _check_prefix_term(self)
+        _check_length_schedule(self)
         if self.cache.teacher == "on" and self.prefix.source != "fixed":
             raise ConfigError("cache.teacher=on caches teacher logits at fixed states; it needs prefix=fixed")
         if self.data.responses_file is not None and self.prefix.source not in ("fixed", "mixed"):
@@ -347,4 +364,5 @@ def config_method_label(cfg) -> str:
     return method_label(p.source, t.supervisor, reward=t.reward, handoff=p.handoff, divergence=loss.divergence,
                         beta=loss.beta, alpha=loss.alpha, mix=mix, student_fraction=p.student_fraction,
                         kl_prefix_weight=loss.kl_prefix_weight, estimator=loss.estimator, top_k=loss.top_k,
-                        schedule=None if schedule == "constant" else f"{loss.mix:g}→{loss.mix_end:g} {schedule}")
+                        schedule=None if schedule == "constant" else f"{loss.mix:g}→{loss.mix_end:g} {schedule}",
+                        horizon=horizon_text(cfg.sampling))

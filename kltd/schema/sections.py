@@ -109,6 +109,13 @@ class DataConfig:
         return "addition" if self.source == "addition" else "none"
 
 
+# the keys each sampling.length_schedule reads, and an example of each
+_SCHEDULE_KEYS = {"steps": ("lengths", "length_steps"), "entropy_gated": ("lengths", "entropy_min")}
+_SCHEDULE_EXAMPLES = {"lengths": "sampling.lengths=[32,64,128]",
+                      "length_steps": "sampling.length_steps=[100,200] (the step each later length starts at)",
+                      "entropy_min": "sampling.entropy_min=0.3 (nats per token)"}
+
+
 @dataclass
 class SamplingConfig:
     """How teacher and student sample states, in training and in evaluation."""
@@ -125,9 +132,17 @@ class SamplingConfig:
     backend: str = "kltd"
     vllm_sync_every: int = 1
     vllm_memory: float = 0.3  # the share of device memory (RAM on a CPU) the engine may take
+    # the training horizon (kltd.rollout.horizon): fixed (max_new_tokens throughout) | steps (lengths[i] from
+    # optimiser step length_steps[i - 1] on) | entropy_gated (the paper's curriculum: start at lengths[0], and at
+    # each evaluation move to the next length only if the held-out per-token entropy is >= entropy_min)
+    length_schedule: str = "fixed"
+    lengths: Optional[List[int]] = None  # the horizons of a schedule, in order (max_new_tokens is then unused)
+    length_steps: Optional[List[int]] = None  # steps: the step each length after the first starts at
+    entropy_min: Optional[float] = None  # entropy_gated: H_min, nats per token
 
     def check(self) -> None:
         choice("sampling.backend", self.backend, C.SAMPLING_BACKENDS)
+        self._check_length_schedule()
         at_least("sampling.vllm_sync_every", self.vllm_sync_every, 1)
         if not 0.0 < self.vllm_memory < 1.0:
             raise ConfigError(f"sampling.vllm_memory={self.vllm_memory} must lie in (0, 1)")
@@ -136,6 +151,45 @@ class SamplingConfig:
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"sampling.top_p={self.top_p} must lie in (0, 1]")
         at_least("sampling.max_new_tokens", self.max_new_tokens, 1)
+
+    def _check_length_schedule(self) -> None:
+        schedule = self.length_schedule
+        choice("sampling.length_schedule", schedule, C.LENGTH_SCHEDULES)
+        for key, example in _SCHEDULE_EXAMPLES.items():
+            users = [s for s, keys in _SCHEDULE_KEYS.items() if key in keys]
+            if getattr(self, key) is not None and schedule not in users:
+                raise ConfigError(f"sampling.{key} belongs to sampling.length_schedule={' or '.join(users)}, not "
+                                  f"{schedule}; drop sampling.{key} or choose that schedule")
+            if getattr(self, key) is None and schedule in users:
+                raise ConfigError(f"sampling.length_schedule={schedule} needs sampling.{key}, e.g. {example}")
+        if schedule == "fixed":
+            return
+        lengths = list(self.lengths)
+        if len(lengths) < 2 or min(lengths) < 1:
+            raise ConfigError(f"sampling.lengths={lengths}: a schedule needs at least two horizons, each >= 1 token")
+        if schedule == "entropy_gated":
+            if any(b <= a for a, b in zip(lengths, lengths[1:])):
+                raise ConfigError(f"sampling.lengths={lengths} must grow (L_1 < L_2 < ...): the gate only lengthens")
+            at_least("sampling.entropy_min", self.entropy_min, 0.0)
+            return
+        steps = list(self.length_steps)
+        if len(steps) != len(lengths) - 1:
+            raise ConfigError(f"sampling.length_steps={steps} needs one step per length after the first "
+                              f"({len(lengths) - 1} for sampling.lengths={lengths})")
+        if min(steps) < 2 or any(b <= a for a, b in zip(steps, steps[1:])):
+            raise ConfigError(f"sampling.length_steps={steps} must be increasing steps >= 2 (step 1 uses the first "
+                              "length)")
+
+def horizon_text(sampling) -> str | None:
+    """'32→128 gated at H≥0.3' or '32@1,64@50' for a scheduled horizon, None for a fixed one: what sets it apart in
+    the method label. `sampling`: a SamplingConfig or an OmegaConf node (a saved config may predate schedules)."""
+    schedule = getattr(sampling, "length_schedule", "fixed")
+    if schedule == "fixed":
+        return None
+    lengths = list(sampling.lengths)
+    if schedule == "entropy_gated":
+        return f"{lengths[0]}→{lengths[-1]} gated at H≥{sampling.entropy_min:g}"
+    return ",".join(f"{n}@{s}" for n, s in zip(lengths, [1, *sampling.length_steps]))
 
 
 @dataclass

@@ -169,6 +169,18 @@ class Job:
         self.out.log(logged_figures(result), step=step)
         return result
 
+    def gate_horizon(self, step: int, result: dict | None) -> None:
+        """An entropy-gated horizon decides after each evaluation during training (kltd.rollout.horizon), on process
+        0's held-out entropy, the same in every process."""
+        horizon = self.trainer.horizon
+        if horizon.schedule != "entropy_gated":
+            return
+        entropy = self.ranks.sum([result["student_entropy"] if self.ranks.main else 0.0])[0]
+        decision = horizon.gate(step, entropy)
+        if decision is not None:
+            self.out.log(decision.logged(), step=step)
+            self.out.say(decision.line())
+
     def start(self) -> checkpoint.Progress:
         """Where training starts: the resumed checkpoint's progress, or step 0 after the evaluation before."""
         if self.resume is not None:
@@ -244,7 +256,7 @@ class Job:
                 elif evaluated:  # the evaluation's row is read with the cost of its step
                     self.out.log(cost, step=step)
                 if evaluated:
-                    self.evaluate(step)
+                    self.gate_horizon(step, self.evaluate(step))
                 if self.ranks.any(stop.signum is not None):  # every process stops after the same step
                     raise Interrupted(stop.signum or signal.SIGTERM, step, self.save(progress, tokens))
                 if step == t.max_steps or (t.checkpoint_every and step % t.checkpoint_every == 0):
@@ -277,6 +289,7 @@ class Job:
             "teacher_forward_passes": teacher_forwards,  # training only (cache building included), all processes
             "compute": {"flops": trainer.flops.record(), "formula": FORMULA},  # all processes (kltd.train.compute)
             "skipped_steps": trainer.skipped_steps,
+            "horizon": trainer.horizon.record(t.max_steps),  # a length schedule's course, else None
             "resumed_from_step": self.resumed_from,
             "eval_before": progress.eval_before,
             "eval_after": after,

@@ -27,6 +27,7 @@ from kltd.objectives.fused_head import fused_divergence
 from kltd.objectives.losses import dataset_loss, prefix_loss, trajectory_loss
 from kltd.objectives.rewards import sequence_weights, teacher_loglik
 from kltd.rollout.batch import StateBatch, TokenCounts
+from kltd.rollout.horizon import Horizon
 from kltd.rollout.noise import RowNoise
 from kltd.rollout.plan import ExecutionPlan, loss_is_sum_over_rows, plan_for
 from kltd.rollout.sampling import Sampler, StateSampler
@@ -121,6 +122,7 @@ class Trainer:
         )
         self.states = StateSource(cfg.prefix, student=self._sampler("student"), teacher=self._sampler("teacher"),
                                   tokenizer=self.tokenizer)
+        self.horizon = Horizon.of(cfg.sampling)  # sampling.length_schedule; the job's evaluations gate it
         self.steps_done = 0
         self.skipped_steps = 0  # steps whose loss or gradients were not finite (trainer.skip_bad_steps)
         self.teacher_forwards = 0  # live teacher passes during training (the cache avoids them)
@@ -159,7 +161,7 @@ class Trainer:
                 "steps_done": self.steps_done, "teacher_forwards": self.teacher_forwards,
                 "order_position": self.order.position, "torch_rng": torch.get_rng_state(),
                 "python_rng": random.getstate(), "skipped_steps": self.skipped_steps,
-                "flops": dataclasses.asdict(self.flops)}
+                "flops": dataclasses.asdict(self.flops), "horizon": self.horizon.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(scattered_optimizer_state(state["optimizer"], self.optimizer))
@@ -168,6 +170,7 @@ class Trainer:
         self.skipped_steps = state["skipped_steps"]
         self.flops = FlopCounter(**state.get("flops", {}))  # a checkpoint from before compute accounting: 0
         self.order.seek(state["order_position"])
+        self.horizon.load_state_dict(state.get("horizon"))
         self._push_weights()  # the restored weights (kltd.train.checkpoint loads them first)
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
@@ -348,6 +351,8 @@ class Trainer:
         if self.cfg.loss.mix_schedule != "constant":  # this step's weight of reverse KL (the spec depends on the step)
             self.spec = divergence_spec(self.cfg, self.steps_done + 1)
             stats.parts["mix"] = self.spec.mix
+        if self.horizon.scheduled:  # this step's horizon of the sampled states
+            stats.parts["max_new_tokens"] = self.states.set_horizon(self.horizon.length(self.steps_done + 1))
         staleness = self.states.student.staleness(self.steps_done)
         if staleness is not None:  # optimiser steps between the engine's weights and the student's
             stats.parts["sampler_staleness"] = float(staleness)

@@ -67,6 +67,7 @@ class Case:
 
     replace: dict = field(default_factory=dict)  # documented text -> what the test types (a fixture, a real path)
     tiny: bool = True  # append TINY
+    after: tuple = ()  # appended after TINY (a later key=value wins): what a command needs besides a tiny budget
     refused: str | None = None  # the one line it must be refused with (a regular expression)
     needs: tuple = ()  # workspace files made first: see _prepare
 
@@ -87,6 +88,10 @@ COMMANDS: dict[str, Case] = {
     "kltd train divergence=kl_mix prefix=student": Case(),
     "kltd train loss.divergence=jsd loss.beta=0.1 prefix=mixed": Case(),
     "kltd train divergence=kl_mix prefix=student loss.mix=0.1 loss.mix_schedule=cosine loss.mix_end=0.9": Case(),
+    # the gate decides at evaluations during training: three steps, one evaluation between
+    "kltd train prefix=student trajectory=student sampling.length_schedule=entropy_gated "
+    "'sampling.lengths=[16,32,64]' sampling.entropy_min=0.1 eval.every=50":
+        Case(after=("trainer.max_steps=3", "eval.every=1")),
     "kltd train trainer.max_steps=50 seed=3 wandb.mode=disabled": Case(),
     "kltd train --help": Case(tiny=False),
     "kltd eval --help": Case(tiny=False),
@@ -150,6 +155,12 @@ COMMANDS: dict[str, Case] = {
              needs=("sweep",)),
     "kltd train -m model=qwen3_8b_to_0_6b data=gsm8k prefix=student divergence=kl_mix loss.mix=0.1,0.3,0.5 "
     "'eval.sets=[gsm8k,math500]' eval.samples=8 eval.pass_k=4": Case(refused=OFFLINE),
+    "kltd train model=qwen3_8b_to_0_6b data=gsm8k prefix=student trajectory=student sampling.max_new_tokens=4096 "
+    "'eval.sets=[gsm8k,math500]' eval.max_new_tokens=4096": Case(refused=OFFLINE),
+    "kltd train model=qwen3_8b_to_0_6b data=gsm8k prefix=student trajectory=student "
+    "sampling.length_schedule=entropy_gated 'sampling.lengths=[1024,2048,4096]' sampling.entropy_min=0.3 "
+    "eval.every=50 'eval.sets=[gsm8k,math500]' eval.max_new_tokens=4096":
+        Case(refused=OFFLINE, after=("trainer.max_steps=3", "eval.every=1")),
 }
 
 
@@ -246,7 +257,7 @@ def test_documented_command_runs_as_typed(command, workspace):
     typed = command
     for shown, used in case.replace.items():
         typed = typed.replace(shown, used.format(**filled))
-    args = shlex.split(typed)[1:] + (list(TINY) if case.tiny else [])
+    args = shlex.split(typed)[1:] + (list(TINY) if case.tiny else []) + list(case.after)
     effective = tuple(sorted({a.split("=", 1)[0]: a for a in args}.values()))  # a later key=value wins
     if effective in ALREADY_RUN:  # two documented commands that TINY makes the same (sweep=matrix with its budget)
         return

@@ -84,6 +84,22 @@ def test_weights_pushed_every_k_steps_record_their_staleness(pair, tmp_path):
 
 
 @needs_vllm
+def test_an_entropy_gated_horizon_reaches_the_engine(pair, tmp_path):
+    """H_min = 0 opens the gate at every evaluation: the engine's samples grow with the horizon."""
+    cfg = config(pair, "vllm", length_schedule="entropy_gated", lengths=[4, 8, 16], entropy_min=0.0)
+    cfg.trainer.max_steps, cfg.eval.every, cfg.eval.num_prompts = 6, 2, 8
+    summary = train_job(cfg, tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    trained = [row for row in rows if "train/loss" in row]
+    assert [row["train/max_new_tokens"] for row in trained] == [4, 4, 8, 8, 16, 16]
+    generated = [0] + [row["cost/student_tokens_generated"] for row in trained]
+    per_step = [b - a for a, b in zip(generated, generated[1:])]
+    assert all(n <= 16 * row["train/max_new_tokens"] for n, row in zip(per_step, trained))  # 16 rows a step
+    assert max(per_step[4:]) > 16 * 4  # rows longer than the first horizon: the engine got the new one
+    assert summary["horizon"]["final"] == 16
+
+
+@needs_vllm
 def test_kltd_eval_samples_the_evaluated_model_through_vllm(pair, tmp_path):
     from kltd.schema.config import EvalRunConfig
     from kltd.train.eval_job import eval_job
