@@ -32,9 +32,12 @@ def _check_data_parallel(cfg: Config) -> None:
     n = cfg.distributed.nproc_per_node
     if n == 1:
         return
-    if cfg.trainer.batch_size % n:
+    g = cfg.sampling.samples_per_prompt
+    if cfg.trainer.batch_size % (n * g):
+        groups = f" x sampling.samples_per_prompt={g}" if g > 1 else ""
         raise ConfigError(f"trainer.batch_size={cfg.trainer.batch_size} must be a multiple of "
-                          f"distributed.nproc_per_node={n} (each process trains on batch_size / {n} rows)")
+                          f"distributed.nproc_per_node={n}{groups} (each process trains on batch_size / {n} rows"
+                          + (", whole groups of one prompt's samples)" if g > 1 else ")"))
     if cfg.sampling.backend == "vllm":
         raise ConfigError("sampling.backend=vllm runs one engine in one process; with distributed.nproc_per_node > 1 "
                           "use sampling.backend=kltd")
@@ -50,6 +53,20 @@ def _check_data_parallel(cfg: Config) -> None:
     if cfg.loss.kl_prefix_weight > 0 and cfg.loss.baseline == "batch_mean" and cfg.prefix.source == "mixed":
         raise ConfigError("loss.baseline=batch_mean with prefix=mixed couples rows that data parallelism splits "
                           "unevenly; use loss.baseline=none, or distributed.nproc_per_node=1")
+
+
+def _check_groups(cfg: Config) -> None:
+    """Several samples of one prompt: from a prefix that samples, in whole groups per micro-batch."""
+    n, rows = cfg.sampling.samples_per_prompt, cfg.trainer.batch_size
+    if n == 1:
+        return
+    if not cfg.prefix.sampling_models():
+        raise ConfigError(f"sampling.samples_per_prompt={n} draws several states of each prompt, and "
+                          f"prefix={cfg.prefix.source} samples none (they would be {n} copies of one dataset row); "
+                          "use prefix=student, teacher or mixed, or sampling.samples_per_prompt=1")
+    if rows % n:
+        raise ConfigError(f"trainer.batch_size={rows} is not a whole number of groups of sampling.samples_per_prompt"
+                          f"={n} (trainer.batch_size counts samples); use a multiple of {n}")
 
 
 def _check_length_schedule(cfg: Config) -> None:
@@ -103,6 +120,7 @@ class Config:
         _check_loss_against_axes(self)
         _check_prefix_term(self)
         _check_length_schedule(self)
+        _check_groups(self)
         if self.cache.teacher == "on" and self.prefix.source != "fixed":
             raise ConfigError("cache.teacher=on caches teacher logits at fixed states; it needs prefix=fixed")
         if self.data.responses_file is not None and self.prefix.source not in ("fixed", "mixed"):
@@ -283,11 +301,14 @@ def _check_prefix_term(cfg: Config) -> None:
                           "its expected gradient is not the exact per-token divergence's, so adding the prefix term "
                           f"gives the gradient of no objective; use loss.estimator={' or '.join(fine)}, or "
                           "loss.kl_prefix_weight=0")
-    # baseline_values can form leave-one-out groups, but the trainer draws one sample per prompt: with groups
-    # of 1 the baseline is 0, the same gradient as none, bit for bit
-    if loss.baseline == "leave_one_out":
-        raise ConfigError("loss.baseline=leave_one_out needs groups of samples of one prompt, which kltd does not "
-                          "form yet (it would equal loss.baseline=none); use loss.baseline=batch_mean or none")
+    # with one sample per prompt a leave-one-out group holds one row: its baseline is 0, bit for bit baseline=none
+    if loss.baseline == "leave_one_out" and sampling.samples_per_prompt < 2:
+        raise ConfigError("loss.baseline=leave_one_out averages the other samples of the same prompt; draw several "
+                          "with sampling.samples_per_prompt=4 (any n >= 2), or use loss.baseline=batch_mean or none")
+    # a mixed prefix's coin picks the source row by row: a group would mix student and teacher rows
+    if loss.baseline == "leave_one_out" and cfg.prefix.source != "student":
+        raise ConfigError(f"loss.baseline=leave_one_out needs every sample of a group written by the student; with "
+                          f"prefix={cfg.prefix.source} use loss.baseline=batch_mean or none, or prefix=student")
 
 
 # What each one-token estimator gives, by divergence (kltd.objectives.estimators; docs/theory.md §5)

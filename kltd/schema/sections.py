@@ -139,11 +139,15 @@ class SamplingConfig:
     lengths: Optional[List[int]] = None  # the horizons of a schedule, in order (max_new_tokens is then unused)
     length_steps: Optional[List[int]] = None  # steps: the step each length after the first starts at
     entropy_min: Optional[float] = None  # entropy_gated: H_min, nats per token
+    # samples of each prompt, side by side in one micro-batch and one process (loss.baseline=leave_one_out's groups);
+    # trainer.batch_size counts samples, so a micro-batch holds batch_size / samples_per_prompt prompts
+    samples_per_prompt: int = 1
 
     def check(self) -> None:
         choice("sampling.backend", self.backend, C.SAMPLING_BACKENDS)
         self._check_length_schedule()
         at_least("sampling.vllm_sync_every", self.vllm_sync_every, 1)
+        at_least("sampling.samples_per_prompt", self.samples_per_prompt, 1)
         if not 0.0 < self.vllm_memory < 1.0:
             raise ConfigError(f"sampling.vllm_memory={self.vllm_memory} must lie in (0, 1)")
         if self.temperature < 0:

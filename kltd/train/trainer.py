@@ -176,12 +176,20 @@ class Trainer:
         random.setstate(state["python_rng"])
 
     @property
+    def group_size(self) -> int:
+        """Samples of each prompt, side by side (sampling.samples_per_prompt)."""
+        return self.cfg.sampling.samples_per_prompt
+
+    @property
     def examples_per_step(self) -> int:
-        return self.cfg.trainer.grad_accum * self.cfg.trainer.batch_size
+        return self.cfg.trainer.grad_accum * self.cfg.trainer.batch_size // self.group_size
 
     def next_states(self, micro: int) -> tuple[StateBatch, TokenCounts]:
-        """This process's share of micro-batch `micro` of the current step (the whole of it in one process)."""
-        examples = self.next_examples(self.cfg.trainer.batch_size)
+        """This process's share of micro-batch `micro` of the current step (the whole of it in one process). With
+        groups, each prompt's samples are consecutive rows, and a process's share is whole groups (the config
+        checks that batch_size is a multiple of samples_per_prompt x processes); every sample has its own noise."""
+        n = self.group_size
+        examples = [e for e in self.next_examples(self.cfg.trainer.batch_size // n) for _ in range(n)]
         rows = self.ranks.share(len(examples))
         noise = RowNoise(self.cfg.seed, self.steps_done, tuple(micro * len(examples) + i for i in rows))
         return self.states.build([examples[i] for i in rows], noise, self.steps_done)
@@ -324,7 +332,7 @@ class Trainer:
         if rows.any():
             pre = pre + prefix_loss(
                 pick(student_logits, rows), pick(teacher_logits, rows), pick(targets, rows), pick(mask, rows),
-                states="student", gamma=cfg.gamma, baseline=cfg.baseline,
+                states="student", gamma=cfg.gamma, baseline=cfg.baseline, group_size=self.group_size,
                 spec=self.spec or DivergenceSpec("reverse_kl"), score_mask=pick(batch.student_written, rows),
                 sampling_temperature=sampling.temperature, sampling_top_p=sampling.top_p,
                 batch_sum=self.ranks.sum_positions, **common,

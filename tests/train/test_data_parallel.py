@@ -227,14 +227,18 @@ def test_two_processes_take_the_steps_of_one(tmp_path, prefix, trajectory, accum
         "trained"]  # an integer count: the same states, so exactly equal
 
 
-@pytest.mark.parametrize("method", ["minillm", "offline_rl_filter"])
+@pytest.mark.parametrize("method", ["minillm", "minillm_leave_one_out", "offline_rl_filter"])
 def test_terms_that_compare_a_row_with_the_whole_batch_span_the_processes(tmp_path, method):
-    """The prefix term's batch_mean baseline and offline RL's filter weights see every process's rows."""
+    """The prefix term's batch_mean baseline and offline RL's filter weights see every process's rows; a
+    leave-one-out group (4 samples of one prompt) stays whole in one process."""
     def cfg(nproc):
-        c = config("student" if method == "minillm" else "fixed", "student" if method == "minillm" else "dataset",
+        prefix_term = method.startswith("minillm")
+        c = config("student" if prefix_term else "fixed", "student" if prefix_term else "dataset",
                    nproc=nproc, cache=tmp_path / f"c{nproc}")
-        if method == "minillm":
+        if prefix_term:
             c.loss.kl_prefix_weight, c.loss.baseline, c.loss.normalization = 1.0, "batch_mean", "sequence"
+        if method == "minillm_leave_one_out":
+            c.loss.baseline, c.sampling.samples_per_prompt = "leave_one_out", 4
         else:
             c.trajectory.reward, c.trajectory.weighting, c.trajectory.keep_fraction = "teacher_loglik", "filter", 0.25
         return c
