@@ -6,14 +6,21 @@ import torch
 
 from kltd.objectives.losses import baseline_values, prefix_loss
 from kltd.schema.config import Config, ConfigError
-from tests.train.test_trainer import make_trainer, model_dirs  # noqa: F401 (a fixture)
+from tests.support.tiny_models import make_tiny_model
+from tests.train.test_trainer import make_trainer
 
 LOO = dict(prefix__source="student", trajectory__supervisor="student", loss__kl_prefix_weight=1.0,
            loss__normalization="sequence", loss__baseline="leave_one_out", sampling__samples_per_prompt=4,
            trainer__batch_size=8)
 
 
-def test_a_micro_batch_holds_whole_groups_of_distinct_samples(model_dirs):  # noqa: F811
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pair")
+    return str(make_tiny_model(root / "teacher", layers=2, seed=1)), str(make_tiny_model(root / "student", seed=2))
+
+
+def test_a_micro_batch_holds_whole_groups_of_distinct_samples(model_dirs):
     trainer = make_trainer(model_dirs, **LOO)
     order = trainer.order.peek(4)  # two micro-batches of two prompts each
     first, _ = trainer.next_states(0)
@@ -25,7 +32,7 @@ def test_a_micro_batch_holds_whole_groups_of_distinct_samples(model_dirs):  # no
     assert trainer.examples_per_step == 2 and trainer.order.position == 4
 
 
-def test_the_leave_one_out_baseline_averages_the_other_samples_of_the_same_prompt(model_dirs):  # noqa: F811
+def test_the_leave_one_out_baseline_averages_the_other_samples_of_the_same_prompt(model_dirs):
     """The trainer's prefix term equals prefix_loss with groups of 4, which differs from groups of 1 (baseline 0)."""
     trainer = make_trainer(model_dirs, **LOO)
     batch, _ = trainer.next_states(0)
