@@ -18,7 +18,7 @@ from kltd.schema.config import Config, ConfigError
 
 # Groups that are declared with no option chosen (conf/config.yaml): `method=opd` selects one. The older
 # `+method=opd` spelling is accepted and read the same way.
-OPTIONAL_GROUPS = ("method", "divergence", "sweep")
+OPTIONAL_GROUPS = ("method", "divergence", "sweep", "rl")
 
 
 @dataclass

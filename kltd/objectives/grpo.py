@@ -29,9 +29,7 @@ from torch import Tensor
 
 from kltd.objectives.estimators import sampled_kl
 from kltd.objectives.losses import normalize
-
-RL_BASELINES = ("group_mean", "leave_one_out")
-RL_SCALES = ("std", "none")
+from kltd.schema.choices import RL_BASELINES, RL_SCALES
 
 
 def group_advantages(rewards: Tensor, group_size: int, baseline: str = "group_mean", scale: str = "std",

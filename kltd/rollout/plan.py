@@ -87,6 +87,7 @@ class ExecutionPlan:
     cache_fill_packed: bool  # the cache is filled through the teacher's packed forward
     evaluation: EvaluationPlan
     reuse_evaluation_before: bool  # the evaluation before training is read from the eval cache when there
+    rl: str = "none"  # the RL stage after the distillation (rl.algorithm): it samples the student by its route
 
     def line(self) -> str:
         """The plan in one line, as a job prints it."""
@@ -97,6 +98,7 @@ class ExecutionPlan:
                 + (f" in {self.length_groups} length groups" if self.length_groups > 1 else "")
                 + (f"; states sampled: {sampling}" if sampling else "")
                 + ("; teacher cache" if self.teacher_cache else "")
+                + (f"; then {self.rl.upper()}, student sampled by the {s.decoder} decoder" if self.rl != "none" else "")
                 + f"; evaluation: {self.evaluation.text()}")
 
     def record(self) -> dict:
@@ -130,8 +132,9 @@ def plan_for(cfg: Config, student, teacher, vocab: int | None = None, evaluation
     sampling = cfg.prefix.sampling_models()
     training = {
         # gradient checkpointing lives in the model's own forward, so a checkpointed student is scored through it
+        # the RL stage samples the student whatever the prefix (kltd.train.reinforce)
         "student": route(student, packed=t.packed_forward and not t.gradient_checkpointing, lean=s.lean_decoder,
-                         backend=s.backend if "student" in sampling else "kltd"),
+                         backend=s.backend if "student" in sampling or cfg.rl.enabled else "kltd"),
         "teacher": route(teacher, packed=t.packed_forward, lean=s.lean_decoder,
                          backend=s.backend if "teacher" in sampling else "kltd"),
     }
@@ -148,4 +151,4 @@ def plan_for(cfg: Config, student, teacher, vocab: int | None = None, evaluation
                          length_groups=t.length_groups if split else 1, teacher_cache=teacher_cache_used(cfg),
                          cache_fill_packed=t.packed_forward and supports(teacher), evaluation=evaluation,
                          # the processes of a sharded student evaluate together: none may skip one the others make
-                         reuse_evaluation_before=cfg.cache.eval_before and not is_sharded(student))
+                         reuse_evaluation_before=cfg.cache.eval_before and not is_sharded(student), rl=cfg.rl.algorithm)

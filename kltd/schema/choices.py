@@ -18,6 +18,10 @@ ESTIMATORS = ("exact", "topk", "sampled_k1", "sampled_k2", "sampled_k3", "sample
 SAMPLED_ESTIMATORS = one_token_estimators()
 NORMALIZATIONS = ("token", "sequence")
 BASELINES = ("none", "batch_mean", "leave_one_out")
+# the RL stage after distillation (kltd.schema.rl, kltd.objectives.grpo)
+RL_ALGORITHMS = ("none", "grpo")
+RL_BASELINES = ("group_mean", "leave_one_out")  # a sample's reward against its group's mean, or the others' mean
+RL_SCALES = ("std", "none")  # advantages divided by the group's standard deviation, or not
 
 # Offline RL (trajectory=dataset): a return per sequence, and how it weights the cross-entropy.
 REWARDS = ("none", "correctness", "teacher_loglik")

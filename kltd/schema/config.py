@@ -16,6 +16,7 @@ from typing import Dict, Optional
 from kltd.schema.axes import LossConfig, PrefixConfig, TrajectoryConfig
 from kltd.schema.checks import ConfigError, at_least, choice, in_unit_interval
 from kltd.schema.choices import SAMPLED_ESTIMATORS
+from kltd.schema.rl import RLConfig
 from kltd.schema.matrix import cell_error, direction_error, method_label, own_divergence
 from kltd.schema.sections import (CacheConfig, DataConfig, DataFields, DistributedConfig, EvalConfig, EvalSetConfig,
                                   ModelConfig, SamplingConfig, TrainerConfig, WandbConfig, horizon_text)
@@ -69,6 +70,35 @@ def _check_groups(cfg: Config) -> None:
                           f"={n} (trainer.batch_size counts samples); use a multiple of {n}")
 
 
+def _check_rl(cfg: Config) -> None:
+    """What the RL stage needs of the other sections: a reward, sampled responses from the current student, whole
+    groups in each process."""
+    rl, s, n = cfg.rl, cfg.sampling, cfg.distributed.nproc_per_node
+    if not rl.enabled:
+        if cfg.trainer.max_steps == 0:
+            raise ConfigError("trainer.max_steps=0 trains nothing; it is for an RL stage alone (rl=grpo), from "
+                              "model.student")
+        return
+    if rl.reward == "checker" and cfg.data.checker_name == "none":
+        raise ConfigError(f"rl.reward=checker needs an answer checker, and data.checker={cfg.data.checker} gives none "
+                          "for this data; set data.checker=gsm8k, boxed or exact, or rl.reward=module:function")
+    if (rl.temperature if rl.temperature is not None else s.temperature) <= 0:
+        raise ConfigError("the RL stage samples at sampling.temperature=0 (greedy): a group's samples would be one "
+                          "response; set rl.temperature > 0 (or sampling.temperature)")
+    if rl.batch_size % (rl.group_size * n):
+        raise ConfigError(f"rl.batch_size={rl.batch_size} must be a multiple of rl.group_size={rl.group_size} x "
+                          f"distributed.nproc_per_node={n}: each process takes whole groups")
+    if cfg.distributed.strategy == "fsdp":
+        raise ConfigError("rl=grpo with distributed.strategy=fsdp is not built; use distributed.strategy=ddp")
+    if s.backend == "vllm" and s.vllm_sync_every > 1:
+        raise ConfigError(f"rl=grpo samples the current student; sampling.vllm_sync_every={s.vllm_sync_every} would "
+                          "sample older weights: use sampling.vllm_sync_every=1")
+    if s.backend == "vllm" and "teacher" in cfg.prefix.sampling_models():
+        raise ConfigError("sampling.backend=vllm runs one engine, and the teacher's would be needed for the "
+                          "distillation's states while the RL stage samples the student; use prefix=student or "
+                          "fixed with rl=grpo, or sampling.backend=kltd")
+
+
 def _check_length_schedule(cfg: Config) -> None:
     """A scheduled horizon needs sampled states, and the gate needs evaluations during training to read."""
     s, schedule, steps = cfg.sampling, cfg.sampling.length_schedule, cfg.trainer.max_steps
@@ -101,6 +131,7 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    rl: RLConfig = field(default_factory=RLConfig)  # rl=grpo: GRPO after the distillation (kltd.train.reinforce)
 
     @property
     def method(self) -> str:
@@ -114,13 +145,14 @@ class Config:
         if error:
             raise ConfigError(error)
         for section in (self.loss, self.model, self.data, self.sampling, self.trainer, self.eval, self.cache,
-                        self.wandb, self.distributed):
+                        self.wandb, self.distributed, self.rl):
             section.check()
         _check_data_parallel(self)
         _check_loss_against_axes(self)
         _check_prefix_term(self)
         _check_length_schedule(self)
         _check_groups(self)
+        _check_rl(self)
         if self.cache.teacher == "on" and self.prefix.source != "fixed":
             raise ConfigError("cache.teacher=on caches teacher logits at fixed states; it needs prefix=fixed")
         if self.data.responses_file is not None and self.prefix.source not in ("fixed", "mixed"):
@@ -386,4 +418,4 @@ def config_method_label(cfg) -> str:
                         beta=loss.beta, alpha=loss.alpha, mix=mix, student_fraction=p.student_fraction,
                         kl_prefix_weight=loss.kl_prefix_weight, estimator=loss.estimator, top_k=loss.top_k,
                         schedule=None if schedule == "constant" else f"{loss.mix:g}→{loss.mix_end:g} {schedule}",
-                        horizon=horizon_text(cfg.sampling))
+                        horizon=horizon_text(cfg.sampling), rl=getattr(getattr(cfg, "rl", None), "algorithm", "none"))

@@ -133,12 +133,13 @@ def divergence_tag(divergence: str, beta: float = DEFAULTS["beta"], alpha: float
 def method_label(prefix: str, trajectory: str, *, reward="none", handoff=False, divergence=None,
                  beta=DEFAULTS["beta"], alpha=DEFAULTS["alpha"], mix=DEFAULTS["mix"], student_fraction=None,
                  kl_prefix_weight=0.0, estimator="exact", top_k=8, schedule: str | None = None,
-                 horizon: str | None = None) -> str:
+                 horizon: str | None = None, rl: str = "none") -> str:
     """The method name plus what sets this run apart within its cell: a blend in place of the trajectory's
     own divergence, an estimator in place of the exact divergence (~topk(8), ~sampled_k2), the student fraction
     of a mixture, the prefix term. Runs with equal labels are seeds of one method. `schedule`: a scheduled
     parameter's course ('0.1→0.9 cosine'), shown in its place; `mix` is then its mean, which files the blend.
-    `horizon`: a scheduled training horizon ('32→128 gated at H≥0.3')."""
+    `horizon`: a scheduled training horizon ('32→128 gated at H≥0.3'); `rl`: an RL stage after the distillation
+    ('DAgger → GRPO')."""
     label = method_name(prefix, trajectory, reward=reward, handoff=handoff)
     if prefix == "mixed" and student_fraction is not None:
         label += f" λ={student_fraction:g}"
@@ -152,4 +153,6 @@ def method_label(prefix: str, trajectory: str, *, reward="none", handoff=False, 
         label += f" +prefix({kl_prefix_weight:g})"
     if horizon:
         label += f" len({horizon})"
+    if rl != "none":
+        label += f" → {rl.upper()}"
     return label

@@ -246,7 +246,8 @@ class TrainerConfig:
         at_least("trainer.checkpoint_every", self.checkpoint_every, 0)
         at_least("trainer.keep_checkpoints", self.keep_checkpoints, 1)
         at_least("trainer.skip_bad_steps", self.skip_bad_steps, 0)
-        for key in ("max_steps", "batch_size", "grad_accum", "length_groups", "log_every"):
+        at_least("trainer.max_steps", self.max_steps, 0)  # 0: an RL stage alone (kltd.schema.config checks)
+        for key in ("batch_size", "grad_accum", "length_groups", "log_every"):
             at_least(f"trainer.{key}", getattr(self, key), 1)
         at_least("trainer.num_threads", self.num_threads, 0)
         at_least("trainer.warmup_steps", self.warmup_steps, 0)

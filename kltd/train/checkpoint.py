@@ -36,6 +36,7 @@ class Progress:
     tokens: dict = field(default_factory=lambda: {"student_generated": 0, "teacher_generated": 0, "scored": 0})
     trained_tokens: int = 0
     eval_before: dict | None = None
+    eval_after_distillation: dict | None = None  # with an RL stage (rl=grpo): the evaluation before it
 
 
 @dataclass

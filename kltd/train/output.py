@@ -54,18 +54,25 @@ class Output:
             (self.run_dir / name).write_text(text)
 
 
-def before_after_table(method: str, before: dict, after: dict) -> Table:
+def before_after_table(method: str, before: dict, after: dict, distilled: dict | None = None) -> Table:
     """The headline metrics the run has (no accuracy without an answer checker), before and after, for each
-    evaluation set (kltd.train.evaluation.sets_result)."""
+    evaluation set (kltd.train.evaluation.sets_result). With an RL stage, `distilled` (the evaluation after the
+    distillation) stands between them, and the last column is what the RL stage changed."""
     sets = after.get("sets") or {after.get("set", "heldout"): after}
     title = "held-out evaluation" if list(sets) == ["heldout"] else "evaluation on " + ", ".join(sets)
     table = Table(title=f"{escape(method)}: {title}")  # a label such as "DAgger [kl_mix(0.5)]" is text
-    for column in ("metric", "before", "after", "change"):
+    columns = ("metric", "before", "after") if distilled is None else ("metric", "before", "distilled", "after RL")
+    for column in (*columns, "change" if distilled is None else "RL change"):
         table.add_column(column, justify="left" if column == "metric" else "right")
+
+    def of(result: dict, name: str) -> dict:
+        return (result.get("sets") or {}).get(name, result if name == result.get("set", "heldout") else {})
+
     for name, later in sets.items():
-        earlier = (before.get("sets") or {}).get(name, before if name == before.get("set", "heldout") else {})
-        for key in (k for k in (HEADLINE if len(sets) == 1 else SET_HEADLINE) if k in later or k in earlier):
-            shown = [f"{row[key]:.4g}" if key in row else "-" for row in (earlier, later)]
+        rows = [of(before, name), *([] if distilled is None else [of(distilled, name)]), later]
+        for key in (k for k in (HEADLINE if len(sets) == 1 else SET_HEADLINE) if any(k in row for row in rows)):
+            shown = [f"{row[key]:.4g}" if key in row else "-" for row in rows]
+            earlier = rows[-2]
             change = f"{later[key] - earlier[key]:+.4g}" if key in earlier and key in later else "-"
             table.add_row(key if len(sets) == 1 else f"{name} {key}", *shown, change)
     return table
@@ -99,9 +106,9 @@ def data_lines(summary: dict) -> list[str]:
     return [first, *(f"data: {note}" for note in s.get("notes", []))]
 
 
-def save_student(model, tokenizer, run_dir: Path, weights: dict | None = None) -> Path:
-    """The trained student in Hugging Face format, in checkpoint/. Atomic (kltd.files): a checkpoint/ that exists
-    is complete. `weights`: the whole weights of a sharded model (kltd.train.sharding.whole_weights)."""
+def save_student(model, tokenizer, run_dir: Path, weights: dict | None = None, name: str = "checkpoint") -> Path:
+    """The trained student in Hugging Face format, in checkpoint/ (or `name`/). Atomic (kltd.files): a directory
+    that exists is complete. `weights`: the whole weights of a sharded model (kltd.train.sharding.whole_weights)."""
 
     def write(directory: Path) -> None:
         if weights is None:
@@ -115,6 +122,6 @@ def save_student(model, tokenizer, run_dir: Path, weights: dict | None = None) -
         tokenizer.save_pretrained(directory)
 
     try:
-        return atomic_write_dir(run_dir / "checkpoint", write)
+        return atomic_write_dir(run_dir / name, write)
     except DiskFull as full:  # the training checkpoints are intact: a rerun resumes from the newest
         raise checkpoint.resumable(full, run_dir) from full.__cause__

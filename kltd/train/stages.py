@@ -51,6 +51,9 @@ class Job:
     trainer: object = None  # kltd.train.trainer.Trainer
     display: RunProgress | None = None
     engines: dict = field(default_factory=dict)  # by role, the vLLM samplers the evaluation plan may sample through
+    stepper: object = None  # what takes the steps and is checkpointed: the trainer, then the RL stage's Reinforcer
+    reward: object = None  # the RL stage's reward (kltd.train.reinforce), settled in prepare
+    session: tuple = (0.0, 0.0, 0)  # this session's start: (perf_counter, training time before it, step)
     evaluation_only: bool = False  # a `kltd eval` job: the evaluated model in the student's place, no training
     resumed_from: int | None = None  # the step a resumed run went on from
 
@@ -68,16 +71,21 @@ class Job:
             self.trainer = Trainer(self.cfg, p, self.data.train, checker=self.data.checker, ranks=self.ranks,
                                    plan=self.plan)
             self.engines = {"student": self.trainer.states.student, "teacher": self.trainer.states.teacher}
+            self.stepper = self.trainer
             try:
                 with self.display:
                     progress = self.start()
-                    self.fill_teacher_cache()
-                    figures = self.finish(self.train(progress))
+                    self.fill_teacher_cache(progress)
+                    trained = self.train(progress)
+                    if self.cfg.rl.enabled:
+                        trained = self.reinforce(trained)
+                    figures = self.finish(trained)
             finally:
                 self.trainer.close()  # a vLLM engine dies with its job
         if not self.ranks.main:
             return {}
-        self.out.show(before_after_table(self.cfg.method, figures["eval_before"] or {}, figures["eval_after"]))
+        self.out.show(before_after_table(self.cfg.method, figures["eval_before"] or {}, figures["eval_after"],
+                                         figures.get("eval_after_distillation")))
         return {**figures, "approximations": approximations(self.cfg), "plan": self.plan.record(),
                 "data": self.data.summary, "eval_sets": {s.name: s.summary for s in self.eval_sets},
                 "phases": self.phases.seconds}
@@ -101,6 +109,10 @@ class Job:
             self.out.write_json("data_split.json", {"held_out_rows": self.data.held_out, **self.data.summary})
         for line in data_lines(self.data.summary):
             self.out.say(line)
+        if cfg.rl.enabled:
+            from kltd.train.reinforce import reward_function
+
+            self.reward = reward_function(cfg.rl.reward, self.data.checker)
         if [s.name for s in self.eval_sets] != ["heldout"]:
             self.out.say("evaluation sets: " + "; ".join(
                 f"{s.name} ({len(s.examples)} questions, checker {s.checker_name}, {s.settings.max_new_tokens} tokens)"
@@ -134,7 +146,7 @@ class Job:
         for note in self.notes:
             self.out.say(f"note: {note}")
         # jobs of a sweep side by side share one log: their lines carry the run's name
-        self.display = RunProgress(self.out.console, cfg.method, total_steps=t.max_steps,
+        self.display = RunProgress(self.out.console, cfg.method, total_steps=self.last_step,
                                    done_steps=self.resume.progress.step if self.resume else 0,
                                    every_steps=t.log_every, every_s=t.progress_every_s,
                                    enabled=t.progress and self.out.active,
@@ -169,6 +181,11 @@ class Job:
         self.out.log(logged_figures(result), step=step)
         return result
 
+    @property
+    def last_step(self) -> int:
+        """The run's last step: the distillation's, then the RL stage's."""
+        return self.cfg.trainer.max_steps + (self.cfg.rl.steps if self.cfg.rl.enabled else 0)
+
     def gate_horizon(self, step: int, result: dict | None) -> None:
         """An entropy-gated horizon decides after each evaluation during training (kltd.rollout.horizon), on process
         0's held-out entropy, the same in every process."""
@@ -184,17 +201,19 @@ class Job:
     def start(self) -> checkpoint.Progress:
         """Where training starts: the resumed checkpoint's progress, or step 0 after the evaluation before."""
         if self.resume is not None:
-            self.resume.restore(self.trainer)
             progress = self.resume.progress
             self.resumed_from = progress.step
+            if progress.step <= self.cfg.trainer.max_steps:  # a checkpoint of the RL stage is restored by it
+                self.resume.restore(self.trainer)
         else:
             progress = checkpoint.Progress(eval_before=self.evaluate(0) if self.cfg.eval.before else None)
         self.ranks.broadcast_parameters(self.trainer.student)
         return progress
 
-    def fill_teacher_cache(self) -> None:
-        """With fixed states the teacher's logits come from the cache: process 0 fills what this run will read."""
-        if not self.plan.teacher_cache:
+    def fill_teacher_cache(self, progress: checkpoint.Progress) -> None:
+        """With fixed states the teacher's logits come from the cache: process 0 fills what this run will read
+        (nothing once the distillation is done: the RL stage's states are the student's)."""
+        if not self.plan.teacher_cache or progress.step >= self.cfg.trainer.max_steps:
             return
         from kltd.train.models import resolve_model_path
         from kltd.train.teacher_cache import cached_teacher
@@ -219,28 +238,82 @@ class Job:
         sharded student's weights and state."""
         progress.tokens = dataclasses.asdict(tokens)
         gathering = self.plan.training["student"].lockstep
-        state = checkpoint.snapshot(self.trainer) if self.ranks.main or gathering else None
+        state = checkpoint.snapshot(self.stepper) if self.ranks.main or gathering else None
         if not self.ranks.main:
             return checkpoint.path_for(self.run_dir, progress.step)
         return checkpoint.save(self.run_dir, state, progress, self.config_dict, self.cfg.trainer.keep_checkpoints)
 
     def train(self, progress: checkpoint.Progress) -> tuple[checkpoint.Progress, TokenCounts, float]:
-        """The optimiser steps from where `progress` stands to trainer.max_steps: logged every trainer.log_every
-        steps, evaluated every eval.every, checkpointed every trainer.checkpoint_every and at the end; a stop
-        request (SIGTERM, Ctrl-C) ends it after the step with a checkpoint. Returns the progress, the token
-        counts and the training time of runs before this one (a resumed run trained before too). Every logged
-        row, and every step evaluated, carries the cumulative costs (kltd.train.compute.cost_metrics); the
-        evaluation before training costs 0."""
+        """The distillation's optimiser steps from where `progress` stands to trainer.max_steps (see `steps`).
+        Returns the progress, the token counts and the training time of runs before this one (a resumed run
+        trained before too). The evaluation before training costs 0."""
         from kltd.train.compute import FlopCounter, cost_metrics
 
-        e, t, trainer = self.cfg.eval, self.cfg.trainer, self.trainer
         tokens = TokenCounts(**progress.tokens)
-        session_started, time_before, first_step = time.perf_counter(), progress.train_time_s, progress.step
+        self.session = (time.perf_counter(), progress.train_time_s, progress.step)
         if progress.step == 0:
             self.out.log(cost_metrics(FlopCounter(), TokenCounts(), 0, 0.0), step=0)
+        self.steps(progress, tokens, last=self.cfg.trainer.max_steps, key="train")
+        return progress, tokens, self.session[1]
+
+    def reinforce(self, trained: tuple[checkpoint.Progress, TokenCounts, float]
+                  ) -> tuple[checkpoint.Progress, TokenCounts, float]:
+        """The RL stage after the distillation (kltd.train.reinforce): the evaluation after distillation, the
+        starting policy kept, then rl.steps steps (a run resumed inside the stage restores it from its checkpoint)."""
+        from kltd.train.reinforce import Reinforcer
+
+        progress, tokens, time_before = trained
+        t, rl = self.cfg.trainer, self.cfg.rl
+        resumed_inside = progress.step > t.max_steps
+        if not resumed_inside:
+            progress.eval_after_distillation = self.evaluate(t.max_steps) if t.max_steps else progress.eval_before
+            self.keep_starting_policy()
+        self.stepper = Reinforcer(self.cfg, self.trainer, self.reward, reference=self.starting_policy(resumed_inside))
+        if resumed_inside:
+            self.resume.restore(self.stepper)
+        self.out.say(f"RL stage: {rl.algorithm.upper()} for {rl.steps} steps after step {t.max_steps}, "
+                     f"{rl.batch_size // rl.group_size} prompts x {rl.group_size} samples a micro-batch, up to "
+                     f"{self.stepper.max_new_tokens} tokens, reward {rl.reward}")
+        self.steps(progress, tokens, last=self.last_step, key="rl")
+        return progress, tokens, time_before
+
+    def keep_starting_policy(self) -> None:
+        """The student the RL stage starts from, in before_rl/ (a model directory, as checkpoint/): a result of its
+        own, and the reference of rl.kl_weight when a run resumes inside the stage."""
+        from kltd.train.output import save_student
+
+        if self.ranks.main and (self.cfg.trainer.save_checkpoint or self.cfg.rl.kl_weight > 0):
+            with self.phases("checkpoint"):
+                save_student(self.pair.student, self.pair.tokenizer, self.run_dir, name="before_rl")
+        self.ranks.barrier()  # every process may read it back
+
+    def starting_policy(self, resumed_inside: bool):
+        """A frozen copy of the starting student for rl.kl_weight's penalty (None without one): the student now, or
+        before_rl/'s weights in a run resumed inside the stage."""
+        import copy
+
+        from kltd.train.sharding import load_weights
+
+        if self.cfg.rl.kl_weight == 0:
+            return None
+        reference = copy.deepcopy(self.pair.student).eval().requires_grad_(False)
+        if resumed_inside:
+            load_weights(reference, self.run_dir / "before_rl" / checkpoint.WEIGHTS, self.pair.device)
+        return reference
+
+    def steps(self, progress: checkpoint.Progress, tokens: TokenCounts, *, last: int, key: str) -> None:
+        """self.stepper's steps from where `progress` stands to `last`: logged (under `key`/) every trainer.log_every
+        steps, evaluated every eval.every steps of the stage, checkpointed every trainer.checkpoint_every and at the
+        end; a stop request (SIGTERM, Ctrl-C) ends it after the step with a checkpoint. Every logged row, and every
+        step evaluated, carries the cumulative costs (kltd.train.compute.cost_metrics)."""
+        from kltd.train.compute import cost_metrics
+
+        e, t, stepper = self.cfg.eval, self.cfg.trainer, self.stepper
+        session_started, time_before, first_step = self.session
+        stage_start = t.max_steps if key == "rl" else 0
         with stop_requests() as stop:
-            for step in range(progress.step + 1, t.max_steps + 1):
-                stats = trainer.step()
+            for step in range(progress.step + 1, last + 1):
+                stats = stepper.step()
                 tokens.add(stats.tokens)
                 progress.step, progress.loss = step, stats.loss
                 progress.trained_tokens += stats.trained_tokens
@@ -248,20 +321,21 @@ class Job:
                 elapsed = progress.train_time_s
                 self.display.step(StepFigures(step, stats.loss, progress.trained_tokens / elapsed, elapsed,
                                               session_steps=step - first_step, session_s=elapsed - time_before))
-                cost = cost_metrics(trainer.flops, tokens, progress.trained_tokens, elapsed)
-                evaluated = e.every and step % e.every == 0 and step != t.max_steps
-                if step % t.log_every == 0 or step == t.max_steps:
-                    self.out.log({"train/loss": stats.loss, **{f"train/{k}": v for k, v in stats.parts.items()},
-                                  "train/tokens_per_s": progress.trained_tokens / elapsed, **cost}, step=step)
+                cost = cost_metrics(stepper.flops, tokens, progress.trained_tokens, elapsed)
+                evaluated = e.every and (step - stage_start) % e.every == 0 and step != last
+                if step % t.log_every == 0 or step == last:
+                    self.out.log({f"{key}/loss": stats.loss, **{f"{key}/{k}": v for k, v in stats.parts.items()},
+                                  f"{key}/tokens_per_s": progress.trained_tokens / elapsed, **cost}, step=step)
                 elif evaluated:  # the evaluation's row is read with the cost of its step
                     self.out.log(cost, step=step)
                 if evaluated:
-                    self.gate_horizon(step, self.evaluate(step))
+                    result = self.evaluate(step)
+                    if key == "train":
+                        self.gate_horizon(step, result)
                 if self.ranks.any(stop.signum is not None):  # every process stops after the same step
                     raise Interrupted(stop.signum or signal.SIGTERM, step, self.save(progress, tokens))
-                if step == t.max_steps or (t.checkpoint_every and step % t.checkpoint_every == 0):
+                if step == last or (t.checkpoint_every and step % t.checkpoint_every == 0):
                     self.save(progress, tokens)
-        return progress, tokens, time_before
 
     def finish(self, trained: tuple[checkpoint.Progress, TokenCounts, float]) -> dict:
         """The evaluation after training, the trained student in checkpoint/, and the run's figures."""
@@ -271,7 +345,7 @@ class Job:
         progress, tokens, time_before = trained
         t, trainer, student = self.cfg.trainer, self.trainer, self.pair.student
         teacher_forwards = int(self.ranks.sum([trainer.teacher_forwards])[0])
-        after = self.evaluate(t.max_steps)
+        after = self.evaluate(self.last_step)
         # a sharded student's whole weights are gathered by every process
         weights = whole_weights(student) if t.save_checkpoint and self.plan.training["student"].lockstep else None
         if not self.ranks.main:
@@ -281,9 +355,9 @@ class Job:
         train_time = progress.train_time_s
         self.phases.add("training", train_time - time_before)  # this session's share
         return {
-            "steps": t.max_steps,
+            "steps": self.last_step,  # the RL stage's included
             "train_time_s": train_time,
-            "steps_per_s": t.max_steps / train_time if train_time > 0 else None,
+            "steps_per_s": self.last_step / train_time if train_time > 0 else None,
             "final_loss": progress.loss,
             "tokens": {**dataclasses.asdict(tokens), "trained": progress.trained_tokens},
             "teacher_forward_passes": teacher_forwards,  # training only (cache building included), all processes
@@ -292,6 +366,8 @@ class Job:
             "horizon": trainer.horizon.record(t.max_steps),  # a length schedule's course, else None
             "resumed_from_step": self.resumed_from,
             "eval_before": progress.eval_before,
-            "eval_after": after,
+            **({"rl": {"algorithm": self.cfg.rl.algorithm, "steps": self.cfg.rl.steps},
+                "eval_after_distillation": progress.eval_after_distillation} if self.cfg.rl.enabled else {}),
+            "eval_after": after,  # after the RL stage where there is one
             "checkpoint": str(final) if final else None,
         }

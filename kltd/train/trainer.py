@@ -342,11 +342,12 @@ class Trainer:
                                     states="fixed", **common)
         return pre
 
-    def _bad_step(self, what: str) -> None:
-        """A step with a non-finite loss or gradient: skipped (no update) while trainer.skip_bad_steps allows."""
+    def bad_step(self, what: str, step: int | None = None) -> None:
+        """A step with a non-finite loss or gradient (`step`, default this trainer's next): skipped (no update) while
+        trainer.skip_bad_steps allows."""
         if self.skipped_steps >= self.cfg.trainer.skip_bad_steps:
             allowed = self.cfg.trainer.skip_bad_steps
-            raise TrainingError(f"{what} at step {self.steps_done + 1}"
+            raise TrainingError(f"{what} at step {step or self.steps_done + 1}"
                                 + (f" ({allowed} bad steps skipped already)" if allowed else "")
                                 + "; lower trainer.lr or raise loss.temperature, then rerun (the last good "
                                 "checkpoint is kept; trainer.skip_bad_steps=N skips a few such steps instead)")
@@ -412,7 +413,7 @@ class Trainer:
         self._gather_stats(stats)
         self.flops.add(stats.flops)
         if bad is not None:
-            self._bad_step(bad)
+            self.bad_step(bad)
             self.optimizer.zero_grad(set_to_none=True)
             stats.loss, stats.parts = float("nan"), {"skipped": 1.0}
         else:

@@ -299,3 +299,42 @@ def test_each_process_takes_its_own_rows_of_the_global_batch():
 
     assert [list(Ranks(r, 4).share(8)) for r in range(4)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert list(Ranks().share(8)) == list(range(8))
+
+
+def test_two_processes_take_the_grpo_step_of_one(tmp_path):
+    """An RL stage alone (from the toy student: the same weights in both runs), one GRPO step on two groups of four
+    samples: two processes hold one whole group each, and the gradient is their sum. The samples are the same (the noise is keyed by the row's place
+    in the global batch), so the rewards and lengths are equal exactly; the loss and the gradient (AdamW's first
+    moment) agree to the float32 bound of what they sum."""
+    def cfg(nproc):
+        c = config("student", "expert", nproc=nproc, cache=tmp_path / f"c{nproc}", steps=0)
+        c.trainer.keep_checkpoints = 1
+        c.rl.algorithm, c.rl.steps, c.rl.group_size, c.rl.batch_size = "grpo", 1, 4, 8
+        c.rl.reward = "tests.support.rewards:characters_mod_3"  # both groups have a gradient: each process's half counts
+        return c
+
+    runs = {}
+    for nproc in (1, 2):
+        train_job(cfg(nproc), tmp_path / str(nproc))
+        row = next(r for r in training_rows_of(tmp_path / str(nproc), "rl/loss"))
+        state = torch.load(tmp_path / str(nproc) / "checkpoints" / "step-000001" / "trainer.pt", weights_only=False)
+        runs[nproc] = row, state["optimizer"]["state"]
+    (one, m_one), (two, m_two) = runs[1], runs[2]
+    assert one["rl/reward"] == two["rl/reward"] and one["rl/response_length"] == two["rl/response_length"]
+    assert one["cost/tokens_trained"] == two["cost/tokens_trained"] and one["rl/grad_norm"] > 0
+    tokens = one["cost/tokens_trained"]
+    vocab, student, _ = _chains(cfg(1))
+    # on-policy, every ratio is exactly 1: the loss sums -A_i over the tokens, |A_i| <= sqrt(G - 1) (std scaling)
+    assert abs(one["rl/loss"] - two["rl/loss"]) <= two_orders(tokens, math.sqrt(3)), (one["rl/loss"], two["rl/loss"])
+    # a weight's gradient: the log-softmax over the vocabulary at each token, the forward and backward chains, the
+    # sum over tokens; relative to the gradient tensor's own scale (as tolerances.loss_bounds)
+    relative = two_orders(tokens * vocab + 2 * student + tokens, 1.0)
+    for i in m_one:
+        a, b = m_one[i]["exp_avg"], m_two[i]["exp_avg"]
+        assert float((a - b).abs().max()) <= relative * float(a.abs().max()) + 3 * U * float(a.abs().max()), i
+    assert abs(one["rl/grad_norm"] - two["rl/grad_norm"]) <= relative * one["rl/grad_norm"]
+
+
+def training_rows_of(run_dir: Path, key: str) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [row for row in rows if key in row]

@@ -100,6 +100,27 @@ def test_an_entropy_gated_horizon_reaches_the_engine(pair, tmp_path):
 
 
 @needs_vllm
+def test_grpo_samples_the_current_student_through_the_engine(pair, tmp_path):
+    """After a fixed-prefix distillation (no training samples), the RL stage samples the student through vLLM, with
+    its weights pushed after every step (kltd's sampler runs the same config beside it)."""
+    runs = {}
+    for backend in ("kltd", "vllm"):
+        cfg = config(pair, backend)
+        cfg.prefix.source, cfg.trajectory.supervisor, cfg.trainer.max_steps = "fixed", "expert", 2
+        cfg.rl.algorithm, cfg.rl.steps, cfg.rl.group_size, cfg.rl.batch_size = "grpo", 3, 4, 16
+        cfg.eval.num_prompts = 16
+        runs[backend] = train_job(cfg, tmp_path / backend)
+    vllm = runs["vllm"]
+    assert vllm["plan"]["training"]["student"]["decoder"] == "vllm" and vllm["plan"]["rl"] == "grpo"
+    assert runs["kltd"]["plan"]["training"]["student"]["decoder"] != "vllm"
+    rows = [json.loads(line) for line in (tmp_path / "vllm" / "metrics.jsonl").read_text().splitlines()]
+    steps = [row for row in rows if "rl/loss" in row]
+    assert [row["step"] for row in steps] == [3, 4, 5] and all(0 <= row["rl/reward"] <= 1 for row in steps)
+    assert all(row["rl/response_length"] <= 24 for row in steps)
+    assert vllm["eval_after_distillation"] and vllm["eval_after"]
+
+
+@needs_vllm
 def test_kltd_eval_samples_the_evaluated_model_through_vllm(pair, tmp_path):
     from kltd.schema.config import EvalRunConfig
     from kltd.train.eval_job import eval_job
