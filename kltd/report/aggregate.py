@@ -95,6 +95,10 @@ class MethodSummary:
     def before(self, metric: str) -> Stat | None:
         return stat_of(figure(run.eval_before, metric) for run in self.completed)
 
+    def before_rl(self, metric: str) -> Stat | None:
+        """After the distillation, before the RL stage (runs with rl=grpo only)."""
+        return stat_of(figure(run.eval_before_rl, metric) for run in self.completed if run.eval_before_rl)
+
     def cost(self, name: str) -> Stat | None:
         places = 0 if name in COUNT_FIELDS else None
         return stat_of((run.costs().get(name) for run in self.completed), places)

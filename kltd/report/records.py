@@ -53,6 +53,11 @@ class Run:
         return self.summary.get("eval_before") or {}
 
     @property
+    def eval_before_rl(self) -> dict:
+        """With an RL stage (rl=grpo): the evaluation after the distillation, before the RL stage ({} without one)."""
+        return self.summary.get("eval_after_distillation") or {}
+
+    @property
     def label(self) -> str:
         name = self.method or "unknown method"
         return f"{name} [{self.variant}]" if self.variant else name

@@ -113,8 +113,27 @@ def matrix_tables(result: CompareResult) -> dict[str, TableData]:
     return {metric: matrix_table(result.rows, metric) for metric in result.metrics} if has_matrix(result.rows) else {}
 
 
+def rl_table(rows: list[MethodSummary], metrics: list[str]) -> list[TableData]:
+    """Runs with an RL stage (rl=grpo): each metric after the distillation and after RL, and what RL changed (the
+    paper's question: does the distillation objective's ranking survive RL?)."""
+    rows = [row for row in rows if any(run.eval_before_rl for run in row.completed)]
+    if not rows:
+        return []
+    headers = ["method", *(f"{metric} {when}" for metric in metrics for when in ("before RL", "after RL", "RL change"))]
+    body = []
+    for row in rows:
+        cells = [row.label]
+        for metric in metrics:
+            before, after = row.before_rl(metric), row.after(metric)
+            change = f"{after.mean - before.mean:+.4g}" if before and after else "n/a"
+            cells += [_stat_text(before), _stat_text(after), change]
+        body.append(cells)
+    return [TableData("Before and after the RL stage (mean ± std across seeds)", headers, body)]
+
+
 def summary_tables(result: CompareResult) -> list[TableData]:
-    tables = [quality_cost_table(result.rows, result.metrics[0]), flat_table(result.rows)]
+    tables = [*rl_table(result.rows, result.metrics), quality_cost_table(result.rows, result.metrics[0]),
+              flat_table(result.rows)]
     unfinished = unfinished_runs_table(result.runs)
     return tables + ([unfinished] if unfinished else [])
 
@@ -179,7 +198,9 @@ def file_stem(metric: str) -> str:
 
 def csv_columns(runs: list[Run]) -> list[str]:
     return ["sweep", "run_dir", "method", "variant", "prefix", "trajectory", "seed", "status", "error",
-            *available_metrics(runs), "accuracy_before", *COST_FIELDS]
+            *available_metrics(runs), "accuracy_before",
+            *(f"{m}_before_rl" for m in available_metrics(runs) if any(run.eval_before_rl for run in runs)),
+            *COST_FIELDS]
 
 
 def _csv_value(value):
@@ -199,6 +220,7 @@ def write_csv(runs: list[Run], path: Path, budget=None) -> Path:
                    "prefix": run.prefix, "trajectory": run.trajectory, "seed": run.seed, "status": run.status,
                    "error": run.error, "accuracy_before": run.eval_before.get("accuracy")}
             row.update({key: value for key, value in run.eval_after.items() if is_number(value)})
+            row.update({f"{key}_before_rl": value for key, value in run.eval_before_rl.items() if is_number(value)})
             row.update(run.costs())
             if budget is not None:
                 row.update(budget.csv_values(run))

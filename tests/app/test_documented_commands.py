@@ -155,6 +155,15 @@ COMMANDS: dict[str, Case] = {
              needs=("sweep",)),
     "kltd train -m model=qwen3_8b_to_0_6b data=gsm8k prefix=student divergence=kl_mix loss.mix=0.1,0.3,0.5 "
     "'eval.sets=[gsm8k,math500]' eval.samples=8 eval.pass_k=4": Case(refused=OFFLINE),
+    "kltd train -m model=qwen3_4b_to_0_6b data=gsm8k prefix=student divergence=forward_kl,reverse_kl rl=grpo "
+    "rl.steps=200 rl.group_size=8 sampling.max_new_tokens=4096 'eval.sets=[gsm8k,math500]' eval.samples=8 "
+    "eval.pass_k=4": Case(refused=OFFLINE),
+    "kltd compare outputs/multirun/<sweep> --metric math500/avg_at_k,math500/pass_at_k":
+        Case(replace={"outputs/multirun/<sweep>": "{sweep}", "math500/avg_at_k,math500/pass_at_k": "avg_at_k,pass_at_k"},
+             tiny=False, needs=("sweep",)),
+    "kltd train sweep=paper_rl": Case(after=("rl.steps=2", "rl.batch_size=8", "rl.group_size=4", "eval.samples=1")),
+    "kltd train prefix=student trajectory=expert rl=grpo rl.steps=20":
+        Case(after=("rl.steps=2", "rl.batch_size=8", "rl.group_size=4")),
     "kltd train model=qwen3_8b_to_0_6b data=gsm8k prefix=student trajectory=student sampling.max_new_tokens=4096 "
     "'eval.sets=[gsm8k,math500]' eval.max_new_tokens=4096": Case(refused=OFFLINE),
     "kltd train model=qwen3_8b_to_0_6b data=gsm8k prefix=student trajectory=student "
