@@ -25,10 +25,19 @@ def toy_dir() -> Path:
 
 
 def resolve_model_path(reference: str) -> str:
-    """'toy/teacher' -> the directory shipped inside the package; other references pass through."""
+    """'toy/teacher' -> the directory shipped inside the package; a kltd run directory -> its trained student
+    (checkpoint/, e.g. model.student=RUN_DIR for an RL stage alone); other references pass through."""
     if reference.startswith(TOY_PREFIX):
         return str(toy_dir() / reference[len(TOY_PREFIX) :])
-    return str(Path(reference).expanduser()) if _looks_local(reference) else reference
+    if not _looks_local(reference):
+        return reference
+    path = Path(reference).expanduser()
+    return str(path / "checkpoint") if _is_run_directory(path) else str(path)
+
+
+def _is_run_directory(path: Path) -> bool:
+    """A run's directory (its summary, no model files of its own), not a model directory."""
+    return (path / "metrics.json").is_file() and not (path / "config.json").is_file()
 
 
 def model_directory(reference: str) -> Path | None:
@@ -49,6 +58,9 @@ def check_model_reference(reference: str) -> str | None:
     path = resolve_model_path(reference)
     if reference.startswith(TOY_PREFIX) or _looks_local(reference):
         p = Path(path)
+        if p.name == "checkpoint" and _is_run_directory(p.parent) and not p.is_dir():
+            return (f"'{reference}' is a run directory without a trained student (checkpoint/): the run did not "
+                    "finish, or ran with trainer.save_checkpoint=false")
         if not p.is_dir():
             hint = " (the shipped pair is toy/teacher and toy/student)" if reference.startswith(TOY_PREFIX) else ""
             return f"model directory '{path}' does not exist{hint}"

@@ -161,6 +161,9 @@ COMMANDS: dict[str, Case] = {
     "kltd compare outputs/multirun/<sweep> --metric math500/avg_at_k,math500/pass_at_k":
         Case(replace={"outputs/multirun/<sweep>": "{sweep}", "math500/avg_at_k,math500/pass_at_k": "avg_at_k,pass_at_k"},
              tiny=False, needs=("sweep",)),
+    "kltd train rl=grpo trainer.max_steps=0 model.student=outputs/runs/<date>/<time>_<method>_s<seed>":
+        Case(replace={"outputs/runs/<date>/<time>_<method>_s<seed>": "{finished}"}, needs=("finished",),
+             after=("trainer.max_steps=0", "rl.steps=2", "rl.batch_size=8", "rl.group_size=4")),
     "kltd train sweep=paper_rl": Case(after=("rl.steps=2", "rl.batch_size=8", "rl.group_size=4", "eval.samples=1")),
     "kltd train prefix=student trajectory=expert rl=grpo rl.steps=20":
         Case(after=("rl.steps=2", "rl.batch_size=8", "rl.group_size=4")),

@@ -110,10 +110,14 @@ def test_an_rl_stage_alone_starts_from_a_trained_student(tmp_path):
     first.trainer.save_checkpoint = True
     train_job(first, tmp_path / "distilled")
     cfg = rl_config()
-    cfg.trainer.max_steps, cfg.model.student = 0, str(tmp_path / "distilled" / "checkpoint")
+    cfg.trainer.max_steps, cfg.model.student = 0, str(tmp_path / "distilled")  # a run directory: its checkpoint/
     summary = train_job(cfg, tmp_path / "rl")
     assert summary["steps"] == 4 and summary["eval_after_distillation"] == summary["eval_before"]
     assert [r["step"] for r in rows(tmp_path / "rl") if "rl/loss" in r] == [1, 2, 3, 4]
+    train_job(tiny_config(max_steps=1), tmp_path / "no_checkpoint")  # trainer.save_checkpoint=false
+    cfg.model.student = str(tmp_path / "no_checkpoint")
+    with pytest.raises(Exception, match="run directory without a trained student"):
+        train_job(cfg, tmp_path / "refused")
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "llama"])
