@@ -8,7 +8,8 @@ settings; a run that names its own models without one is told which toy defaults
 
 from __future__ import annotations
 
-TOY_TUNED = ("trainer.lr", "trainer.batch_size", "sampling.max_new_tokens", "eval.max_new_tokens", "eval.batch_size")
+TOY_TUNED = ("trainer.lr", "trainer.batch_size", "sampling.max_new_tokens", "eval.max_new_tokens", "eval.batch_size",
+             "rl.lr")
 TOY_PREFIX = "toy/"
 
 
@@ -25,7 +26,8 @@ def toy_defaults_kept(cfg, model_preset: str, given: set[str]) -> list[str]:
     own_pair = not (cfg.model.teacher.startswith(TOY_PREFIX) and cfg.model.student.startswith(TOY_PREFIX))
     if model_preset != "toy" or not own_pair:
         return []
-    return [f"{key}={_value(cfg, key):g}" for key in TOY_TUNED if key not in given]
+    rl = cfg.rl.algorithm != "none"  # the RL stage's settings matter only where it runs
+    return [f"{key}={_value(cfg, key):g}" for key in TOY_TUNED if key not in given and (rl or not key.startswith("rl."))]
 
 
 def toy_defaults_line(kept: list[str]) -> str:

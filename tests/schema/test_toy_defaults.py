@@ -18,6 +18,12 @@ def test_an_own_pair_with_the_toy_preset_keeps_the_toy_defaults():
     assert "trainer.lr=0.001" in line and "model=pretrained" in line and "\n" not in line
 
 
+def test_the_rl_stage_learning_rate_is_listed_where_the_stage_runs():
+    cfg = own_pair()
+    cfg.rl.algorithm = "grpo"
+    assert toy_defaults_kept(cfg, "toy", given=set())[-1] == "rl.lr=0.0001"
+
+
 def test_settings_given_on_the_command_line_are_not_listed():
     kept = toy_defaults_kept(own_pair(), "toy", given={"trainer.lr", "eval.batch_size"})
     assert "trainer.lr=0.001" not in kept and "eval.batch_size=200" not in kept and len(kept) == 3
