@@ -131,3 +131,18 @@ def test_a_gated_run_grows_at_each_evaluation_when_h_min_is_zero_and_never_when_
     assert [r["gate/advanced"] for r in stuck if "gate/entropy" in r] == [0.0, 0.0]
     assert all(r["gate/entropy"] < 20.0 for r in stuck if "gate/entropy" in r)
     assert summary["horizon"]["final"] == 2
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_a_gated_horizon_on_real_architectures(tmp_path, arch):
+    from kltd.train.job import train_job
+    from tests.support.fixtures import on_local_gsm8k_pair
+    from tests.train.test_job import tiny_config
+
+    cfg = on_local_gsm8k_pair(tiny_config(max_steps=4, log_every=1), tmp_path, arch)
+    cfg.eval.every = 2
+    cfg.sampling.length_schedule, cfg.sampling.lengths, cfg.sampling.entropy_min = "entropy_gated", [4, 8], 0.0
+    summary = train_job(cfg, tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train/max_new_tokens"] for r in rows if "train/loss" in r] == [4, 4, 8, 8]
+    assert summary["horizon"]["decisions"][0]["after"] == 8 and "accuracy" in summary["eval_after"]

@@ -140,3 +140,15 @@ def strip_tokenizer(directory: Path, *tokens: str, template: bool = True) -> Pat
         model_config[token.replace("_token", "_token_id")] = None
     (directory / "config.json").write_text(json.dumps(model_config, indent=2))
     return directory
+
+
+def on_local_gsm8k_pair(cfg, tmp_path: Path, arch: str, budget: int = 8):
+    """`cfg` (a kltd Config) on a tiny random `arch` pair and a GSM8K-schema JSONL file with its checker, responses
+    and evaluations of `budget` tokens: the local stand-in for a real pair on a real data set."""
+    cfg.model.teacher = str(tiny_model(arch, tmp_path / "teacher", seed=1))
+    cfg.model.student = str(tiny_model(arch, tmp_path / "student", seed=2))
+    cfg.data.source, cfg.data.path, cfg.data.checker = "file", str(gsm8k_jsonl(tmp_path / "gsm8k.jsonl")), "gsm8k"
+    cfg.data.fields.prompt, cfg.data.fields.response, cfg.data.eval_fraction = "question", "answer", 0.2
+    cfg.data.n_train, cfg.data.n_eval = 20000, 500
+    cfg.eval.max_new_tokens = cfg.sampling.max_new_tokens = budget
+    return cfg

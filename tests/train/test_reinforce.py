@@ -122,15 +122,9 @@ def test_an_rl_stage_alone_starts_from_a_trained_student(tmp_path):
 
 @pytest.mark.parametrize("arch", ["qwen3", "llama"])
 def test_grpo_runs_on_real_architectures_with_their_checker(tmp_path, arch):
-    from tests.support.fixtures import gsm8k_jsonl, tiny_model
+    from tests.support.fixtures import on_local_gsm8k_pair
 
-    cfg = rl_config(steps=2, max_new_tokens=8)
-    cfg.model.teacher = str(tiny_model(arch, tmp_path / "teacher", seed=1))
-    cfg.model.student = str(tiny_model(arch, tmp_path / "student", seed=2))
-    cfg.data.source, cfg.data.path, cfg.data.checker = "file", str(gsm8k_jsonl(tmp_path / "gsm8k.jsonl")), "gsm8k"
-    cfg.data.fields.prompt, cfg.data.fields.response, cfg.data.eval_fraction = "question", "answer", 0.2
-    cfg.data.n_train, cfg.data.n_eval = 20000, 500
-    cfg.eval.max_new_tokens = cfg.sampling.max_new_tokens = 8
+    cfg = on_local_gsm8k_pair(rl_config(steps=2, max_new_tokens=8), tmp_path, arch)
     cfg.trainer.max_steps = 2
     summary = train_job(cfg, tmp_path / "run")
     steps = [r for r in rows(tmp_path / "run") if "rl/loss" in r]
