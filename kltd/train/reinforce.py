@@ -28,7 +28,6 @@ from kltd.objectives.divergences import DivergenceSpec
 from kltd.objectives.grpo import group_advantages, policy_loss, reference_kl_penalty
 from kltd.objectives.losses import token_logprobs, trajectory_loss
 from kltd.rollout.batch import StateBatch, TokenCounts, decode_responses
-from kltd.rollout.noise import RowNoise
 from kltd.rollout.states import StateSource
 from kltd.schema.axes import PrefixConfig
 from kltd.schema.config import Config, ConfigError
@@ -112,8 +111,8 @@ class Reinforcer:
         t = self.trainer
         self.optimizer.load_state_dict(scattered_optimizer_state(state["optimizer"], self.optimizer))
         self.scheduler.load_state_dict(state["scheduler"])
-        self.steps_done, t.skipped_steps, t.teacher_forwards = state["steps_done"], state["skipped_steps"], \
-            state["teacher_forwards"]
+        self.steps_done = state["steps_done"]
+        t.skipped_steps, t.teacher_forwards = state["skipped_steps"], state["teacher_forwards"]
         t.flops = FlopCounter(**state["flops"])
         t.order.seek(state["order_position"])
         self.states.student.push_weights(self.student, step=self.global_step)
@@ -127,12 +126,7 @@ class Reinforcer:
 
     def next_states(self, micro: int) -> tuple[StateBatch, TokenCounts]:
         """This process's whole groups of micro-batch `micro`: each prompt's rl.group_size samples side by side."""
-        rl = self.rl
-        prompts = self.trainer.next_examples(rl.batch_size // rl.group_size)
-        examples = [e for e in prompts for _ in range(rl.group_size)]
-        rows = self.ranks.share(len(examples))
-        noise = RowNoise(self.cfg.seed, self.global_step, tuple(micro * len(examples) + i for i in rows))
-        return self.states.build([examples[i] for i in rows], noise, self.global_step)
+        return self.trainer.grouped_states(self.states, self.rl.batch_size, self.rl.group_size, micro, self.global_step)
 
     def constants(self, batch: StateBatch) -> _Constants:
         """Rewards and advantages of a sampled batch, and the log-probabilities the loss holds fixed."""

@@ -185,14 +185,19 @@ class Trainer:
         return self.cfg.trainer.grad_accum * self.cfg.trainer.batch_size // self.group_size
 
     def next_states(self, micro: int) -> tuple[StateBatch, TokenCounts]:
-        """This process's share of micro-batch `micro` of the current step (the whole of it in one process). With
-        groups, each prompt's samples are consecutive rows, and a process's share is whole groups (the config
-        checks that batch_size is a multiple of samples_per_prompt x processes); every sample has its own noise."""
-        n = self.group_size
-        examples = [e for e in self.next_examples(self.cfg.trainer.batch_size // n) for _ in range(n)]
-        rows = self.ranks.share(len(examples))
-        noise = RowNoise(self.cfg.seed, self.steps_done, tuple(micro * len(examples) + i for i in rows))
-        return self.states.build([examples[i] for i in rows], noise, self.steps_done)
+        """This process's share of micro-batch `micro` of the current step (the whole of it in one process)."""
+        return self.grouped_states(self.states, self.cfg.trainer.batch_size, self.group_size, micro, self.steps_done)
+
+    def grouped_states(self, states: StateSource, rows: int, group: int, micro: int, step: int
+                       ) -> tuple[StateBatch, TokenCounts]:
+        """This process's share of micro-batch `micro` of `rows` states drawn by `states` at `step`, in groups of
+        `group` samples of each of the next rows / group prompts of the data order: each prompt's samples are
+        consecutive rows, a process's share is whole groups (the config checks that rows is a multiple of the
+        group size x processes), and every sample has its own noise (its place in the step's global batch)."""
+        examples = [e for e in self.next_examples(rows // group) for _ in range(group)]
+        share = self.ranks.share(len(examples))
+        noise = RowNoise(self.cfg.seed, step, tuple(micro * len(examples) + i for i in share))
+        return states.build([examples[i] for i in share], noise, step)
 
     def next_examples(self, n: int) -> list:
         """The next n examples of the data order (epochs over the training split, each freshly shuffled)."""
