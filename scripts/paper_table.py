@@ -101,13 +101,19 @@ def main() -> None:
     if not args.doc:
         print(text)
         return
-    page = args.doc.read_text()
-    if START in page:
-        page = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: text, page, flags=re.S)
+    write_section(args.doc, text, START, END)
+
+
+def write_section(doc: Path, text: str, start: str, end: str) -> None:
+    """`text` (which begins with `start` and ends with `end`) into the page `doc`: in place of the section between
+    those markers, else at the end."""
+    page = doc.read_text()
+    if start in page:
+        page = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: text, page, flags=re.S)
     else:
         page = page.rstrip("\n") + "\n\n" + text + "\n"
-    args.doc.write_text(page)
-    print(f"wrote the section into {args.doc}")
+    doc.write_text(page)
+    print(f"wrote the section into {doc}")
 
 
 if __name__ == "__main__":

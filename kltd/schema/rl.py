@@ -24,7 +24,7 @@ class RLConfig:
     epochs: int = 1
     clip_low: float = 0.2
     clip_high: float = 0.2
-    lr: float = 1e-4  # constant after trainer.warmup_steps of linear warm-up
+    lr: float = 3e-5  # constant after trainer.warmup_steps of linear warm-up (3e-4 unlearned the toy task)
     baseline: str = "group_mean"  # group_mean (GRPO) | leave_one_out (RLOO, unbiased)
     scale: str = "std"  # std (GRPO: advantages divided by the group's std) | none (Dr. GRPO)
     normalization: str = "token"  # token | sequence, as loss.normalization

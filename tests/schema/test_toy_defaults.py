@@ -21,7 +21,7 @@ def test_an_own_pair_with_the_toy_preset_keeps_the_toy_defaults():
 def test_the_rl_stage_learning_rate_is_listed_where_the_stage_runs():
     cfg = own_pair()
     cfg.rl.algorithm = "grpo"
-    assert toy_defaults_kept(cfg, "toy", given=set())[-1] == "rl.lr=0.0001"
+    assert toy_defaults_kept(cfg, "toy", given=set())[-1] == "rl.lr=3e-05"
 
 
 def test_settings_given_on_the_command_line_are_not_listed():
