@@ -106,6 +106,8 @@ def run_rows(tmp_path, name: str, **sampling) -> tuple[list[dict], dict]:
 
     cfg = tiny_config(max_steps=6, log_every=1)
     cfg.eval.every = 2
+    if sampling.pop("prefix", None) == "teacher":
+        cfg.prefix.source, cfg.trajectory.supervisor = "teacher", "expert"
     for key, value in sampling.items():
         setattr(cfg.sampling, key, value)
     train_job(cfg, tmp_path / name)
@@ -131,6 +133,18 @@ def test_a_gated_run_grows_at_each_evaluation_when_h_min_is_zero_and_never_when_
     assert [r["gate/advanced"] for r in stuck if "gate/entropy" in r] == [0.0, 0.0]
     assert all(r["gate/entropy"] < 20.0 for r in stuck if "gate/entropy" in r)
     assert summary["horizon"]["final"] == 2
+
+
+def test_a_step_schedule_sets_the_teachers_horizon_too(tmp_path):
+    """prefix=teacher: the teacher writes the states, each step within its horizon."""
+    rows, summary = run_rows(tmp_path, "teacher", length_schedule="steps", lengths=[3, 6], length_steps=[4],
+                             prefix="teacher")
+    trained = [r for r in rows if "train/loss" in r]
+    assert [r["train/max_new_tokens"] for r in trained] == [3, 3, 3, 6, 6, 6]
+    generated = [0] + [r["cost/teacher_tokens_generated"] for r in trained]
+    per_step = [b - a for a, b in zip(generated, generated[1:])]
+    assert all(n <= 4 * r["train/max_new_tokens"] for n, r in zip(per_step, trained)) and max(per_step[3:]) > 4 * 3
+    assert summary["horizon"]["schedule"] == "steps" and summary["horizon"]["final"] == 6
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "llama"])
