@@ -337,7 +337,7 @@ class Trainer:
         if rows.any():
             pre = pre + prefix_loss(
                 pick(student_logits, rows), pick(teacher_logits, rows), pick(targets, rows), pick(mask, rows),
-                states="student", gamma=cfg.gamma, baseline=cfg.baseline, group_size=self.group_size,
+                states="student", gamma=cfg.gamma, baseline=cfg.baseline, group_size=sampling.samples_per_prompt,
                 spec=self.spec or DivergenceSpec("reverse_kl"), score_mask=pick(batch.student_written, rows),
                 sampling_temperature=sampling.temperature, sampling_top_p=sampling.top_p,
                 batch_sum=self.ranks.sum_positions, **common,

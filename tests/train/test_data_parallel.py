@@ -237,8 +237,8 @@ def test_terms_that_compare_a_row_with_the_whole_batch_span_the_processes(tmp_pa
                    nproc=nproc, cache=tmp_path / f"c{nproc}")
         if prefix_term:
             c.loss.kl_prefix_weight, c.loss.baseline, c.loss.normalization = 1.0, "batch_mean", "sequence"
-        if method == "minillm_leave_one_out":
-            c.loss.baseline, c.sampling.samples_per_prompt = "leave_one_out", 4
+            if method == "minillm_leave_one_out":
+                c.loss.baseline, c.sampling.samples_per_prompt = "leave_one_out", 4
         else:
             c.trajectory.reward, c.trajectory.weighting, c.trajectory.keep_fraction = "teacher_loglik", "filter", 0.25
         return c
