@@ -16,8 +16,8 @@ from typing import Dict, Optional
 from kltd.schema.axes import LossConfig, PrefixConfig, TrajectoryConfig
 from kltd.schema.checks import ConfigError, at_least, choice, in_unit_interval
 from kltd.schema.choices import SAMPLED_ESTIMATORS
-from kltd.schema.rl import RLConfig
 from kltd.schema.matrix import cell_error, direction_error, method_label, own_divergence
+from kltd.schema.rl import RLConfig
 from kltd.schema.sections import (CacheConfig, DataConfig, DataFields, DistributedConfig, EvalConfig, EvalSetConfig,
                                   ModelConfig, SamplingConfig, TrainerConfig, WandbConfig, horizon_text)
 
@@ -401,6 +401,24 @@ def approximations(cfg: Config) -> list[str]:
             out.append(f"loss.kl_prefix_weight={loss.kl_prefix_weight:g}: differs from loss.kl_trajectory_weight="
                        f"{loss.kl_trajectory_weight:g}; only equal weights give the exact gradient of the "
                        "sequence-level divergence")
+    return out + _rl_approximations(cfg.rl)
+
+
+def _rl_approximations(rl) -> list[str]:
+    """The RL stage's: where its expected gradient is not that of the expected reward (docs/theory.md §10)."""
+    if not rl.enabled:
+        return []
+    out = []
+    if rl.scale == "std":
+        out.append("rl.scale=std: GRPO divides a group's advantages by the group's standard deviation (the sample's "
+                   "own reward included), so the expected gradient is not proportional to the expected reward's; "
+                   "rl.scale=none with rl.baseline=leave_one_out is exact")
+    if rl.kl_weight > 0:
+        out.append(f"rl.kl_weight={rl.kl_weight:g}: the k3 penalty's value estimates KL(q||ref), but its expected "
+                   "gradient is KL(ref||q)'s at the student's states")
+    if rl.epochs > 1:
+        out.append(f"rl.epochs={rl.epochs}: the updates after the first reuse their batch (off-policy samples, the "
+                   f"ratio clipped to [{1 - rl.clip_low:g}, {1 + rl.clip_high:g}])")
     return out
 
 

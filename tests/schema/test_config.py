@@ -228,6 +228,9 @@ def test_the_shipped_presets_are_exact_but_for_filtered_bcs_batch_threshold():
      "up to 3 optimiser steps old"),
     (MINILLM + ("loss.gamma=0.9",), "loss.gamma=0.9", "discounts"),
     (MINILLM + ("loss.kl_prefix_weight=0.5",), "loss.kl_prefix_weight=0.5", "equal weights"),
+    (("method=dagger", "rl=grpo"), "rl.scale=std", "not proportional to the expected reward's"),
+    (("method=dagger", "rl=grpo", "rl.scale=none", "rl.kl_weight=0.1"), "rl.kl_weight=0.1", "KL(ref||q)'s"),
+    (("method=dagger", "rl=grpo", "rl.scale=none", "rl.epochs=2"), "rl.epochs=2", "clipped to [0.8, 1.2]"),
 ])
 def test_each_approximation_is_one_line_naming_its_key(overrides, starts, says):
     from kltd.schema.config import approximations
@@ -244,6 +247,8 @@ def test_each_approximation_is_one_line_naming_its_key(overrides, starts, says):
     ("method=opd", "loss.gamma=0.5"),  # no prefix term
     ("method=seqkd", "loss.kl_prefix_weight=0.5"),  # teacher states: the prefix term is cross-entropy
     ("method=opd", "sampling.vllm_sync_every=4"),  # kltd's sampler always has the current weights
+    ("method=opd", "rl.kl_weight=0.5", "rl.epochs=3"),  # no RL stage
+    ("method=opd", "rl=grpo", "rl.scale=none", "rl.baseline=leave_one_out"),  # RLOO: unbiased
 ])
 def test_unused_settings_are_not_labelled(overrides):
     from kltd.schema.config import approximations
