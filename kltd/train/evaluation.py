@@ -276,6 +276,6 @@ def logged_figures(result: dict) -> dict:
     return logged
 
 
-def final_figures(result: dict) -> dict:
-    """The W&B run summary of the last evaluation: logged_figures under final/ in place of eval/."""
-    return {f"final/{k.removeprefix('eval/')}": v for k, v in logged_figures(result).items()}
+def final_figures(result: dict, under: str = "final") -> dict:
+    """The W&B run summary of the last evaluation: logged_figures under final/ (or `under`/) in place of eval/."""
+    return {f"{under}/{k.removeprefix('eval/')}": v for k, v in logged_figures(result).items()}

@@ -175,6 +175,8 @@ def claimed_job(cfg: Config, run_dir: Path, sweep: str | None, config_dict: dict
     summary = {**identity, "status": "completed", "wall_time_s": time.perf_counter() - started, **summary,
                "config": config_dict}
     logger.summary(final_figures(summary["eval_after"]))
+    if summary.get("eval_after_distillation"):  # with an RL stage: the figures it started from, beside final/
+        logger.summary(final_figures(summary["eval_after_distillation"], under="before_rl"))
     logger.finish()
     atomic_write_json(summary_path, summary)
     return summary

@@ -37,7 +37,8 @@ def raw_records(path: Path):
 
 
 def read_run(path: Path, timeout_s: float = 30.0) -> dict:
-    """{'run': {'group', 'tags', 'name', 'job_type'}, 'history': [{key: value}], 'config': {key: value}}.
+    """{'run': {'group', 'tags', 'name', 'job_type'}, 'history': [{key: value}], 'config': {key: value},
+    'summary': {key: value}}.
 
     wandb's writer process may still be flushing after run.finish() returns on a busy machine, so this
     waits (up to timeout_s) for the run's closing "exit" record before trusting the file.
@@ -57,7 +58,7 @@ def _parse(path: Path) -> tuple[dict, bool]:
 
     from wandb.proto import wandb_internal_pb2 as pb
 
-    out, complete = {"run": {}, "history": [], "config": {}}, False
+    out, complete = {"run": {}, "history": [], "config": {}, "summary": {}}, False
     for data in raw_records(path):
         record = pb.Record()
         record.ParseFromString(data)
@@ -70,6 +71,8 @@ def _parse(path: Path) -> tuple[dict, bool]:
             out["history"].append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
         elif kind == "config":
             out["config"].update({i.key: json.loads(i.value_json) for i in record.config.update})
+        elif kind == "summary":
+            out["summary"].update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.summary.update})
         elif kind == "exit":
             complete = True
     return out, complete

@@ -105,6 +105,21 @@ def test_a_run_distils_then_reinforces_and_keeps_both_evaluations(tmp_path):
     assert costs == sorted(costs) and costs[-1] == summary["compute"]["flops"]["total"]
 
 
+def test_the_wandb_summary_holds_the_figures_before_and_after_rl(tmp_path, monkeypatch):
+    from tests.support.wandb_records import read_run
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    cfg = rl_config(steps=1)
+    cfg.trainer.max_steps, cfg.wandb.mode = 1, "offline"
+    summary = train_job(cfg, tmp_path / "run")
+    (record,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
+    logged = read_run(record)["summary"]
+    assert logged["before_rl/avg_at_k"] == summary["eval_after_distillation"]["avg_at_k"]
+    assert logged["final/avg_at_k"] == summary["eval_after"]["avg_at_k"]
+    assert [h["rl/reward"] for h in read_run(record)["history"] if "rl/reward" in h] == \
+        [r["rl/reward"] for r in rows(tmp_path / "run") if "rl/reward" in r]
+
+
 def test_an_rl_stage_alone_starts_from_a_trained_student(tmp_path):
     first = tiny_config(max_steps=2)
     first.trainer.save_checkpoint = True
