@@ -140,15 +140,16 @@ class Reinforcer:
 
         def logprobs(model) -> torch.Tensor:
             return token_logprobs(scorer.logits(model, batch), targets, mask, self.temperature,
-                                  top_p=self.cfg.sampling.top_p).clone()
+                                  top_p=self.cfg.sampling.top_p)
 
         with torch.inference_mode():
             old = logprobs(self.student) if rl.epochs > 1 else None
             reference = logprobs(self.reference) if rl.kl_weight > 0 else None
             teacher = None
             if rl.teacher_weight > 0:
-                teacher = self.trainer.scorers["teacher"].logits(self.trainer.teacher, batch).clone()
+                teacher = self.trainer.scorers["teacher"].logits(self.trainer.teacher, batch)
                 self.trainer.teacher_forwards += 1
+        # cloned outside inference mode: normal tensors again, usable beside autograd's
         return _Constants(rewards, group_advantages(rewards, rl.group_size, rl.baseline, rl.scale),
                           *(None if x is None else x.clone() for x in (old, reference, teacher)))
 
@@ -179,16 +180,14 @@ class Reinforcer:
         rl, t = self.rl, self.cfg.trainer
         stats = StepStats()
         self.student.eval()  # sampling: no dropout
-        sampled = []
+        sampled, shapes = [], self.trainer.shapes
         for micro in range(rl.grad_accum):
             batch, counts = self.next_states(micro)
             stats.tokens.add(counts)
-            shapes = self.trainer.shapes
             stats.flops.student_sampling += sampling_flops(batch, STUDENT_STATES, shapes["student"], shapes["teacher"])[0]
             sampled.append((batch, self.constants(batch)))
         self.student.train()
         lengths = [batch.attention_mask.sum(1).tolist() for batch, _ in sampled]
-        shapes = self.trainer.shapes
         for rows in lengths:  # the constants' forwards: the old policy's and the reference's, the teacher's
             stats.flops.student_train += ((rl.epochs > 1) + (rl.kl_weight > 0)) * sequence_flops(shapes["student"], rows)
             stats.flops.teacher_score += (rl.teacher_weight > 0) * sequence_flops(shapes["teacher"], rows)
@@ -202,7 +201,7 @@ class Reinforcer:
             bad, parts = None, {}
             for (batch, fixed), rows in zip(sampled, lengths):
                 loss, these = self.loss(batch, fixed, denominator)
-                stats.flops.student_train += 3 * sequence_flops(self.trainer.shapes["student"], rows)
+                stats.flops.student_train += 3 * sequence_flops(shapes["student"], rows)
                 if not torch.isfinite(loss):
                     bad = f"the RL loss became {float(loss.detach())}"
                     break
