@@ -31,15 +31,14 @@ from kltd.rollout.batch import StateBatch, TokenCounts, decode_responses
 from kltd.rollout.states import StateSource
 from kltd.schema.axes import PrefixConfig
 from kltd.schema.config import Config, ConfigError
-from kltd.train.compute import FlopCounter, sampling_flops, sequence_flops
+from kltd.train.compute import PARTS, FlopCounter, sampling_flops, sequence_flops
 from kltd.train.sharding import gathered_optimizer_state, scattered_optimizer_state, whole
 from kltd.train.trainer import StepStats, Trainer, TrainingError
 
 Reward = Callable[[list[str], list], list[float]]
 STUDENT_STATES = PrefixConfig(source="student")
-# what the stage's steps average over processes (the others are sums over the global denominator, or counts)
+# what the stage's steps average over processes (the others, the loss parts, are sums over the global denominator)
 AVERAGED = ("clip_fraction", "ratio_mean")
-SUMMED = ("loss_policy", "kl_reference", "teacher_reverse_kl")
 
 
 def reward_function(reference: str, checker) -> Reward:
@@ -254,6 +253,4 @@ class Reinforcer:
     def _gathered_flops(self, flops: FlopCounter) -> FlopCounter:
         if self.ranks.world == 1:
             return flops
-        from kltd.train.compute import PARTS
-
         return FlopCounter(**{name: int(round(v)) for name, v in zip(PARTS, self.ranks.sum(flops.values()))})
