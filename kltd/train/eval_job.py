@@ -124,7 +124,8 @@ def eval_job(cfg: EvalRunConfig, run_dir: Path, *, config_dict: dict | None = No
             raise
         summary = {**identity, "status": "completed", "wall_time_s": time.perf_counter() - started,
                    "eval_after": result, "eval_sets": {s.name: s.summary for s in job.eval_sets},
-                   "data": job.data.summary, "plan": job.plan.record()["evaluation"], "config": config_dict}
+                   "data": job.data.summary, "plan": job.plan.record()["evaluation"], "phases": job.phases.seconds,
+                   "memory": job.phases.memory(), "config": config_dict}
         logger.summary(final_figures(result))
         logger.finish()
         atomic_write_json(run_dir / SUMMARY_FILE, summary)

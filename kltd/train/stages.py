@@ -88,7 +88,7 @@ class Job:
                                          figures.get("eval_after_distillation")))
         return {**figures, "approximations": approximations(self.cfg), "plan": self.plan.record(),
                 "data": self.data.summary, "eval_sets": {s.name: s.summary for s in self.eval_sets},
-                "phases": self.phases.seconds}
+                "phases": self.phases.seconds, "memory": self.phases.memory()}
 
     # -------------------------------------------------------------------------------------------- stages
 
@@ -253,7 +253,8 @@ class Job:
         self.session = (time.perf_counter(), progress.train_time_s, progress.step)
         if progress.step == 0:
             self.out.log(cost_metrics(FlopCounter(), TokenCounts(), 0, 0.0), step=0)
-        self.steps(progress, tokens, last=self.cfg.trainer.max_steps, key="train")
+        with self.phases("training", timed=False):  # its seconds are the progress's training time (finish)
+            self.steps(progress, tokens, last=self.cfg.trainer.max_steps, key="train")
         return progress, tokens, self.session[1]
 
     def reinforce(self, trained: tuple[checkpoint.Progress, TokenCounts, float]
@@ -274,7 +275,8 @@ class Job:
         self.out.say(f"RL stage: {rl.algorithm.upper()} for {rl.steps} steps after step {t.max_steps}, "
                      f"{rl.batch_size // rl.group_size} prompts x {rl.group_size} samples a micro-batch, up to "
                      f"{self.stepper.max_new_tokens} tokens, reward {rl.reward}")
-        self.steps(progress, tokens, last=self.last_step, key="rl")
+        with self.phases("rl", timed=False):  # its seconds are in the progress's training time
+            self.steps(progress, tokens, last=self.last_step, key="rl")
         return progress, tokens, time_before
 
     def keep_starting_policy(self) -> None:

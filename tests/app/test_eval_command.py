@@ -70,6 +70,7 @@ def test_kltd_eval_writes_a_results_directory_that_compare_reads_beside_runs(tmp
         assert "95% interval" in out.stdout
     teacher, student = results["teacher"], results[str(run)]
     assert teacher["kind"] == "eval" and teacher["method"] == "teacher (toy/teacher)"
+    assert {"data", "loading", "evaluation"} <= set(teacher["memory"]["peak_mb"])  # peak memory by phase
     assert "reverse_kl_student_states" not in teacher["eval_after"]  # no KL of the teacher against itself
     assert student["method"] == "SFT (run)" and student["evaluated"] == str(run / "checkpoint")
     # the run's trained student, evaluated again on the same held-out questions with the same seed: same figures
