@@ -55,6 +55,11 @@ def sequence_weights(rewards: torch.Tensor, weighting: str, *, keep_fraction=0.5
     raise ValueError(f"unknown weighting '{weighting}'; choose one of {', '.join(WEIGHTINGS)}")
 
 
+def checker_rewards(checker, texts: list[str], examples: list) -> list[float]:
+    """The answer checker as a reward: 1.0 for each response it accepts, 0.0 otherwise."""
+    return [float(checker(text, example)) for text, example in zip(texts, examples)]
+
+
 def teacher_loglik(teacher_logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """[B, N, V], [B, N], [B, N] -> [B]: the teacher's mean log-likelihood per token of each response."""
     logp = torch.log_softmax(teacher_logits.float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)

@@ -197,10 +197,10 @@ def file_stem(metric: str) -> str:
 
 
 def csv_columns(runs: list[Run]) -> list[str]:
-    return ["sweep", "run_dir", "method", "variant", "prefix", "trajectory", "seed", "status", "error",
-            *available_metrics(runs), "accuracy_before",
-            *(f"{m}_before_rl" for m in available_metrics(runs) if any(run.eval_before_rl for run in runs)),
-            *COST_FIELDS]
+    metrics = available_metrics(runs)
+    before_rl = [f"{m}_before_rl" for m in metrics] if any(run.eval_before_rl for run in runs) else []
+    return ["sweep", "run_dir", "method", "variant", "prefix", "trajectory", "seed", "status", "error", *metrics,
+            "accuracy_before", *before_rl, *COST_FIELDS]
 
 
 def _csv_value(value):

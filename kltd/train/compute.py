@@ -176,6 +176,11 @@ class FlopCounter:
     def values(self) -> list[int]:
         return [getattr(self, name) for name in PARTS]
 
+    @classmethod
+    def from_sums(cls, values) -> "FlopCounter":
+        """A counter from `values()` summed across processes (float64 all-reduce: exact to 2^53)."""
+        return cls(**{name: int(round(v)) for name, v in zip(PARTS, values)})
+
     def add(self, other: "FlopCounter") -> None:
         for name in PARTS:
             setattr(self, name, getattr(self, name) + getattr(other, name))

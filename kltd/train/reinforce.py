@@ -18,20 +18,21 @@ resumed in the RL stage, on any number of processes, takes the steps the uninter
 
 from __future__ import annotations
 
-import random
+import functools
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import torch
 
 from kltd.objectives.divergences import DivergenceSpec
 from kltd.objectives.grpo import group_advantages, policy_loss, reference_kl_penalty
+from kltd.objectives.rewards import checker_rewards
 from kltd.objectives.losses import token_logprobs, trajectory_loss
 from kltd.rollout.batch import StateBatch, TokenCounts, decode_responses
 from kltd.rollout.states import StateSource
 from kltd.schema.axes import PrefixConfig
 from kltd.schema.config import Config, ConfigError
-from kltd.train.compute import PARTS, FlopCounter, sampling_flops, sequence_flops
+from kltd.train.compute import FlopCounter, sampling_flops, sequence_flops
 from kltd.train.sharding import gathered_optimizer_state, scattered_optimizer_state, whole
 from kltd.train.trainer import StepStats, Trainer, TrainingError
 
@@ -45,7 +46,7 @@ def reward_function(reference: str, checker) -> Reward:
     """rl.reward: "checker" (the data's answer checker: 1 for a correct response, 0 otherwise), or "module:function"
     importable from the working directory. Settled before any model loads: a name that does not import is one line."""
     if reference == "checker":
-        return lambda texts, examples: [float(checker(t, e)) for t, e in zip(texts, examples)]
+        return functools.partial(checker_rewards, checker)
     import importlib
     import sys
 
@@ -99,24 +100,17 @@ class Reinforcer:
         return self.trainer.flops  # one count for the whole run
 
     def state_dict(self) -> dict:
-        """Everything besides the student's weights that the next RL step depends on (kltd.train.checkpoint)."""
-        t = self.trainer
+        """Everything besides the student's weights that the next RL step depends on (kltd.train.checkpoint): its
+        optimiser, schedule and step, and the run's shared state (Trainer.run_state)."""
         return {"stage": "rl", "optimizer": gathered_optimizer_state(self.optimizer),
-                "scheduler": self.scheduler.state_dict(), "steps_done": self.steps_done,
-                "order_position": t.order.position, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-                "skipped_steps": t.skipped_steps, "teacher_forwards": t.teacher_forwards, "flops": asdict(t.flops)}
+                "scheduler": self.scheduler.state_dict(), "steps_done": self.steps_done, **self.trainer.run_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        t = self.trainer
         self.optimizer.load_state_dict(scattered_optimizer_state(state["optimizer"], self.optimizer))
         self.scheduler.load_state_dict(state["scheduler"])
         self.steps_done = state["steps_done"]
-        t.skipped_steps, t.teacher_forwards = state["skipped_steps"], state["teacher_forwards"]
-        t.flops = FlopCounter(**state["flops"])
-        t.order.seek(state["order_position"])
         self.states.student.push_weights(self.student, step=self.global_step)
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
+        self.trainer.load_run_state(state)
 
     @property
     def global_step(self) -> int:
@@ -251,6 +245,4 @@ class Reinforcer:
         return {k: v / self.ranks.world if k in AVERAGED else v for k, v in zip(keys, total)}
 
     def _gathered_flops(self, flops: FlopCounter) -> FlopCounter:
-        if self.ranks.world == 1:
-            return flops
-        return FlopCounter(**{name: int(round(v)) for name, v in zip(PARTS, self.ranks.sum(flops.values()))})
+        return flops if self.ranks.world == 1 else FlopCounter.from_sums(self.ranks.sum(flops.values()))

@@ -25,8 +25,8 @@ from kltd.data.order import ExampleOrder
 from kltd.objectives.divergences import DivergenceSpec
 from kltd.objectives.fused_head import fused_divergence
 from kltd.objectives.losses import dataset_loss, prefix_loss, trajectory_loss
-from kltd.objectives.rewards import sequence_weights, teacher_loglik
-from kltd.rollout.batch import StateBatch, TokenCounts
+from kltd.objectives.rewards import checker_rewards, sequence_weights, teacher_loglik
+from kltd.rollout.batch import StateBatch, TokenCounts, decode_responses
 from kltd.rollout.horizon import Horizon
 from kltd.rollout.noise import RowNoise
 from kltd.rollout.plan import ExecutionPlan, loss_is_sum_over_rows, plan_for
@@ -35,7 +35,7 @@ from kltd.rollout.scoring import Scorer
 from kltd.rollout.states import StateSource
 from kltd.schema.config import Config
 from kltd.schema.matrix import own_divergence
-from kltd.train.compute import PARTS, FlopCounter, ModelShape, batch_flops, sampling_flops, sequence_flops
+from kltd.train.compute import FlopCounter, ModelShape, batch_flops, sampling_flops, sequence_flops
 from kltd.train.ranks import SINGLE, Ranks
 from kltd.train.sharding import gathered_optimizer_state, scattered_optimizer_state, whole
 
@@ -158,20 +158,28 @@ class Trainer:
         global random streams, the data position and the counters (kltd.train.checkpoint saves it). The
         states' draws are keyed by step and row (kltd.rollout.noise), so they need no saved state."""
         return {"optimizer": gathered_optimizer_state(self.optimizer), "scheduler": self.scheduler.state_dict(),
-                "steps_done": self.steps_done, "teacher_forwards": self.teacher_forwards,
-                "order_position": self.order.position, "torch_rng": torch.get_rng_state(),
-                "python_rng": random.getstate(), "skipped_steps": self.skipped_steps,
-                "flops": dataclasses.asdict(self.flops), "horizon": self.horizon.state_dict()}
+                "steps_done": self.steps_done, "horizon": self.horizon.state_dict(), **self.run_state()}
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(scattered_optimizer_state(state["optimizer"], self.optimizer))
         self.scheduler.load_state_dict(state["scheduler"])
-        self.steps_done, self.teacher_forwards = state["steps_done"], state["teacher_forwards"]
-        self.skipped_steps = state["skipped_steps"]
-        self.flops = FlopCounter(**state.get("flops", {}))  # a checkpoint from before compute accounting: 0
-        self.order.seek(state["order_position"])
+        self.steps_done = state["steps_done"]
         self.horizon.load_state_dict(state.get("horizon"))
         self._push_weights()  # the restored weights (kltd.train.checkpoint loads them first)
+        self.load_run_state(state)
+
+    def run_state(self) -> dict:
+        """What every stage of the run shares and a checkpoint keeps (the distillation's, then the RL stage's): the
+        global random streams, the data position, the counters and the FLOPs."""
+        return {"teacher_forwards": self.teacher_forwards, "order_position": self.order.position,
+                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+                "skipped_steps": self.skipped_steps, "flops": dataclasses.asdict(self.flops)}
+
+    def load_run_state(self, state: dict) -> None:
+        """run_state's part of a checkpoint, the random streams last (after any weights are pushed)."""
+        self.teacher_forwards, self.skipped_steps = state["teacher_forwards"], state["skipped_steps"]
+        self.flops = FlopCounter(**state.get("flops", {}))  # a checkpoint from before compute accounting: 0
+        self.order.seek(state["order_position"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
 
@@ -251,12 +259,8 @@ class Trainer:
         else:
             if self.checker is None:
                 raise TrainingError("trajectory.reward=correctness needs an answer checker for this data")
-            texts = self.tokenizer.batch_decode(
-                [row[m & (row != self.tokenizer.eos_token_id)].tolist()
-                 for row, m in zip(batch.responses.tokens, batch.responses.mask)]
-            )
-            rewards = torch.tensor([float(self.checker(t, e)) for t, e in zip(texts, batch.examples)],
-                                   device=self.device)
+            texts = decode_responses(self.tokenizer, batch.responses)
+            rewards = torch.tensor(checker_rewards(self.checker, texts, batch.examples), device=self.device)
         # the weights compare a row with the whole micro-batch, other processes' rows included
         everyone = self.ranks.gather_rows(rewards)
         weights = sequence_weights(everyone, traj.weighting, keep_fraction=traj.keep_fraction,
@@ -447,7 +451,7 @@ class Trainer:
                  stats.parts.get("mean_weight", 0.0), *(stats.parts.get(k, 0.0) for k in self.SUMMED_PARTS)]
         total = self.ranks.sum(local + stats.flops.values())  # float64: FLOPs exact to 2^53 a step
         total, flops = total[: len(local)], total[len(local) :]
-        stats.flops = FlopCounter(**{name: int(round(v)) for name, v in zip(PARTS, flops)})
+        stats.flops = FlopCounter.from_sums(flops)
         stats.loss, stats.real_tokens = total[0], int(total[1])
         c.student_generated, c.teacher_generated = int(total[2]), int(total[3])
         if "mean_weight" in stats.parts:
