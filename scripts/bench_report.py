@@ -158,6 +158,7 @@ def report(data: dict) -> None:
     ratios: dict[str, dict[str, dict[str, list[float]]]] = {s: {c: {} for c in TRL_SETUPS} for s in settings}
     fastest: dict[tuple[str, str, str], str] = {}
     mem: dict[str, list[float]] = {s: [] for s in settings}
+    mem_by_scale: dict[str, float] = {}  # kltd / TRL's lowest peak of the same case, the larger over the cases
     print(f"\n{load_line(data)}")
     if data.get("args", {}).get("quick"):
         print("note: --quick runs everything in one process, where kltd's malloc setting, once applied, holds for "
@@ -167,7 +168,7 @@ def report(data: dict) -> None:
     print("s/step: median over runs of each run's median step; kltd/this: ratio of those medians; paired: median "
           "(min-max) over rounds of (kltd run / this setup's TRL run after it in the same round); "
           "+malloc: TRL given kltd's malloc setting")
-    print(f"\n{'scale':<5} {'setup':<58} {'s/step':>8} {'(min-max over runs)':>19} {'tok/step':>8} "
+    print(f"\n{'scale':<7} {'setup':<58} {'s/step':>8} {'(min-max over runs)':>19} {'tok/step':>8} "
           f"{'tok/s':>7} {'peak MB':>8} {'kltd/this':>9} {'paired (min-max)':>21} {'mem k/this':>10}")
     for scale in scales:
         for case, setups in TRL_SETUPS.items():
@@ -184,7 +185,7 @@ def report(data: dict) -> None:
             for label, s, paired in rows:
                 mem_ratio = k["peak_mb"] / s["peak_mb"] if s["peak_mb"] > 0 else float("nan")
                 theirs = paired is not None
-                print(f"{scale:<5} {label:<58} {s['s_step']:8.3f} "
+                print(f"{scale:<7} {label:<58} {s['s_step']:8.3f} "
                       f"{'(' + format(s['s_min'], '.3f') + '-' + format(s['s_max'], '.3f') + ')':>19} "
                       f"{s['trained_tokens']:8.0f} {s['tok_s']:7.0f} {s['peak_mb']:8.0f} "
                       f"{format(k['s_step'] / s['s_step'], '.3f') if theirs else '':>9} "
@@ -194,17 +195,22 @@ def report(data: dict) -> None:
                 best = min(setups, key=lambda x, setting=setting: summary[run_key(scale, setting, x)]["s_step"])
                 fastest[setting, case, scale] = best
                 ratios[setting][case][scale] = round_ratios(k_runs, runs[run_key(scale, setting, best)], setups, best)
-        if scale == scales[-1]:  # memory: against GKDTrainer (lower of its two settings) at the largest scale
+        mem_by_scale[scale] = max(
+            summary[f"{scale}|kltd:{case}"]["peak_mb"]
+            / max(min(summary[k]["peak_mb"] for s in setups if (k := run_key(scale, settings[0], s)) in summary), 1e-9)
+            for case, setups in TRL_SETUPS.items())
+        if scale == scales[-1]:  # memory: against GKDTrainer (its lowest setup run; else TRL's) at the last scale
             for setting in settings:
                 for case, setups in TRL_SETUPS.items():
-                    lowest = min(summary[run_key(scale, setting, s)]["peak_mb"] for s in setups
-                                 if s.startswith("gkd") and run_key(scale, setting, s) in summary)
+                    ran = [s for s in setups if run_key(scale, setting, s) in summary]
+                    ran = [s for s in ran if s.startswith("gkd")] or ran
+                    lowest = min(summary[run_key(scale, setting, s)]["peak_mb"] for s in ran)
                     mem[setting].append(summary[f"{scale}|kltd:{case}"]["peak_mb"] / max(lowest, 1e-9))
         for key in ("kltd:fixed", *(run_key(scale, st, s).split("|", 1)[1] for st in settings
                                     for s in ("gkd0", "gkd0_nogc") if run_key(scale, st, s) in summary)):
             s = summary[f"{scale}|{key}"]
             rate = model_flops_per_step(s) / s["s_step"]
-            print(f"{scale:<5} fixed-prefix model FLOP/s, {key}: {rate / 1e9:.2f} GFLOP/s = "
+            print(f"{scale:<7} fixed-prefix model FLOP/s, {key}: {rate / 1e9:.2f} GFLOP/s = "
                   f"{rate / peak_rate:.1%} of the matmul rate")
 
     print("\nloss parity (same batch; relative difference, tolerance: float32's bound at the scale's vocabulary, "
@@ -225,11 +231,14 @@ def report(data: dict) -> None:
 
     rounds = max(len(v) for by_case in ratios.values() for by_scale in by_case.values() for v in by_scale.values())
     print(f"\nratios, kltd / the fastest TRL setup: median (min-max) over {rounds} round(s), each round's ratio paired")
-    print((f"{'scale':<5} {'case':<6} " + "".join(f"{TRL_SETTINGS[s][2]:<40}" for s in settings)).rstrip())
+    print((f"{'scale':<7} {'case':<6} " + "".join(f"{TRL_SETTINGS[s][2]:<40}" for s in settings)).rstrip())
     for scale in scales:
         for case in TRL_SETUPS:
             cells = [f"{fmt_range(ratios[s][case][scale])} vs {fastest[s, case, scale]}" for s in settings]
-            print((f"{scale:<5} {case:<6} " + "".join(f"{c:<40}" for c in cells)).rstrip())
+            print((f"{scale:<7} {case:<6} " + "".join(f"{c:<40}" for c in cells)).rstrip())
+    print(f"ratio_mem_<scale>: kltd's peak over the lowest TRL setup's of the same case ({TRL_SETTINGS[settings[0]][2]}),"
+          f" the larger over opd and fixed: {', '.join(f'{k} {fmt_ratio(v)}' for k, v in mem_by_scale.items())}")
+    sampler = sampler_report(data.get("sampling") or {})
     for setting in settings:
         print(f"ratio_mem, {TRL_SETTINGS[setting][2]} ({scales[-1]}, opd and fixed vs GKDTrainer): "
               f"max of {[fmt_ratio(x) for x in mem[setting]]}")
@@ -252,4 +261,34 @@ def report(data: dict) -> None:
             suffix = TRL_SETTINGS[setting][3]
             fields += [f"ratio_{case}{suffix}_{scale}={fmt_ratio(statistics.median(ratios[setting][case][scale]))}"
                        for case in TRL_SETUPS]
+    fields += [f"ratio_mem_{scale}={fmt_ratio(mem_by_scale[scale])}" for scale in scales]
+    fields += [f"sampler_vs_vllm_{scale}={value}" for scale, value in sampler.items()]
     print(" ".join(fields), flush=True)
+
+
+def sampler_report(sampling: dict) -> dict[str, str]:
+    """Print the sampler comparison (scripts/bench_sampler.py); per scale, the summary value: the lower over the
+    batch sizes of the median over rounds of (kltd's tokens/s / vLLM's in the same round); `skipped` where
+    vLLM's side did not run (absent or failed, the note says which), `failed` where kltd's failed."""
+    values = {}
+    for scale, result in sampling.items():
+        if result["kltd"] is None:  # kltd's own sampler failed: nothing to compare
+            print(f"\nsampling at {scale}: {result['note']}")
+            values[scale] = "failed"
+            continue
+        print(f"\nsampling at {scale}: tokens/s, median (min-max) over {len(result['kltd'])} round(s); the ratio is "
+              "kltd's over vLLM's in the same round")
+        if result["vllm"] is None:
+            print(f"  {result['note']}")
+        worst = None
+        for rows in map(str, result["rows"]):
+            mine = [r[rows]["tok_s"] for r in result["kltd"]]
+            line = f"  {rows:>3} rows: kltd {fmt_range(mine)}"
+            if result["vllm"] is not None:
+                theirs = [r[rows]["tok_s"] for r in result["vllm"]]
+                paired = [a / b for a, b in zip(mine, theirs, strict=True)]
+                line += f"  vLLM {fmt_range(theirs)}  kltd/vLLM {fmt_range(paired)}"
+                worst = min(worst if worst is not None else math.inf, statistics.median(paired))
+            print(line)
+        values[scale] = "skipped" if worst is None else fmt_ratio(worst)
+    return values

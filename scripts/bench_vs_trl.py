@@ -75,7 +75,8 @@ for path in (REPO, REPO / "scripts"):  # kltd itself, and the bench_* modules be
 from bench_machine import machine_line, matmul_gflops  # noqa: E402 (needs the path above)
 from bench_parity import parity  # noqa: E402
 from bench_report import TRL_SETTINGS, TRL_SETUPS, report, run_key  # noqa: E402
-from bench_scales import build_scales  # noqa: E402
+from bench_sampler import sampler_rounds  # noqa: E402
+from bench_scales import REAL_SHAPES, build_scales  # noqa: E402
 from bench_workers import run_one  # noqa: E402 (also sets the workers' quiet, offline environment)
 
 
@@ -90,7 +91,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them (>= 1)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="alternating rounds (kltd, then TRL in both settings) per setup (default 3; 1 with --quick)")
-    parser.add_argument("--scales", default="toy,32k", help="comma-separated: toy, 2k, 32k")
+    parser.add_argument("--scales", default="toy,32k", help="comma-separated: toy, 2k, 32k, smollm2, qwen3")
     parser.add_argument("--toy-teacher", default=str(REPO / "kltd" / "assets" / "toy" / "teacher"))
     parser.add_argument("--toy-student", default=str(REPO / "kltd" / "assets" / "toy" / "student"))
     parser.add_argument("--quick", action="store_true",
@@ -100,6 +101,13 @@ def main() -> None:
     parser.add_argument("--trl-setups", type=lambda text: text.split(","),
                         help="only these TRL setups (comma-separated, e.g. gkd1_nogc,gkd0_nogc, the fastest in "
                              "docs/performance.md); default: all, the ratio then against the fastest measured")
+    parser.add_argument("--sampler-rows", default="4,64",
+                        help="at the real-shape scales, kltd's sampler against vLLM's at these batch sizes "
+                             "(comma-separated; empty: skip)")
+    parser.add_argument("--vllm-python", help="an interpreter with vllm installed, for vLLM's side of the sampler "
+                                              "comparison (default: this one; skipped with a note if it lacks vllm)")
+    parser.add_argument("--log-dir", help="where a failed sampler side leaves its output (default: the temporary "
+                                          "folder, removed at the end)")
     parser.add_argument("--json", help="also write every run to this file (re-print it with --report)")
     parser.add_argument("--report", metavar="JSON", help="print the report of a run saved with --json; run nothing")
     args = parser.parse_args()
@@ -149,15 +157,16 @@ def main() -> None:
 
         runs: dict[str, list[dict]] = {}
         for scale in scales:
-            print(f"\n[{scale.name}] {scale.note}; batch {scale.batch_size}, max_new_tokens {scale.max_new_tokens}",
-                  flush=True)
+            batches = (f"batch {scale.batch_size}" if scale.fixed_batch_size is None
+                       else f"batch {scale.batch_size} (opd), {scale.fixed_batch_size} (fixed)")
+            print(f"\n[{scale.name}] {scale.note}; {batches}, max_new_tokens {scale.max_new_tokens}", flush=True)
             for rep in range(args.repeats):
                 # TRL's two settings take turns at being right after the kltd run they are paired with
                 settings = list(TRL_SETTINGS) if rep % 2 == 0 else list(reversed(TRL_SETTINGS))
                 for case, setups in TRL_SETUPS.items():
                     for setup in [s for s in setups if args.trl_setups is None or s in args.trl_setups]:
                         base = dict(scale=scale.name, teacher=scale.teacher, student=scale.student, data=scale.data,
-                                    batch_size=scale.batch_size, max_new_tokens=scale.max_new_tokens,
+                                    batch_size=scale.batch_for(case), max_new_tokens=scale.max_new_tokens,
                                     warmup=args.warmup, steps=args.steps, workdir=str(work / "trl_out"),
                                     threads=args.threads, round=rep)
                         k = run_one({**base, "system": "kltd", "case": case}, in_process=args.quick)
@@ -170,12 +179,20 @@ def main() -> None:
                             r = {**run_one(spec, in_process=args.quick), "paired_kltd": k_step, "setting": setting}
                             runs.setdefault(run_key(scale.name, setting, setup), []).append(r)
                             show(rep, f"{system}:{setup}", r, f"  kltd/this {k_step / statistics.median(r['times']):.3f}")
+        sampling = {}
+        sampler_rows = [int(n) for n in args.sampler_rows.split(",") if n.strip()]
+        for scale in [s for s in scales if s.name in REAL_SHAPES and sampler_rows]:
+            print(f"\n[{scale.name}] sampling {scale.max_new_tokens} tokens with the student: kltd's sampler vs vLLM's "
+                  f"engine, rows {', '.join(map(str, sampler_rows))}", flush=True)
+            sampling[scale.name] = sampler_rounds(scale, sampler_rows, args.repeats, calls=1 if args.quick else 3,
+                                                  vllm_python=args.vllm_python, log_dir=args.log_dir or tmp,
+                                                  threads=args.threads)
         gflops.append(matmul_gflops(seconds=0.3 if args.quick else 1.5))
         loads.append(os.getloadavg())
         print(f"load average after: {' '.join(f'{x:.2f}' for x in loads[-1])}")
         data = {"machine": machine_line(), "command": " ".join(sys.argv), "gflops": gflops, "loadavg": loads,
                 "cpu_count": os.cpu_count(),
-                "parity": parity_rows, "runs": runs, "scales": [asdict(s) for s in scales], "args": vars(args)}
+                "parity": parity_rows, "runs": runs, "sampling": sampling, "scales": [asdict(s) for s in scales], "args": vars(args)}
         if args.json:
             Path(args.json).write_text(json.dumps(data, indent=1))
         report(data)

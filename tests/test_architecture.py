@@ -11,14 +11,15 @@ ROOT = Path(kltd.__file__).parent
 ALLOWED = {
     "files": set(),
     "hub": set(),
+    "matmul": set(),
     "schema": set(),
     "data": {"schema", "files", "hub"},
-    "objectives": {"schema"},
-    "fast": set(),
-    "rollout": {"fast", "objectives", "schema"},
+    "objectives": {"schema", "matmul"},
+    "fast": {"matmul"},
+    "rollout": {"fast", "objectives", "schema", "matmul"},
     "report": {"schema", "files"},
     "train": {"rollout", "objectives", "data", "schema", "report", "files", "hub"},
-    "app": {"train", "rollout", "objectives", "fast", "data", "schema", "report", "files", "hub"},
+    "app": {"train", "rollout", "objectives", "fast", "data", "schema", "report", "files", "hub", "matmul"},
 }
 HYDRA = ("hydra", "omegaconf")
 

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kltd.matmul import linear, plus_linear
+
 # Architectures whose decoder layer is exactly: x + attn(norm(x)), then x + mlp(norm(x)), with rotary
 # embeddings on q and k (and, for Qwen3, a per-head norm on q and k before them).
 SUPPORTED = {"llama", "qwen2", "qwen3"}
@@ -200,13 +202,13 @@ class LlamaBlocks:
         """norm(x) @ W^T for a weight arranged with its norm folded in."""
         rms = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32).hypot(self.norm_floor)
         # divide the input, not the (wider) output: the division and its backward cost less
-        return F.linear(x / (rms if x.dtype == torch.float32 else rms.to(x.dtype)), weight)
+        return linear(x / (rms if x.dtype == torch.float32 else rms.to(x.dtype)), weight)
 
     def _shared_qkv(self, layer: SharedLayer, hidden: Tensor, rotations: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         x = self.norm(hidden, layer.attn_norm)
-        q = F.linear(x, layer.q, layer.q_bias).unflatten(-1, (self.heads, self.head_dim))
-        k = F.linear(x, layer.k, layer.k_bias).unflatten(-1, (self.kv_heads, self.head_dim))
-        v = F.linear(x, layer.v, layer.v_bias).unflatten(-1, (self.kv_heads, self.head_dim))
+        q = linear(x, layer.q, layer.q_bias).unflatten(-1, (self.heads, self.head_dim))
+        k = linear(x, layer.k, layer.k_bias).unflatten(-1, (self.kv_heads, self.head_dim))
+        v = linear(x, layer.v, layer.v_bias).unflatten(-1, (self.kv_heads, self.head_dim))
         if layer.q_norm is not None:
             q, k = self.norm(q, layer.q_norm), self.norm(k, layer.k_norm)
         cos, sin = rotations.real.unsqueeze(-2), rotations.imag.unsqueeze(-2)
@@ -237,19 +239,19 @@ class LlamaBlocks:
 
     def attention_out(self, layer: Layer, hidden: Tensor, attended: Tensor) -> Tensor:
         """The residual stream after the attention output projection: hidden + attended @ W_o^T."""
-        return _plus_linear(hidden, attended, layer.out)
+        return plus_linear(hidden, attended, layer.out)
 
     def mlp(self, layer: Layer | SharedLayer, hidden: Tensor) -> Tensor:
         if self.copied:
             gate, up = self.normed_linear(hidden, layer.gate_up).chunk(2, -1)
         else:
             x = self.norm(hidden, layer.mlp_norm)
-            gate, up = F.linear(x, layer.gate), F.linear(x, layer.up)
+            gate, up = linear(x, layer.gate), linear(x, layer.up)
         if torch.is_grad_enabled():  # autograd keeps gate and up for the backward pass
-            return _plus_linear(hidden, self.act(gate) * up, layer.down)
+            return plus_linear(hidden, self.act(gate) * up, layer.down)
         # no copies: the activation and the product are written over gate (a fresh tensor, read by nothing else)
         active = F.silu(gate, inplace=True) if self.act is F.silu else self.act(gate)
-        return _plus_linear(hidden, active.mul_(up), layer.down)
+        return plus_linear(hidden, active.mul_(up), layer.down)
 
     def after_attention(self, layer: Layer | SharedLayer, hidden: Tensor, attended: Tensor) -> Tensor:
         """A decoder layer's second half on [N, D] rows: the attention output projection and the MLP, both
@@ -275,13 +277,10 @@ class LlamaBlocks:
     def logits(self, hidden: Tensor) -> Tensor:
         """Logits from last-layer hidden states [B, D]; needs a plain (bias-free) output layer or takes the module."""
         out = self.output_layer
-        if type(out) is not torch.nn.Linear or out.bias is not None or not self.copied:
+        if type(out) is not torch.nn.Linear:
             return out(self.final_hidden(hidden))
+        if out.bias is not None or not self.copied:
+            return linear(self.final_hidden(hidden), out.weight, out.bias)
         if self.head is None:
             self.head = out.weight * (self.final_norm * self.root)
         return self.normed_linear(hidden, self.head)
-
-
-def _plus_linear(residual: Tensor, x: Tensor, weight: Tensor) -> Tensor:
-    """residual + x @ W^T in one operation."""
-    return torch.addmm(residual.flatten(0, -2), x.flatten(0, -2), weight.t()).view_as(residual)

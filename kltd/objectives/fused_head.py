@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from kltd.matmul import linear
 from kltd.objectives.divergences import DivergenceSpec, kl_weights, log_probs, token_divergence
 
 # Positions per chunk: about this many logits (float32) per model at a time.
@@ -80,7 +81,7 @@ class _FusedDivergence(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
             h, teacher, chunk_weights = hidden[rows].detach(), teacher_rows(rows), row_weights[rows]
-            found = kl_and_gradient(h @ w.T, teacher, spec, kl, chunk_weights) if kl else None
+            found = kl_and_gradient(linear(h, w), teacher, spec, kl, chunk_weights) if kl else None
             if found is not None:
                 per_row, g_logits = found
                 value = (per_row * chunk_weights).sum()
@@ -98,6 +99,8 @@ class _FusedDivergence(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_out.numel() == 1 and float(grad_out) == 1.0:  # the usual case: no second [V, H] tensor
+            return grad_hidden, grad_weight, None, None, None, None
         return grad_hidden * grad_out, grad_weight * grad_out, None, None, None, None
 
 

@@ -13,10 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from kltd.fast.arranged import supports
+from kltd.matmul import linear
 from kltd.fast.packed import packed_hidden
 from kltd.objectives.fused_head import plain_output_layer
 from kltd.rollout.batch import StateBatch, position_ids_from_mask
@@ -117,5 +117,5 @@ class Scorer:
         if self.packs(model) and plain_output_layer(model) is not None:
             hidden = self.hidden_states(model, batch)
             weight = self.output_weight(model).to(hidden.device)
-            return LogitRows(count, weight.shape[0], lambda part: F.linear(hidden[part], weight))
+            return LogitRows(count, weight.shape[0], lambda part: linear(hidden[part], weight))
         return LogitRows.of(self.logits(model, batch)[batch.supervised])

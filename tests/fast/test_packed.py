@@ -174,3 +174,31 @@ def test_without_autograd_rows_run_in_blocks_with_the_models_own_results(name, c
     calls.clear()
     response_states(model, batch)
     assert len(calls) == model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("shape", [(3, 24), (2, 5, 24)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_a_few_rows_without_autograd_run_as_the_transposed_product(shape, with_bias):
+    """kltd.matmul.linear: F.linear's values (float32's bound for a 24-term sum), row-major, any leading
+    shape; below FEW_ROWS without autograd it is the (W @ x^T)^T product, otherwise F.linear itself."""
+    from kltd.matmul import FEW_ROWS, linear, plus_linear
+
+    torch.manual_seed(0)
+    x, weight = torch.randn(shape), torch.randn(7, 24)
+    bias = torch.randn(7) if with_bias else None
+    expected = torch.nn.functional.linear(x, weight, bias)
+    transposed = (weight @ x.reshape(-1, 24).t()).t().reshape(expected.shape)
+    transposed = transposed if bias is None else transposed + bias
+    with torch.no_grad():
+        out = linear(x, weight, bias)
+        residual = torch.randn(expected.shape)
+        plus = plus_linear(residual, x, weight)
+    assert out.is_contiguous() and out.shape == expected.shape and plus.is_contiguous()
+    assert torch.equal(out, transposed)
+    bound = 24 * 2**-24 * float((x.abs().reshape(-1, 24) @ weight.abs().t()).max()) * 2
+    torch.testing.assert_close(out, expected, atol=bound, rtol=0)
+    torch.testing.assert_close(plus, residual + expected - (0 if bias is None else bias), atol=bound, rtol=0)
+    assert torch.equal(linear(x, weight, bias), expected)  # autograd on: F.linear itself
+    with torch.no_grad():
+        many = torch.randn(FEW_ROWS + 1, 24)
+        assert torch.equal(linear(many, weight, bias), torch.nn.functional.linear(many, weight, bias))

