@@ -240,7 +240,8 @@ def report(data: dict) -> None:
           f" the larger over opd and fixed: {', '.join(f'{k} {fmt_ratio(v)}' for k, v in mem_by_scale.items())}")
     sampler = sampler_report(data.get("sampling") or {})
     for setting in settings:
-        print(f"ratio_mem, {TRL_SETTINGS[setting][2]} ({scales[-1]}, opd and fixed vs GKDTrainer): "
+        print(f"ratio_mem, {TRL_SETTINGS[setting][2]} ({scales[-1]}, opd and fixed vs GKDTrainer, or TRL's setup run "
+              "where GKDTrainer did not run): "
               f"max of {[fmt_ratio(x) for x in mem[setting]]}")
 
     def worst(setting: str, case: str) -> float:

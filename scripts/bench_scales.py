@@ -133,22 +133,27 @@ REAL_SHAPES = {  # name -> (teacher config, student config, the pair in words)
 REAL_LENGTHS = dict(prompt=32, new_tokens=64, opd_batch=4, fixed_batch=8)
 
 
-def real_model(directory: Path, tokenizer, shape: dict, *, seed: int, quick: bool) -> str:
-    """A causal LM of a real configuration with random weights (shrunk to 2 layers x 64 wide with --quick)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+def real_config(shape: dict, *, quick: bool, eos: int, pad: int):
+    """A transformers config of a real shape (REAL_SHAPES), shrunk to a few small layers with `quick`."""
+    from transformers import AutoConfig
 
     shape = dict(shape)
     if quick:  # same family, heads, tying and vocabulary; 32-wide heads (the narrowest vLLM's CPU kernels take), 1-2 layers
         width = 32 * shape["num_attention_heads"]
         shape.update(hidden_size=width, intermediate_size=2 * width, head_dim=32,
                      num_hidden_layers=max(1, min(2, shape["num_hidden_layers"] // 15)))
-    model_type = shape.pop("model_type")
-    config = AutoConfig.for_model(model_type, max_position_embeddings=4096, eos_token_id=tokenizer.eos_token_id,
-                                  pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id, **shape)
+    return AutoConfig.for_model(shape.pop("model_type"), max_position_embeddings=4096, eos_token_id=eos,
+                                pad_token_id=pad, bos_token_id=eos, **shape)
+
+
+def real_model(directory: Path, tokenizer, shape: dict, *, seed: int, quick: bool) -> str:
+    """A causal LM of a real configuration with random weights, saved with the tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = real_config(shape, quick=quick, eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id)
     torch.manual_seed(seed)
-    with torch.device("cpu"):
-        AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(directory)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return str(directory)
 

@@ -3,6 +3,12 @@
     python scripts/gpu_check.py                 # on a CUDA machine: a random Qwen2.5-0.5B-shaped pair
     python scripts/gpu_check.py --vllm          # ... and OPD again with sampling.backend=vllm (the vllm extra)
     python scripts/gpu_check.py --smoke         # anywhere: a 2-layer stand-in on the CPU (what the tests run)
+    python scripts/gpu_check.py --shapes qwen2.5,smollm2,qwen3   # ... and the benchmark's real-shape pairs
+
+Shapes: `qwen2.5` (the default) is a Qwen2.5-0.5B-shaped teacher and student; `smollm2` and `qwen3` are
+scripts/bench_vs_trl.py's real-shape pairs (bench_scales.REAL_SHAPES: a SmolLM2-135M-shaped teacher with a
+10-layer student; a Qwen3-1.7B-shaped teacher with a Qwen3-0.6B-shaped student), with --smoke shrunk as
+that script's --quick shrinks them.
 
 Random teacher and student of the same shape go through kltd's own loading code (saved, then loaded with
 model.dtype=bfloat16), then the trainer runs `--steps` timed steps after one warm-up step of each cell:
@@ -12,6 +18,7 @@ trained tokens per second, sampled tokens per second and peak memory (CUDA: max 
 resident). The last line is machine-readable:
 
     gpu_check device=<d> dtype=bfloat16 opd_s=<s> opd_tok_s=<t> opd_peak_mb=<m> sft_s=... [vllm_opd_s=...]
+              [smollm2_opd_s=... smollm2_sft_s=... qwen3_opd_s=...]   (other shapes' keys carry their name)
 """
 
 from __future__ import annotations
@@ -26,8 +33,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for path in (REPO, REPO / "scripts"):  # kltd itself, and bench_scales beside this file
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+SHAPES = ("qwen2.5", "smollm2", "qwen3")
 
 
 def shape(smoke: bool):
@@ -56,15 +65,25 @@ class IdTokenizer:
         return [" ".join(map(str, row)) for row in rows]
 
 
-def saved_pair(root: Path, smoke: bool) -> tuple[str, str, int, int]:
-    import torch
-    from transformers import Qwen2ForCausalLM
+def pair_configs(name: str, smoke: bool) -> tuple:
+    """(teacher config, student config) of a shape."""
+    if name == "qwen2.5":
+        return shape(smoke), shape(smoke)
+    from bench_scales import REAL_SHAPES, real_config
 
-    config = shape(smoke)
-    for seed, name in ((0, "teacher"), (1, "student")):
+    teacher, student, _ = REAL_SHAPES[name]
+    return tuple(real_config(c, quick=smoke, eos=1, pad=1) for c in (teacher, student))
+
+
+def saved_pair(root: Path, name: str, smoke: bool) -> tuple[str, str, int, int]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    configs = pair_configs(name, smoke)
+    for seed, role, config in ((0, "teacher", configs[0]), (1, "student", configs[1])):
         torch.manual_seed(seed)
-        Qwen2ForCausalLM(config).save_pretrained(root / name)
-    return str(root / "teacher"), str(root / "student"), config.vocab_size, config.eos_token_id
+        AutoModelForCausalLM.from_config(config).save_pretrained(root / name / role)
+    return str(root / name / "teacher"), str(root / name / "student"), configs[1].vocab_size, configs[1].eos_token_id
 
 
 def cell(name: str, device: str, backend: str, batch: int, new_tokens: int, teacher: str, student: str):
@@ -126,6 +145,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (a check of the script itself)")
     parser.add_argument("--vllm", action="store_true", help="also OPD with sampling.backend=vllm")
+    parser.add_argument("--shapes", default="qwen2.5", help=f"comma-separated, from {', '.join(SHAPES)}")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--prompt-tokens", type=int, default=128)
@@ -133,26 +153,31 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
+    shapes = [x.strip() for x in args.shapes.split(",") if x.strip()]
+    if not shapes or set(shapes) - set(SHAPES):
+        sys.exit(f"gpu_check: --shapes takes names from {', '.join(SHAPES)}; got {args.shapes!r}")
     device = "cpu" if args.smoke else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device here; run it on a GPU machine, or with --smoke for the CPU stand-in")
     runs = [("opd", "kltd"), ("sft", "kltd")] + ([("opd", "vllm")] if args.vllm else [])
     results = {}
     with tempfile.TemporaryDirectory() as root:
-        teacher, student, vocab, eos = saved_pair(Path(root), args.smoke)
-        for name, backend in runs:
-            cfg = cell(name, device, backend, args.batch, args.new_tokens, teacher, student)
-            r = measure(cfg, teacher, student, vocab, eos, args.steps, args.prompt_tokens)
-            key = name if backend == "kltd" else f"{backend}_{name}"
-            results[key] = r
-            print(f"{key:>8} on {r['device']}: {r['s']:.3f} s/step ({r['lo']:.3f}-{r['hi']:.3f}), "
-                  f"{r['tok_s']:,.0f} trained tok/s, {r['sampled_s']:,.0f} sampled tok/s, peak {r['peak_mb']:,.0f} MB",
-                  flush=True)
-            if device == "cuda":
-                torch.cuda.empty_cache()
+        for shape_name in shapes:
+            teacher, student, vocab, eos = saved_pair(Path(root), shape_name, args.smoke)
+            prefix = "" if shape_name == "qwen2.5" else f"{shape_name}_"
+            for name, backend in runs:
+                cfg = cell(name, device, backend, args.batch, args.new_tokens, teacher, student)
+                r = measure(cfg, teacher, student, vocab, eos, args.steps, args.prompt_tokens)
+                key = prefix + (name if backend == "kltd" else f"{backend}_{name}")
+                results[key] = r
+                print(f"{key:>16} on {r['device']}: {r['s']:.3f} s/step ({r['lo']:.3f}-{r['hi']:.3f}), "
+                      f"{r['tok_s']:,.0f} trained tok/s, {r['sampled_s']:,.0f} sampled tok/s, "
+                      f"peak {r['peak_mb']:,.0f} MB", flush=True)
+                if device == "cuda":
+                    torch.cuda.empty_cache()
     fields = " ".join(f"{key}_s={r['s']:.4f} {key}_tok_s={r['tok_s']:.0f} {key}_peak_mb={r['peak_mb']:.0f}"
                       for key, r in results.items())
-    print(f"gpu_check device={results['opd']['device']} dtype=bfloat16 {fields}")
+    print(f"gpu_check device={next(iter(results.values()))['device']} dtype=bfloat16 {fields}")
 
 
 if __name__ == "__main__":
