@@ -21,7 +21,11 @@ Scales (scripts/bench_scales.py): `toy` is the shipped character-level pair (klt
 4x256 / 2x128 stand-ins when it is missing, said so in the output) on the built-in addition task, batch 32,
 48 new tokens; `2k` and `32k` are random Llama pairs of one shape (4x256 / 2x128) with a 2,000- and a
 32,000-token vocabulary, batch 16 and 256-token sequences (32 prompt + 224 response tokens): at 32k the
-[B, T, V] logits dominate time and memory, at 2k the model bodies do. Both systems read the examples in
+[B, T, V] logits dominate time and memory, at 2k the model bodies do. `smollm2` and `qwen3` are real
+published shapes with random weights (a SmolLM2-135M teacher with a 10-layer student; a Qwen3-1.7B teacher
+with a Qwen3-0.6B student), 32 prompt + 64 response tokens, OPD batch 4 and fixed batch 8; at these scales
+kltd's sampler is also timed against vLLM's engine (scripts/bench_sampler.py; --vllm-python names an
+interpreter with vllm). Both systems read the examples in
 the same order (sequential samplers), so step i trains on the same prompts in every run.
 
 kltd's runs keep freed memory for reuse (kltd.fast.memory), as `kltd train` does at its entry point unless
@@ -48,6 +52,9 @@ The last line is machine-readable (key=value, space-separated; these keys first,
     ratio_opd=<kltd/TRL s/step> ratio_fixed=<...> ratio_mem=<kltd/TRL peak> parity=<ok|fail>
     ratio_opd_same_malloc=<...> ratio_fixed_same_malloc=<...> ratio_mem_same_malloc=<...>
     then per scale S that was run: ratio_opd_S= ratio_fixed_S= ratio_opd_same_malloc_S= ratio_fixed_same_malloc_S=
+    then ratio_mem_S= per scale (kltd's peak over TRL's lowest of the same case, the larger case), and at the
+    real-shape scales sampler_vs_vllm_S= (kltd's tokens/s over vLLM's, the lower of the batch sizes; `skipped`
+    without vLLM)
 
 (all on one line). ratio_opd and ratio_fixed are TRL as shipped, the median over rounds, the worst (largest)
 over the scales run; *_same_malloc the same against TRL with kltd's malloc setting; ratio_mem is against

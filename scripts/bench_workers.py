@@ -85,7 +85,7 @@ def body_and_head_params(model) -> tuple[int, int]:
 def page_in(*models) -> None:
     """Read every weight once, so that the baseline holds the models on both sides: a model loaded from a
     mapped file is read from disk page by page as it is first used, and those pages would otherwise count
-    in the peak of whichever side touched them after its baseline (all of kltd's did, few of TRL's)."""
+    in the peak of a side whose setup had not read them yet (kltd's, whose loading maps the files)."""
     import torch
 
     with torch.no_grad():

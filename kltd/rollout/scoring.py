@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 
 from kltd.fast.arranged import supports
-from kltd.matmul import linear
 from kltd.fast.packed import packed_hidden
+from kltd.matmul import linear
 from kltd.objectives.fused_head import plain_output_layer
 from kltd.rollout.batch import StateBatch, position_ids_from_mask
 
