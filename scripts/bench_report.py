@@ -195,17 +195,17 @@ def report(data: dict) -> None:
                 best = min(setups, key=lambda x, setting=setting: summary[run_key(scale, setting, x)]["s_step"])
                 fastest[setting, case, scale] = best
                 ratios[setting][case][scale] = round_ratios(k_runs, runs[run_key(scale, setting, best)], setups, best)
-        mem_by_scale[scale] = max(
-            summary[f"{scale}|kltd:{case}"]["peak_mb"]
-            / max(min(summary[k]["peak_mb"] for s in setups if (k := run_key(scale, settings[0], s)) in summary), 1e-9)
-            for case, setups in TRL_SETUPS.items())
+        def mem_ratio(setting: str, case: str, setups: list[str], gkd_first: bool) -> float:
+            """kltd's peak over the lowest TRL setup's run in `setting` (GKDTrainer's where it ran, if gkd_first)."""
+            ran = [s for s in setups if run_key(scale, setting, s) in summary]
+            ran = ([s for s in ran if s.startswith("gkd")] or ran) if gkd_first else ran
+            lowest = min(summary[run_key(scale, setting, s)]["peak_mb"] for s in ran)
+            return summary[f"{scale}|kltd:{case}"]["peak_mb"] / max(lowest, 1e-9)
+
+        mem_by_scale[scale] = max(mem_ratio(settings[0], case, setups, False) for case, setups in TRL_SETUPS.items())
         if scale == scales[-1]:  # memory: against GKDTrainer (its lowest setup run; else TRL's) at the last scale
             for setting in settings:
-                for case, setups in TRL_SETUPS.items():
-                    ran = [s for s in setups if run_key(scale, setting, s) in summary]
-                    ran = [s for s in ran if s.startswith("gkd")] or ran
-                    lowest = min(summary[run_key(scale, setting, s)]["peak_mb"] for s in ran)
-                    mem[setting].append(summary[f"{scale}|kltd:{case}"]["peak_mb"] / max(lowest, 1e-9))
+                mem[setting] += [mem_ratio(setting, case, setups, True) for case, setups in TRL_SETUPS.items()]
         for key in ("kltd:fixed", *(run_key(scale, st, s).split("|", 1)[1] for st in settings
                                     for s in ("gkd0", "gkd0_nogc") if run_key(scale, st, s) in summary)):
             s = summary[f"{scale}|{key}"]
