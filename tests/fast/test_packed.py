@@ -180,12 +180,14 @@ def test_without_autograd_rows_run_in_blocks_with_the_models_own_results(name, c
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_a_few_rows_without_autograd_run_as_the_transposed_product(shape, with_bias):
     """kltd.matmul.linear: F.linear's values (float32's bound for a 24-term sum), row-major, any leading
-    shape; below FEW_ROWS without autograd it is the (W @ x^T)^T product, otherwise F.linear itself."""
-    from kltd.matmul import FEW_ROWS, linear, plus_linear
+    shape; a few rows without autograd against a weight of more than LARGE_WEIGHT entries are the (W @ x^T)^T
+    product, with autograd it is F.linear itself."""
+    from kltd.matmul import LARGE_WEIGHT, linear, plus_linear
 
     torch.manual_seed(0)
-    x, weight = torch.randn(shape), torch.randn(7, 24)
-    bias = torch.randn(7) if with_bias else None
+    outputs = LARGE_WEIGHT // 24 + 1
+    x, weight = torch.randn(shape), torch.randn(outputs, 24)
+    bias = torch.randn(outputs) if with_bias else None
     expected = torch.nn.functional.linear(x, weight, bias)
     transposed = (weight @ x.reshape(-1, 24).t()).t().reshape(expected.shape)
     transposed = transposed if bias is None else transposed + bias
@@ -199,6 +201,22 @@ def test_a_few_rows_without_autograd_run_as_the_transposed_product(shape, with_b
     torch.testing.assert_close(out, expected, atol=bound, rtol=0)
     torch.testing.assert_close(plus, residual + expected - (0 if bias is None else bias), atol=bound, rtol=0)
     assert torch.equal(linear(x, weight, bias), expected)  # autograd on: F.linear itself
+
+
+# weights of 24 columns: 10,923 rows are just above LARGE_WEIGHT entries, 174,763 just above OUTPUT_LAYER
+@pytest.mark.parametrize("rows,outputs,transposed", [
+    (4, 10922, False), (4, 10923, True), (64, 10923, True), (65, 10923, False),
+    (65, 174763, True), (128, 174763, True), (129, 174763, False)])
+def test_which_products_run_transposed(monkeypatch, rows, outputs, transposed):
+    """The limits of kltd.matmul: up to FEW_ROWS rows against a large weight, up to FEW_ROWS_OUTPUT_LAYER against
+    an output layer; F.linear for everything else (its calls counted: both forms give the same bits here)."""
+    import kltd.matmul as matmul
+
+    assert matmul.LARGE_WEIGHT == 10922 * 24 + 16 and matmul.OUTPUT_LAYER == 174762 * 24 + 16
+    assert (matmul.FEW_ROWS, matmul.FEW_ROWS_OUTPUT_LAYER) == (64, 128)
+    calls, original = [], torch.nn.functional.linear
+    monkeypatch.setattr(matmul.F, "linear", lambda *a: calls.append(a) or original(*a))
+    x, weight = torch.randn(rows, 24), torch.randn(outputs, 24)
     with torch.no_grad():
-        many = torch.randn(FEW_ROWS + 1, 24)
-        assert torch.equal(linear(many, weight, bias), torch.nn.functional.linear(many, weight, bias))
+        matmul.linear(x, weight)
+    assert (not calls) == transposed
