@@ -95,11 +95,13 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(prefix="kltd-eval-share-") as tmp:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        rows, teacher, student, note = real_shape_scale(args.scale, args.quick, work)
+        rows, teacher, student, _ = real_shape_scale(args.scale, args.quick, work)
         data = work / "rows.jsonl"
         write_rows(rows, data)
-        print(f"{args.scale}: {note}")
-        print(f"OPD runs with default settings but trainer.max_steps={args.steps} eval.num_prompts={args.prompts}")
+        shape = REAL_SHAPES[args.scale][2] + (" (shrunk: --quick)" if args.quick else "")
+        print(f"{args.scale}: {shape}, random weights, fp32; rows of 32 + 64 random words")
+        print(f"OPD runs with default settings but trainer.max_steps={args.steps} eval.num_prompts={args.prompts}"
+              + "".join(f" {o}" for o in args.overrides))
         runs = []
         for i in range(args.rounds):
             run = one_run(work, f"round{i + 1}", teacher, student, data, args)
