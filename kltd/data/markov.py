@@ -1,0 +1,137 @@
+"""The Markov task: a teacher whose distribution over responses is known exactly, generated from a seed.
+
+Tokens are `<pad>` (id 0), `<eos>` (id 1) and one letter per state ('a', 'b', ...; ids 2..n+1). A prompt is
+one state token, the start state; a response is a walk of the chain from it, ending with `<eos>` or cut at
+`horizon` tokens. The chain is first order: the next token depends on the last token only, so the teacher
+is exactly a one-layer transformer (kltd.data.markov_models) and every response can be enumerated.
+
+Each state allows `branching` next tokens (its support); `final_states` of the states have `<eos>` among
+them, the others only states. The probabilities on a support are a Dirichlet(`concentration`) draw mixed
+with a uniform share (`MIN_SHARE`), so every allowed transition keeps at least MIN_SHARE / branching and the
+support is unambiguous. Plain Python, deterministic from the seed.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict, dataclass
+
+PAD, EOS = "<pad>", "<eos>"
+SPECIAL_TOKENS = (PAD, EOS)
+PAD_ID, EOS_ID = 0, 1
+LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+# Part of the uniform distribution mixed into each state's Dirichlet draw (a floor on every allowed transition).
+MIN_SHARE = 0.1
+# The teacher's logit for a transition outside the support, relative to log-probabilities on it. It defines
+# the teacher model exactly: such a token gets probability about e^-30 (1e-13) times the allowed ones.
+OFF_SUPPORT = -30.0
+
+
+@dataclass(frozen=True)
+class MarkovSettings:
+    n_states: int = 6
+    branching: int = 3
+    final_states: int = 3  # states from which <eos> is allowed (one of their `branching` next tokens)
+    concentration: float = 1.0  # Dirichlet parameter: small -> peaked next-token distributions
+    horizon: int = 6  # the most response tokens, <eos> included
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 1 <= self.n_states <= len(LETTERS):
+            raise ValueError(f"n_states={self.n_states}: between 1 and {len(LETTERS)} (one letter per state)")
+        if not 1 <= self.branching <= self.n_states:
+            raise ValueError(f"branching={self.branching}: between 1 and n_states={self.n_states}")
+        if not 1 <= self.final_states <= self.n_states:
+            raise ValueError(f"final_states={self.final_states}: between 1 and n_states (some state must end)")
+        if self.branching == 1 and self.final_states < self.n_states:
+            raise ValueError("branching=1 leaves no room for <eos> beside a successor: use final_states=n_states")
+        if self.concentration <= 0 or self.horizon < 1:
+            raise ValueError("concentration must be positive and horizon at least 1")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class MarkovChain:
+    settings: MarkovSettings
+    # next[i]: {token id: probability} for the state with token id STATE_IDS[i]; the support is its keys
+    next: tuple[dict[int, float], ...]
+
+    @property
+    def vocab_size(self) -> int:
+        return len(SPECIAL_TOKENS) + self.settings.n_states
+
+    @property
+    def state_ids(self) -> list[int]:
+        return list(range(len(SPECIAL_TOKENS), self.vocab_size))
+
+    def row(self, token: int) -> dict[int, float]:
+        """The next-token distribution after `token`. After <pad> or <eos> (never a state) the chain ends: <eos>."""
+        if token < len(SPECIAL_TOKENS):
+            return {EOS_ID: 1.0}
+        return self.next[token - len(SPECIAL_TOKENS)]
+
+    def log_table(self) -> list[list[float]]:
+        """[V][V] the teacher's logits: entry [a][b] is log P(b | a) on the support, OFF_SUPPORT elsewhere."""
+        return [[math.log(row[b]) if b in row else OFF_SUPPORT for b in range(self.vocab_size)]
+                for row in map(self.row, range(self.vocab_size))]
+
+    def support(self) -> list[list[bool]]:
+        """[V][V]: True where the chain allows b after a."""
+        return [[b in self.row(a) for b in range(self.vocab_size)] for a in range(self.vocab_size)]
+
+    def accepts(self, start: int, response: list[int]) -> bool:
+        """Every transition allowed and the response ends with <eos> (within the horizon)."""
+        if not response or response[-1] != EOS_ID or len(response) > self.settings.horizon:
+            return False
+        previous = start
+        for token in response:
+            if token not in self.row(previous):
+                return False
+            previous = token
+        return True
+
+    def walk(self, start: int, rng: random.Random) -> list[int]:
+        """One response drawn from the chain (its exact table, not a model), cut at the horizon."""
+        out, previous = [], start
+        while len(out) < self.settings.horizon and previous != EOS_ID:
+            tokens, probs = zip(*sorted(self.row(previous).items()))
+            previous = rng.choices(tokens, probs)[0]
+            out.append(previous)
+        return out
+
+
+def make_chain(settings: MarkovSettings) -> MarkovChain:
+    rng = random.Random(settings.seed)
+    n, b = settings.n_states, settings.branching
+    states = list(range(len(SPECIAL_TOKENS), len(SPECIAL_TOKENS) + n))
+    finals = set(rng.sample(states, settings.final_states))
+    rows = []
+    for state in states:
+        successors = rng.sample(states, b - 1 if state in finals else b) + ([EOS_ID] if state in finals else [])
+        draws = [rng.gammavariate(settings.concentration, 1.0) for _ in successors]
+        total = sum(draws)
+        probs = [(1 - MIN_SHARE) * d / total + MIN_SHARE / b for d in draws]
+        rows.append(dict(zip(successors, probs)))
+    return MarkovChain(settings, tuple(rows))
+
+
+def vocabulary(n_states: int) -> dict[str, int]:
+    tokens = list(SPECIAL_TOKENS) + list(LETTERS[:n_states])
+    return {token: i for i, token in enumerate(tokens)}
+
+
+def build_tokenizer(n_states: int, model_max_length: int = 128):
+    """A `PreTrainedTokenizerFast`, one token per letter (as kltd.data.toy_tokenizer); no <unk>: a character
+    outside the states is refused. Save it with kltd.data.toy_tokenizer.save_tokenizer."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel(vocab=vocabulary(n_states)))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens(list(SPECIAL_TOKENS))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=PAD, eos_token=EOS, padding_side="left",
+                                   model_max_length=model_max_length, clean_up_tokenization_spaces=False)
