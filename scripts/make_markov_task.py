@@ -1,0 +1,117 @@
+"""Write the Markov task's teacher, student initialisation and tokenizer in Hugging Face format.
+
+    python scripts/make_markov_task.py            # writes kltd/assets/markov/{teacher,student,task.json}
+    python scripts/make_markov_task.py --check    # rebuild into a temp dir; compare weight sha256s
+    python scripts/make_markov_task.py --out DIR --n-states 8 --branching 2 --horizon 7 --width 8 --layers 1
+
+The teacher is the chain itself written as a one-layer Llama (kltd.data.markov_models: exact, no training);
+the student is a seeded random Llama of `--width` hidden dimensions, below the rank of the teacher's
+log-table (recorded in task.json), so it cannot represent the teacher. Each model directory holds the
+tokenizer too, so `AutoModelForCausalLM` and `AutoTokenizer` load either offline. Nothing is trained: the
+same arguments give the same weights bit for bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from kltd.data.markov import MarkovSettings, build_tokenizer, make_chain  # noqa: E402
+from kltd.data.markov_models import student_model, teacher_model  # noqa: E402
+from kltd.data.toy_tokenizer import save_tokenizer  # noqa: E402
+
+ASSETS = REPO / "kltd" / "assets" / "markov"
+WEIGHT_FILES = ("model.safetensors",)
+
+
+@dataclass(frozen=True)
+class StudentSettings:
+    width: int = 4  # hidden dimensions: the capacity gap (logits span at most this many dimensions)
+    layers: int = 2
+    heads: int = 2
+    init_seed: int = 1  # the student's random initialisation
+
+
+def logit_rank(chain) -> int:
+    """The rank of the states' log-table rows once each row's mean is removed (softmax ignores a constant per
+    row): a student needs at least this many hidden dimensions to write the teacher's logits exactly."""
+    table = torch.tensor(chain.log_table(), dtype=torch.float64)[chain.state_ids]
+    return int(torch.linalg.matrix_rank(table - table.mean(-1, keepdim=True)))
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def build(out_dir: Path, task: MarkovSettings, student: StudentSettings) -> dict:
+    torch.set_num_threads(1)
+    chain = make_chain(task)
+    tokenizer = build_tokenizer(task.n_states)
+    models = {"teacher": teacher_model(chain),
+              "student": student_model(chain.vocab_size, student.width, student.layers, student.init_seed, student.heads)}
+    report = {"task": task.as_dict(), "student": asdict(student), "vocab_size": chain.vocab_size,
+              "teacher_logit_rank": logit_rank(chain),
+              "chain": {tokenizer.convert_ids_to_tokens(s): {tokenizer.convert_ids_to_tokens(t): p
+                                                             for t, p in sorted(chain.row(s).items())}
+                        for s in chain.state_ids},
+              "torch": torch.__version__, "models": {}}
+    for role, model in models.items():
+        target = out_dir / role
+        if target.exists():
+            shutil.rmtree(target)
+        model.save_pretrained(target, safe_serialization=True)
+        save_tokenizer(tokenizer, target)
+        report["models"][role] = {"parameters": sum(p.numel() for p in model.parameters()),
+                                  "weights_sha256": {name: file_sha256(target / name) for name in WEIGHT_FILES}}
+    (out_dir / "task.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def parse(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=ASSETS, help="output directory (default: the package assets)")
+    parser.add_argument("--check", action="store_true",
+                        help="rebuild into a temporary directory and compare weight sha256s with --out's")
+    defaults_task, defaults_student = MarkovSettings(), StudentSettings()
+    assert not set(asdict(defaults_task)) & set(asdict(defaults_student)), "one flag per setting"
+    for name, value in {**asdict(defaults_task), **asdict(defaults_student)}.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+    args = parser.parse_args(argv)
+    task = MarkovSettings(**{k: getattr(args, k) for k in asdict(defaults_task)})
+    student = StudentSettings(**{k: getattr(args, k) for k in asdict(defaults_student)})
+    return args, task, student
+
+
+def main(argv=None) -> int:
+    args, task, student = parse(argv)
+    if args.check:
+        with tempfile.TemporaryDirectory() as tmp:
+            report = build(Path(tmp), task, student)
+        ok = True
+        for role, entry in report["models"].items():
+            for name, digest in entry["weights_sha256"].items():
+                committed = args.out / role / name
+                same = committed.is_file() and file_sha256(committed) == digest
+                ok &= same
+                print(f"{role}/{name}: {'OK' if same else 'MISMATCH'}")
+        print("OK" if ok else "MISMATCH")
+        return 0 if ok else 1
+    report = build(args.out, task, student)
+    print(f"wrote {args.out}: vocabulary {report['vocab_size']}, teacher logit rank {report['teacher_logit_rank']}, "
+          f"student width {student.width}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
