@@ -27,8 +27,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from kltd.data.markov import MarkovSettings, build_tokenizer, make_chain  # noqa: E402
-from kltd.data.markov_models import student_model, teacher_model  # noqa: E402
+from kltd.data.markov import EOS_ID, MarkovSettings, build_tokenizer, make_chain  # noqa: E402
+from kltd.data.markov_models import student_model, teacher_model, warm_up  # noqa: E402
+from kltd.rollout.exact_kl import exact_sequence_figures  # noqa: E402
 from kltd.data.toy_tokenizer import save_tokenizer  # noqa: E402
 
 ASSETS = REPO / "kltd" / "assets" / "markov"
@@ -41,6 +42,8 @@ class StudentSettings:
     layers: int = 2
     heads: int = 2
     init_seed: int = 1  # the student's random initialisation
+    warm_steps: int = 0  # light pre-training on walks of the chain (kltd.data.markov_models.warm_up); 0: random
+    warm_lr: float = 3e-3
 
 
 def logit_rank(chain) -> int:
@@ -48,6 +51,16 @@ def logit_rank(chain) -> int:
     row): a student needs at least this many hidden dimensions to write the teacher's logits exactly."""
     table = torch.tensor(chain.log_table(), dtype=torch.float64)[chain.state_ids]
     return int(torch.linalg.matrix_rank(table - table.mean(-1, keepdim=True)))
+
+
+def exact_against_teacher(model, teacher, chain) -> dict:
+    """The exact figures with `model` in the student's place, averaged over the start states (one prompt each)."""
+    support = torch.tensor(chain.support())
+    per_start = [exact_sequence_figures(model, teacher, [start], horizon=chain.settings.horizon, eos_id=EOS_ID,
+                                        support=support) for start in chain.state_ids]
+    keys = ("forward_kl", "reverse_kl", "student_accepted", "student_entropy", "student_length", "teacher_entropy",
+            "teacher_length", "teacher_ends")
+    return {key: sum(getattr(f, key) for f in per_start) / len(per_start) for key in keys}
 
 
 def file_sha256(path: Path) -> str:
@@ -60,6 +73,11 @@ def build(out_dir: Path, task: MarkovSettings, student: StudentSettings) -> dict
     tokenizer = build_tokenizer(task.n_states)
     models = {"teacher": teacher_model(chain),
               "student": student_model(chain.vocab_size, student.width, student.layers, student.init_seed, student.heads)}
+    if student.warm_steps:
+        before = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)  # with one thread: the same weights on a rerun on this kind of CPU
+        warm_up(models["student"], chain, student.warm_steps, lr=student.warm_lr, seed=student.init_seed)
+        torch.use_deterministic_algorithms(before)
     report = {"task": task.as_dict(), "student": asdict(student), "vocab_size": chain.vocab_size,
               "teacher_logit_rank": logit_rank(chain),
               "chain": {tokenizer.convert_ids_to_tokens(s): {tokenizer.convert_ids_to_tokens(t): p
@@ -72,7 +90,8 @@ def build(out_dir: Path, task: MarkovSettings, student: StudentSettings) -> dict
             shutil.rmtree(target)
         model.save_pretrained(target, safe_serialization=True)
         save_tokenizer(tokenizer, target)
-        report["models"][role] = {"parameters": sum(p.numel() for p in model.parameters()),
+        report["models"][role] = {"exact": exact_against_teacher(model, models["teacher"], chain),
+                                  "parameters": sum(p.numel() for p in model.parameters()),
                                   "weights_sha256": {name: file_sha256(target / name) for name in WEIGHT_FILES}}
     (out_dir / "task.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -5,10 +5,12 @@ one state token, the start state; a response is a walk of the chain from it, end
 `horizon` tokens. The chain is first order: the next token depends on the last token only, so the teacher
 is exactly a one-layer transformer (kltd.data.markov_models) and every response can be enumerated.
 
-Each state allows `branching` next tokens (its support); `final_states` of the states have `<eos>` among
-them, the others only states. The probabilities on a support are a Dirichlet(`concentration`) draw mixed
-with a uniform share (`MIN_SHARE`), so every allowed transition keeps at least MIN_SHARE / branching and the
-support is unambiguous. Plain Python, deterministic from the seed.
+Each state allows `branching` next tokens (its support). `final_states` of the states have `<eos>` among them,
+with probability `end_probability` (the response length is then geometric: the teacher ends within the horizon
+with probability about 1 - (1 - end_probability)^horizon, which the exact figures report as `teacher_ends`);
+the others have states only. The probability left for the successor states is a Dirichlet(`concentration`)
+draw mixed with a uniform share (`MIN_SHARE`), so every allowed transition keeps at least MIN_SHARE / k of it
+(k successors) and the support is unambiguous. Plain Python, deterministic from the seed.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ OFF_SUPPORT = -30.0
 class MarkovSettings:
     n_states: int = 6
     branching: int = 3
-    final_states: int = 3  # states from which <eos> is allowed (one of their `branching` next tokens)
+    final_states: int = 6  # states from which <eos> is allowed (one of their `branching` next tokens)
+    end_probability: float = 0.35  # P(<eos>) from a final state
     concentration: float = 1.0  # Dirichlet parameter: small -> peaked next-token distributions
     horizon: int = 6  # the most response tokens, <eos> included
     seed: int = 0
@@ -44,8 +47,11 @@ class MarkovSettings:
             raise ValueError(f"branching={self.branching}: between 1 and n_states={self.n_states}")
         if not 1 <= self.final_states <= self.n_states:
             raise ValueError(f"final_states={self.final_states}: between 1 and n_states (some state must end)")
-        if self.branching == 1 and self.final_states < self.n_states:
-            raise ValueError("branching=1 leaves no room for <eos> beside a successor: use final_states=n_states")
+        if self.branching < 2:
+            raise ValueError("branching < 2: a final state needs <eos> and a successor; a chain without choices "
+                             "separates nothing")
+        if not 0 < self.end_probability < 1:
+            raise ValueError(f"end_probability={self.end_probability}: strictly between 0 and 1")
         if self.concentration <= 0 or self.horizon < 1:
             raise ValueError("concentration must be positive and horizon at least 1")
 
@@ -110,11 +116,15 @@ def make_chain(settings: MarkovSettings) -> MarkovChain:
     finals = set(rng.sample(states, settings.final_states))
     rows = []
     for state in states:
-        successors = rng.sample(states, b - 1 if state in finals else b) + ([EOS_ID] if state in finals else [])
+        final = state in finals
+        successors = rng.sample(states, b - 1 if final else b)
+        mass = 1 - settings.end_probability if final else 1.0  # what the successor states share
         draws = [rng.gammavariate(settings.concentration, 1.0) for _ in successors]
-        total = sum(draws)
-        probs = [(1 - MIN_SHARE) * d / total + MIN_SHARE / b for d in draws]
-        rows.append(dict(zip(successors, probs)))
+        total, k = sum(draws), len(successors)
+        row = {token: mass * ((1 - MIN_SHARE) * d / total + MIN_SHARE / k) for token, d in zip(successors, draws)}
+        if final:
+            row[EOS_ID] = settings.end_probability
+        rows.append(row)
     return MarkovChain(settings, tuple(rows))
 
 

@@ -14,6 +14,7 @@ dimensions (the softmax bottleneck), so a width below the table's rank cannot re
 from __future__ import annotations
 
 import math
+import random
 
 import torch
 
@@ -58,3 +59,27 @@ def student_model(vocab_size: int, width: int, layers: int, seed: int, heads: in
                          pad_token_id=PAD_ID, eos_token_id=EOS_ID, bos_token_id=None)
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()
+
+
+def warm_up(student, chain: MarkovChain, steps: int, *, batch_size: int = 32, lr: float = 3e-3, seed: int = 0):
+    """A light pre-training of the student, in place: `steps` AdamW steps of teacher-forced cross-entropy on
+    walks drawn from the chain's table (start states uniform, loss on the response and its EOS). Reverse-KL
+    methods need a student that already writes some accepted responses (design.md section 7)."""
+    rng = random.Random(seed)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=lr)
+    student.train()
+    for _ in range(steps):
+        rows = []
+        for _ in range(batch_size):
+            start = rng.choice(chain.state_ids)
+            rows.append([start] + chain.walk(start, rng))
+        width = max(map(len, rows))
+        ids = torch.tensor([row + [PAD_ID] * (width - len(row)) for row in rows])
+        labels = torch.tensor([row[1:] + [-100] * (width - len(row)) for row in rows])  # right padding: no shift
+        logits = student(input_ids=ids).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                 ignore_index=-100)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return student.eval()

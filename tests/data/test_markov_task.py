@@ -14,7 +14,7 @@ import torch
 
 import kltd
 from kltd.data.markov import EOS_ID, MIN_SHARE, MarkovSettings, build_tokenizer, make_chain
-from kltd.data.markov_models import student_model, teacher_model
+from kltd.data.markov_models import student_model, teacher_model, warm_up
 from kltd.rollout.exact_kl import exact_sequence_figures
 from kltd.rollout.sampling import Sampler
 
@@ -41,16 +41,19 @@ def logit_tolerance(table: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("settings", [MarkovSettings(), MarkovSettings(n_states=9, branching=2, final_states=2,
-                                                                       concentration=0.3, seed=5)])
+                                                                       concentration=0.3, end_probability=0.6, seed=5)])
 def test_the_chain_has_the_settings_support(settings):
     chain = make_chain(settings)
     assert chain == make_chain(settings)  # deterministic from the seed
     ends = 0
     for state in chain.state_ids:
-        row = chain.row(state)
+        row = dict(chain.row(state))
         assert len(row) == settings.branching and math.isclose(sum(row.values()), 1.0, rel_tol=1e-12)
-        assert min(row.values()) >= MIN_SHARE / settings.branching * (1 - 1e-12)
-        ends += EOS_ID in row
+        end = row.pop(EOS_ID, None)
+        ends += end is not None
+        assert end in (None, settings.end_probability)
+        mass = 1 - (end or 0.0)  # what the successor states share, each at least MIN_SHARE / k of it
+        assert min(row.values()) >= mass * MIN_SHARE / len(row) * (1 - 1e-12)
     assert ends == settings.final_states
 
 
@@ -163,6 +166,25 @@ def test_too_many_sequences_are_refused():
     teacher = teacher_model(chain)
     with pytest.raises(ValueError, match="max_leaves"):
         exact_sequence_figures(teacher, teacher, [2], horizon=6, eos_id=EOS_ID, max_leaves=1000)
+
+
+def test_warming_up_moves_the_student_toward_the_teacher():
+    chain = make_chain(MarkovSettings(n_states=3, branching=2, final_states=3, horizon=4, seed=6))
+    teacher, student = teacher_model(chain), student_model(chain.vocab_size, 4, 1, seed=0)
+    support = torch.tensor(chain.support())
+
+    def figures():
+        return [exact_sequence_figures(student, teacher, [s], horizon=4, eos_id=EOS_ID, support=support)
+                for s in chain.state_ids]
+
+    before = figures()
+    warm_up(student, chain, 60, seed=0)
+    after = figures()
+    assert not student.training
+    # cross-entropy on the teacher's walks is the forward KL plus a constant: it falls, and the student writes
+    # more responses the chain accepts
+    assert sum(f.forward_kl for f in after) < sum(f.forward_kl for f in before)
+    assert sum(f.student_accepted for f in after) > sum(f.student_accepted for f in before)
 
 
 # --- the exact figures against Monte-Carlo estimates from kltd's sampler --------------------------------------
