@@ -12,11 +12,13 @@ length 0..horizon-1: (V-1)^(horizon-1) longest ones ("leaves"). Each leaf is sco
 forward (no grad); its logits at position t are the next-token distribution of its t-token prefix, and each
 prefix is read from the first leaf that extends it. Nothing is sampled or truncated: the figures are exact to
 float rounding (log-probabilities in float32 from the models, sums in float64). The cost is the number of
-leaves, refused above `max_leaves`.
+leaves, refused above `max_leaves`. `exact_sequence_figures` reports the figures; `exact_sequence_kl` returns the
+two KLs with the student's autograd graph, for exact gradients.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -59,14 +61,38 @@ def exact_sequence_figures(student, teacher, prompt: list[int], *, horizon: int,
     the sampler's `vocab` does). `support` [V, V] bool (optional): support[a, b] is True where b may follow a;
     with it, the student's acceptance probability is computed (every transition allowed, EOS within the horizon).
     """
+    vocab, go_on, leaves = _tree(teacher, vocab, horizon, eos_id, max_leaves)
+    levels = [prefix_log_probs(m, prompt, horizon, go_on, vocab, batch_size) for m in (student, teacher)]
+    sums = _chain_rule_sums(*levels, prompt[-1], go_on, eos_id, support)
+    fwd, rev = [float(x) for x in sums.pop("fwd")], [float(x) for x in sums.pop("rev")]
+    sums = {key: float(value) for key, value in sums.items()}
+    return SequenceFigures(
+        forward_kl=sum(fwd), reverse_kl=sum(rev), forward_kl_by_position=fwd, reverse_kl_by_position=rev,
+        teacher_entropy=sums["h_p"], student_entropy=sums["h_q"], teacher_length=sums["len_p"],
+        student_length=sums["len_q"], teacher_ends=sums["end_p"], student_ends=sums["end_q"],
+        student_accepted=sums["accepted"] if support is not None else None, leaves=leaves)
+
+
+def exact_sequence_kl(student, teacher, prompt: list[int], *, horizon: int, eos_id: int, vocab: int | None = None,
+                      batch_size: int = 4096, max_leaves: int = 1 << 16) -> tuple[Tensor, Tensor]:
+    """(KL(p||q), KL(q||p)) over whole responses as 0-dim float64 tensors that carry the student's autograd graph:
+    their gradients are the exact gradients of the sequence-level KLs (design.md section 6), the reference an
+    estimator's expected gradient is checked against. The graph holds every leaf's activations: keep it small."""
+    vocab, go_on, _ = _tree(teacher, vocab, horizon, eos_id, max_leaves)
+    student_lp = prefix_log_probs(student, prompt, horizon, go_on, vocab, batch_size, grad=True)
+    teacher_lp = prefix_log_probs(teacher, prompt, horizon, go_on, vocab, batch_size)
+    sums = _chain_rule_sums(student_lp, teacher_lp, prompt[-1], go_on, eos_id, None)
+    return sum(sums["fwd"]), sum(sums["rev"])
+
+
+def _tree(teacher, vocab, horizon, eos_id, max_leaves):
     vocab = vocab or teacher.config.vocab_size
     leaves = leaf_count(vocab, horizon)
     if leaves > max_leaves:
         raise ValueError(f"{leaves} sequences to score (vocabulary {vocab}, horizon {horizon}): above max_leaves="
                          f"{max_leaves}; lower the horizon or the number of tokens")
     go_on = torch.tensor([i for i in range(vocab) if i != eos_id])  # the tokens after which a response continues
-    student_lp, teacher_lp = _prefix_log_probs(student, teacher, prompt, horizon, go_on, vocab, batch_size)
-    return _accumulate(student_lp, teacher_lp, prompt[-1], go_on, eos_id, support, leaves)
+    return vocab, go_on, leaves
 
 
 def _leaf_tokens(indices: Tensor, go_on: Tensor, depth: int) -> Tensor:
@@ -76,58 +102,53 @@ def _leaf_tokens(indices: Tensor, go_on: Tensor, depth: int) -> Tensor:
     return go_on[(indices[:, None] // powers) % c]
 
 
-def _prefix_log_probs(student, teacher, prompt, horizon, go_on, vocab, batch_size):
-    """Per level t < horizon: [C^t, V] float64 next-token log-probabilities of every t-token prefix, both models."""
+def prefix_log_probs(model, prompt: list[int], horizon: int, go_on: Tensor, vocab: int, batch_size: int = 4096,
+                     grad: bool = False) -> list[Tensor]:
+    """Per level t < horizon: [C^t, V] float64 (on the CPU) next-token log-probabilities of every t-token prefix
+    of non-EOS tokens `go_on` (C of them), prefixes in lexicographic order of their tokens' places in `go_on`.
+    `grad`: keep the model's autograd graph (else the forward runs without one)."""
     c, depth = len(go_on), horizon - 1
-    levels = {"q": [None] * horizon, "p": [None] * horizon}
-    for t in range(horizon):
-        for key in levels:
-            levels[key][t] = torch.empty((c**t, vocab), dtype=torch.float64)
+    pieces = [[] for _ in range(horizon)]  # batches run through the leaves in order: so do their prefixes
     strides = [c ** (depth - t) for t in range(horizon)]  # the leaves between consecutive t-token prefixes
     total = c**depth
     head = torch.tensor(prompt, dtype=torch.long)
+    device = next(model.parameters()).device
     for start in range(0, total, batch_size):
         indices = torch.arange(start, min(start + batch_size, total))
         ids = torch.cat([head.expand(len(indices), -1), _leaf_tokens(indices, go_on, depth)], 1)
-        for key, model in (("q", student), ("p", teacher)):
-            model_device = next(model.parameters()).device
-            with without_grad(model):
-                logits = model(input_ids=ids.to(model_device)).logits[:, len(prompt) - 1:, :vocab]
+        with nullcontext() if grad else without_grad(model):
+            logits = model(input_ids=ids.to(device)).logits[:, len(prompt) - 1:, :vocab]
             log_probs = logits.double().log_softmax(-1).cpu()
             for t, stride in enumerate(strides):
                 first = indices % stride == 0  # the leaves that are the first extension of a t-token prefix
-                levels[key][t][indices[first] // stride] = log_probs[first, t]
-    return levels["q"], levels["p"]
+                pieces[t].append(log_probs[first, t])
+    return [torch.cat(level) for level in pieces]
 
 
-def _accumulate(student_lp, teacher_lp, last_prompt_token, go_on, eos_id, support, leaves) -> SequenceFigures:
-    """The chain-rule sums, level by level, carrying each prefix's log-probability under both models."""
+def _chain_rule_sums(student_lp, teacher_lp, last_prompt_token, go_on, eos_id, support) -> dict:
+    """The chain-rule sums, level by level, carrying each prefix's log-probability under both models. 0-dim
+    tensors (the KLs: one per position), differentiable through the log-probabilities."""
     log_q = torch.zeros(1, dtype=torch.float64)  # the empty prefix
     log_p = torch.zeros(1, dtype=torch.float64)
     allowed = torch.ones(1, dtype=torch.bool)  # the prefix's transitions all in the support
     last = torch.tensor([last_prompt_token])
-    fwd, rev = [], []
-    sums = dict.fromkeys(("h_p", "h_q", "len_p", "len_q", "end_p", "end_q", "accepted"), 0.0)
+    sums = {"fwd": [], "rev": [], **dict.fromkeys(("h_p", "h_q", "len_p", "len_q", "end_p", "end_q", "accepted"), 0.0)}
     for lq, lp in zip(student_lp, teacher_lp):
         q_prefix, p_prefix = log_q.exp(), log_p.exp()
         q_next, p_next = lq.exp(), lp.exp()
-        rev.append(float((q_prefix * (q_next * (lq - lp)).sum(-1)).sum()))
-        fwd.append(float((p_prefix * (p_next * (lp - lq)).sum(-1)).sum()))
-        sums["h_p"] += float((p_prefix * -(p_next * lp).sum(-1)).sum())
-        sums["h_q"] += float((q_prefix * -(q_next * lq).sum(-1)).sum())
-        sums["len_p"] += float(p_prefix.sum())  # a prefix that is still going writes one more token
-        sums["len_q"] += float(q_prefix.sum())
-        sums["end_p"] += float((p_prefix * p_next[:, eos_id]).sum())
-        sums["end_q"] += float((q_prefix * q_next[:, eos_id]).sum())
+        sums["rev"].append((q_prefix * (q_next * (lq - lp)).sum(-1)).sum())
+        sums["fwd"].append((p_prefix * (p_next * (lp - lq)).sum(-1)).sum())
+        sums["h_p"] += (p_prefix * -(p_next * lp).sum(-1)).sum()
+        sums["h_q"] += (q_prefix * -(q_next * lq).sum(-1)).sum()
+        sums["len_p"] += p_prefix.sum()  # a prefix that is still going writes one more token
+        sums["len_q"] += q_prefix.sum()
+        sums["end_p"] += (p_prefix * p_next[:, eos_id]).sum()
+        sums["end_q"] += (q_prefix * q_next[:, eos_id]).sum()
         if support is not None:
             ends_allowed = allowed & support[last, eos_id]
-            sums["accepted"] += float((q_prefix * q_next[:, eos_id] * ends_allowed).sum())
+            sums["accepted"] += (q_prefix * q_next[:, eos_id] * ends_allowed).sum()
             allowed = (allowed[:, None] & support[last][:, go_on]).reshape(-1)
         log_q = (log_q[:, None] + lq[:, go_on]).reshape(-1)
         log_p = (log_p[:, None] + lp[:, go_on]).reshape(-1)
         last = go_on.repeat(len(last))
-    return SequenceFigures(
-        forward_kl=sum(fwd), reverse_kl=sum(rev), forward_kl_by_position=fwd, reverse_kl_by_position=rev,
-        teacher_entropy=sums["h_p"], student_entropy=sums["h_q"], teacher_length=sums["len_p"],
-        student_length=sums["len_q"], teacher_ends=sums["end_p"], student_ends=sums["end_q"],
-        student_accepted=sums["accepted"] if support is not None else None, leaves=leaves)
+    return sums

@@ -15,7 +15,7 @@ import torch
 import kltd
 from kltd.data.markov import EOS_ID, MIN_SHARE, MarkovSettings, build_tokenizer, make_chain
 from kltd.data.markov_models import student_model, teacher_model, warm_up
-from kltd.rollout.exact_kl import exact_sequence_figures
+from kltd.rollout.exact_kl import exact_sequence_figures, exact_sequence_kl
 from kltd.rollout.sampling import Sampler
 
 REPO = Path(kltd.__file__).resolve().parents[1]
@@ -123,7 +123,7 @@ def test_exact_figures_match_a_direct_sum_over_every_response(horizon):
     teacher, student = teacher_model(chain).double(), student_model(chain.vocab_size, 4, 1, seed=0).double()
     start = chain.state_ids[1]
     figures = exact_sequence_figures(student, teacher, [start], horizon=horizon, eos_id=EOS_ID,
-                                     support=torch.tensor(chain.support()))
+                                     support=torch.tensor(chain.support()), batch_size=5)  # batches cut prefixes
     sums = dict.fromkeys(("p", "q", "fwd", "rev", "h_p", "h_q", "len_p", "len_q", "end_p", "end_q", "acc"), 0.0)
     for response in every_response(chain.vocab_size, horizon):
         lp, lq = response_log_prob(teacher, [start], response), response_log_prob(student, [start], response)
@@ -136,7 +136,8 @@ def test_exact_figures_match_a_direct_sum_over_every_response(horizon):
             sums[key] += value
     # both distributions sum to one over the outcomes: the list is complete
     assert sums["p"] == pytest.approx(1.0, abs=1e-9) and sums["q"] == pytest.approx(1.0, abs=1e-9)
-    # float64 throughout: the two differ by rounding in different orders, about 1e-15 relative per term
+    # float64 models (Llama's RMSNorm still rounds to float32, but token by token: the same in both computations),
+    # so the two differ by float64 rounding in different orders, about 1e-15 relative per term
     close = dict(rel=1e-10, abs=1e-12)
     assert figures.forward_kl == pytest.approx(sums["fwd"], **close)
     assert figures.reverse_kl == pytest.approx(sums["rev"], **close)
@@ -149,6 +150,34 @@ def test_exact_figures_match_a_direct_sum_over_every_response(horizon):
     assert figures.student_accepted == pytest.approx(sums["acc"], **close)
     assert sum(figures.reverse_kl_by_position) == pytest.approx(figures.reverse_kl, rel=1e-12)
     assert len(figures.forward_kl_by_position) == horizon
+
+
+def test_the_exact_kls_gradients_match_autograd_through_a_direct_sum():
+    """The chain-rule sums are the same function of the student's weights as the sum over every response, so
+    their gradients agree: to float32 rounding, since Llama's RMSNorm computes in float32 even in a float64 model
+    and its backward rounds each gradient there (a few ulps of the gradient's scale)."""
+    chain = make_chain(MarkovSettings(n_states=2, branching=2, final_states=2, horizon=3, seed=8))
+    teacher, student = teacher_model(chain).double(), student_model(chain.vocab_size, 4, 1, seed=5).double()
+    start = chain.state_ids[0]
+    params = list(student.parameters())
+    forward, reverse = exact_sequence_kl(student, teacher, [start], horizon=3, eos_id=EOS_ID, batch_size=4)
+    got = [torch.autograd.grad(kl, params, retain_graph=True) for kl in (forward, reverse)]
+    forward, reverse = forward.detach(), reverse.detach()
+    direct_forward = direct_reverse = 0.0
+    for response in every_response(chain.vocab_size, 3):
+        ids = torch.tensor([[start] + response])
+        lq = student(input_ids=ids).logits[0, :-1].double().log_softmax(-1).gather(-1, ids[0, 1:, None]).sum()
+        lp = torch.tensor(response_log_prob(teacher, [start], response), dtype=torch.float64)
+        direct_forward = direct_forward + lp.exp() * (lp - lq)
+        direct_reverse = direct_reverse + lq.exp() * (lq - lp)
+    wanted = [torch.autograd.grad(kl, params, retain_graph=True) for kl in (direct_forward, direct_reverse)]
+    direct_forward, direct_reverse = direct_forward.detach(), direct_reverse.detach()
+    assert float(forward) == pytest.approx(float(direct_forward), rel=1e-10)
+    assert float(reverse) == pytest.approx(float(direct_reverse), rel=1e-10)
+    for got_kl, wanted_kl in zip(got, wanted):
+        for g, w in zip(got_kl, wanted_kl):
+            assert torch.allclose(g, w, rtol=0, atol=16 * F32 * float(w.abs().max()))
+        assert any(float(g.abs().max()) > 1e-3 for g in got_kl)  # not trivially zero
 
 
 def test_the_teacher_against_itself_has_no_divergence_and_is_accepted():
