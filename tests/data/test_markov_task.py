@@ -6,6 +6,7 @@ import importlib.util
 import itertools
 import json
 import math
+import random
 import sys
 from pathlib import Path
 
@@ -116,17 +117,18 @@ def response_log_prob(model, prompt: list[int], response: list[int]) -> float:
     return float(sum(log_probs[t, token] for t, token in enumerate(response)))
 
 
-@pytest.mark.parametrize("horizon", [1, 2, 4])
-def test_exact_figures_match_a_direct_sum_over_every_response(horizon):
+@pytest.mark.parametrize("horizon,prompt_length", [(1, 1), (2, 1), (4, 1), (3, 3)])
+def test_exact_figures_match_a_direct_sum_over_every_response(horizon, prompt_length):
     chain = make_chain(MarkovSettings(n_states=2, branching=2, final_states=1, horizon=horizon, seed=2))
     # in float64: the two computations run different batch shapes, whose float32 products round differently
     teacher, student = teacher_model(chain).double(), student_model(chain.vocab_size, 4, 1, seed=0).double()
-    start = chain.state_ids[1]
-    figures = exact_sequence_figures(student, teacher, [start], horizon=horizon, eos_id=EOS_ID,
+    prompt = [chain.state_ids[0], chain.state_ids[0], chain.state_ids[1]][-prompt_length:]  # the student reads it all
+    start = prompt[-1]
+    figures = exact_sequence_figures(student, teacher, prompt, horizon=horizon, eos_id=EOS_ID,
                                      support=torch.tensor(chain.support()), batch_size=5)  # batches cut prefixes
     sums = dict.fromkeys(("p", "q", "fwd", "rev", "h_p", "h_q", "len_p", "len_q", "end_p", "end_q", "acc"), 0.0)
     for response in every_response(chain.vocab_size, horizon):
-        lp, lq = response_log_prob(teacher, [start], response), response_log_prob(student, [start], response)
+        lp, lq = response_log_prob(teacher, prompt, response), response_log_prob(student, prompt, response)
         p, q = math.exp(lp), math.exp(lq)
         ended = response[-1] == EOS_ID
         for key, value in (("p", p), ("q", q), ("fwd", p * (lp - lq)), ("rev", q * (lq - lp)), ("h_p", -p * lp),
@@ -195,6 +197,23 @@ def test_too_many_sequences_are_refused():
     teacher = teacher_model(chain)
     with pytest.raises(ValueError, match="max_leaves"):
         exact_sequence_figures(teacher, teacher, [2], horizon=6, eos_id=EOS_ID, max_leaves=1000)
+
+
+def test_walks_of_the_table_end_as_often_as_the_teacher_model_says():
+    """The chain's own walks (what warm_up trains on) against the teacher model's exact figures: every walk that
+    ends is accepted, and the share that ends within the horizon is within 4 standard errors of teacher_ends."""
+    chain = make_chain(MarkovSettings(horizon=5, seed=3))
+    start, n = chain.state_ids[2], 4000
+    figures = exact_sequence_figures(teacher_model(chain), teacher_model(chain), [start], horizon=5, eos_id=EOS_ID)
+    rng = random.Random(0)
+    walks = [chain.walk(start, rng) for _ in range(n)]
+    ended = [walk[-1] == EOS_ID for walk in walks]
+    assert all(chain.accepts(start, walk) == end for walk, end in zip(walks, ended))
+    share = sum(ended) / n
+    se = math.sqrt(figures.teacher_ends * (1 - figures.teacher_ends) / n)
+    assert abs(share - figures.teacher_ends) < 4 * se
+    # lengths lie in 1..5: their standard deviation is at most half the range, 2
+    assert sum(map(len, walks)) / n == pytest.approx(figures.teacher_length, abs=4 * 2 / math.sqrt(n))
 
 
 def test_warming_up_moves_the_student_toward_the_teacher():
