@@ -59,7 +59,7 @@ def exact_against_teacher(model, teacher, chain) -> dict:
     per_start = [exact_sequence_figures(model, teacher, [start], horizon=chain.settings.horizon, eos_id=EOS_ID,
                                         support=support) for start in chain.state_ids]
     keys = ("forward_kl", "reverse_kl", "student_accepted", "student_entropy", "student_length", "teacher_entropy",
-            "teacher_length", "teacher_ends")
+            "teacher_entropy_rate", "teacher_length", "teacher_ends")
     return {key: sum(getattr(f, key) for f in per_start) / len(per_start) for key in keys}
 
 

@@ -9,9 +9,9 @@ probability:
 
 The student gives every token positive probability, so its prefixes are all sequences of non-EOS tokens of
 length 0..horizon-1: (V-1)^(horizon-1) longest ones ("leaves"). Each leaf is scored once by each model's own
-forward (no grad); its logits at position t are the next-token distribution of its t-token prefix, and each
-prefix is read from the first leaf that extends it. Nothing is sampled or truncated: the figures are exact to
-float rounding (log-probabilities in float32 from the models, sums in float64). The cost is the number of
+forward; its logits at position t are the next-token distribution of its t-token prefix, and each prefix is read
+from the first leaf that extends it. Nothing is sampled or truncated: the figures are exact to float rounding
+(logits in the models' precision, log-softmax and sums in float64). The cost is the number of
 leaves, refused above `max_leaves`. `exact_sequence_figures` reports the figures; `exact_sequence_kl` returns the
 two KLs with the student's autograd graph, for exact gradients.
 """
@@ -44,8 +44,18 @@ class SequenceFigures:
     student_accepted: float | None  # probability the student's response is in the support and ends (None: no support given)
     leaves: int  # sequences scored per model
 
+    @property
+    def teacher_entropy_rate(self) -> float:
+        """Nats per response token: the sequence entropy over the expected length."""
+        return self.teacher_entropy / self.teacher_length
+
+    @property
+    def student_entropy_rate(self) -> float:
+        return self.student_entropy / self.student_length
+
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "teacher_entropy_rate": self.teacher_entropy_rate,
+                "student_entropy_rate": self.student_entropy_rate}
 
 
 def leaf_count(vocab: int, horizon: int) -> int:

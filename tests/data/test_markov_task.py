@@ -146,6 +146,7 @@ def test_exact_figures_match_a_direct_sum_over_every_response(horizon, prompt_le
     assert figures.teacher_entropy == pytest.approx(sums["h_p"], **close)
     assert figures.student_entropy == pytest.approx(sums["h_q"], **close)
     assert figures.teacher_length == pytest.approx(sums["len_p"], **close)
+    assert figures.teacher_entropy_rate == pytest.approx(sums["h_p"] / sums["len_p"], **close)
     assert figures.student_length == pytest.approx(sums["len_q"], **close)
     assert figures.teacher_ends == pytest.approx(sums["end_p"], **close)
     assert figures.student_ends == pytest.approx(sums["end_q"], **close)
