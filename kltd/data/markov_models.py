@@ -8,7 +8,9 @@ lm_head column i = log-table row i / s makes the logits after token i exactly th
 Positions and the rest of the prefix play no part: the model is the first-order chain.
 
 The student's logits are lm_head @ h with h of `width` dimensions: over all contexts they span at most `width`
-dimensions (the softmax bottleneck), so a width below the table's rank cannot represent the teacher.
+dimensions (the softmax bottleneck), and so do they once each row's mean is removed (which softmax ignores). A
+width below the rank of the states' log-table rows with their means removed (6 for the shipped chain; the
+script records it) cannot represent the teacher, however the student reads its context.
 """
 
 from __future__ import annotations
