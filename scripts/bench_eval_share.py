@@ -10,13 +10,14 @@ is downloaded) and rows of random words from a data file (32-word prompts, 64-wo
 setting at its default except the models, the data, trainer.max_steps (--steps) and eval.num_prompts
 (--prompts). Random weights never choose the end token, so every response runs to the full budget: the most
 the evaluation can cost at these settings. From the run's metrics.json: the seconds per training step
-(train_time_s / steps) and per evaluated question (the `evaluation` phase over 2 x prompts: the evaluation
-before training and after it). Then the share of the evaluations in
+(train_time_s / steps) and per evaluated question (the `evaluation` phase over the questions of the evaluation
+before training, unless eval.before=false, and after it). Then the share of the evaluations in
 
 - this run: evaluation / (evaluation + training), as measured;
 - a default-length run: both evaluations of eval.num_prompts=200 questions and trainer.max_steps=200 steps,
-  from the per-step and per-question times (the evaluation is linear in its questions: it samples and scores
-  them a batch at a time, and here one batch holds all 200);
+  from the per-step and per-question times. An upper bound where --prompts is below 200: a question costs
+  less in a larger batch (decoding reads every weight once per token for all rows), and at the defaults one
+  batch holds all 200;
 - a cell of a sweep: only the evaluation after training, as the evaluation before it is computed once per
   sweep and read from the cache by every other cell (kltd.train.eval_cache).
 
@@ -75,8 +76,9 @@ def one_run(work: Path, name: str, teacher: str, student: str, data: Path, args)
                        f"hydra.run.dir={run_dir}", *args.overrides], work, work / f"{name}.log")
     metrics = completed(run_dir / "metrics.json")
     evaluation, training = metrics["phases"]["evaluation"], metrics["train_time_s"]
-    return {"wall": wall, "evaluation": evaluation, "training": training,
-            "per_step": training / metrics["steps"], "per_question": evaluation / (2 * args.prompts)}
+    evaluations = 1 + (metrics["eval_before"] is not None)  # eval.before=false skips the first
+    return {"wall": wall, "evaluation": evaluation, "training": training, "per_step": training / metrics["steps"],
+            "per_question": evaluation / (evaluations * args.prompts)}
 
 
 def shares(run: dict) -> dict[str, float]:
