@@ -19,11 +19,11 @@ from kltd.schema.choices import SAMPLED_ESTIMATORS
 from kltd.schema.matrix import cell_error, direction_error, method_label, own_divergence
 from kltd.schema.rl import RLConfig
 from kltd.schema.sections import (CacheConfig, DataConfig, DataFields, DistributedConfig, EvalConfig, EvalSetConfig,
-                                  ModelConfig, SamplingConfig, TrainerConfig, WandbConfig, horizon_text)
+                                  LoraSettings, ModelConfig, SamplingConfig, TrainerConfig, WandbConfig, horizon_text)
 
 # the sections are imported from here by the rest of kltd: one place to name a config class from
 __all__ = ["CacheConfig", "Config", "ConfigError", "DataConfig", "DataFields", "DistributedConfig", "EvalConfig",
-           "EvalRunConfig", "EvalSetConfig", "LossConfig", "MakeDataConfig", "ModelConfig", "PrefixConfig",
+           "EvalRunConfig", "EvalSetConfig", "LoraSettings", "LossConfig", "MakeDataConfig", "ModelConfig", "PrefixConfig",
            "SamplingConfig", "TrainerConfig", "TrajectoryConfig", "WandbConfig", "approximations",
            "config_method_label", "needs_responses", "score_function_term", "teacher_cache_used", "validate"]
 
@@ -99,6 +99,27 @@ def _check_rl(cfg: Config) -> None:
                           "fixed with rl=grpo, or sampling.backend=kltd")
 
 
+def _check_lora(cfg: Config) -> None:
+    """What a LoRA student (model.lora.r > 0) is not built for yet."""
+    lora = cfg.model.lora
+    if not lora.enabled:
+        return
+    if cfg.distributed.strategy == "fsdp":
+        raise ConfigError("model.lora.r > 0 with distributed.strategy=fsdp is not built (the adapter is small: "
+                          "use distributed.strategy=ddp)")
+    if cfg.rl.enabled:
+        raise ConfigError("model.lora.r > 0 with rl=grpo is not built; train the adapter with model.lora.save_merged="
+                          "true, then run the RL stage from that run's merged student (model.student=RUN_DIR)")
+    if lora.quantize_base == "4bit" and lora.save_merged:
+        raise ConfigError("model.lora.save_merged=true with model.lora.quantize_base=4bit is not built (the base "
+                          "would be dequantised first); keep the adapter (adapter/) and merge it into the "
+                          "full-precision student yourself, or use model.lora.quantize_base=none")
+    if lora.quantize_base == "4bit" and cfg.sampling.backend == "vllm":
+        raise ConfigError("model.lora.quantize_base=4bit with sampling.backend=vllm is not built (the engine is "
+                          "given merged full-precision weights); use model.lora.quantize_base=none or "
+                          "sampling.backend=kltd")
+
+
 def _check_length_schedule(cfg: Config) -> None:
     """A scheduled horizon needs sampled states, and the gate needs evaluations during training to read."""
     s, schedule, steps = cfg.sampling, cfg.sampling.length_schedule, cfg.trainer.max_steps
@@ -153,6 +174,7 @@ class Config:
         _check_length_schedule(self)
         _check_groups(self)
         _check_rl(self)
+        _check_lora(self)
         if self.cache.teacher == "on" and self.prefix.source != "fixed":
             raise ConfigError("cache.teacher=on caches teacher logits at fixed states; it needs prefix=fixed")
         if self.data.responses_file is not None and self.prefix.source not in ("fixed", "mixed"):
