@@ -21,8 +21,6 @@ from pathlib import Path
 import torch
 
 MISSING = "model.lora.r > 0 needs peft: pip install -e '.[lora]' (or pip install peft), or set model.lora.r=0"
-QUANTIZED_MISSING = ("model.lora.quantize_base=4bit needs bitsandbytes and a CUDA GPU: pip install bitsandbytes; or "
-                     "use model.lora.quantize_base=none")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's file names in an adapter directory
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_NAME = "default"  # peft's name for a model's one adapter

@@ -62,10 +62,10 @@ def lora_problem(cfg: Config) -> str | None:
 
     import torch
 
-    from kltd.train.lora import MISSING, QUANTIZED_MISSING, peft_missing
+    from kltd.train.lora import peft_missing
 
-    if peft_missing():
-        return MISSING
+    if peft_missing():  # the text of kltd.train.lora.MISSING, the import's own error (written out for the table)
+        return "model.lora.r > 0 needs peft: pip install -e '.[lora]' (or pip install peft), or set model.lora.r=0"
     if lora.quantize_base != "4bit":
         return None
     device = cfg.model.device
@@ -74,7 +74,8 @@ def lora_problem(cfg: Config) -> str | None:
         return (f"model.lora.quantize_base=4bit needs a CUDA GPU (bitsandbytes' 4-bit layers), and {where}; run on "
                 "a GPU or use model.lora.quantize_base=none")
     if importlib.util.find_spec("bitsandbytes") is None:
-        return QUANTIZED_MISSING
+        return ("model.lora.quantize_base=4bit needs bitsandbytes: pip install -e '.[qlora]' (or pip install "
+                "bitsandbytes); or use model.lora.quantize_base=none")
     return None
 
 

@@ -85,6 +85,16 @@ def test_a_4bit_base_is_refused_before_any_model_loads_without_cuda(monkeypatch)
             preflight(cfg)  # a missing model directory would be refused later: the check comes first
 
 
+def test_a_4bit_base_on_a_gpu_without_bitsandbytes_says_how_to_install_it(monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    found = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else found(name, *a))
+    problem = lora_problem(config(model__lora__r=4, model__lora__quantize_base="4bit", model__device="auto"))
+    assert problem.startswith("model.lora.quantize_base=4bit needs bitsandbytes: pip install -e '.[qlora]'")
+
+
 def test_without_peft_the_line_says_how_to_install_it(monkeypatch):
     monkeypatch.setattr(lora, "peft_missing", lambda: True)
     problem = lora_problem(config(model__lora__r=4))
@@ -173,7 +183,7 @@ def test_a_lora_students_fused_head_equals_its_logits_path(model_dirs, cell):
         trainer.student.zero_grad(set_to_none=True)
         loss, _ = trainer.loss(batch, denominator)
         loss.backward()
-        results.append((float(loss), {n: p.grad for n, p in trainer.student.named_parameters() if p.grad is not None}))
+        results.append((float(loss.detach()), {n: p.grad for n, p in trainer.student.named_parameters() if p.grad is not None}))
     loss_tol, grad_tol = loss_bounds(fused.student.config.to_dict(), fused.teacher.config.to_dict(),
                                      int(batch.supervised.sum()), denominator, results[1][0])
     assert abs(results[0][0] - results[1][0]) <= loss_tol
@@ -254,7 +264,7 @@ def test_the_adapted_gradient_equals_the_plain_merged_models_in_float64():
         A, B, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
         # each entry sums 16 (the width) products of |s| |dL/dW| |A or B|; the two forwards and backwards differ by
         # far fewer than 10^5 float64 roundings in a chain
-        scale = 16 * s * float(full.abs().max()) * max(float(A.abs().max()), float(B.abs().max()))
+        scale = 16 * s * float(full.abs().max()) * max(float(A.detach().abs().max()), float(B.detach().abs().max()))
         tol = _gamma(10**5, 2.0**-53) * scale
         assert float((B.grad - s * full @ A.T).abs().max()) <= tol
         assert float((A.grad - s * B.T @ full).abs().max()) <= tol
