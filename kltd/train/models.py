@@ -59,6 +59,9 @@ def check_model_reference(reference: str) -> str | None:
     if reference.startswith(TOY_PREFIX) or _looks_local(reference):
         p = Path(path)
         if p.name == "checkpoint" and _is_run_directory(p.parent) and not p.is_dir():
+            if (p.parent / "adapter").is_dir():  # a LoRA run keeps its adapter; the merged model only on request
+                return (f"'{reference}' is a LoRA run without a merged student (checkpoint/): it kept only its adapter "
+                        "(adapter/); rerun it with model.lora.save_merged=true, or load adapter/ with peft")
             return (f"'{reference}' is a run directory without a trained student (checkpoint/): the run did not "
                     "finish, or ran with trainer.save_checkpoint=false")
         if not p.is_dir():

@@ -135,6 +135,12 @@ def test_the_plan_runs_a_lora_student_through_its_own_forward_and_says_why(model
     assert "\n" not in line
     plain = plan_for(config(model_dirs, prefix__source="student"), trainer.teacher, trainer.teacher)
     assert not plain.notes  # a plain model needs no note
+    # and outside the plan: the decoder and the scorer fall back for an adapted model on their own
+    from kltd.rollout.decoders import ForwardDecoder, decoder_for
+    from kltd.rollout.scoring import Scorer
+
+    assert isinstance(decoder_for(trainer.student, lean=True), ForwardDecoder)
+    assert not Scorer(packed=True).packs(trainer.student) and Scorer(packed=True).packs(trainer.teacher)
 
 
 def test_a_fresh_adapter_gives_the_loss_and_gradients_of_the_fast_path(model_dirs):
@@ -268,3 +274,12 @@ def test_the_adapted_gradient_equals_the_plain_merged_models_in_float64():
         tol = _gamma(10**5, 2.0**-53) * scale
         assert float((B.grad - s * full @ A.T).abs().max()) <= tol
         assert float((A.grad - s * B.T @ full).abs().max()) <= tol
+
+
+def test_a_lora_run_without_a_merged_student_is_named_as_such(tmp_path):
+    from kltd.train.models import check_model_reference
+
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "metrics.json").write_text("{}")
+    problem = check_model_reference(str(tmp_path))
+    assert "LoRA run without a merged student" in problem and "model.lora.save_merged=true" in problem
