@@ -40,6 +40,10 @@ def test_checkpoints_hold_the_adapter_and_the_run_leaves_adapter_and_merged_mode
     summary = json.loads((straight / "metrics.json").read_text())
     assert summary["adapter"] == str(straight / "adapter") and summary["checkpoint"] == str(straight / "checkpoint")
     assert any(float(v.abs().max()) > 0 for k, v in saved.items() if "lora_B" in k)  # the adapter trained
+    from kltd.train.models import check_model_reference, resolve_model_path
+
+    # the merged student is what model.student=RUN_DIR and kltd eval target=RUN_DIR read
+    assert check_model_reference(str(straight)) is None and resolve_model_path(str(straight)).endswith("checkpoint")
 
 
 def test_the_merged_checkpoint_loads_in_transformers_and_computes_what_the_adapter_does(straight):

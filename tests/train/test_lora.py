@@ -43,7 +43,8 @@ def config(model_dirs=None, **changes) -> Config:
 def make_trainer(model_dirs, **changes) -> Trainer:
     cfg = config(model_dirs, **changes)
     torch.manual_seed(0)
-    pair = load_pair(cfg.model.teacher, cfg.model.student, device="cpu", lora=cfg.model.lora)
+    pair = load_pair(cfg.model.teacher, cfg.model.student, device="cpu", lora=cfg.model.lora,
+                     gradient_checkpointing=cfg.trainer.gradient_checkpointing)
     train, _ = make_splits(0, 64, 4)
     return Trainer(cfg, pair, train)
 
@@ -169,13 +170,16 @@ def test_a_fresh_adapter_gives_the_loss_and_gradients_of_the_fast_path(model_dir
     assert_same_gradients(grads[1], grads[0], grad_tol)
 
 
-@pytest.mark.parametrize("cell", [
-    dict(prefix__source="fixed", trajectory__supervisor="expert"),
-    dict(prefix__source="student", trajectory__supervisor="student"),
+@pytest.mark.parametrize("cell,other", [
+    (dict(prefix__source="fixed", trajectory__supervisor="expert"), dict(trainer__fused_head=False)),
+    (dict(prefix__source="student", trajectory__supervisor="student"), dict(trainer__fused_head=False)),
+    # activations recomputed in backward: the adapter's gradients are the same
+    (dict(prefix__source="fixed", trajectory__supervisor="expert"),
+     dict(trainer__fused_head=False, trainer__gradient_checkpointing=True)),
 ])
-def test_a_lora_students_fused_head_equals_its_logits_path(model_dirs, cell):
+def test_a_lora_students_fused_head_equals_its_logits_path(model_dirs, cell, other):
     fused = make_trainer(model_dirs, model__lora__r=4, **cell)
-    reference = make_trainer(model_dirs, model__lora__r=4, trainer__fused_head=False, **cell)
+    reference = make_trainer(model_dirs, model__lora__r=4, **other, **cell)
     for trainer in (fused, reference):  # a non-zero B: the adapter changes the outputs
         with torch.no_grad():
             for name, p in trainer.student.named_parameters():
