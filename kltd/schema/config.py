@@ -214,6 +214,9 @@ class EvalRunConfig(Config):
     def check(self) -> None:
         if not self.target.strip():
             raise ConfigError("target is empty; name student, teacher, a model directory or a run directory")
+        if self.model.lora.enabled:
+            raise ConfigError("model.lora trains an adapter in kltd train; kltd eval evaluates a model as it is: give "
+                              "a LoRA run's merged student (target=RUN_DIR, trained with model.lora.save_merged=true)")
         super().check()
 
 
@@ -239,6 +242,10 @@ class MakeDataConfig:
         at_least("batch_size", self.batch_size, 1)
         choice("writer", self.writer, ("student", "teacher"))
         in_unit_interval("other_fraction", self.other_fraction)
+        if self.model.lora.enabled:
+            raise ConfigError("model.lora trains an adapter in kltd train; make-data samples model.student as it is: "
+                              "give a LoRA run's merged student (model.student=RUN_DIR, trained with "
+                              "model.lora.save_merged=true)")
         for section in (self.model, self.data, self.sampling):
             section.check()
 
@@ -458,4 +465,14 @@ def config_method_label(cfg) -> str:
                         beta=loss.beta, alpha=loss.alpha, mix=mix, student_fraction=p.student_fraction,
                         kl_prefix_weight=loss.kl_prefix_weight, estimator=loss.estimator, top_k=loss.top_k,
                         schedule=None if schedule == "constant" else f"{loss.mix:g}→{loss.mix_end:g} {schedule}",
-                        horizon=horizon_text(cfg.sampling), rl=getattr(getattr(cfg, "rl", None), "algorithm", "none"))
+                        horizon=horizon_text(cfg.sampling), rl=getattr(getattr(cfg, "rl", None), "algorithm", "none"),
+                        lora=lora_text(getattr(cfg.model, "lora", None)))
+
+
+def lora_text(lora) -> str | None:
+    """'lora(16)', or 'qlora(16)' on a 4-bit base, for a LoRA student; None otherwise (also for a config saved before
+    model.lora existed). `lora`: a LoraSettings or an OmegaConf node."""
+    r = getattr(lora, "r", 0) or 0
+    if r <= 0:
+        return None
+    return f"{'q' if getattr(lora, 'quantize_base', 'none') == '4bit' else ''}lora({r})"

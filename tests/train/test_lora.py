@@ -280,6 +280,28 @@ def test_the_adapted_gradient_equals_the_plain_merged_models_in_float64():
         assert float((A.grad - s * B.T @ full).abs().max()) <= tol
 
 
+def test_kltd_eval_and_make_data_refuse_an_adapter_they_would_not_load():
+    from kltd.schema.config import EvalRunConfig, MakeDataConfig
+
+    evaluation = EvalRunConfig()
+    evaluation.model.lora.r = 4
+    with pytest.raises(ConfigError, match="kltd eval evaluates a model as it is"):
+        evaluation.check()
+    data = MakeDataConfig(out="x.jsonl")
+    data.model.lora.r = 4
+    with pytest.raises(ConfigError, match="make-data samples model.student as it is"):
+        data.check()
+
+
+def test_a_lora_students_label_sets_it_apart_from_the_whole_model():
+    """Runs with one label are seeds of one method (kltd compare): a LoRA run is another method than full training."""
+    from kltd.schema.matrix import slug
+
+    assert config().method == "SFT"
+    assert config(model__lora__r=16).method == "SFT lora(16)" and slug(config(model__lora__r=16).method) == "sft-lora-16"
+    assert config(model__lora__r=16, model__lora__quantize_base="4bit").method == "SFT qlora(16)"
+
+
 def test_a_lora_run_without_a_merged_student_is_named_as_such(tmp_path):
     from kltd.train.models import check_model_reference
 
