@@ -59,16 +59,20 @@ def wrap(model: torch.nn.Module, settings):
 
 
 def load_quantized(path: str, dtype: torch.dtype, device: torch.device, local_only: bool, trust_remote_code: bool):
-    """The student's frozen base in 4 bits (NF4, computing in `dtype`) on `device`, made ready for an adapter (QLoRA).
-    Needs CUDA and bitsandbytes (kltd.train.preflight refuses otherwise before any model loads)."""
-    peft = _peft()
+    """The student's frozen base in 4 bits (NF4, computing in `dtype`) on `device`, for an adapter (QLoRA). Needs
+    CUDA and bitsandbytes (kltd.train.preflight refuses otherwise before any model loads). Untested: this project's
+    machine has no GPU.
+
+    Its other weights (embeddings, norms, the output layer) stay in `dtype`, as in any run of that dtype: peft's
+    prepare_model_for_kbit_training would cast them to float32 and leave the output layer in another dtype than the
+    hidden states the fused head multiplies it with (activation checkpointing without reentrancy needs none of it)."""
+    _peft()
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=quantization,
-                                                 device_map={"": str(device)}, local_files_only=local_only,
-                                                 trust_remote_code=trust_remote_code)
-    return peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=quantization,
+                                                device_map={"": str(device)}, local_files_only=local_only,
+                                                trust_remote_code=trust_remote_code)
 
 
 def merged_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -196,7 +196,10 @@ def load_pair(teacher: str, student: str, dtype: str = "float32", device: str = 
         from kltd.train.lora import load_quantized
 
         path = resolve_model_path(student)
-        student_model = load_quantized(path, DTYPES[dtype], dev, _local_only(path), trust_remote_code).train()
+        try:
+            student_model = load_quantized(path, DTYPES[dtype], dev, _local_only(path), trust_remote_code).train()
+        except Exception as error:  # as load_model: the broken file or the loader's first line (bitsandbytes missing)
+            raise ValueError(f"cannot load the model '{student}' in 4 bits: {_load_problem(path, error)}") from None
     else:
         student_model = load_model(student, dtype, dev, trust_remote_code).train()
     if gradient_checkpointing:
