@@ -309,3 +309,40 @@ def test_a_lora_run_without_a_merged_student_is_named_as_such(tmp_path):
     (tmp_path / "metrics.json").write_text("{}")
     problem = check_model_reference(str(tmp_path))
     assert "LoRA run without a merged student" in problem and "model.lora.save_merged=true" in problem
+
+
+def test_a_4bit_base_trains_its_adapter_and_resumes_exactly(tmp_path):
+    """QLoRA's path, in process on bitsandbytes' CPU kernels (the command refuses a CPU: CUDA's kernels are what
+    quantize_base=4bit is for, and they are untested here). The base's layers are 4-bit ones, which the fast paths
+    do not read; only the adapter trains; a checkpoint (the adapter alone) restored into a freshly loaded student
+    takes the next step bit for bit as the run that went on."""
+    pytest.importorskip("bitsandbytes")
+    from kltd.train import checkpoint
+
+    def quantized():
+        cfg = config(model__lora__r=4, model__lora__quantize_base="4bit", prefix__source="student",
+                     trajectory__supervisor="student", trainer__batch_size=4, trainer__lr=1e-2, trainer__warmup_steps=0)
+        torch.manual_seed(0)
+        pair = load_pair(cfg.model.teacher, cfg.model.student, device="cpu", lora=cfg.model.lora)
+        return Trainer(cfg, pair, make_splits(0, 64, 4)[0])
+
+    trainer = quantized()
+    q_proj = trainer.student.model.layers[0].self_attn.q_proj.get_base_layer()
+    assert type(q_proj).__name__ == "Linear4bit"
+    assert "LoRA adapter (model.lora.r=4, base in 4 bits)" in trainer.plan.line()
+    assert not trainer.plan.training["student"].packed
+    frozen = {n: p.detach().clone() for n, p in trainer.student.named_parameters() if not p.requires_grad}
+    trained = {n: p.detach().clone() for n, p in trainer.student.named_parameters() if p.requires_grad}
+    assert trained and all(".lora_" in n for n in trained)
+    trainer.step()
+    saved = checkpoint.save(tmp_path, checkpoint.snapshot(trainer), checkpoint.Progress(step=1), {}, keep=1)
+    assert (saved / "adapter" / "adapter_model.safetensors").is_file() and not (saved / "model.safetensors").exists()
+    went_on = trainer.step()
+    now = dict(trainer.student.named_parameters())
+    assert all(torch.equal(now[n], frozen[n]) for n in frozen)
+    assert any(not torch.equal(now[n], trained[n]) for n in trained)
+    resumed = quantized()
+    checkpoint.latest(tmp_path).restore(resumed)
+    again = resumed.step()
+    assert again.loss == went_on.loss
+    assert all(torch.equal(p, now[n]) for n, p in resumed.student.named_parameters())
