@@ -144,11 +144,20 @@ def test_the_plan_runs_a_lora_student_through_its_own_forward_and_says_why(model
     assert not Scorer(packed=True).packs(trainer.student) and Scorer(packed=True).packs(trainer.teacher)
 
 
-def test_a_fresh_adapter_gives_the_loss_and_gradients_of_the_fast_path(model_dirs):
+@pytest.mark.parametrize("cell", [
+    dict(prefix__source="fixed", trajectory__supervisor="expert"),
+    dict(prefix__source="student", trajectory__supervisor="student"),
+    dict(prefix__source="mixed", trajectory__supervisor="expert", loss__divergence="jsd", loss__beta=0.3,
+         loss__temperature=1.5, loss__normalization="sequence"),
+    dict(prefix__source="fixed", trajectory__supervisor="dataset"),
+    dict(prefix__source="student", trajectory__supervisor="student", loss__kl_prefix_weight=1.0,
+         loss__normalization="sequence"),
+])
+def test_a_fresh_adapter_gives_the_loss_and_gradients_of_the_fast_path(model_dirs, cell):
     """B starts at zero, so a fresh LoRA student computes what its base computes: through its own forward it gives
-    the loss of the plain student on kltd's packed forward and fused head, and the gradient of each adapted weight
-    (made trainable for the comparison) equals the plain student's, to float32's bound for two paths."""
-    cell = dict(prefix__source="fixed", trajectory__supervisor="expert")
+    the loss of the plain student on kltd's fast paths (packed forward, fused head where the cell has one), and the
+    gradient of each adapted weight (made trainable for the comparison) equals the plain student's, to float32's
+    bound for two paths."""
     plain = make_trainer(model_dirs, **cell)
     adapted = make_trainer(model_dirs, model__lora__r=4, **cell)
     assert plain.plan.training["student"].packed and not adapted.plan.training["student"].packed
