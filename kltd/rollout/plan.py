@@ -9,8 +9,9 @@ and records it in metrics.json, so a user sees which paths ran.
 The choices rest on what a model allows: its architecture (kltd.fast serves the Llama family), sharding (a
 model sharded by FSDP runs through its own forward), its output layer (the fused head needs a plain linear
 map), its linear layers (a LoRA adapter or a quantised base is not seen by the fast paths, which read plain
-weights: such a model runs through its own forward, and the plan says why), and the config's switches (trainer.packed_forward, trainer.fused_head, sampling.lean_decoder,
-sampling.backend, trainer.gradient_checkpointing: checkpointing lives in the model's own forward).
+weights: such a model runs through its own forward, and the plan says why), and the config's switches
+(trainer.packed_forward, trainer.fused_head, sampling.lean_decoder, sampling.backend,
+trainer.gradient_checkpointing: checkpointing lives in the model's own forward).
 """
 
 from __future__ import annotations
@@ -135,8 +136,9 @@ def fallback_notes(cfg: Config, models: dict) -> tuple[str, ...]:
     for role, model in models.items():
         if model is None or not family_supported(model) or plain_projections(model):
             continue
-        what = (f"a LoRA adapter (model.lora.r={lora.r}" + (", base in 4 bits)" if lora.quantize_base == "4bit" else ")")
-                if role == "student" and lora.enabled else "wrapped linear layers")
+        base = ", base in 4 bits" if lora.quantize_base == "4bit" else ""
+        what = f"a LoRA adapter (model.lora.r={lora.r}{base})" if role == "student" and lora.enabled else \
+            "wrapped linear layers"
         notes.append(f"{role} by its own forward and decoder: it carries {what}, which kltd's packed forward, lean "
                      "decoder and arranged weights do not see")
     return tuple(notes)

@@ -23,8 +23,8 @@ from kltd.schema.sections import (CacheConfig, DataConfig, DataFields, Distribut
 
 # the sections are imported from here by the rest of kltd: one place to name a config class from
 __all__ = ["CacheConfig", "Config", "ConfigError", "DataConfig", "DataFields", "DistributedConfig", "EvalConfig",
-           "EvalRunConfig", "EvalSetConfig", "LoraSettings", "LossConfig", "MakeDataConfig", "ModelConfig", "PrefixConfig",
-           "SamplingConfig", "TrainerConfig", "TrajectoryConfig", "WandbConfig", "approximations",
+           "EvalRunConfig", "EvalSetConfig", "LoraSettings", "LossConfig", "MakeDataConfig", "ModelConfig",
+           "PrefixConfig", "SamplingConfig", "TrainerConfig", "TrajectoryConfig", "WandbConfig", "approximations",
            "config_method_label", "needs_responses", "score_function_term", "teacher_cache_used", "validate"]
 
 

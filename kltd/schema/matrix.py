@@ -139,7 +139,8 @@ def method_label(prefix: str, trajectory: str, *, reward="none", handoff=False, 
     of a mixture, the prefix term. Runs with equal labels are seeds of one method. `schedule`: a scheduled
     parameter's course ('0.1→0.9 cosine'), shown in its place; `mix` is then its mean, which files the blend.
     `horizon`: a scheduled training horizon ('32→128 gated at H≥0.3'); `rl`: an RL stage after the distillation
-    ('DAgger → GRPO'); `lora`: a LoRA student's adapter ('lora(16)', 'qlora(16)'), another model than the whole one."""
+    ('DAgger → GRPO'); `lora`: a LoRA student's adapter ('lora(16)', 'qlora(16)'): another model than the whole
+    student trained."""
     label = method_name(prefix, trajectory, reward=reward, handoff=handoff)
     if prefix == "mixed" and student_fraction is not None:
         label += f" λ={student_fraction:g}"

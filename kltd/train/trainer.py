@@ -120,7 +120,8 @@ class Trainer:
         self.vocab = pair.vocab_size or None
         self.plan = plan or plan_for(cfg, self.student, self.teacher, self.vocab)
         self.scorers = {role: Scorer(packed=route.packed, vocab=self.vocab) for role, route in self.plan.training.items()}
-        self.adapter = getattr(pair, "adapter", None)  # a LoRA student's peft wrapper (kltd.train.lora): checkpoints save its adapter
+        # a LoRA student's peft wrapper (kltd.train.lora): checkpoints save its adapter
+        self.adapter = getattr(pair, "adapter", None)
         # the parameters that train: all of the student's, or a LoRA student's adapter only (the base is frozen)
         trained = [p for p in self.student.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trained, lr=t.lr, weight_decay=t.weight_decay)

@@ -91,7 +91,8 @@ def test_a_4bit_base_on_a_gpu_without_bitsandbytes_says_how_to_install_it(monkey
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     found = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else found(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else found(name, *a))
     problem = lora_problem(config(model__lora__r=4, model__lora__quantize_base="4bit", model__device="auto"))
     assert problem.startswith("model.lora.quantize_base=4bit needs bitsandbytes: pip install -e '.[qlora]'")
 
@@ -128,7 +129,8 @@ def test_the_plan_runs_a_lora_student_through_its_own_forward_and_says_why(model
     trainer = make_trainer(model_dirs, model__lora__r=4, prefix__source="student")
     plan = trainer.plan
     student, teacher = plan.training["student"], plan.training["teacher"]
-    assert (student.packed, student.decoder) == (False, "forward") and (teacher.packed, teacher.decoder) == (True, "lean")
+    assert (student.packed, student.decoder) == (False, "forward")
+    assert (teacher.packed, teacher.decoder) == (True, "lean")
     assert not plan.evaluation.student.packed and plan.evaluation.student.decoder == "forward"
     assert plan.fused_head  # from the student's own hidden states, through the adapter
     line = plan.line()
@@ -202,7 +204,8 @@ def test_a_lora_students_fused_head_equals_its_logits_path(model_dirs, cell, oth
         trainer.student.zero_grad(set_to_none=True)
         loss, _ = trainer.loss(batch, denominator)
         loss.backward()
-        results.append((float(loss.detach()), {n: p.grad for n, p in trainer.student.named_parameters() if p.grad is not None}))
+        results.append((float(loss.detach()),
+                        {n: p.grad for n, p in trainer.student.named_parameters() if p.grad is not None}))
     loss_tol, grad_tol = loss_bounds(fused.student.config.to_dict(), fused.teacher.config.to_dict(),
                                      int(batch.supervised.sum()), denominator, results[1][0])
     assert abs(results[0][0] - results[1][0]) <= loss_tol
@@ -307,7 +310,8 @@ def test_a_lora_students_label_sets_it_apart_from_the_whole_model():
     from kltd.schema.matrix import slug
 
     assert config().method == "SFT"
-    assert config(model__lora__r=16).method == "SFT lora(16)" and slug(config(model__lora__r=16).method) == "sft-lora-16"
+    assert config(model__lora__r=16).method == "SFT lora(16)"
+    assert slug(config(model__lora__r=16).method) == "sft-lora-16"
     assert config(model__lora__r=16, model__lora__quantize_base="4bit").method == "SFT qlora(16)"
 
 
