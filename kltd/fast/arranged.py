@@ -51,7 +51,25 @@ def is_sharded(model) -> bool:
     return fsdp is not None and isinstance(model, fsdp.FSDPModule)
 
 
-def supports(model) -> bool:
+# The linear maps of a block that the arrangement reads as weights
+PROJECTIONS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
+
+
+def plain_projections(model) -> bool:
+    """Whether every projection of every block is a plain torch.nn.Linear. A layer replaced by a wrapper (a LoRA
+    adapter adds B A x to its output; a quantised layer stores no float weight) computes something its `weight`
+    does not say, and the arrangement, reading weights, would silently drop it."""
+    body = getattr(model, "base_model", None)
+    for layer in getattr(body, "layers", None) or ():
+        for part, names in PROJECTIONS.items():
+            block = getattr(layer, part, None)
+            if any(type(getattr(block, name, None)) is not torch.nn.Linear for name in names):
+                return False
+    return True
+
+
+def family_supported(model) -> bool:
+    """The Llama family in a form the arrangement reproduces exactly, whatever its layers are wrapped in."""
     if is_sharded(model):
         return False
     config = getattr(model, "config", None)
@@ -64,6 +82,11 @@ def supports(model) -> bool:
         return False
     layer_types = getattr(config, "layer_types", None) or []
     return all(t == "full_attention" for t in layer_types) and hasattr(body, "rotary_emb")
+
+
+def supports(model) -> bool:
+    """Whether kltd's fast paths (the packed forward, the lean decoder) compute exactly what `model` computes."""
+    return family_supported(model) and plain_projections(model)
 
 
 # model -> (weights' identity and versions, LlamaBlocks). Weak: an entry dies with its model (tested).

@@ -8,15 +8,17 @@ and records it in metrics.json, so a user sees which paths ran.
 
 The choices rest on what a model allows: its architecture (kltd.fast serves the Llama family), sharding (a
 model sharded by FSDP runs through its own forward), its output layer (the fused head needs a plain linear
-map), and the config's switches (trainer.packed_forward, trainer.fused_head, sampling.lean_decoder,
-sampling.backend, trainer.gradient_checkpointing: checkpointing lives in the model's own forward).
+map), its linear layers (a LoRA adapter or a quantised base is not seen by the fast paths, which read plain
+weights: such a model runs through its own forward, and the plan says why), and the config's switches
+(trainer.packed_forward, trainer.fused_head, sampling.lean_decoder, sampling.backend,
+trainer.gradient_checkpointing: checkpointing lives in the model's own forward).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-from kltd.fast.arranged import is_sharded, supports
+from kltd.fast.arranged import family_supported, is_sharded, plain_projections, supports
 from kltd.objectives.fused_head import plain_output_layer
 from kltd.schema.config import Config, teacher_cache_used
 
@@ -88,6 +90,7 @@ class ExecutionPlan:
     evaluation: EvaluationPlan
     reuse_evaluation_before: bool  # the evaluation before training is read from the eval cache when there
     rl: str = "none"  # the RL stage after the distillation (rl.algorithm): it samples the student by its route
+    notes: tuple[str, ...] = ()  # why a model the fast paths serve runs otherwise (a LoRA student)
 
     def line(self) -> str:
         """The plan in one line, as a job prints it."""
@@ -99,7 +102,8 @@ class ExecutionPlan:
                 + (f"; states sampled: {sampling}" if sampling else "")
                 + ("; teacher cache" if self.teacher_cache else "")
                 + (f"; then {self.rl.upper()}, student sampled by the {s.decoder} decoder" if self.rl != "none" else "")
-                + f"; evaluation: {self.evaluation.text()}")
+                + f"; evaluation: {self.evaluation.text()}"
+                + "".join(f"; {note}" for note in self.notes))
 
     def record(self) -> dict:
         """What metrics.json keeps."""
@@ -122,6 +126,22 @@ def evaluation_engines(cfg: Config, training: dict[str, Route], evaluation_only:
         return ("student",)
     return tuple(role for role, r in training.items()
                  if r.decoder == "vllm" and (role == "teacher" or cfg.sampling.vllm_sync_every == 1))
+
+
+def fallback_notes(cfg: Config, models: dict) -> tuple[str, ...]:
+    """Why a Llama-family model runs through its own forward although the fast paths serve its family: its linear
+    layers are wrapped (a LoRA adapter, a quantised base), and the fast paths read plain weights."""
+    lora = cfg.model.lora
+    notes = []
+    for role, model in models.items():
+        if model is None or not family_supported(model) or plain_projections(model):
+            continue
+        base = ", base in 4 bits" if lora.quantize_base == "4bit" else ""
+        what = f"a LoRA adapter (model.lora.r={lora.r}{base})" if role == "student" and lora.enabled else \
+            "wrapped linear layers"
+        notes.append(f"{role} by its own forward and decoder: it carries {what}, which kltd's packed forward, lean "
+                     "decoder and arranged weights do not see")
+    return tuple(notes)
 
 
 def plan_for(cfg: Config, student, teacher, vocab: int | None = None, evaluation_only: bool = False
@@ -151,4 +171,5 @@ def plan_for(cfg: Config, student, teacher, vocab: int | None = None, evaluation
                          length_groups=t.length_groups if split else 1, teacher_cache=teacher_cache_used(cfg),
                          cache_fill_packed=t.packed_forward and supports(teacher), evaluation=evaluation,
                          # the processes of a sharded student evaluate together: none may skip one the others make
-                         reuse_evaluation_before=cfg.cache.eval_before and not is_sharded(student), rl=cfg.rl.algorithm)
+                         reuse_evaluation_before=cfg.cache.eval_before and not is_sharded(student), rl=cfg.rl.algorithm,
+                         notes=fallback_notes(cfg, {"student": student, "teacher": teacher}))

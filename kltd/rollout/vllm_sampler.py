@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -58,6 +59,9 @@ class EngineOptions:
     enforce_eager: bool = True  # no torch.compile / CUDA graphs: starts in seconds
     dtype: str | None = None  # None: the model's parameter dtype
     extra: dict = field(default_factory=dict)  # any other vllm.LLM keyword
+    # the weights the engine is given, in its checkpoint's names: None, the model's state_dict; a LoRA student's
+    # merged weights (kltd.train.lora.merged_weights), since the engine runs the plain architecture
+    weights: Callable[[torch.nn.Module], dict] | None = None
 
 
 class VllmEngine:
@@ -96,7 +100,8 @@ class VllmEngine:
         """Copy the model's current weights into the engine, in place (vLLM's reload of checkpoint-format
         weights: it re-runs the per-layer processing, such as the CPU's weight repacking) and drop the
         prefix cache, whose keys and values the old weights computed."""
-        weights = [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
+        named = self.options.weights(model) if self.options.weights is not None else model.state_dict()
+        weights = [(name, tensor.detach()) for name, tensor in named.items()]
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()
 

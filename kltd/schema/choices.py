@@ -40,6 +40,7 @@ MIX_SCHEDULES = ("constant", "linear", "cosine")  # loss.mix_schedule: kl_mix's 
 HANDOFF_K = ("fixed", "uniform", "geometric")
 SUPERVISE = ("all", "after_handoff")
 DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZE_BASE = ("none", "4bit")  # model.lora.quantize_base: the frozen base of a LoRA student
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 SAMPLING_BACKENDS = ("kltd", "vllm")
 # sampling.length_schedule: the training horizon over training (kltd.rollout.horizon)

@@ -19,12 +19,12 @@ from kltd.schema.choices import SAMPLED_ESTIMATORS
 from kltd.schema.matrix import cell_error, direction_error, method_label, own_divergence
 from kltd.schema.rl import RLConfig
 from kltd.schema.sections import (CacheConfig, DataConfig, DataFields, DistributedConfig, EvalConfig, EvalSetConfig,
-                                  ModelConfig, SamplingConfig, TrainerConfig, WandbConfig, horizon_text)
+                                  LoraSettings, ModelConfig, SamplingConfig, TrainerConfig, WandbConfig, horizon_text)
 
 # the sections are imported from here by the rest of kltd: one place to name a config class from
 __all__ = ["CacheConfig", "Config", "ConfigError", "DataConfig", "DataFields", "DistributedConfig", "EvalConfig",
-           "EvalRunConfig", "EvalSetConfig", "LossConfig", "MakeDataConfig", "ModelConfig", "PrefixConfig",
-           "SamplingConfig", "TrainerConfig", "TrajectoryConfig", "WandbConfig", "approximations",
+           "EvalRunConfig", "EvalSetConfig", "LoraSettings", "LossConfig", "MakeDataConfig", "ModelConfig",
+           "PrefixConfig", "SamplingConfig", "TrainerConfig", "TrajectoryConfig", "WandbConfig", "approximations",
            "config_method_label", "needs_responses", "score_function_term", "teacher_cache_used", "validate"]
 
 
@@ -99,6 +99,27 @@ def _check_rl(cfg: Config) -> None:
                           "fixed with rl=grpo, or sampling.backend=kltd")
 
 
+def _check_lora(cfg: Config) -> None:
+    """What a LoRA student (model.lora.r > 0) is not built for yet."""
+    lora = cfg.model.lora
+    if not lora.enabled:
+        return
+    if cfg.distributed.strategy == "fsdp":
+        raise ConfigError("model.lora.r > 0 with distributed.strategy=fsdp is not built (the adapter is small: "
+                          "use distributed.strategy=ddp)")
+    if cfg.rl.enabled:
+        raise ConfigError("model.lora.r > 0 with rl=grpo is not built; train the adapter with model.lora.save_merged="
+                          "true, then run the RL stage from that run's merged student (model.student=RUN_DIR)")
+    if lora.quantize_base == "4bit" and lora.save_merged:
+        raise ConfigError("model.lora.save_merged=true with model.lora.quantize_base=4bit is not built (the base "
+                          "would be dequantised first); keep the adapter (adapter/) and merge it into the "
+                          "full-precision student yourself, or use model.lora.quantize_base=none")
+    if lora.quantize_base == "4bit" and cfg.sampling.backend == "vllm":
+        raise ConfigError("model.lora.quantize_base=4bit with sampling.backend=vllm is not built (the engine is "
+                          "given merged full-precision weights); use model.lora.quantize_base=none or "
+                          "sampling.backend=kltd")
+
+
 def _check_length_schedule(cfg: Config) -> None:
     """A scheduled horizon needs sampled states, and the gate needs evaluations during training to read."""
     s, schedule, steps = cfg.sampling, cfg.sampling.length_schedule, cfg.trainer.max_steps
@@ -153,6 +174,7 @@ class Config:
         _check_length_schedule(self)
         _check_groups(self)
         _check_rl(self)
+        _check_lora(self)
         if self.cache.teacher == "on" and self.prefix.source != "fixed":
             raise ConfigError("cache.teacher=on caches teacher logits at fixed states; it needs prefix=fixed")
         if self.data.responses_file is not None and self.prefix.source not in ("fixed", "mixed"):
@@ -192,6 +214,9 @@ class EvalRunConfig(Config):
     def check(self) -> None:
         if not self.target.strip():
             raise ConfigError("target is empty; name student, teacher, a model directory or a run directory")
+        if self.model.lora.enabled:
+            raise ConfigError("model.lora trains an adapter in kltd train; kltd eval evaluates a model as it is: give "
+                              "a LoRA run's merged student (target=RUN_DIR, trained with model.lora.save_merged=true)")
         super().check()
 
 
@@ -217,6 +242,10 @@ class MakeDataConfig:
         at_least("batch_size", self.batch_size, 1)
         choice("writer", self.writer, ("student", "teacher"))
         in_unit_interval("other_fraction", self.other_fraction)
+        if self.model.lora.enabled:
+            raise ConfigError("model.lora trains an adapter in kltd train; make-data samples model.student as it is: "
+                              "give a LoRA run's merged student (model.student=RUN_DIR, trained with "
+                              "model.lora.save_merged=true)")
         for section in (self.model, self.data, self.sampling):
             section.check()
 
@@ -436,4 +465,14 @@ def config_method_label(cfg) -> str:
                         beta=loss.beta, alpha=loss.alpha, mix=mix, student_fraction=p.student_fraction,
                         kl_prefix_weight=loss.kl_prefix_weight, estimator=loss.estimator, top_k=loss.top_k,
                         schedule=None if schedule == "constant" else f"{loss.mix:g}→{loss.mix_end:g} {schedule}",
-                        horizon=horizon_text(cfg.sampling), rl=getattr(getattr(cfg, "rl", None), "algorithm", "none"))
+                        horizon=horizon_text(cfg.sampling), rl=getattr(getattr(cfg, "rl", None), "algorithm", "none"),
+                        lora=lora_text(getattr(cfg.model, "lora", None)))
+
+
+def lora_text(lora) -> str | None:
+    """'lora(16)', or 'qlora(16)' on a 4-bit base, for a LoRA student; None otherwise (also for a config saved before
+    model.lora existed). `lora`: a LoraSettings or an OmegaConf node."""
+    r = getattr(lora, "r", 0) or 0
+    if r <= 0:
+        return None
+    return f"{'q' if getattr(lora, 'quantize_base', 'none') == '4bit' else ''}lora({r})"

@@ -133,13 +133,14 @@ def divergence_tag(divergence: str, beta: float = DEFAULTS["beta"], alpha: float
 def method_label(prefix: str, trajectory: str, *, reward="none", handoff=False, divergence=None,
                  beta=DEFAULTS["beta"], alpha=DEFAULTS["alpha"], mix=DEFAULTS["mix"], student_fraction=None,
                  kl_prefix_weight=0.0, estimator="exact", top_k=8, schedule: str | None = None,
-                 horizon: str | None = None, rl: str = "none") -> str:
+                 horizon: str | None = None, rl: str = "none", lora: str | None = None) -> str:
     """The method name plus what sets this run apart within its cell: a blend in place of the trajectory's
     own divergence, an estimator in place of the exact divergence (~topk(8), ~sampled_k2), the student fraction
     of a mixture, the prefix term. Runs with equal labels are seeds of one method. `schedule`: a scheduled
     parameter's course ('0.1→0.9 cosine'), shown in its place; `mix` is then its mean, which files the blend.
     `horizon`: a scheduled training horizon ('32→128 gated at H≥0.3'); `rl`: an RL stage after the distillation
-    ('DAgger → GRPO')."""
+    ('DAgger → GRPO'); `lora`: a LoRA student's adapter ('lora(16)', 'qlora(16)'): another model than the whole
+    student trained."""
     label = method_name(prefix, trajectory, reward=reward, handoff=handoff)
     if prefix == "mixed" and student_fraction is not None:
         label += f" λ={student_fraction:g}"
@@ -153,6 +154,8 @@ def method_label(prefix: str, trajectory: str, *, reward="none", handoff=False, 
         label += f" +prefix({kl_prefix_weight:g})"
     if horizon:
         label += f" len({horizon})"
+    if lora:
+        label += f" {lora}"
     if rl != "none":
         label += f" → {rl.upper()}"
     return label

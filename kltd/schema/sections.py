@@ -10,6 +10,43 @@ from kltd.schema import choices as C
 from kltd.schema.checks import ConfigError, at_least, choice, in_unit_interval, positive
 
 
+# Llama, Qwen2 and Qwen3 name their attention and MLP projections so: an adapter on every linear map of a block
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraSettings:
+    """A LoRA adapter on the student (peft, the lora extra): only the adapter trains; r=0 trains the whole model."""
+
+    r: int = 0  # the adapter's rank; 0: no adapter
+    alpha: float = 16.0  # the update is (alpha / r) B A
+    dropout: float = 0.0  # on the adapter's input, in training
+    target_modules: List[str] = field(default_factory=lambda: list(LORA_TARGETS))  # module names peft wraps
+    # none | 4bit: the frozen base loaded in 4 bits (QLoRA; a CUDA GPU and bitsandbytes)
+    quantize_base: str = "none"
+    save_merged: bool = False  # also write the merged model (base + adapter) to checkpoint/, for transformers
+
+    @property
+    def enabled(self) -> bool:
+        return self.r > 0
+
+    def check(self) -> None:
+        at_least("model.lora.r", self.r, 0)
+        choice("model.lora.quantize_base", self.quantize_base, C.QUANTIZE_BASE)
+        if not self.enabled:
+            for key, off in (("quantize_base", "none"), ("save_merged", False)):
+                if getattr(self, key) != off:
+                    raise ConfigError(f"model.lora.{key}={getattr(self, key)} belongs to a LoRA student; set "
+                                      "model.lora.r (e.g. model.lora.r=16) or drop it")
+            return
+        positive("model.lora.alpha", self.alpha)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.lora.dropout={self.dropout} must lie in [0, 1)")
+        if not self.target_modules or not all(str(name).strip() for name in self.target_modules):
+            raise ConfigError(f"model.lora.target_modules={list(self.target_modules)} names no module; e.g. "
+                              "model.lora.target_modules=[q_proj,v_proj]")
+
+
 @dataclass
 class ModelConfig:
     # "toy/teacher" and "toy/student" are the pair shipped inside the package; anything else is a local
@@ -20,9 +57,11 @@ class ModelConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     teacher_device: Optional[str] = None  # null: the student's device; e.g. cuda:1 to give the teacher its own GPU
     trust_remote_code: bool = False  # run a model repository's own Python code (only for models that need it)
+    lora: LoraSettings = field(default_factory=LoraSettings)  # model.lora.r > 0: train a LoRA adapter only
 
     def check(self) -> None:
         choice("model.dtype", self.dtype, C.DTYPES)
+        self.lora.check()
         for role in ("teacher", "student"):
             if not getattr(self, role).strip():
                 raise ConfigError(f"model.{role} is empty: name a local directory or a Hugging Face model, "

@@ -1,6 +1,7 @@
 """Training checkpoints: everything a run needs to go on exactly where it stopped.
 
-A checkpoint is a directory checkpoints/step-000050/ holding the student's weights (safetensors), the
+A checkpoint is a directory checkpoints/step-000050/ holding the student's weights (safetensors; a LoRA student's
+adapter alone, in peft's format in adapter/, its frozen base being model.student's own files), the
 trainer's state (optimiser, schedule, every random stream, the data position; kltd.train.trainer
 Trainer.state_dict), the run's progress (counters, the evaluation before training) and the resolved config
 it was made under. Each is written whole (kltd.files) and the newest `keep` are kept; the older ones are
@@ -24,6 +25,7 @@ from kltd.train.sharding import load_weights, save_weights, whole_weights
 
 DIRECTORY = "checkpoints"
 WEIGHTS, TRAINER, PROGRESS = "model.safetensors", "trainer.pt", "progress.json"
+ADAPTER = "adapter"  # a LoRA student's checkpoint: the adapter (kltd.train.lora), in place of WEIGHTS
 
 
 @dataclass
@@ -47,7 +49,14 @@ class Checkpoint:
     trainer_state: dict
 
     def restore(self, trainer) -> None:
-        load_weights(trainer.student, self.path / WEIGHTS, trainer.device)
+        if (self.path / ADAPTER).is_dir():
+            from kltd.train.lora import load_adapter
+
+            if getattr(trainer, "adapter", None) is None:
+                raise RuntimeError(f"{self.path} holds a LoRA adapter, and this run's student has none")
+            load_adapter(trainer.adapter, self.path / ADAPTER)
+        else:
+            load_weights(trainer.student, self.path / WEIGHTS, trainer.device)
         trainer.load_state_dict(self.trainer_state)
 
 
@@ -57,11 +66,14 @@ class Snapshot:
 
     weights: dict
     trainer_state: dict
+    adapter: object = None  # a LoRA student's peft wrapper: its adapter is saved in place of `weights` (empty)
 
 
 def snapshot(trainer) -> Snapshot:
-    """Every process of a sharded run calls it (gathering is collective); the process that saves keeps it."""
-    return Snapshot(whole_weights(trainer.student), trainer.state_dict())
+    """Every process of a sharded run calls it (gathering is collective); the process that saves keeps it. A LoRA
+    student's adapter is written from the live wrapper by `save`, called at once."""
+    adapter = getattr(trainer, "adapter", None)
+    return Snapshot({} if adapter is not None else whole_weights(trainer.student), trainer.state_dict(), adapter)
 
 
 def _name(step: int) -> str:
@@ -82,7 +94,12 @@ def saved(run_dir: Path) -> list[Path]:
 def save(run_dir: Path, state: Snapshot, progress: Progress, config: dict, keep: int) -> Path:
     def write(directory: Path) -> None:
         directory.mkdir(parents=True)
-        save_weights(state.weights, directory / WEIGHTS)
+        if state.adapter is not None:
+            from kltd.train.lora import save_adapter
+
+            save_adapter(state.adapter, directory / ADAPTER)
+        else:
+            save_weights(state.weights, directory / WEIGHTS)
         torch.save(state.trainer_state, directory / TRAINER)
         (directory / PROGRESS).write_text(json.dumps({"progress": asdict(progress), "config": config}, default=str))
 
@@ -108,7 +125,10 @@ def _load(path: Path) -> Checkpoint:
     state = torch.load(path / TRAINER, weights_only=True)  # plain tensors and numbers only: nothing executes
     from safetensors import safe_open
 
-    with safe_open(str(path / WEIGHTS), framework="pt"):  # the header reads: the file is whole
+    from kltd.train.lora import ADAPTER_WEIGHTS
+
+    weights = path / ADAPTER / ADAPTER_WEIGHTS if (path / ADAPTER).is_dir() else path / WEIGHTS
+    with safe_open(str(weights), framework="pt"):  # the header reads: the file is whole
         pass
     return Checkpoint(path, Progress(**record["progress"]), record["config"], state)
 

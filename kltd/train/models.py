@@ -59,6 +59,9 @@ def check_model_reference(reference: str) -> str | None:
     if reference.startswith(TOY_PREFIX) or _looks_local(reference):
         p = Path(path)
         if p.name == "checkpoint" and _is_run_directory(p.parent) and not p.is_dir():
+            if (p.parent / "adapter").is_dir():  # a LoRA run keeps its adapter; the merged model only on request
+                return (f"'{reference}' is a LoRA run without a merged student (checkpoint/): it kept only its adapter "
+                        "(adapter/); rerun it with model.lora.save_merged=true, or load adapter/ with peft")
             return (f"'{reference}' is a run directory without a trained student (checkpoint/): the run did not "
                     "finish, or ran with trainer.save_checkpoint=false")
         if not p.is_dir():
@@ -91,6 +94,7 @@ class ModelPair:
     tokenizer: object
     device: torch.device  # the student's (where the loss is formed)
     vocab_size: int = 0  # the shared tokenizer's ids: logits are compared on these only
+    adapter: object = None  # a LoRA student's peft wrapper (kltd.train.lora), whose model `student` is; else None
 
 
 def _quiet_transformers() -> None:
@@ -177,20 +181,37 @@ def output_rows(model) -> int:
 
 def load_pair(teacher: str, student: str, dtype: str = "float32", device: str = "auto", *, tokenizer=None,
               teacher_device: str | None = None, gradient_checkpointing: bool = False,
-              trust_remote_code: bool = False) -> ModelPair:
+              trust_remote_code: bool = False, lora=None) -> ModelPair:
     """Teacher frozen in eval mode (on `teacher_device` if given), student in train mode; both share the
-    student's tokenizer (pass it if already loaded: kltd.data may have set its end-of-response token)."""
+    student's tokenizer (pass it if already loaded: kltd.data may have set its end-of-response token).
+    `lora` (kltd.schema.config.LoraSettings) with r > 0: the student carries a LoRA adapter, the only part that
+    trains (kltd.train.lora), its base in 4 bits with quantize_base=4bit."""
     dev = pick_device(device)
     tokenizer = check_tokenizers(teacher, student, tokenizer, trust_remote_code)
     teacher_model = load_model(teacher, dtype, pick_device(teacher_device) if teacher_device else dev,
                                trust_remote_code)
     teacher_model = teacher_model.eval().requires_grad_(False)
-    student_model = load_model(student, dtype, dev, trust_remote_code).train()
+    adapted = lora is not None and lora.enabled
+    if adapted and lora.quantize_base == "4bit":
+        from kltd.train.lora import load_quantized
+
+        path = resolve_model_path(student)
+        try:
+            student_model = load_quantized(path, DTYPES[dtype], dev, _local_only(path), trust_remote_code).train()
+        except Exception as error:  # as load_model: the broken file or the loader's first line (bitsandbytes missing)
+            raise ValueError(f"cannot load the model '{student}' in 4 bits: {_load_problem(path, error)}") from None
+    else:
+        student_model = load_model(student, dtype, dev, trust_remote_code).train()
     if gradient_checkpointing:
         enable_checkpointing(student_model)
+    adapter = None
+    if adapted:  # after checkpointing is set: peft keeps the model's own forward
+        from kltd.train.lora import wrap
+
+        adapter = wrap(student_model, lora)
     vocab = len(tokenizer)
     for role, model in (("teacher", teacher_model), ("student", student_model)):
         if output_rows(model) < vocab:
             raise ValueError(f"the {role}'s output layer has {output_rows(model)} rows but its tokenizer "
                              f"{vocab} tokens: the model cannot predict every token")
-    return ModelPair(teacher_model, student_model, tokenizer, dev, vocab)
+    return ModelPair(teacher_model, student_model, tokenizer, dev, vocab, adapter)

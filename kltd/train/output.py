@@ -125,3 +125,23 @@ def save_student(model, tokenizer, run_dir: Path, weights: dict | None = None, n
         return atomic_write_dir(run_dir / name, write)
     except DiskFull as full:  # the training checkpoints are intact: a rerun resumes from the newest
         raise checkpoint.resumable(full, run_dir) from full.__cause__
+
+
+def save_lora_student(pair, run_dir: Path, merged: bool) -> tuple[Path, Path | None]:
+    """A LoRA student's results: its adapter in peft's format with the tokenizer, in adapter/
+    (PeftModel.from_pretrained(model.student, adapter/) loads it), and with `merged` (model.lora.save_merged) the
+    merged model in checkpoint/, a plain Hugging Face directory (AutoModelForCausalLM loads it). Each atomic."""
+    from kltd.train.lora import merged_weights, save_adapter
+
+    def write_adapter(directory: Path) -> None:
+        save_adapter(pair.adapter, directory)
+        pair.tokenizer.save_pretrained(directory)
+
+    try:
+        adapter = atomic_write_dir(run_dir / "adapter", write_adapter)
+    except DiskFull as full:
+        raise checkpoint.resumable(full, run_dir) from full.__cause__
+    if not merged:
+        return adapter, None
+    weights = {name: tensor.cpu().contiguous() for name, tensor in merged_weights(pair.student).items()}
+    return adapter, save_student(pair.student, pair.tokenizer, run_dir, weights)

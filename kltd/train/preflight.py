@@ -22,9 +22,9 @@ def preflight(cfg: Config) -> None:
         problem = check_model_reference(getattr(cfg.model, role))
         if problem:
             raise ConfigError(f"model.{role}: {problem}")
-    problem = vllm_problem(cfg)
-    if problem:
-        raise ConfigError(problem)
+    for problem in (lora_problem(cfg), vllm_problem(cfg)):
+        if problem:
+            raise ConfigError(problem)
     responses = cfg.data.responses_file
     if responses is not None and not Path(responses).expanduser().is_file():
         raise ConfigError(f"data.responses_file '{responses}' does not exist (make one with `kltd make-data`)")
@@ -49,6 +49,33 @@ def data_problem(cfg: Config) -> str | None:
         check_set_rows(cfg.eval, cfg.eval_sets, cfg.data)
     except DataError as error:
         return str(error)
+    return None
+
+
+def lora_problem(cfg: Config) -> str | None:
+    """Why a LoRA student (model.lora.r > 0) cannot be built on this machine: peft missing; a 4-bit base without a
+    CUDA device or bitsandbytes."""
+    lora = cfg.model.lora
+    if not lora.enabled:
+        return None
+    import importlib.util
+
+    import torch
+
+    from kltd.train.lora import peft_missing
+
+    if peft_missing():  # the text of kltd.train.lora.MISSING, the import's own error (written out for the table)
+        return "model.lora.r > 0 needs peft: pip install -e '.[lora]' (or pip install peft), or set model.lora.r=0"
+    if lora.quantize_base != "4bit":
+        return None
+    device = cfg.model.device
+    if not (device == "auto" or device.startswith("cuda")) or not torch.cuda.is_available():
+        where = f"model.device={device}" if device != "auto" else "this machine has no CUDA device"
+        return (f"model.lora.quantize_base=4bit needs a CUDA GPU (bitsandbytes' 4-bit layers), and {where}; run on "
+                "a GPU or use model.lora.quantize_base=none")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return ("model.lora.quantize_base=4bit needs bitsandbytes: pip install -e '.[qlora]' (or pip install "
+                "bitsandbytes); or use model.lora.quantize_base=none")
     return None
 
 

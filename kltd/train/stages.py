@@ -26,7 +26,7 @@ from kltd.rollout.batch import TokenCounts
 from kltd.schema.config import Config, approximations, needs_responses
 from kltd.train import checkpoint
 from kltd.train.interrupt import Interrupted, stop_requests
-from kltd.train.output import Output, before_after_table, data_lines, save_student
+from kltd.train.output import Output, before_after_table, data_lines, save_lora_student, save_student
 from kltd.train.phases import Phases
 from kltd.train.ranks import SINGLE, Ranks
 
@@ -128,7 +128,7 @@ class Job:
         with self.phases("loading"):
             self.pair = load_pair(m.teacher, m.student, m.dtype, m.device, tokenizer=self.tokenizer,
                                   teacher_device=m.teacher_device, gradient_checkpointing=t.gradient_checkpointing,
-                                  trust_remote_code=m.trust_remote_code)
+                                  trust_remote_code=m.trust_remote_code, lora=m.lora)
             if self.cfg.distributed.strategy == "fsdp":
                 shard(self.pair.student)
         self.plan = plan_for(self.cfg, self.pair.student, self.pair.teacher, self.pair.vocab_size,
@@ -352,8 +352,14 @@ class Job:
         weights = whole_weights(student) if t.save_checkpoint and self.plan.training["student"].lockstep else None
         if not self.ranks.main:
             return {}
+        adapter = None
         with self.phases("checkpoint"):
-            final = save_student(student, self.pair.tokenizer, self.run_dir, weights) if t.save_checkpoint else None
+            if not t.save_checkpoint:
+                final = None
+            elif self.pair.adapter is not None:  # a LoRA student: its adapter, and the merged model on request
+                adapter, final = save_lora_student(self.pair, self.run_dir, self.cfg.model.lora.save_merged)
+            else:
+                final = save_student(student, self.pair.tokenizer, self.run_dir, weights)
         train_time = progress.train_time_s
         self.phases.add("training", train_time - time_before)  # this session's share
         return {
@@ -372,4 +378,5 @@ class Job:
                 "eval_after_distillation": progress.eval_after_distillation} if self.cfg.rl.enabled else {}),
             "eval_after": after,  # after the RL stage where there is one
             "checkpoint": str(final) if final else None,
+            **({"adapter": str(adapter) if adapter else None} if self.pair.adapter is not None else {}),
         }

@@ -88,8 +88,12 @@ def vllm_sampler(cfg: Config, role: str, model, tokenizer, vocab: int | None) ->
     from kltd.train.models import model_directory
 
     s = cfg.sampling
+    # a LoRA student's engine runs the plain architecture: it is given the merged weights (base + adapter)
+    merged = None
+    if role == "student" and cfg.model.lora.enabled:
+        from kltd.train.lora import merged_weights as merged
     options = EngineOptions(model_dir=str(model_directory(getattr(cfg.model, role))), seed=cfg.seed,
-                            gpu_memory_utilization=s.vllm_memory)
+                            gpu_memory_utilization=s.vllm_memory, weights=merged)
     return VllmSampler(model, tokenizer, s.max_new_tokens, s.temperature, s.top_p, vocab, options=options)
 
 
@@ -116,7 +120,11 @@ class Trainer:
         self.vocab = pair.vocab_size or None
         self.plan = plan or plan_for(cfg, self.student, self.teacher, self.vocab)
         self.scorers = {role: Scorer(packed=route.packed, vocab=self.vocab) for role, route in self.plan.training.items()}
-        self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        # a LoRA student's peft wrapper (kltd.train.lora): checkpoints save its adapter
+        self.adapter = getattr(pair, "adapter", None)
+        # the parameters that train: all of the student's, or a LoRA student's adapter only (the base is frozen)
+        trained = [p for p in self.student.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trained, lr=t.lr, weight_decay=t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(t.warmup_steps, t.max_steps, t.min_lr_ratio)
         )

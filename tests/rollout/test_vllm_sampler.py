@@ -294,3 +294,40 @@ def test_push_weights_makes_the_engine_sample_the_updated_model(tiny, vsampler):
         vsampler.push_weights(model)
     assert vsampler.pushes == pushes + 2
     torch.testing.assert_close(engine_logprobs(vsampler, tok, prompts), old, atol=tol, rtol=0)
+
+
+@needs_vllm
+def test_a_lora_students_engine_is_given_its_merged_weights(tiny, vsampler):
+    """A LoRA student (kltd.train.lora) is the plain model with adapted layers, which the engine does not know: with
+    EngineOptions.weights=merged_weights (what the trainer sets for model.lora.r > 0) a push gives the engine
+    W + (alpha / r) B A under the plain names, and it samples the adapted model."""
+    pytest.importorskip("peft")
+    from kltd.schema.config import LoraSettings
+    from kltd.train.lora import merged_weights, wrap
+
+    model, tok, _ = tiny
+    prompts = PROMPTS + [LONG]
+    student = copy.deepcopy(model)
+    wrap(student, LoraSettings(r=4, alpha=8.0))
+    with torch.no_grad():  # a trained adapter: B away from its zero start
+        for name, p in student.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.05)
+    student.eval()
+    old, new = hf_logprobs(model, tok, prompts), hf_logprobs(student, tok, prompts)
+    assert float((new - old).abs().max()) > 0.1
+    # as test_push_weights_makes_the_engine_sample_the_updated_model, plus the adapter's two products per layer
+    tol = forward_bound(model.config.to_dict(), magnitude=10.0, extra_terms=model.config.vocab_size + 8)
+    engine, options = vsampler.engine, vsampler.engine.options
+    engine.options = replace(options, weights=merged_weights)
+    try:
+        vsampler.push_weights(student, step=1)
+        torch.testing.assert_close(engine_logprobs(vsampler, tok, prompts), new, atol=tol, rtol=0)
+        ids, mask = encode_prompts(tok, prompts, "cpu")
+        greedy = replace(vsampler, temperature=0.0)(ids, mask, None)
+        reference = kltd_sampler(student, tok)(ids, mask, None)  # the model's own forward: no lean decoder for it
+        assert torch.equal(greedy.tokens, reference.tokens) and torch.equal(greedy.mask, reference.mask)
+    finally:
+        engine.options = options
+        vsampler.push_weights(model)
+    torch.testing.assert_close(engine_logprobs(vsampler, tok, prompts), old, atol=tol, rtol=0)

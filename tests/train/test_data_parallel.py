@@ -338,3 +338,32 @@ def test_two_processes_take_the_grpo_step_of_one(tmp_path):
 def training_rows_of(run_dir: Path, key: str) -> list[dict]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [row for row in rows if key in row]
+
+
+def test_two_processes_train_a_lora_adapter_as_one(tmp_path):
+    """model.lora.r > 0 with DDP: only the adapter trains, its gradients are summed across the processes. At the first
+    step (the same weights) the loss and the gradient (AdamW's first moment holds the adapter's only) agree to
+    float32's bound for two orders of the step's sums; the final adapters no further apart than AdamW's steps move a
+    weight."""
+    pytest.importorskip("peft")
+    runs = []
+    for n in (1, 2):
+        cfg = config("fixed", "expert", nproc=n, cache=tmp_path / f"c{n}")
+        cfg.model.lora.r, cfg.model.lora.save_merged = 4, True
+        runs.append(trained(cfg, tmp_path / f"p{n}"))
+    one, two = runs
+    terms, magnitude = step_sums(one)[0]
+    assert abs(one.losses[0] - two.losses[0]) <= two_orders(terms, magnitude), (one.losses[0], two.losses[0])
+    row = one.rows[0]
+    parts = sum(abs(row.get(f"train/{k}", 0.0)) for k in ("loss_trajectory", "loss_prefix"))
+    cancelling = max(1.0, max(parts, one.magnitudes.get(1, 0.0)) / abs(row["train/loss"]))
+    _, student, _ = _chains(one.cfg)
+    state = one.optimizer(1)["state"]
+    assert len(state) == 2 * 2 * 7  # A and B of the 7 projections of both layers: nothing else is optimised
+    _assert_same_gradient(one, two, 1, terms + student, cancelling)
+    adapters = [load_file(str(run.dir / "adapter" / "adapter_model.safetensors")) for run in runs]
+    drift = adam_drift_bound(step_lrs(one.cfg))
+    for k in adapters[0]:
+        rounding = 2 * len(one.rows) * U * float(adapters[0][k].abs().max())
+        assert float((adapters[0][k] - adapters[1][k]).abs().max()) <= drift + rounding, k
+    assert any(float(v.abs().max()) > 1e-3 for k, v in adapters[1].items() if "lora_B" in k)  # it trained

@@ -74,6 +74,41 @@ def test_opd_on_vllm_samples_reaches_the_metrics_of_kltds_sampler(pair, tmp_path
 
 
 @needs_vllm
+def test_a_lora_students_engine_holds_the_merged_weights_after_each_step(pair):
+    """model.lora.r > 0: the engine runs the plain architecture, and the trainer gives it the merged weights (base +
+    adapter) after every optimiser step: its next-token log-probabilities are then the adapted student's, not the
+    base's, to float32's bound for two implementations of one forward."""
+    pytest.importorskip("peft")
+    import torch
+
+    from kltd.data.addition import make_splits
+    from kltd.train.models import load_model, load_pair
+    from kltd.train.trainer import Trainer
+    from tests.rollout.test_vllm_sampler import engine_logprobs, hf_logprobs
+    from tests.support.tolerances import forward_bound
+
+    cfg = config(pair, "vllm")
+    cfg.model.lora.r, cfg.model.lora.alpha, cfg.trainer.lr = 8, 16.0, 1e-2
+    loaded = load_pair(cfg.model.teacher, cfg.model.student, device="cpu", lora=cfg.model.lora)
+    trainer = Trainer(cfg, loaded, make_splits(0, 64, 4)[0])
+    try:
+        for _ in range(3):
+            trainer.step()
+        engine = trainer.states.student
+        assert engine.pushes == 3 and engine.staleness(trainer.steps_done) == 0
+        prompts = ["1+2=", "12+45+7+88=", "99+9+9=", "40+2+1="]
+        student = trainer.student.eval()
+        adapted, base = hf_logprobs(student, loaded.tokenizer, prompts), hf_logprobs(
+            load_model(cfg.model.student), loaded.tokenizer, prompts)
+        assert float((adapted - base).abs().max()) > 1e-3  # the adapter moved the student
+        got = engine_logprobs(engine, loaded.tokenizer, prompts)[:, : adapted.shape[1]]
+        tol = forward_bound(student.config.to_dict(), extra_terms=student.config.vocab_size + 8)
+        torch.testing.assert_close(got, adapted, atol=tol, rtol=0)
+    finally:
+        trainer.close()
+
+
+@needs_vllm
 def test_weights_pushed_every_k_steps_record_their_staleness(pair, tmp_path):
     cfg = config(pair, "vllm", vllm_sync_every=3)
     cfg.trainer.max_steps = 6

@@ -1,0 +1,88 @@
+"""A LoRA student (model.lora.r > 0) through the real CLI: its checkpoints hold the adapter in peft's format, a run
+killed with SIGKILL and resumed ends bit-identical to the uninterrupted one, and its results load where they should:
+adapter/ with peft onto model.student, the merged checkpoint/ (model.lora.save_merged=true) in transformers."""
+
+import json
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.app.test_faults import HANG_GUARD_S, TINY, history, run, start, steps_saved, wait_for_step
+from tests.support.tolerances import forward_bound
+
+pytest.importorskip("peft")
+
+# dropout on the adapter's input: its random draws must resume too
+LORA = [*TINY, "model.lora.r=4", "model.lora.alpha=8", "model.lora.dropout=0.1", "model.lora.save_merged=true"]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("straight")
+    out = run("train", *LORA, f"hydra.run.dir={cwd / 'run'}", cwd=cwd)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "student by its own forward and decoder: it carries a LoRA adapter (model.lora.r=4)" in out.stdout
+    return cwd / "run"
+
+
+def adapter_weights(run_dir):
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def test_checkpoints_hold_the_adapter_and_the_run_leaves_adapter_and_merged_model(straight):
+    last = straight / "checkpoints" / f"step-{steps_saved(straight)[-1]:06d}"
+    assert (last / "adapter" / "adapter_config.json").is_file() and not (last / "model.safetensors").exists()
+    saved = load_file(str(last / "adapter" / "adapter_model.safetensors"))
+    assert saved and all("lora_A" in k or "lora_B" in k for k in saved)
+    assert {k: torch.equal(v, adapter_weights(straight)[k]) for k, v in saved.items()} == {k: True for k in saved}
+    summary = json.loads((straight / "metrics.json").read_text())
+    assert summary["adapter"] == str(straight / "adapter") and summary["checkpoint"] == str(straight / "checkpoint")
+    assert any(float(v.abs().max()) > 0 for k, v in saved.items() if "lora_B" in k)  # the adapter trained
+    from kltd.train.models import check_model_reference, resolve_model_path
+
+    # the merged student is what model.student=RUN_DIR and kltd eval target=RUN_DIR read
+    assert check_model_reference(str(straight)) is None and resolve_model_path(str(straight)).endswith("checkpoint")
+
+
+def test_the_merged_checkpoint_loads_in_transformers_and_computes_what_the_adapter_does(straight):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from kltd.train.models import resolve_model_path
+
+    merged = AutoModelForCausalLM.from_pretrained(str(straight / "checkpoint")).eval()
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path("toy/student"))
+    adapted = PeftModel.from_pretrained(base, str(straight / "adapter")).eval()
+    tokens = torch.randint(2, 17, (3, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = merged(tokens).logits, adapted(tokens).logits
+    # two float32 evaluations of one forward (the merged weight against W x + s B A x: a few roundings more)
+    bound = forward_bound(merged.config.to_dict(), extra_terms=2 * 4 + 2)
+    assert float((a - b).abs().max()) <= bound * max(1.0, float(b.abs().max()))
+    before = AutoModelForCausalLM.from_pretrained(resolve_model_path("toy/student")).eval()
+    with torch.no_grad():
+        assert float((before(tokens).logits - b).abs().max()) > 100 * bound  # it is not the base model
+
+
+def test_killed_and_resumed_is_bit_identical(straight, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start("train", *LORA, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    wait_for_step(proc, run_dir, 3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=HANG_GUARD_S)
+    out = run("train", *LORA, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert out.returncode == 0 and "resuming" in out.stdout, out.stderr[-3000:]
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    theirs = json.loads((straight / "metrics.json").read_text())
+    assert summary["status"] == "completed" and summary["resumed_from_step"] >= 3
+    for key in ("eval_after", "final_loss", "tokens", "compute"):
+        assert summary[key] == theirs[key], key
+    mine, straight_adapter = adapter_weights(run_dir), adapter_weights(straight)
+    assert mine.keys() == straight_adapter.keys() and all(torch.equal(mine[k], straight_adapter[k]) for k in mine)
+    merged, straight_merged = (load_file(str(d / "checkpoint" / "model.safetensors")) for d in (run_dir, straight))
+    assert merged.keys() == straight_merged.keys()
+    assert all(torch.equal(merged[k], straight_merged[k]) for k in merged)
+    assert history(run_dir) == history(straight)
