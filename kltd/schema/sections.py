@@ -137,9 +137,8 @@ class DataConfig:
             raise ConfigError("data.checker=markov grades walks of the built-in chain; it needs data=markov")
         if self.source == "markov":
             self.markov.check()
-        if self.source in ("addition", "markov"):
-            if self.path is not None:
-                raise ConfigError(f"data.path needs data=file or data=hub (data={self.source} is generated)")
+        if self.source in ("addition", "markov") and self.path is not None:
+            raise ConfigError(f"data.path needs data=file or data=hub (data={self.source} is generated)")
         if self.source == "markov" and self.responses_file is not None:
             raise ConfigError("data.responses_file applies to data=addition; data=markov's responses are walks of "
                               "its chain")
@@ -147,8 +146,6 @@ class DataConfig:
             at_least("data.min_terms", self.min_terms, 2)
             if self.max_terms < self.min_terms:
                 raise ConfigError(f"data.max_terms={self.max_terms} must be >= data.min_terms={self.min_terms}")
-            if self.path is not None:
-                raise ConfigError("data.path needs data=file or data=hub (the built-in task is generated)")
         elif self.source != "markov":
             if not self.path:
                 example = "data=file data.path=train.jsonl" if self.source == "file" else "data=hub data.path=openai/gsm8k"
