@@ -25,9 +25,10 @@ from kltd.report.tables import (all_tables, budget_tables, empty_cell, file_stem
                                 write_csv, write_markdown)
 
 
-# The matrices shown when none are named; the sweep-end callback uses the same, so `kltd compare` on a
-# sweep directory reproduces exactly what the sweep printed and wrote.
-DEFAULT_METRICS = ["accuracy", "reverse_kl_student_states"]
+# The matrices shown when none are named, those of them the runs have; the sweep-end callback uses the same, so
+# `kltd compare` on a sweep directory reproduces exactly what the sweep printed and wrote. The exact figures are
+# data=markov's (kltd.train.evaluation.exact_questions).
+DEFAULT_METRICS = ["accuracy", "reverse_kl_student_states", "exact_reverse_kl", "exact_accepted"]
 
 
 # ---------------------------------------------------------------------------------------- plot inputs

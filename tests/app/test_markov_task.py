@@ -58,13 +58,16 @@ def test_the_evaluation_before_training_is_the_recorded_students(sweep):
         assert before["exact_accepted"] == pytest.approx(recorded["student_accepted"], rel=1e-9)
 
 
-def test_compare_shows_the_exact_columns(sweep, tmp_path):
+def test_compare_shows_the_exact_columns_and_matrices(sweep, tmp_path):
+    """Without --metric, kltd compare (and the sweep's own comparison at its end) shows the exact figures' matrices
+    beside the default ones, and the flat table gains their columns."""
     root, _ = sweep
-    out = kltd("compare", str(root / "sweep"), "--metric", "exact_reverse_kl,accuracy", "--out", str(tmp_path),
-               cwd=tmp_path)
+    out = kltd("compare", str(root / "sweep"), "--out", str(tmp_path), cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     table = (tmp_path / "results.md").read_text()
-    for column in ("exact reverse KL", "exact forward KL", "accepted (exact)", "exact_reverse_kl after training"):
+    assert "exact_reverse_kl after training" in (root / "sweep" / "results.md").read_text()
+    for column in ("exact reverse KL", "exact forward KL", "accepted (exact)", "exact_reverse_kl after training",
+                   "exact_accepted after training", "reverse_kl_student_states after training"):
         assert column in table, column
     header = (tmp_path / "results.csv").read_text().splitlines()[0].split(",")
     assert {"exact_reverse_kl", "exact_accepted", "reverse_kl_student_states"} <= set(header)
