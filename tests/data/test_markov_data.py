@@ -51,6 +51,18 @@ def test_bad_markov_settings_are_refused_in_one_line(overrides, message):
     assert "\n" not in str(refused.value)
 
 
+def test_the_schemas_defaults_are_the_chains_and_the_shipped_teachers():
+    """data.markov's schema (kltd.schema, which imports nothing of kltd.data) repeats MarkovSettings' keys and
+    defaults, and conf/data/markov.yaml names the chain kltd/assets/markov/task.json records."""
+    import json
+
+    from kltd.train.models import markov_dir
+
+    assert dataclasses.asdict(MarkovTaskConfig()) == MarkovSettings().as_dict()
+    recorded = json.loads((markov_dir() / "task.json").read_text())["task"]
+    assert dataclasses.asdict(compose_typed("data=markov").data.markov) == recorded
+
+
 def test_a_long_horizon_runs_without_the_exact_figures():
     cfg = compose_typed("data=markov", "data.markov.horizon=9", "eval.exact_kl=false")
     cfg.check()
