@@ -94,6 +94,8 @@ COMMANDS: dict[str, Case] = {
         Case(after=("trainer.max_steps=3", "eval.every=1")),
     "kltd train trainer.max_steps=50 seed=3 wandb.mode=disabled": Case(),
     "kltd train data=markov prefix=student trajectory=student": Case(),
+    "kltd train data=markov": Case(),
+    "kltd train sweep=matrix data=markov": Case(),
     "kltd train --help": Case(tiny=False),
     "kltd eval --help": Case(tiny=False),
     "kltd compare outputs/multirun/<sweep>": Case(replace={"outputs/multirun/<sweep>": "{sweep}"}, tiny=False,
