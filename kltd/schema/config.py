@@ -239,6 +239,11 @@ class MakeDataConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    # the training settings a model preset carries besides its pair (conf/model/, e.g. model=markov, which data=markov
+    # picks): accepted so that the preset composes here too; make-data reads none of them
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
     def check(self) -> None:
         if not self.out:
