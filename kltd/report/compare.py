@@ -174,7 +174,8 @@ def compare(paths: list[Path], out: Path | None, metrics: list[str], at: str | N
         raise CompareError("--budget needs --at flops, --at tokens or --at time (which cost the budget is of)")
     runs = load_runs(paths)
     if not metrics:  # the defaults the runs have (data without an answer checker have no accuracy)
-        metrics = [m for m in DEFAULT_METRICS if m in available_metrics(runs)] or DEFAULT_METRICS
+        # no finished run to ask: the matrices every task has, their cells showing why the runs failed
+        metrics = [m for m in DEFAULT_METRICS if m in available_metrics(runs)] or DEFAULT_METRICS[:2]
     metrics = list(dict.fromkeys(metrics))
     if at is None:
         check_metrics(metrics, runs)
