@@ -40,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("dirs", nargs="+", type=Path, metavar="DIR",
                         help="a run directory, or any directory with run directories below it (e.g. a sweep)")
     parser.add_argument("--metric", action="append", metavar="NAME",
-                        help=f"eval_after metric for the matrix (default: {','.join(DEFAULT_METRICS)}); repeat or "
-                             "comma-separate for several tables, e.g. accuracy,pass_at_k,student_entropy")
+                        help=f"eval_after metric for the matrix (default: those of {','.join(DEFAULT_METRICS)} the "
+                             "runs have); repeat or comma-separate for several tables, e.g. "
+                             "accuracy,pass_at_k,student_entropy")
     parser.add_argument("--out", type=Path, metavar="DIR",
                         help="where results.md, results.csv and the PNGs go (default: the first DIR if it is a "
                              "sweep directory, else the current directory)")

@@ -10,7 +10,9 @@ offline-RL correctness reward.
             trailing "." ignored), compared as numbers;
 - boxed:    the \\boxed{} answer of MATH-style data, compared by math-verify (symbolic equivalence:
             \\frac{1}{2} equals 0.5, \\sqrt{12} equals 2\\sqrt{3});
-- addition: the built-in task's final answer (kltd.data.addition).
+- addition: the built-in task's final answer (kltd.data.addition);
+- markov:   a walk the Markov task's chain accepts (every transition allowed, <eos> within the horizon;
+            kltd.data.markov.Walk). Its answers come with the generated examples, never from a text.
 """
 
 from __future__ import annotations
@@ -94,6 +96,10 @@ def _boxed_reference(text: str):
     return parsed
 
 
+def _markov_reference(text: str):
+    raise ValueError("data.checker=markov grades walks of the built-in chain and reads no answer text; use data=markov")
+
+
 def _boxed_check(response: str, example: Example) -> bool:
     math_verify = _math_verify()
     try:
@@ -110,6 +116,7 @@ CHECKERS = {
     "boxed": Checker("boxed", _boxed_reference, _boxed_check, "no answer math-verify can read"),
     "addition": Checker("addition", lambda text: addition.parse_answer(text),
                         lambda response, e: addition.is_correct(response, e)),
+    "markov": Checker("markov", _markov_reference, lambda response, e: e.answer.accepts_text(response)),
 }
 
 

@@ -26,6 +26,8 @@ class EvalSet:
     checker: Checker | None
     settings: EvalConfig  # eval.* with this set's own budget and size
     checker_name: str
+    # the exact figures' reference (kltd.data.markov.MarkovChain: horizon, eos_id, support()); None: none computed
+    exact: object = None
 
     @property
     def summary(self) -> dict:
@@ -79,8 +81,9 @@ def _rows(source: DataConfig):
 
 
 def load_sets(settings: EvalConfig, catalog: dict, data: DataConfig, tokenizer, heldout: list[Example],
-              heldout_checker: Checker | None) -> list[EvalSet]:
-    """The sets eval.sets names, in its order. `heldout`: the training data's held-out examples (prepared)."""
+              heldout_checker: Checker | None, exact=None) -> list[EvalSet]:
+    """The sets eval.sets names, in its order. `heldout`: the training data's held-out examples (prepared); `exact`:
+    the Markov chain whose exact figures the held-out split gets (its prompts are the chain's states)."""
     from kltd.data.rows import take
 
     renderer = PromptRenderer(tokenizer, data.chat_template, data.system_prompt, data.chat_template_kwargs)
@@ -101,5 +104,6 @@ def load_sets(settings: EvalConfig, catalog: dict, data: DataConfig, tokenizer, 
                 return Example(renderer(question), None, good.answer, good.row.prompt, good.answer_text)
 
             examples = take(_rows(source), "eval", own.num_prompts, source.bad_rows, example).kept
-        sets.append(EvalSet(name, examples, checker, own, checker.name if checker else "none"))
+        sets.append(EvalSet(name, examples, checker, own, checker.name if checker else "none",
+                            exact if spec.source == "heldout" else None))
     return sets

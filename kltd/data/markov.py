@@ -70,6 +70,12 @@ class MarkovChain:
         return len(SPECIAL_TOKENS) + self.settings.n_states
 
     @property
+    def horizon(self) -> int:
+        return self.settings.horizon
+
+    eos_id = EOS_ID  # the evaluation's exact figures read these three: horizon, eos_id, support()
+
+    @property
     def state_ids(self) -> list[int]:
         return list(range(len(SPECIAL_TOKENS), self.vocab_size))
 
@@ -107,6 +113,43 @@ class MarkovChain:
             previous = rng.choices(tokens, probs)[0]
             out.append(previous)
         return out
+
+
+@dataclass(frozen=True)
+class Walk:
+    """What the `markov` checker grades a response against (an Example's answer): the chain and the start state."""
+
+    chain: MarkovChain
+    start: int
+
+    def accepts_text(self, text: str) -> bool:
+        """A response as kltd decodes it (its end token removed, kltd.rollout.batch.decode_responses): accepted when
+        it is state letters only (a special token such as <pad> is not) and the chain accepts them followed by
+        <eos>. The sampler stops at the horizon, so a response of `horizon` letters was cut, never ended: then
+        letters + <eos> are horizon + 1 tokens, which `accepts` refuses."""
+        ids = vocabulary(self.chain.settings.n_states)
+        letters = LETTERS[: self.chain.settings.n_states]
+        if any(c not in letters for c in text):
+            return False
+        return self.chain.accepts(self.start, [ids[c] for c in text] + [EOS_ID])
+
+
+def text_of(tokens: list[int]) -> str:
+    """State tokens as their letters (<eos> dropped: kltd appends the end token to every response)."""
+    return "".join(LETTERS[t - len(SPECIAL_TOKENS)] for t in tokens if t != EOS_ID)
+
+
+def make_walks(chain: MarkovChain, seed: int, n_train: int, n_eval: int) -> tuple[list, list]:
+    """(train, eval) as (start, walk) pairs. Training starts are uniform draws; evaluation starts cycle through the
+    states in order, so any multiple of n_states questions weighs each start state equally. The two splits draw
+    from separate seeded streams (the prompts cannot be disjoint: there are only n_states of them). A walk cut at
+    the horizon is kept: it is a sample of the teacher too (kltd appends its end token, a state the sampler never
+    reaches)."""
+    states = chain.state_ids
+    train_rng, eval_rng = random.Random(f"markov-train-{seed}"), random.Random(f"markov-eval-{seed}")
+    train = [(start, chain.walk(start, train_rng)) for start in (train_rng.choice(states) for _ in range(n_train))]
+    held = [(start, chain.walk(start, eval_rng)) for start in (states[i % len(states)] for i in range(n_eval))]
+    return train, held
 
 
 def make_chain(settings: MarkovSettings) -> MarkovChain:

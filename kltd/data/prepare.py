@@ -1,4 +1,4 @@
-"""The examples of one run, from whichever source the config names: the built-in task, a file or a hub
+"""The examples of one run, from whichever source the config names: a built-in task, a file or a hub
 dataset. A file's or hub dataset's rows are read and checked by kltd.data.rows (the checks `kltd train` also
 runs before any model loads); here prompts are rendered with the chat template and the token limits
 applied; what was dropped or truncated is counted and reported.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kltd.data import addition
+from kltd.data import addition, markov
 from kltd.data.chat import PromptRenderer, use_end_token
 from kltd.data.checkers import Checker, get_checker
 from kltd.data.example import Example
@@ -24,6 +24,7 @@ class TaskData:
     end_token: str  # the token every response ends with
     summary: dict = field(default_factory=dict)  # recorded in the run: sources, splits, counts
     held_out: list[int] | None = None  # training-split rows held out for evaluation
+    chain: object = None  # data=markov: the chain (kltd.data.markov.MarkovChain), for the exact figures
 
 
 class Limits:
@@ -88,6 +89,24 @@ def _from_addition(cfg, renderer, limits) -> tuple[list, list, dict]:
     return train, held, {"where": "the built-in addition task", "format": "generated", "seed": cfg.seed}
 
 
+def _from_markov(cfg, tokenizer, renderer, limits) -> tuple[list, list, dict, object]:
+    from dataclasses import asdict
+
+    chain = markov.make_chain(markov.MarkovSettings(**asdict(cfg.markov)))
+    wanted = markov.vocabulary(chain.settings.n_states)
+    if tokenizer.get_vocab() != wanted:
+        raise DataError(f"data=markov writes the letters of {chain.settings.n_states} states, and the student's "
+                        f"tokenizer is not the chain's ({len(tokenizer.get_vocab())} tokens, not {len(wanted)}); use "
+                        "model=markov, or a pair made by scripts/make_markov_task.py with these data.markov settings")
+    parts = []
+    for part in markov.make_walks(chain, cfg.seed, cfg.n_train, cfg.n_eval):
+        examples = (Example(renderer(markov.text_of([start])), markov.text_of(walk), markov.Walk(chain, start))
+                    for start, walk in part)
+        parts.append([e for e in map(limits.apply, examples) if e is not None])
+    return parts[0], parts[1], {"where": "the built-in Markov task", "format": "generated", "seed": cfg.seed,
+                                "chain": dict(cfg.markov.chain_settings(), horizon=cfg.markov.horizon)}, chain
+
+
 def prepare(cfg, tokenizer, *, needs_responses: bool) -> TaskData:
     """Every example of the run. `needs_responses`: the states include the dataset's responses (prefix=fixed,
     a mixture with fixed states, a hand-off drawn over the reference length), so prompt-only rows are refused."""
@@ -95,9 +114,11 @@ def prepare(cfg, tokenizer, *, needs_responses: bool) -> TaskData:
     end = use_end_token(tokenizer, renderer)
     checker = get_checker(cfg.checker_name)
     limits = Limits(tokenizer, cfg)
-    held_out = None
+    held_out = chain = None
     if cfg.source == "addition":
         train, held, summary = _from_addition(cfg, renderer, limits)
+    elif cfg.source == "markov":
+        train, held, summary, chain = _from_markov(cfg, tokenizer, renderer, limits)
     else:
         train, held, summary, held_out = _from_datasets(cfg, renderer, limits)
     where = summary["where"]
@@ -111,7 +132,7 @@ def prepare(cfg, tokenizer, *, needs_responses: bool) -> TaskData:
                    truncated=limits.truncated, overflow=cfg.overflow, checker=checker.name if checker else "none",
                    chat_template=renderer.templated, chat_template_kwargs=renderer.template_kwargs, end_token=end,
                    notes=renderer.notes())
-    return TaskData(train, held, checker, end, summary, held_out)
+    return TaskData(train, held, checker, end, summary, held_out, chain)
 
 
 def rendered_example(example: Example, end_token: str) -> str:

@@ -14,14 +14,16 @@ from kltd.schema.matrix import PREFIXES, TRAJECTORIES
 
 # eval_after keys in the order a reader expects them; others follow alphabetically.
 EVAL_ORDER = ("accuracy", "avg_at_k", "pass_at_k", "reverse_kl_student_states", "forward_kl_teacher_states",
-              "student_entropy", "response_length", "truncated", "student_tokens_generated", "teacher_tokens_generated")
+              "student_entropy", "response_length", "truncated", "exact_reverse_kl", "exact_forward_kl",
+              "exact_accepted", "exact_student_entropy_rate", "exact_response_length", "exact_truncated",
+              "exact_teacher_entropy_rate", "student_tokens_generated", "teacher_tokens_generated")
 COST_FIELDS = ("wall_time_s", "train_time_s", "steps", "steps_per_s", "final_loss", "tokens_student_generated",
                "tokens_teacher_generated", "tokens_generated", "tokens_scored", "tokens_trained")
 COUNT_FIELDS = {"steps", "tokens_student_generated", "tokens_teacher_generated", "tokens_generated", "tokens_scored",
                 "tokens_trained"}
-LOWER_IS_BETTER = {"reverse_kl_student_states", "forward_kl_teacher_states"}
+LOWER_IS_BETTER = {"reverse_kl_student_states", "forward_kl_teacher_states", "exact_reverse_kl", "exact_forward_kl"}
 # the rest (entropy, length, ...) describe; neither way is better
-HIGHER_IS_BETTER = {"accuracy", "avg_at_k", "pass_at_k"}
+HIGHER_IS_BETTER = {"accuracy", "avg_at_k", "pass_at_k", "exact_accepted"}
 
 
 def better_direction(metric: str) -> str | None:

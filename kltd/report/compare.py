@@ -25,9 +25,10 @@ from kltd.report.tables import (all_tables, budget_tables, empty_cell, file_stem
                                 write_csv, write_markdown)
 
 
-# The matrices shown when none are named; the sweep-end callback uses the same, so `kltd compare` on a
-# sweep directory reproduces exactly what the sweep printed and wrote.
-DEFAULT_METRICS = ["accuracy", "reverse_kl_student_states"]
+# The matrices shown when none are named, those of them the runs have; the sweep-end callback uses the same, so
+# `kltd compare` on a sweep directory reproduces exactly what the sweep printed and wrote. The exact figures are
+# data=markov's (kltd.train.evaluation.exact_questions).
+DEFAULT_METRICS = ["accuracy", "reverse_kl_student_states", "exact_reverse_kl", "exact_accepted"]
 
 
 # ---------------------------------------------------------------------------------------- plot inputs
@@ -173,7 +174,8 @@ def compare(paths: list[Path], out: Path | None, metrics: list[str], at: str | N
         raise CompareError("--budget needs --at flops, --at tokens or --at time (which cost the budget is of)")
     runs = load_runs(paths)
     if not metrics:  # the defaults the runs have (data without an answer checker have no accuracy)
-        metrics = [m for m in DEFAULT_METRICS if m in available_metrics(runs)] or DEFAULT_METRICS
+        # no finished run to ask: the matrices every task has, their cells showing why the runs failed
+        metrics = [m for m in DEFAULT_METRICS if m in available_metrics(runs)] or DEFAULT_METRICS[:2]
     metrics = list(dict.fromkeys(metrics))
     if at is None:
         check_metrics(metrics, runs)

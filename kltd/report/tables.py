@@ -68,9 +68,17 @@ def quality_cost_table(rows: list[MethodSummary], metric: str) -> TableData:
                      ["method", metric, "wall time (s)", "tokens generated (student+teacher)", "tokens scored"], body)
 
 
+# the exact figures (data=markov: kltd.train.evaluation.exact_questions), as columns of the flat table where a run
+# has them
+EXACT_COLUMNS = {"exact_reverse_kl": "exact reverse KL", "exact_forward_kl": "exact forward KL",
+                 "exact_accepted": "accepted (exact)"}
+
+
 def flat_table(rows: list[MethodSummary]) -> TableData:
+    exact = [key for key in EXACT_COLUMNS if any(row.after(key) for row in rows if row.completed)]
     headers = ["method", "prefix", "trajectory", "seeds", "accuracy before → after", "reverse KL (student states)",
-               "forward KL (teacher states)", "entropy", "length", "wall time (s)", "tokens generated"]
+               "forward KL (teacher states)", *(EXACT_COLUMNS[key] for key in exact), "entropy", "length",
+               "wall time (s)", "tokens generated"]
     body = []
     for row in rows:
         if not row.completed:
@@ -81,7 +89,7 @@ def flat_table(rows: list[MethodSummary]) -> TableData:
         body.append([row.label, row.prefix or "—", row.trajectory or "—", row.seeds_text(),
                      f"{_mean_text(before)} → {_stat_text(row.after('accuracy'))}",
                      *(_stat_text(row.after(key)) for key in ("reverse_kl_student_states", "forward_kl_teacher_states",
-                                                              "student_entropy", "response_length")),
+                                                              *exact, "student_entropy", "response_length")),
                      _stat_text(row.cost("wall_time_s")), _stat_text(row.cost("tokens_generated"))])
     return TableData("All methods (eval after training unless noted; mean ± std across seeds)", headers, body)
 

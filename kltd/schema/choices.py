@@ -27,8 +27,8 @@ RL_SCALES = ("std", "none")  # advantages divided by the group's standard deviat
 REWARDS = ("none", "correctness", "teacher_loglik")
 WEIGHTINGS = ("none", "filter", "awr")
 
-DATA_SOURCES = ("addition", "file", "hub")  # the built-in task, a local file or directory, a hub dataset
-CHECKERS = ("auto", "none", "exact", "gsm8k", "boxed", "addition")
+DATA_SOURCES = ("addition", "markov", "file", "hub")  # the built-in tasks, a local file or directory, a hub dataset
+CHECKERS = ("auto", "none", "exact", "gsm8k", "boxed", "addition", "markov")
 OVERFLOW = ("drop", "truncate")  # rows longer than data.max_prompt_tokens / data.max_response_tokens
 CHAT_TEMPLATE = ("auto", "none")
 EVAL_SET_SOURCES = ("heldout", "hub", "file")

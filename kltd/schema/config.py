@@ -18,14 +18,16 @@ from kltd.schema.checks import ConfigError, at_least, choice, in_unit_interval
 from kltd.schema.choices import SAMPLED_ESTIMATORS
 from kltd.schema.matrix import cell_error, direction_error, method_label, own_divergence
 from kltd.schema.rl import RLConfig
-from kltd.schema.sections import (CacheConfig, DataConfig, DataFields, DistributedConfig, EvalConfig, EvalSetConfig,
-                                  LoraSettings, ModelConfig, SamplingConfig, TrainerConfig, WandbConfig, horizon_text)
+from kltd.schema.sections import (MAX_EXACT_LEAVES, CacheConfig, DataConfig, DataFields, DistributedConfig, EvalConfig,
+                                  EvalSetConfig, LoraSettings, MarkovTaskConfig, ModelConfig, SamplingConfig,
+                                  TrainerConfig, WandbConfig, horizon_text)
 
 # the sections are imported from here by the rest of kltd: one place to name a config class from
 __all__ = ["CacheConfig", "Config", "ConfigError", "DataConfig", "DataFields", "DistributedConfig", "EvalConfig",
-           "EvalRunConfig", "EvalSetConfig", "LoraSettings", "LossConfig", "MakeDataConfig", "ModelConfig",
-           "PrefixConfig", "SamplingConfig", "TrainerConfig", "TrajectoryConfig", "WandbConfig", "approximations",
-           "config_method_label", "needs_responses", "score_function_term", "teacher_cache_used", "validate"]
+           "EvalRunConfig", "EvalSetConfig", "LoraSettings", "LossConfig", "MakeDataConfig", "MarkovTaskConfig",
+           "ModelConfig", "PrefixConfig", "SamplingConfig", "TrainerConfig", "TrajectoryConfig", "WandbConfig",
+           "approximations", "config_method_label", "exact_figures", "needs_responses", "score_function_term",
+           "teacher_cache_used", "validate"]
 
 
 def _check_data_parallel(cfg: Config) -> None:
@@ -120,6 +122,34 @@ def _check_lora(cfg: Config) -> None:
                           "sampling.backend=kltd")
 
 
+def exact_figures(cfg) -> bool:
+    """Whether the evaluation adds the exact figures (eval.exact_kl; null: on for data=markov)."""
+    on = cfg.eval.exact_kl
+    return cfg.data.source == "markov" if on is None else on
+
+
+def _check_markov(cfg: Config) -> None:
+    """data=markov's evaluation measures responses of the task's horizon, and the exact figures enumerate them."""
+    d, e = cfg.data, cfg.eval
+    if e.exact_kl and d.source != "markov":
+        raise ConfigError(f"eval.exact_kl=true enumerates every response, which only data=markov's small vocabulary "
+                          f"and horizon allow; with data={d.source} drop it")
+    if d.source != "markov":
+        return
+    horizon = d.markov.horizon
+    if exact_figures(cfg) and d.markov.leaves > MAX_EXACT_LEAVES:
+        raise ConfigError(f"eval.exact_kl with data.markov.n_states={d.markov.n_states} and data.markov.horizon="
+                          f"{horizon} scores {d.markov.leaves} sequences per prompt, above {MAX_EXACT_LEAVES}; lower "
+                          "the horizon or the number of states, or set eval.exact_kl=false")
+    for name in e.sets:
+        spec = cfg.eval_sets[name]
+        budget = spec.max_new_tokens or e.max_new_tokens
+        if spec.source == "heldout" and budget != horizon:
+            key = f"eval_sets.{name}.max_new_tokens" if spec.max_new_tokens else "eval.max_new_tokens"
+            raise ConfigError(f"{key}={budget} differs from data.markov.horizon={horizon}: data=markov grades and "
+                              f"measures responses of the task's horizon; set {key}={horizon} (model=markov does)")
+
+
 def _check_length_schedule(cfg: Config) -> None:
     """A scheduled horizon needs sampled states, and the gate needs evaluations during training to read."""
     s, schedule, steps = cfg.sampling, cfg.sampling.length_schedule, cfg.trainer.max_steps
@@ -180,6 +210,7 @@ class Config:
         if self.data.responses_file is not None and self.prefix.source not in ("fixed", "mixed"):
             raise ConfigError("data.responses_file supplies fixed states; use prefix=fixed (or mixed)")
         check_eval_sets(self.eval, self.eval_sets)
+        _check_markov(self)
         heldout = [name for name in self.eval.sets if self.eval_sets[name].source == "heldout"]
         for name in heldout:
             wanted = self.eval_sets[name].num_prompts or self.eval.num_prompts
@@ -234,6 +265,11 @@ class MakeDataConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    # the training settings a model preset carries besides its pair (conf/model/, e.g. model=markov, which data=markov
+    # picks): accepted so that the preset composes here too; make-data reads none of them
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
     def check(self) -> None:
         if not self.out:

@@ -77,17 +77,64 @@ class DataFields:
     answer: Optional[str] = None  # the reference answer for the checker; null: taken from the response
 
 
+# The most sequences the exact evaluation may score per prompt (kltd.rollout.exact_kl): (states + 1)^(horizon - 1).
+# The shipped chain (6 states, horizon 6) has 16,807, about 0.3 s per prompt on one CPU thread.
+MAX_EXACT_LEAVES = 1 << 17
+# a state is one letter of the Markov tokenizer (kltd.data.markov.LETTERS)
+MAX_MARKOV_STATES = 52
+
+
+@dataclass
+class MarkovTaskConfig:
+    """The chain of data=markov (kltd.data.markov.MarkovSettings): its states, branching, ends and horizon. Every key
+    but `horizon` defines the chain the teacher encodes, so with a shipped teacher they must be its own."""
+
+    n_states: int = 6
+    branching: int = 3  # next tokens allowed after each state (<eos> among them for a final state)
+    final_states: int = 6  # states after which <eos> is allowed
+    end_probability: float = 0.35  # P(<eos>) after a final state
+    concentration: float = 1.0  # Dirichlet parameter of each state's next-state probabilities
+    horizon: int = 6  # the most response tokens, <eos> included: the task's (and the evaluation's) budget
+    seed: int = 0  # the chain's own seed (data.seed draws the walks)
+
+    def check(self) -> None:
+        if not 1 <= self.n_states <= MAX_MARKOV_STATES:
+            raise ConfigError(f"data.markov.n_states={self.n_states} must lie in [1, {MAX_MARKOV_STATES}] (one letter "
+                              "per state)")
+        if not 2 <= self.branching <= self.n_states:
+            raise ConfigError(f"data.markov.branching={self.branching} must lie in [2, data.markov.n_states="
+                              f"{self.n_states}] (a final state needs <eos> and a successor)")
+        if not 1 <= self.final_states <= self.n_states:
+            raise ConfigError(f"data.markov.final_states={self.final_states} must lie in [1, data.markov.n_states="
+                              f"{self.n_states}] (some state must end)")
+        if not 0.0 < self.end_probability < 1.0:
+            raise ConfigError(f"data.markov.end_probability={self.end_probability} must lie strictly between 0 and 1")
+        positive("data.markov.concentration", self.concentration)
+        at_least("data.markov.horizon", self.horizon, 1)
+
+    @property
+    def leaves(self) -> int:
+        """Sequences the exact evaluation scores per prompt (kltd.rollout.exact_kl.leaf_count)."""
+        return (self.n_states + 1) ** (self.horizon - 1)
+
+    def chain_settings(self) -> dict:
+        """The keys that define the chain (not the horizon), as kltd/assets/markov/task.json records them."""
+        return {k: getattr(self, k) for k in ("n_states", "branching", "final_states", "end_probability",
+                                               "concentration", "seed")}
+
+
 @dataclass
 class DataConfig:
     """Where the examples come from: the built-in task, a local file or directory, or a hub dataset."""
 
-    source: str = "addition"  # addition | file | hub
+    source: str = "addition"  # addition | markov | file | hub
     seed: int = 0  # the built-in task's generator; the held-out fraction's shuffle
     # the built-in task: how many examples; a file or hub dataset: at most this many
     n_train: int = 20000
     n_eval: int = 500
     min_terms: int = 2  # the built-in task's chains
     max_terms: int = 5
+    markov: MarkovTaskConfig = field(default_factory=MarkovTaskConfig)  # data=markov's chain
     # the built-in task: a JSONL file of responses to train on (`kltd make-data` writes one)
     responses_file: Optional[str] = None
     # file: a JSONL, JSON, Parquet or CSV file, or a save_to_disk directory; hub: a dataset name
@@ -106,7 +153,7 @@ class DataConfig:
     # passed to the chat template in training, evaluation and make-data alike, e.g. {enable_thinking: false} (Qwen3)
     chat_template_kwargs: Dict[str, Any] = field(default_factory=dict)
     # how a response is graded (accuracy, pass@k, the correctness reward): auto is the built-in task's own
-    # checker for data=addition and none (no accuracy) otherwise
+    # checker for data=addition and data=markov, none (no accuracy) otherwise
     checker: str = "auto"
     # a bad row of a file or hub dataset (it does not fit its format, its prompt or response is empty, the checker
     # cannot read its answer): error names the first and stops | drop leaves them out, counted by reason
@@ -125,13 +172,20 @@ class DataConfig:
                 at_least(f"data.{key}", getattr(self, key), 2)
         if not 0.0 < self.eval_fraction < 1.0:
             raise ConfigError(f"data.eval_fraction={self.eval_fraction} must lie in (0, 1)")
+        if self.checker == "markov" and self.source != "markov":
+            raise ConfigError("data.checker=markov grades walks of the built-in chain; it needs data=markov")
+        if self.source == "markov":
+            self.markov.check()
+        if self.source in ("addition", "markov") and self.path is not None:
+            raise ConfigError(f"data.path needs data=file or data=hub (data={self.source} is generated)")
+        if self.source == "markov" and self.responses_file is not None:
+            raise ConfigError("data.responses_file applies to data=addition; data=markov's responses are walks of "
+                              "its chain")
         if self.source == "addition":
             at_least("data.min_terms", self.min_terms, 2)
             if self.max_terms < self.min_terms:
                 raise ConfigError(f"data.max_terms={self.max_terms} must be >= data.min_terms={self.min_terms}")
-            if self.path is not None:
-                raise ConfigError("data.path needs data=file or data=hub (the built-in task is generated)")
-        else:
+        elif self.source != "markov":
             if not self.path:
                 example = "data=file data.path=train.jsonl" if self.source == "file" else "data=hub data.path=openai/gsm8k"
                 raise ConfigError(f"data={self.source} needs data.path, e.g. {example}")
@@ -145,7 +199,7 @@ class DataConfig:
     def checker_name(self) -> str:
         if self.checker != "auto":
             return self.checker
-        return "addition" if self.source == "addition" else "none"
+        return self.source if self.source in ("addition", "markov") else "none"
 
 
 # the keys each sampling.length_schedule reads, and an example of each
@@ -312,6 +366,9 @@ class EvalConfig:
     samples: Optional[int] = None  # student samples per question (Avg@k over them; null: pass_k), >= pass_k
     greedy: bool = True  # also a greedy answer per question (accuracy)
     kl: bool = True  # the teacher's columns: sequence KLs on student and teacher samples (needs a teacher)
+    # the exact figures of data=markov (kltd.rollout.exact_kl: sequence KLs, entropy rates, length and acceptance by
+    # scoring every response, no sampling noise); null: on for data=markov, off otherwise
+    exact_kl: Optional[bool] = None
     intervals: int = 1000  # bootstrap resamples over questions for each figure's 95% interval; 0: none
 
     @property

@@ -23,8 +23,9 @@ from kltd.train.teacher_cache import examples_fingerprint, source_fingerprint
 # raised when the evaluation's own arithmetic changes (2: the samplers' logits reused, blocked MLP rows;
 # 3: Avg@k, truncation, intervals and per-question figures; one entry per evaluation set)
 EVAL_CACHE_VERSION = 3
-# settings that do not change what one evaluation computes (a set's own settings are in its entry)
-NOT_IN_KEY = ("every", "before", "sets")
+# settings that do not change what one evaluation computes (a set's own settings are in its entry; whether it has
+# exact figures is EvalInputs.exact)
+NOT_IN_KEY = ("every", "before", "sets", "exact_kl")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +40,7 @@ class EvalInputs:
     dtype: str
     device: str  # "cpu" or "cuda": rounding differs between them
     paths: dict  # how the models run (the execution plan's evaluation part): rounding differs between paths
+    exact: dict | None = None  # the chain of the exact figures (data=markov), whose support grades acceptance
 
     def digest(self) -> str:
         settings = {k: v for k, v in dataclasses.asdict(self.settings).items() if k not in NOT_IN_KEY}
@@ -46,6 +48,8 @@ class EvalInputs:
                    "teacher": source_fingerprint(self.teacher_dir),
                    "examples": examples_fingerprint(self.examples), "checker": self.checker, "settings": settings,
                    "dtype": self.dtype, "device": self.device, "paths": self.paths}
+        if self.exact is not None:  # only then: the keys of evaluations without exact figures stay as they were
+            payload["exact"] = self.exact
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -73,4 +77,5 @@ def evaluation_inputs(cfg: Config, eval_set, device, plan) -> EvalInputs:
     m = cfg.model
     return EvalInputs(student_dir=resolve_model_path(m.student), teacher_dir=resolve_model_path(m.teacher),
                       examples=eval_set.examples, checker=eval_set.checker_name, settings=eval_set.settings,
-                      dtype=m.dtype, device=str(getattr(device, "type", device)), paths=dataclasses.asdict(plan))
+                      dtype=m.dtype, device=str(getattr(device, "type", device)), paths=dataclasses.asdict(plan),
+                      exact=eval_set.exact.settings.as_dict() if eval_set.exact is not None else None)

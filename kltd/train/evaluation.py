@@ -6,6 +6,12 @@ per-token entropy; greedy accuracy; each with a bootstrap interval over question
 the per-question values that paired comparisons of two runs need. Sequence-level KLs are sums of exact
 per-token divergences over the response, so they have low variance: reverse KL(q||p) on student samples,
 forward KL(p||q) on teacher samples.
+
+With `exact` (data=markov's chain: kltd.data.markov) the evaluation adds figures computed by scoring every response
+(kltd.rollout.exact_kl), one per distinct prompt (a start state): `exact_reverse_kl`, `exact_forward_kl`, the
+student's and teacher's entropy rates, the student's expected length, the probability that its response is cut at
+the horizon (`exact_truncated`) and that the chain accepts it (`exact_accepted`). They carry no sampling noise, so
+two runs differ in them only by what training did.
 """
 
 from __future__ import annotations
@@ -116,7 +122,7 @@ def questions_per_call(settings: EvalConfig, longest_prompt: int) -> int:
 def evaluate(student, teacher, tokenizer, examples: list, settings: EvalConfig, *,
              checker: Callable[[str, object], bool] | None, lean: bool = True, vocab: int | None = None,
              plan: EvaluationPlan | None = None, on_progress: Callable[[int, int], None] | None = None,
-             engines: dict | None = None) -> dict:
+             engines: dict | None = None, exact=None) -> dict:
     """Avg@k, Pass@k, greedy accuracy, response length, truncation, entropy, sequence KLs and per-position curves,
     each with a bootstrap interval over questions.
 
@@ -128,6 +134,8 @@ def evaluate(student, teacher, tokenizer, examples: list, settings: EvalConfig, 
     allows them; False: the models' own forward throughout). `vocab` limits both models to the tokenizer's ids.
     `on_progress(done, total)` is told after each batch of prompts how many are done. `engines`: by role, the
     job's vLLM samplers (kltd.rollout.vllm_sampler.VllmSampler), for the roles the plan samples through vLLM.
+    `exact`: the reference of the exact figures (its `horizon`, `eos_id` and `support()`: kltd.data.markov.MarkovChain);
+    None, or no teacher: none.
     """
     examples = examples[: settings.num_prompts]
     longest = max(len(tokenizer.encode(e.prompt, add_special_tokens=False)) for e in examples)
@@ -142,7 +150,7 @@ def evaluate(student, teacher, tokenizer, examples: list, settings: EvalConfig, 
         samplers = _Samplers(student, teacher if settings.kl else None, tokenizer, settings.max_new_tokens, plan, vocab,
                              engines or {})
         return _evaluate(student, teacher if settings.kl else None, tokenizer, examples, settings, checker, samplers,
-                         plan, vocab, per_call, on_progress)
+                         plan, vocab, per_call, on_progress, exact)
 
 
 class _Samplers:
@@ -193,7 +201,7 @@ def _ended(responses, eos_id: int | None) -> list[bool]:
 
 
 def _evaluate(student, teacher, tokenizer, examples: list, settings: EvalConfig, checker, samplers: _Samplers,
-              plan: EvaluationPlan, vocab, per_call: int, on_progress) -> dict:
+              plan: EvaluationPlan, vocab, per_call: int, on_progress, exact=None) -> dict:
     scorers = {role: Scorer(packed=route.packed, vocab=vocab)
                for role, route in (("student", plan.student), ("teacher", plan.teacher))}
     was_training = student.training
@@ -244,6 +252,9 @@ def _evaluate(student, teacher, tokenizer, examples: list, settings: EvalConfig,
             generated["teacher"] += on_teacher.num_tokens
         if on_progress is not None:
             on_progress(start + len(chunk), len(examples))
+    if exact is not None and teacher is not None:
+        for name, values in exact_questions(student, teacher, tokenizer, examples, exact, vocab).items():
+            q.add(name, values)
     student.train(was_training)
     return {
         **q.summary(settings.intervals, settings.seed),
@@ -256,6 +267,29 @@ def _evaluate(student, teacher, tokenizer, examples: list, settings: EvalConfig,
         # reverse KL(q||p) by position on student samples, forward KL(p||q) on teacher samples
         "divergence_by_position": {name: curve.means() for name, curve in curves.items() if curve.total},
     }
+
+
+# name in metrics.json -> the kltd.rollout.exact_kl.SequenceFigures field (or property) it reports
+EXACT_FIGURES = {"exact_reverse_kl": "reverse_kl", "exact_forward_kl": "forward_kl", "exact_accepted": "student_accepted",
+                 "exact_student_entropy_rate": "student_entropy_rate",
+                 "exact_teacher_entropy_rate": "teacher_entropy_rate", "exact_response_length": "student_length"}
+
+
+def exact_questions(student, teacher, tokenizer, examples: list, exact, vocab) -> dict[str, list[float]]:
+    """The exact figures of each distinct prompt, in order of first appearance (the evaluation's prompts repeat the
+    start states; each state's figures are computed once and weigh once)."""
+    from kltd.rollout.exact_kl import exact_sequence_figures
+
+    support = torch.tensor(exact.support())
+    figures = {}
+    for example in examples:
+        if example.prompt not in figures:
+            ids = tokenizer.encode(example.prompt, add_special_tokens=False)
+            figures[example.prompt] = exact_sequence_figures(student, teacher, ids, horizon=exact.horizon,
+                                                             eos_id=exact.eos_id, vocab=vocab, support=support)
+    out = {name: [getattr(f, field) for f in figures.values()] for name, field in EXACT_FIGURES.items()}
+    out["exact_truncated"] = [1 - f.student_ends for f in figures.values()]
+    return out
 
 
 def sets_result(results: dict[str, dict]) -> dict:

@@ -16,19 +16,32 @@ import torch
 
 from kltd.hub import cached_model_dir, hub_reachable, in_model_cache, why_offline
 
-TOY_PREFIX = "toy/"
+# the pairs shipped inside the package, by the name a config gives them: "toy/teacher" is kltd/assets/toy/teacher
+SHIPPED = ("toy/", "markov/")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def assets_dir() -> Path:
+    return Path(__file__).parents[1] / "assets"
+
+
 def toy_dir() -> Path:
-    return Path(__file__).parents[1] / "assets" / "toy"
+    return assets_dir() / "toy"
+
+
+def markov_dir() -> Path:
+    return assets_dir() / "markov"
+
+
+def shipped(reference: str) -> bool:
+    return reference.startswith(SHIPPED)
 
 
 def resolve_model_path(reference: str) -> str:
-    """'toy/teacher' -> the directory shipped inside the package; a kltd run directory -> its trained student
-    (checkpoint/, e.g. model.student=RUN_DIR for an RL stage alone); other references pass through."""
-    if reference.startswith(TOY_PREFIX):
-        return str(toy_dir() / reference[len(TOY_PREFIX) :])
+    """'toy/teacher', 'markov/teacher' -> the directory shipped inside the package; a kltd run directory -> its
+    trained student (checkpoint/, e.g. model.student=RUN_DIR for an RL stage alone); other references pass through."""
+    if shipped(reference):
+        return str(assets_dir() / reference)
     if not _looks_local(reference):
         return reference
     path = Path(reference).expanduser()
@@ -56,7 +69,7 @@ def _looks_local(reference: str) -> bool:
 def check_model_reference(reference: str) -> str | None:
     """Why a model reference cannot be loaded, checked cheaply before any weights are read."""
     path = resolve_model_path(reference)
-    if reference.startswith(TOY_PREFIX) or _looks_local(reference):
+    if shipped(reference) or _looks_local(reference):
         p = Path(path)
         if p.name == "checkpoint" and _is_run_directory(p.parent) and not p.is_dir():
             if (p.parent / "adapter").is_dir():  # a LoRA run keeps its adapter; the merged model only on request
@@ -65,7 +78,8 @@ def check_model_reference(reference: str) -> str | None:
             return (f"'{reference}' is a run directory without a trained student (checkpoint/): the run did not "
                     "finish, or ran with trainer.save_checkpoint=false")
         if not p.is_dir():
-            hint = " (the shipped pair is toy/teacher and toy/student)" if reference.startswith(TOY_PREFIX) else ""
+            hint = (" (the shipped pairs are toy/teacher and toy/student, markov/teacher and markov/student)"
+                    if shipped(reference) else "")
             return f"model directory '{path}' does not exist{hint}"
         if not (p / "config.json").is_file():
             return f"'{path}' has no config.json: not a Hugging Face model directory"

@@ -19,7 +19,7 @@ from kltd.train import checkpoint
 from kltd.train.sharding import save_weights
 
 HEADLINE = ("accuracy", "avg_at_k", "pass_at_k", "reverse_kl_student_states", "forward_kl_teacher_states",
-            "student_entropy", "response_length", "truncated")
+            "student_entropy", "response_length", "truncated", "exact_reverse_kl", "exact_forward_kl", "exact_accepted")
 SET_HEADLINE = ("accuracy", "avg_at_k", "pass_at_k", "response_length", "truncated")  # a table of several sets
 
 

@@ -30,9 +30,49 @@ def preflight(cfg: Config) -> None:
         raise ConfigError(f"data.responses_file '{responses}' does not exist (make one with `kltd make-data`)")
     if cfg.data.source == "file" and not Path(cfg.data.path).expanduser().exists():
         raise ConfigError(f"data.path '{cfg.data.path}' does not exist")
-    problem = data_problem(cfg)
+    problem = markov_problem(cfg) or data_problem(cfg)
     if problem:
         raise ConfigError(problem)
+
+
+MARKOV_TASK = "task.json"  # beside a Markov pair's model directories (scripts/make_markov_task.py writes it)
+
+
+def markov_task(teacher: str) -> tuple[Path, dict] | None:
+    """(its task.json, the chain settings it records) when the teacher is a Markov task's chain: the shipped
+    markov/teacher, or a directory scripts/make_markov_task.py wrote. None for any other teacher."""
+    import json
+
+    directory = model_directory(teacher)
+    path = directory.parent / MARKOV_TASK if directory is not None else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        recorded = json.loads(path.read_text()).get("task")
+    except ValueError:
+        return None
+    return (path, recorded) if isinstance(recorded, dict) else None
+
+
+def markov_problem(cfg: Config) -> str | None:
+    """A Markov teacher encodes one chain: it reads only that chain's letters, and data=markov must ask for that
+    chain (its grammar and the examples' walks would be another chain's). The horizon is the task's own setting."""
+    found = markov_task(cfg.model.teacher)
+    if found is None:
+        return None
+    path, recorded = found
+    teacher = cfg.model.teacher
+    if cfg.data.source != "markov":
+        return (f"model.teacher={teacher} is the Markov task's chain ({path}) and reads only its state letters; "
+                f"with data={cfg.data.source} use another model (data=markov goes with it)")
+    for key, value in cfg.data.markov.chain_settings().items():
+        if key in recorded and recorded[key] != value:
+            flag = key.replace("_", "-")
+            return (f"data.markov.{key}={value} differs from the chain model.teacher={teacher} encodes ({key}="
+                    f"{recorded[key]}, {path}); drop it, or make a pair for that chain: python "
+                    f"scripts/make_markov_task.py --out DIR --{flag} {value}, then model.teacher=DIR/teacher "
+                    "model.student=DIR/student")
+    return None
 
 
 def data_problem(cfg: Config) -> str | None:

@@ -23,7 +23,7 @@ from rich.markup import escape
 
 from kltd.report.progress import RunProgress, StepFigures
 from kltd.rollout.batch import TokenCounts
-from kltd.schema.config import Config, approximations, needs_responses
+from kltd.schema.config import Config, approximations, exact_figures, needs_responses
 from kltd.train import checkpoint
 from kltd.train.interrupt import Interrupted, stop_requests
 from kltd.train.output import Output, before_after_table, data_lines, save_lora_student, save_student
@@ -103,7 +103,7 @@ class Job:
             self.tokenizer = check_tokenizers(m.teacher, m.student, trust_remote_code=m.trust_remote_code)
             self.data = prepare(cfg.data, self.tokenizer, needs_responses=needs_responses(cfg))
             self.eval_sets = load_sets(cfg.eval, cfg.eval_sets, cfg.data, self.tokenizer, self.data.eval,
-                                       self.data.checker)
+                                       self.data.checker, self.data.chain if exact_figures(cfg) else None)
         self.out.write_text("first_example.txt", rendered_example(self.data.train[0], self.data.end_token))
         if self.data.held_out is not None:
             self.out.write_json("data_split.json", {"held_out_rows": self.data.held_out, **self.data.summary})
@@ -170,7 +170,7 @@ class Job:
                     def compute(s=s, report=report) -> dict:
                         return evaluate(p.student, p.teacher, p.tokenizer, s.examples, s.settings, checker=s.checker,
                                         vocab=p.vocab_size, plan=self.plan.evaluation, on_progress=report,
-                                        engines=self.engines)
+                                        engines=self.engines, exact=s.exact)
 
                     if step == 0 and self.plan.reuse_evaluation_before:  # the same for every cell and seed
                         inputs = evaluation_inputs(self.cfg, s, p.device, self.plan.evaluation)

@@ -24,7 +24,7 @@ from kltd.files import atomic_write, remove_stale_temporaries
 from kltd.rollout.batch import StateBatch, encode_prompts, encode_responses
 from kltd.rollout.scoring import Scorer
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: entries keyed by prompt and response (a prompt may come with several responses)
 CONTENT_HASH_LIMIT = 256 * 2**20  # larger files are fingerprinted by name, size and mtime
 
 
@@ -63,6 +63,11 @@ def examples_fingerprint(examples: list) -> str:
     return digest.hexdigest()
 
 
+def entry_key(example) -> str:
+    """An example's entry: its prompt and response (the Markov task's prompts repeat, each with many responses)."""
+    return f"{example.prompt}\x00{example.response}"
+
+
 @dataclass(frozen=True)
 class CacheKey:
     teacher: str  # fingerprint of the teacher (its directory's files, or its hub name and revision)
@@ -78,7 +83,7 @@ class CacheKey:
 
 
 class TeacherCache:
-    """Teacher logits [N_i, V] for every training example i, looked up by prompt."""
+    """Teacher logits [N_i, V] for every training example i, looked up by its prompt and response (entry_key)."""
 
     def __init__(self, values: Tensor, offsets: Tensor, index: dict[str, int], vocab_size: int,
                  indices: Tensor | None = None, tail: Tensor | None = None):
@@ -90,7 +95,7 @@ class TeacherCache:
         n = batch.responses.tokens.shape[1]
         out = torch.zeros(batch.num_sequences, n, self.vocab_size, dtype=self.values.dtype)
         for row, example in enumerate(batch.examples):
-            i = self.index[example.prompt]
+            i = self.index[entry_key(example)]
             start, end = int(self.offsets[i]), int(self.offsets[i + 1])
             out[row, : end - start] = self._rows(start, end)
         return out.to(batch.prompt_ids.device)
@@ -115,7 +120,7 @@ class TeacherCache:
         device = next(teacher.parameters()).device
         scorer = Scorer(packed=packed, vocab=len(tokenizer))  # the tokenizer's ids only (padded output rows are not compared)
         values, indices, tails, offsets = [], [], [], [0]
-        # batches of similar length carry less padding; entries are found by prompt, so order is free
+        # batches of similar length carry less padding; entries are found by key, so order is free
         examples = sorted(examples, key=lambda e: (len(e.prompt) + len(e.response), e.prompt))
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
@@ -136,7 +141,7 @@ class TeacherCache:
             if scored:
                 scored(states)
             offsets += (offsets[-1] + responses.mask.sum(1).cumsum(0)).tolist()
-        index = {e.prompt: i for i, e in enumerate(examples)}
+        index = {entry_key(e): i for i, e in enumerate(examples)}
         vocab = rows.width
         if fmt == "topk":
             return TeacherCache(torch.cat(values), torch.tensor(offsets), index, vocab, torch.cat(indices), torch.cat(tails))
@@ -146,8 +151,8 @@ class TeacherCache:
         return len(self.index)
 
     def merged(self, other: "TeacherCache") -> "TeacherCache":
-        """This cache's entries plus those of `other` for prompts this one lacks."""
-        new = [(prompt, i) for prompt, i in other.index.items() if prompt not in self.index]
+        """This cache's entries plus those of `other` for keys this one lacks."""
+        new = [(key, i) for key, i in other.index.items() if key not in self.index]
         if not new:
             return self
         spans = [(int(other.offsets[i]), int(other.offsets[i + 1])) for _, i in new]
@@ -157,20 +162,20 @@ class TeacherCache:
 
         lengths = torch.tensor([b - a for a, b in spans])
         offsets = torch.cat([self.offsets, self.offsets[-1] + lengths.cumsum(0)])
-        index = {**self.index, **{prompt: len(self.index) + j for j, (prompt, _) in enumerate(new)}}
+        index = {**self.index, **{key: len(self.index) + j for j, (key, _) in enumerate(new)}}
         return TeacherCache(joined(self.values, other.values), offsets, index, self.vocab_size,
                             joined(self.indices, other.indices), joined(self.tail, other.tail))
 
     def save(self, path: Path) -> None:
         """Atomic (kltd.files): a cache file that exists is whole."""
-        payload = {"values": self.values, "offsets": self.offsets, "prompts": list(self.index),
+        payload = {"values": self.values, "offsets": self.offsets, "keys": list(self.index),
                    "vocab_size": self.vocab_size, "indices": self.indices, "tail": self.tail}
         atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
     @staticmethod
     def load(path: Path) -> "TeacherCache":
         data = torch.load(path, weights_only=True)
-        index = {prompt: i for i, prompt in enumerate(data["prompts"])}
+        index = {key: i for i, key in enumerate(data["keys"])}
         return TeacherCache(data["values"], data["offsets"], index, data["vocab_size"], data["indices"], data["tail"])
 
 
@@ -218,8 +223,8 @@ def cached_teacher(teacher, tokenizer, teacher_dir: str, tokenizer_dir: str, exa
             cache = TeacherCache.load(path)
         except Exception as error:  # zero-length, torn or corrupt: rebuilt below, never trusted
             echo(f"warning: teacher cache {path} is unreadable ({type(error).__name__}); rebuilding it")
-    wanted = list({e.prompt: e for e in (examples if needed is None else needed)}.values())
-    missing = [e for e in wanted if cache is None or e.prompt not in cache.index]
+    wanted = list({entry_key(e): e for e in (examples if needed is None else needed)}.values())
+    missing = [e for e in wanted if cache is None or entry_key(e) not in cache.index]
     if not missing:
         echo(f"teacher cache: hit {path} ({len(wanted)} examples)")
         return cache

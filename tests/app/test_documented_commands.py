@@ -93,6 +93,9 @@ COMMANDS: dict[str, Case] = {
     "'sampling.lengths=[16,32,64]' sampling.entropy_min=0.1 eval.every=50":
         Case(after=("trainer.max_steps=3", "eval.every=1")),
     "kltd train trainer.max_steps=50 seed=3 wandb.mode=disabled": Case(),
+    "kltd train data=markov prefix=student trajectory=student": Case(),
+    "kltd train data=markov": Case(),
+    "kltd train sweep=matrix data=markov": Case(),
     "kltd train --help": Case(tiny=False),
     "kltd eval --help": Case(tiny=False),
     "kltd compare outputs/multirun/<sweep>": Case(replace={"outputs/multirun/<sweep>": "{sweep}"}, tiny=False,

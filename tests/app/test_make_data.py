@@ -21,3 +21,27 @@ def test_empty_responses_are_left_out_and_counted(tmp_path, monkeypatch):
     assert len(rows) == summary["rows"] == 4 and summary["empty_left_out"] == 4
     assert all(row["completion"].strip() for row in rows)
     assert lines[-1].endswith("; 4 empty responses left out")
+
+
+def test_every_model_preset_composes_for_make_data():
+    """A model preset carries training settings beside its pair (conf/model/); make-data composes it all the same
+    (data=markov picks model=markov, so `kltd make-data data=markov` depends on it)."""
+    import importlib
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from kltd.app.train_command import config_dir
+
+    importlib.import_module("kltd.app.make_data_command")  # registers the make-data schema
+
+    presets = sorted(p.stem for p in (Path(config_dir()) / "model").glob("*.yaml"))
+    assert "markov" in presets and "pretrained" in presets
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        for preset in presets:
+            cfg = OmegaConf.to_object(compose("make_data", overrides=[f"model={preset}", "out=x.jsonl"]))
+            assert isinstance(cfg, MakeDataConfig), preset
+        markov = OmegaConf.to_object(compose("make_data", overrides=["data=markov", "out=x.jsonl"]))
+    assert markov.model.teacher == "markov/teacher" and markov.sampling.max_new_tokens == markov.data.markov.horizon
+    markov.check()

@@ -99,7 +99,7 @@ def test_every_model_preset_composes_and_names_a_pair(model):
     assert cfg.model.teacher and cfg.model.student and cfg.model.teacher != cfg.model.student
 
 
-@pytest.mark.parametrize("model", [m for m in MODELS if m != "toy"])
+@pytest.mark.parametrize("model", [m for m in MODELS if m not in ("toy", "markov")])  # the shipped, tiny pairs
 def test_presets_for_pretrained_pairs_carry_their_own_training_settings(model):
     """The toy pair's defaults (lr 1e-3, 64-token answers, 800-row evaluation batches) are not applied to a real
     pair by its preset; the command line still overrides them."""
@@ -125,7 +125,7 @@ def test_every_data_preset_composes_and_validates(data, tmp_path):
     extra = [f"data.path={tmp_path}"] if data in ("file", "hub") else []
     cfg = typed(f"data={data}", *extra)
     validate(cfg)
-    assert cfg.data.source in ("addition", "file", "hub")
+    assert cfg.data.source in ("addition", "markov", "file", "hub")
 
 
 def test_file_and_hub_data_without_a_path_are_refused_with_an_example():

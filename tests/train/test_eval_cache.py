@@ -61,8 +61,13 @@ def test_changed_inputs_get_their_own_entry_and_a_torn_one_is_evaluated_again(tm
     assert inputs.digest() == dataclasses.replace(inputs, settings=dataclasses.replace(cfg.eval, every=5)).digest()
     for change in (dict(checker="exact"), dict(paths={"student": {"packed": False, "decoder": "forward"}}),
                    dict(dtype="bfloat16"),
-                   dict(settings=dataclasses.replace(cfg.eval, num_prompts=4))):
+                   dict(settings=dataclasses.replace(cfg.eval, num_prompts=4)),
+                   dict(exact={"n_states": 6, "horizon": 6}), dict(exact={"n_states": 6, "horizon": 5})):
         assert dataclasses.replace(inputs, **change).digest() != inputs.digest()
+    # data=markov's exact figures enter the key through `exact`; the switch itself changes no other evaluation's key
+    assert dataclasses.replace(inputs, exact={"horizon": 6}).digest() != dataclasses.replace(
+        inputs, exact={"horizon": 5}).digest()
+    assert inputs.digest() == dataclasses.replace(inputs, settings=dataclasses.replace(cfg.eval, exact_kl=True)).digest()
     (model / "model.safetensors").write_bytes(b"weights")
     changed_student = inputs.digest()
     (model / "model.safetensors").write_bytes(b"other weights")

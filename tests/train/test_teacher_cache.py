@@ -7,7 +7,7 @@ from kltd.train.models import load_model, load_tokenizer
 from kltd.rollout.batch import StateBatch, encode_prompts, encode_responses
 from kltd.rollout.scoring import Scorer
 from kltd.data.addition import make_splits
-from kltd.train.teacher_cache import TeacherCache, cached_teacher
+from kltd.train.teacher_cache import TeacherCache, cached_teacher, entry_key
 from tests.support.tiny_models import make_tiny_model
 from tests.support.tolerances import forward_bound
 
@@ -137,4 +137,20 @@ def test_merging_keeps_entries_written_by_another_job(setup, tmp_path):
 
     cached_teacher(teacher, tokenizer, str(teacher_dir), str(teacher_dir), train, needed=train[6:12],
                    counter=another_job_stores_its_entries, **kwargs)
-    assert set(TeacherCache.load(path).index) == {e.prompt for e in train[:12] + train[20:30]}
+    assert set(TeacherCache.load(path).index) == {entry_key(e) for e in train[:12] + train[20:30]}
+
+
+def test_one_prompt_with_several_responses_keeps_an_entry_for_each(setup, tmp_path):
+    """The Markov task's prompts repeat (one per start state), each with many responses: an entry per pair, and a
+    lookup gives each row its own response's logits."""
+    from kltd.data.example import Example
+
+    teacher, tokenizer, teacher_dir, train = setup
+    same = [Example(train[0].prompt, response) for response in ("1+2=3;3", "40+2=42;42", "1+2=3;3")]
+    cache = cached_teacher(teacher, tokenizer, str(teacher_dir), str(teacher_dir), same, cache_dir=tmp_path,
+                           dtype="float32", echo=lambda *_: None)
+    assert len(cache) == 2
+    batch, live = live_logits(teacher, tokenizer, same)
+    stored = cache.lookup(batch)
+    mask, tol = batch.responses.mask, tolerance(teacher)
+    assert torch.allclose(stored[mask], live[mask], atol=tol, rtol=tol)
