@@ -39,6 +39,13 @@ def run(*args, cwd, timeout=HANG_GUARD_S):
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+def finished_run(*args, cwd: Path) -> tuple[Path, subprocess.CompletedProcess]:
+    """`kltd train ARGS` run to the end in cwd/run (the uninterrupted run a resumed one is held against)."""
+    out = run("train", *args, f"hydra.run.dir={cwd / 'run'}", cwd=cwd)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return cwd / "run", out
+
+
 def steps_saved(run_dir: Path) -> list[int]:
     return sorted(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*")) \
         if (run_dir / "checkpoints").is_dir() else []
@@ -79,10 +86,7 @@ def final_weights(run_dir: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    cwd = tmp_path_factory.mktemp("straight")
-    out = run("train", *TINY, f"hydra.run.dir={cwd / 'run'}", cwd=cwd)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return cwd / "run"
+    return finished_run(*TINY, cwd=tmp_path_factory.mktemp("straight"))[0]
 
 
 # Where the two kills go: after these steps' checkpoints (of 8 steps). Fixed, so that a failure is the same on

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.app.test_faults import HANG_GUARD_S, TINY, history, run, start, steps_saved, wait_for_step
+from tests.app.test_faults import (HANG_GUARD_S, TINY, finished_run, history, run, start, steps_saved,
+                                   wait_for_step)
 from tests.support.tolerances import forward_bound
 
 pytest.importorskip("peft")
@@ -20,11 +21,9 @@ LORA = [*TINY, "model.lora.r=4", "model.lora.alpha=8", "model.lora.dropout=0.1",
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
-    cwd = tmp_path_factory.mktemp("straight")
-    out = run("train", *LORA, f"hydra.run.dir={cwd / 'run'}", cwd=cwd)
-    assert out.returncode == 0, out.stderr[-3000:]
+    run_dir, out = finished_run(*LORA, cwd=tmp_path_factory.mktemp("straight"))
     assert "student by its own forward and decoder: it carries a LoRA adapter (model.lora.r=4)" in out.stdout
-    return cwd / "run"
+    return run_dir
 
 
 def adapter_weights(run_dir):

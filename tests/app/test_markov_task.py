@@ -3,22 +3,15 @@ the teacher does not encode is refused in one line before anything loads."""
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
+
+from tests.app.test_faults import run as kltd
 
 TINY = ["trainer.max_steps=2", "trainer.batch_size=4", "trainer.log_every=1", "trainer.progress=false",
         "eval.num_prompts=12", "eval.batch_size=12", "data.n_train=32", "data.n_eval=12", "model.device=cpu"]
 EXACT = ("exact_reverse_kl", "exact_forward_kl", "exact_accepted", "exact_student_entropy_rate",
          "exact_teacher_entropy_rate", "exact_response_length", "exact_truncated")
-
-
-def kltd(*args, cwd):
-    env = {**os.environ, "WANDB_MODE": "disabled"}
-    return subprocess.run([sys.executable, "-m", "kltd.app.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=900)
 
 
 @pytest.fixture(scope="module")

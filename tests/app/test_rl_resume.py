@@ -9,8 +9,8 @@ import signal
 import pytest
 import torch
 
-from tests.app.test_faults import (HANG_GUARD_S, TINY, final_weights, history, run, start, steps_saved,
-                                   trained_a_step, wait_for_step, wait_until)
+from tests.app.test_faults import (HANG_GUARD_S, TINY, final_weights, finished_run, history, run, start,
+                                   steps_saved, trained_a_step, wait_for_step, wait_until)
 
 GRPO = [*TINY, "trainer.max_steps=3", "rl=grpo", "rl.steps=4", "rl.group_size=4", "rl.batch_size=8",
         "rl.kl_weight=0.1", "rl.epochs=2", "trajectory=expert"]
@@ -18,11 +18,9 @@ GRPO = [*TINY, "trainer.max_steps=3", "rl=grpo", "rl.steps=4", "rl.group_size=4"
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
-    cwd = tmp_path_factory.mktemp("straight")
-    out = run("train", *GRPO, f"hydra.run.dir={cwd / 'run'}", cwd=cwd)
-    assert out.returncode == 0, out.stderr[-3000:]
+    run_dir, out = finished_run(*GRPO, cwd=tmp_path_factory.mktemp("straight"))
     assert "RL stage: GRPO for 4 steps after step 3" in out.stdout
-    return cwd / "run"
+    return run_dir
 
 
 def untimed(run_dir):  # the RL stage's throughput is a timing, like train/tokens_per_s
