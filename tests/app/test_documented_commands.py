@@ -148,6 +148,14 @@ COMMANDS: dict[str, Case] = {
              needs=("sweep", "evals")),
     "kltd train model=qwen3_8b_to_0_6b data=gsm8k +data.chat_template_kwargs.enable_thinking=false":
         Case(refused=OFFLINE),
+    # docs/teacher_layouts.md: the paper's pair in each layout (hub models and a GPU)
+    "kltd train model=qwen3_8b_to_0_6b data=gsm8k prefix=student trajectory=student": Case(refused=OFFLINE),
+    "kltd train model=qwen3_8b_to_0_6b data=gsm8k prefix=student trajectory=student model.device=cuda:0 "
+    "model.teacher_device=cuda:1": Case(refused=OFFLINE),
+    "kltd train model=qwen3_8b_to_0_6b data=gsm8k prefix=student trajectory=student distributed.nproc_per_node=8 "
+    "distributed.strategy=fsdp": Case(refused=OFFLINE, after=("trainer.batch_size=8",)),  # TINY's 4 rows: not 8 shares
+    "kltd train model=qwen3_8b_to_0_6b data=gsm8k prefix=student trajectory=student model.lora.r=16 "
+    "model.lora.quantize_base=4bit": Case(refused=OFFLINE),
     # docs/paper.md: the paper's study on a GPU with hub models and sets
     "kltd eval -m model=qwen3_8b_to_0_6b target=student,teacher 'eval.sets=[gsm8k,math500,amc23,aime24]' "
     "eval.samples=8 eval.pass_k=4 +data.chat_template_kwargs.enable_thinking=false": Case(refused=OFFLINE),
