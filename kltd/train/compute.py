@@ -13,6 +13,12 @@ Kaplan et al. (2020) write 2N + 2 n_layer n_ctx d_attn, leaving out the output l
 Embedding lookups, norms, biases, rotary embeddings, softmax and activation functions count 0. A backward pass
 costs 2 x its forward (Kaplan et al.), so a training forward and backward costs 3 x F per token.
 
+A LoRA student (kltd.train.lora) adds its adapter's weights to M (every token passes through them), and trains
+only them: its backward passes the gradient back through each frozen weight once (its input's gradient, not its
+own: 1 x that weight's forward), through attention's two context products as before (both operands are
+activations: 2 x), and through the adapter as through any trained weight (2 x). The first block's products whose
+input is the frozen embedding need no input gradient at all; the count keeps them (a few percent of one block).
+
 A causal forward over a sequence of L tokens (contexts 1 .. L) therefore costs
 
     L x 2M  +  4 x layers x (heads x head_dim) x L (L + 1) / 2
@@ -37,8 +43,8 @@ import torch
 from torch import Tensor
 
 FORMULA = ("forward per token at context c: 2 x (block matmul weights + vocab x hidden) "
-           "+ 4 x layers x c x heads x head_dim (causal: c = position + 1); backward = 2 x forward; "
-           "decoding reads each token once with a KV cache")
+           "+ 4 x layers x c x heads x head_dim (causal: c = position + 1); backward = 2 x forward "
+           "(a LoRA student's: its frozen weights' input gradients only); decoding reads each token once with a KV cache")
 
 # block architectures whose MLP is two matrices (up, down); the others (the Llama family) have three (gate, up,
 # down)
@@ -59,6 +65,7 @@ class ModelShape:
     vocab: int  # rows of the output layer (padded rows included: they are computed)
     non_embedding_params: int  # the matmul weights of the blocks (q, k, v, o and the MLP; no norms or biases)
     tied_head: bool  # the output layer is the embedding matrix (the same FLOPs; fewer parameters)
+    adapter: int = 0  # a LoRA adapter's weights (r x (inputs + outputs) per wrapped layer); 0: every weight trains
 
     @classmethod
     def from_config(cls, config) -> "ModelShape":
@@ -79,12 +86,14 @@ class ModelShape:
 
     @classmethod
     def of(cls, model) -> "ModelShape":
-        return cls.from_config(model.config)
+        """The model's shape; a peft LoRA wrapper's adapter included."""
+        adapter = sum(p.numel() for name, p in model.named_parameters() if ".lora_A." in name or ".lora_B." in name)
+        return dataclasses.replace(cls.from_config(model.config), adapter=adapter)
 
     @property
     def matmul_params(self) -> int:
-        """The weights one token's forward multiplies by: the blocks' and the output layer's."""
-        return self.non_embedding_params + self.vocab * self.hidden
+        """The weights one token's forward multiplies by: the blocks', the output layer's and an adapter's."""
+        return self.non_embedding_params + self.vocab * self.hidden + self.adapter
 
     @property
     def attention_width(self) -> int:
@@ -121,6 +130,18 @@ def sequence_flops(shape: ModelShape, lengths) -> int:
     return 2 * shape.matmul_params * tokens + 4 * shape.layers * shape.attention_width * contexts
 
 
+def training_flops(shape: ModelShape, lengths) -> int:
+    """A training forward and backward over sequences of these lengths: 3 x the forward, or with a LoRA adapter
+    the forward, the frozen weights' input gradients, attention's two and the adapter's two (see the module)."""
+    forward = sequence_flops(shape, lengths)
+    if not shape.adapter:
+        return 3 * forward
+    tokens = sum(int(n) for n in (lengths.tolist() if isinstance(lengths, Tensor) else lengths))
+    matmuls = 2 * shape.matmul_params * tokens
+    frozen = 2 * (shape.matmul_params - shape.adapter) * tokens
+    return forward + frozen + 2 * (forward - matmuls) + 2 * 2 * shape.adapter * tokens
+
+
 def batch_flops(shape: ModelShape, batch) -> int:
     """One forward over every real token of a StateBatch (prompt and response; padding excluded)."""
     return sequence_flops(shape, batch.attention_mask.sum(1))
@@ -154,7 +175,8 @@ PARTS = ("student_train", "teacher_score", "student_sampling", "teacher_sampling
 class FlopCounter:
     """FLOPs by what they were spent on (integers; cumulative where a run keeps one).
 
-    student_train: the student's forward and backward over the scored batches (3 x F per real token);
+    student_train: the student's forward and backward over the scored batches (3 x F per real token; less for a
+    LoRA student, training_flops);
     teacher_score: the live teacher's forwards over them (the teacher cache spares them);
     student_sampling, teacher_sampling: decoding the training states; cache_fill: the teacher's forwards over
     the fixed states when this run filled the teacher cache."""

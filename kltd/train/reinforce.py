@@ -32,7 +32,7 @@ from kltd.rollout.batch import StateBatch, TokenCounts, decode_responses
 from kltd.rollout.states import StateSource
 from kltd.schema.axes import PrefixConfig
 from kltd.schema.config import Config, ConfigError
-from kltd.train.compute import FlopCounter, sampling_flops, sequence_flops
+from kltd.train.compute import FlopCounter, sampling_flops, sequence_flops, training_flops
 from kltd.train.sharding import gathered_optimizer_state, scattered_optimizer_state, whole
 from kltd.train.trainer import StepStats, Trainer, TrainingError
 
@@ -194,7 +194,7 @@ class Reinforcer:
             bad, parts = None, {}
             for (batch, fixed), rows in zip(sampled, lengths):
                 loss, these = self.loss(batch, fixed, denominator)
-                stats.flops.student_train += 3 * sequence_flops(shapes["student"], rows)
+                stats.flops.student_train += training_flops(shapes["student"], rows)
                 if not torch.isfinite(loss):
                     bad = f"the RL loss became {float(loss.detach())}"
                     break

@@ -35,7 +35,8 @@ from kltd.rollout.scoring import Scorer
 from kltd.rollout.states import StateSource
 from kltd.schema.config import Config
 from kltd.schema.matrix import own_divergence
-from kltd.train.compute import FlopCounter, ModelShape, batch_flops, sampling_flops, sequence_flops
+from kltd.train.compute import FlopCounter, ModelShape, batch_flops, sampling_flops, sequence_flops, \
+    training_flops
 from kltd.train.ranks import SINGLE, Ranks
 from kltd.train.sharding import gathered_optimizer_state, scattered_optimizer_state, whole
 
@@ -409,7 +410,7 @@ class Trainer:
             # counted where the step waits for the device anyway: the student's forward (and backward), the live
             # teacher's forward when the loss ran one (the cache's lookups cost nothing here)
             lengths = batch.attention_mask.sum(1).tolist()
-            stats.flops.student_train += (3 if finite else 1) * sequence_flops(self.shapes["student"], lengths)
+            stats.flops.student_train += (training_flops if finite else sequence_flops)(self.shapes["student"], lengths)
             stats.flops.teacher_score += ((self.teacher_forwards - teacher_passes)
                                           * sequence_flops(self.shapes["teacher"], lengths))
             if not finite:

@@ -11,7 +11,7 @@ from kltd.rollout.batch import Responses, StateBatch
 from kltd.schema.axes import PrefixConfig
 from kltd.schema.config import Config
 from kltd.train.compute import PARTS, FlopCounter, ModelShape, forward_flops, sampling_flops, sequence_flops, \
-    token_flops
+    token_flops, training_flops
 from kltd.train.job import train_job
 
 # ---------------------------------------------------------------------------------------- the formula by hand
@@ -68,6 +68,31 @@ def test_the_matmuls_pytorch_counts_agree(llama):
     square = 2 * 2 * 3 * length * length * (4 * 8)
     causal = 2 * 2 * 3 * (length * (length + 1) // 2) * (4 * 8)
     assert counted.get_total_flops() == sequence_flops(shape, [length]) - causal + square
+
+
+def test_a_lora_step_pytorch_counts_agree(llama):
+    """A rank-2 adapter on every projection: torch's FLOP counter over a forward and backward against
+    training_flops. Besides attention's square (forward and both gradients), the count differs from torch's by
+    what autograd skips: the input gradients of the first block's q, k, v and their adapters' A (their input, the
+    normed frozen embedding, needs none)."""
+    peft = pytest.importorskip("peft")
+    from torch.utils.flop_counter import FlopCounterMode
+
+    rank, length = 2, 6
+    model = peft.get_peft_model(LlamaForCausalLM(LlamaConfig(**LLAMA, attn_implementation="eager")),
+                                peft.LoraConfig(r=rank, target_modules=list(BLOCK)))
+    shape = ModelShape.of(model)
+    assert shape.adapter == 3 * rank * sum(i + o for i, o in BLOCK.values())
+    assert shape.adapter == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    with FlopCounterMode(display=False) as counted:
+        model(torch.arange(length).unsqueeze(0)).logits.sum().backward()
+    square = 2 * 2 * 3 * length * length * (4 * 8)
+    causal = 2 * 2 * 3 * (length * (length + 1) // 2) * (4 * 8)
+    first_qkv = sum(i * o + rank * i for name, (i, o) in BLOCK.items() if name in ("q_proj", "k_proj", "v_proj"))
+    assert counted.get_total_flops() == (training_flops(shape, [length]) + 3 * (square - causal)
+                                         - 2 * first_qkv * length)
+    # and a full step of the same model costs more: every weight's own gradient
+    assert training_flops(shape, [length]) < 3 * sequence_flops(shape, [length])
 
 
 def test_a_gpt2_shape_counts_its_two_matrix_mlp():
