@@ -109,9 +109,6 @@ def _check_lora(cfg: Config) -> None:
     if cfg.distributed.strategy == "fsdp":
         raise ConfigError("model.lora.r > 0 with distributed.strategy=fsdp is not built (the adapter is small: "
                           "use distributed.strategy=ddp)")
-    if cfg.rl.enabled:
-        raise ConfigError("model.lora.r > 0 with rl=grpo is not built; train the adapter with model.lora.save_merged="
-                          "true, then run the RL stage from that run's merged student (model.student=RUN_DIR)")
     if lora.quantize_base == "4bit" and lora.save_merged:
         raise ConfigError("model.lora.save_merged=true with model.lora.quantize_base=4bit is not built (the base "
                           "would be dequantised first); keep the adapter (adapter/) and merge it into the "

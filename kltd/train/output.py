@@ -127,8 +127,8 @@ def save_student(model, tokenizer, run_dir: Path, weights: dict | None = None, n
         raise checkpoint.resumable(full, run_dir) from full.__cause__
 
 
-def save_lora_student(pair, run_dir: Path, merged: bool) -> tuple[Path, Path | None]:
-    """A LoRA student's results: its adapter in peft's format with the tokenizer, in adapter/
+def save_lora_student(pair, run_dir: Path, merged: bool, name: str = "adapter") -> tuple[Path, Path | None]:
+    """A LoRA student's results: its adapter in peft's format with the tokenizer, in adapter/ (or `name`/)
     (PeftModel.from_pretrained(model.student, adapter/) loads it), and with `merged` (model.lora.save_merged) the
     merged model in checkpoint/, a plain Hugging Face directory (AutoModelForCausalLM loads it). Each atomic."""
     from kltd.train.lora import merged_weights, save_adapter
@@ -138,7 +138,7 @@ def save_lora_student(pair, run_dir: Path, merged: bool) -> tuple[Path, Path | N
         pair.tokenizer.save_pretrained(directory)
 
     try:
-        adapter = atomic_write_dir(run_dir / "adapter", write_adapter)
+        adapter = atomic_write_dir(run_dir / name, write_adapter)
     except DiskFull as full:
         raise checkpoint.resumable(full, run_dir) from full.__cause__
     if not merged:

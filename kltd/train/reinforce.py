@@ -89,7 +89,9 @@ class Reinforcer:
         sampler = replace(trainer.states.student, max_new_tokens=self.max_new_tokens, temperature=self.temperature)
         self.states = StateSource(STUDENT_STATES, student=sampler, teacher=trainer.states.teacher,
                                   tokenizer=trainer.tokenizer)
-        self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=rl.lr, weight_decay=cfg.trainer.weight_decay)
+        # the parameters that train: all of the student's, or a LoRA student's adapter only
+        trained = [p for p in self.student.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trained, lr=rl.lr, weight_decay=cfg.trainer.weight_decay)
         warmup = cfg.trainer.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
@@ -98,6 +100,11 @@ class Reinforcer:
     @property
     def flops(self) -> FlopCounter:
         return self.trainer.flops  # one count for the whole run
+
+    @property
+    def adapter(self):
+        """A LoRA student's peft wrapper (None otherwise): its checkpoints save and restore the adapter."""
+        return self.trainer.adapter
 
     def state_dict(self) -> dict:
         """Everything besides the student's weights that the next RL step depends on (kltd.train.checkpoint): its

@@ -30,6 +30,8 @@ from kltd.train.output import Output, before_after_table, data_lines, save_lora_
 from kltd.train.phases import Phases
 from kltd.train.ranks import SINGLE, Ranks
 
+BEFORE_RL = "before_rl"  # the student the RL stage starts from (a LoRA student's: its adapter)
+
 
 @dataclass
 class Job:
@@ -280,13 +282,15 @@ class Job:
         return progress, tokens, time_before
 
     def keep_starting_policy(self) -> None:
-        """The student the RL stage starts from, in before_rl/ (a model directory, as checkpoint/): a result of its
-        own, and the reference of rl.kl_weight when a run resumes inside the stage."""
-        from kltd.train.output import save_student
-
+        """The student the RL stage starts from, in before_rl/ (a model directory, as checkpoint/; a LoRA student's
+        adapter, as adapter/): a result of its own, and the reference of rl.kl_weight when a run resumes inside the
+        stage."""
         if self.ranks.main and (self.cfg.trainer.save_checkpoint or self.cfg.rl.kl_weight > 0):
             with self.phases("checkpoint"):
-                save_student(self.pair.student, self.pair.tokenizer, self.run_dir, name="before_rl")
+                if self.pair.adapter is not None:  # a LoRA student: its adapter, in peft's format
+                    save_lora_student(self.pair, self.run_dir, merged=False, name=BEFORE_RL)
+                else:
+                    save_student(self.pair.student, self.pair.tokenizer, self.run_dir, name=BEFORE_RL)
         self.ranks.barrier()  # every process may read it back
 
     def starting_policy(self, resumed_inside: bool):
@@ -298,9 +302,16 @@ class Job:
 
         if self.cfg.rl.kl_weight == 0:
             return None
+        if self.pair.adapter is not None:  # a LoRA student: the same base with a copy of the adapter
+            from kltd.train.lora import load_adapter
+
+            wrapper = copy.deepcopy(self.pair.adapter)
+            if resumed_inside:
+                load_adapter(wrapper, self.run_dir / BEFORE_RL)
+            return wrapper.base_model.model.eval().requires_grad_(False)
         reference = copy.deepcopy(self.pair.student).eval().requires_grad_(False)
         if resumed_inside:
-            load_weights(reference, self.run_dir / "before_rl" / checkpoint.WEIGHTS, self.pair.device)
+            load_weights(reference, self.run_dir / BEFORE_RL / checkpoint.WEIGHTS, self.pair.device)
         return reference
 
     def steps(self, progress: checkpoint.Progress, tokens: TokenCounts, *, last: int, key: str) -> None:

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from tests.app.test_faults import (HANG_GUARD_S, TINY, finished_run, history, run, start, steps_saved,
                                    wait_for_step)
+from tests.app.test_rl_resume import untimed
 from tests.support.tolerances import forward_bound
 
 pytest.importorskip("peft")
@@ -85,3 +86,36 @@ def test_killed_and_resumed_is_bit_identical(straight, tmp_path):
     assert merged.keys() == straight_merged.keys()
     assert all(torch.equal(merged[k], straight_merged[k]) for k in merged)
     assert history(run_dir) == history(straight)
+
+
+# an RL stage after the distillation, with the starting adapter as the KL reference (rl.kl_weight) and two epochs
+LORA_GRPO = [*LORA, "trainer.max_steps=3", "rl=grpo", "rl.steps=4", "rl.group_size=4", "rl.batch_size=8",
+             "rl.kl_weight=0.1", "rl.epochs=2", "trajectory=expert"]
+
+
+def test_an_rl_stage_trains_the_adapter_and_a_kill_inside_it_resumes_bit_identical(tmp_path):
+    (tmp_path / "straight").mkdir()
+    straight, out = finished_run(*LORA_GRPO, cwd=tmp_path / "straight")
+    assert "RL stage: GRPO for 4 steps after step 3" in out.stdout
+    summary = json.loads((straight / "metrics.json").read_text())
+    assert summary["method"].endswith("→ GRPO") and "lora(4)" in summary["method"]
+    # before_rl/ holds the starting adapter; the RL stage moved it
+    start_adapter = load_file(str(straight / "before_rl" / "adapter_model.safetensors"))
+    final = adapter_weights(straight)
+    assert start_adapter.keys() == final.keys() and any(not torch.equal(start_adapter[k], final[k]) for k in final)
+    assert any(row.get("rl/loss") is not None for row in history(straight))
+
+    run_dir = tmp_path / "resumed"
+    proc = start("train", *LORA_GRPO, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    wait_for_step(proc, run_dir, 5)  # two RL steps done: the reference is read back from before_rl/
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=HANG_GUARD_S)
+    out = run("train", *LORA_GRPO, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert out.returncode == 0 and "resuming" in out.stdout, out.stderr[-3000:]
+    resumed = json.loads((run_dir / "metrics.json").read_text())
+    assert resumed["resumed_from_step"] >= 5
+    for key in ("eval_after_distillation", "eval_after", "final_loss", "tokens", "compute"):
+        assert resumed[key] == summary[key], key
+    mine = adapter_weights(run_dir)
+    assert mine.keys() == final.keys() and all(torch.equal(mine[k], final[k]) for k in mine)
+    assert untimed(run_dir) == untimed(straight)
