@@ -33,6 +33,7 @@ from kltd.rollout.states import StateSource
 from kltd.schema.axes import PrefixConfig
 from kltd.schema.config import Config, ConfigError
 from kltd.train.compute import FlopCounter, sampling_flops, sequence_flops, training_flops
+from kltd.train.optim import adamw
 from kltd.train.sharding import gathered_optimizer_state, scattered_optimizer_state, whole
 from kltd.train.trainer import StepStats, Trainer, TrainingError
 
@@ -89,9 +90,7 @@ class Reinforcer:
         sampler = replace(trainer.states.student, max_new_tokens=self.max_new_tokens, temperature=self.temperature)
         self.states = StateSource(STUDENT_STATES, student=sampler, teacher=trainer.states.teacher,
                                   tokenizer=trainer.tokenizer)
-        # the parameters that train: all of the student's, or a LoRA student's adapter only
-        trained = [p for p in self.student.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(trained, lr=rl.lr, weight_decay=cfg.trainer.weight_decay)
+        self.optimizer = adamw(self.student.parameters(), lr=rl.lr, weight_decay=cfg.trainer.weight_decay)
         warmup = cfg.trainer.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)

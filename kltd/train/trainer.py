@@ -37,6 +37,7 @@ from kltd.schema.config import Config
 from kltd.schema.matrix import own_divergence
 from kltd.train.compute import FlopCounter, ModelShape, batch_flops, sampling_flops, sequence_flops, \
     training_flops
+from kltd.train.optim import adamw
 from kltd.train.ranks import SINGLE, Ranks
 from kltd.train.sharding import gathered_optimizer_state, scattered_optimizer_state, whole
 
@@ -124,8 +125,7 @@ class Trainer:
         # a LoRA student's peft wrapper (kltd.train.lora): checkpoints save its adapter
         self.adapter = getattr(pair, "adapter", None)
         # the parameters that train: all of the student's, or a LoRA student's adapter only (the base is frozen)
-        trained = [p for p in self.student.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(trained, lr=t.lr, weight_decay=t.weight_decay)
+        self.optimizer = adamw(self.student.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(t.warmup_steps, t.max_steps, t.min_lr_ratio)
         )
