@@ -12,6 +12,7 @@ import dataclasses
 import os
 import re
 import shutil
+import socket
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
@@ -119,6 +120,21 @@ def placed(cfg: Config, environ: Mapping[str, str] | None = None) -> Placement:
                               "(node 0's address and a free port)")
         endpoint = f"{first_host(nodelist)}:{slurm_port(env['SLURM_JOB_ID'])}"
     return Placement(_with(cfg, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=endpoint), notes)
+
+
+def endpoint_problem(cfg: Config) -> str | None:
+    """Why the nodes cannot meet at distributed.rdzv_endpoint (its host is unknown here), found at once rather than
+    after the launcher's wait for the other nodes; None when it resolves, or on one machine."""
+    d = cfg.distributed
+    if d.nodes == 1 or not d.rdzv_endpoint:
+        return None
+    host = d.rdzv_endpoint.rpartition(":")[0].strip("[]")
+    try:
+        socket.getaddrinfo(host, None)
+    except (OSError, UnicodeError):
+        return (f"distributed.rdzv_endpoint={d.rdzv_endpoint}: this machine cannot resolve the host {host!r}; give "
+                "node 0's name or address as the other nodes reach it")
+    return None
 
 
 def slurm_port(job_id: str) -> int:

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
@@ -48,3 +49,19 @@ def test_two_nodes_take_the_steps_of_one_process(tmp_path):
                                                                       "worker-logs"]
     said = " ".join(outputs[0][0].split())  # rich wraps long lines
     assert "node 1 of 2: its processes' share is trained; node 0 holds the run's results" in said
+
+
+@pytest.mark.parametrize("args,env,message", [
+    (["distributed.nnodes=2", "distributed.node_rank=0", "distributed.rdzv_endpoint=127.0.0.1:29500"], {},
+     "give them all the same hydra.run.dir"),
+    (["-m", "seed=0,1", "distributed.nnodes=2", "distributed.node_rank=0", "distributed.rdzv_endpoint=h:1"], {},
+     "a sweep on several machines"),
+    (["distributed.nnodes=2", "distributed.node_rank=2", "distributed.rdzv_endpoint=h:1"], {}, "is outside 0..1"),
+    ([], {"SLURM_JOB_ID": "7", "SLURM_NNODES": "2", "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "n[1-2]"},
+     "not an srun step"),
+])
+def test_a_multi_node_command_that_cannot_run_is_one_line_before_anything_starts(tmp_path, args, env, message):
+    out = subprocess.run([*KLTD, *args], capture_output=True, text=True, cwd=tmp_path, env={**ENV, **env},
+                         timeout=300)
+    assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not (tmp_path / "outputs").exists()  # nothing was created

@@ -92,3 +92,14 @@ def test_the_global_batch_divides_by_every_process_of_every_node():
     cfg.distributed.nproc_per_node = 2
     with pytest.raises(ConfigError, match=r"multiple of distributed.nnodes=2 x distributed.nproc_per_node=2"):
         cfg.check()
+
+
+def test_an_endpoint_whose_host_this_machine_cannot_resolve_is_refused():
+    from kltd.train.nodes import endpoint_problem
+
+    cfg = Config()
+    cfg.distributed.nnodes, cfg.distributed.node_rank = 2, 1
+    cfg.distributed.rdzv_endpoint = "no-such-host.invalid:29500"  # .invalid never resolves (RFC 2606)
+    assert "cannot resolve the host 'no-such-host.invalid'" in endpoint_problem(cfg)
+    cfg.distributed.rdzv_endpoint = "127.0.0.1:29500"
+    assert endpoint_problem(cfg) is None
