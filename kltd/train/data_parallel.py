@@ -90,7 +90,8 @@ def run_data_parallel(job, cfg: Config, run_dir: Path, sweep: str | None, config
                               rdzv_backend="static", rdzv_endpoint=d.rdzv_endpoint,
                               rdzv_configs={"rank": d.node_rank, "timeout": RENDEZVOUS_TIMEOUT_S}, max_restarts=0,
                               start_method="spawn", logs_specs=logs, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
-    where = f" on each of {d.nodes} nodes (this is node {d.node_rank}, meeting at {d.rdzv_endpoint})" if d.nodes > 1 else ""
+    where = (f" on each of {d.nodes} nodes (this is node {d.node_rank}, meeting at {d.rdzv_endpoint})"
+             if d.nodes > 1 else "")
     console.print(f"data parallel: {n} processes ({backend}){where}, {cfg.trainer.batch_size // d.world_size} rows "
                   "each per micro-batch", highlight=False)
     try:

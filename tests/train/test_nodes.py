@@ -103,3 +103,37 @@ def test_an_endpoint_whose_host_this_machine_cannot_resolve_is_refused():
     assert "cannot resolve the host 'no-such-host.invalid'" in endpoint_problem(cfg)
     cfg.distributed.rdzv_endpoint = "127.0.0.1:29500"
     assert endpoint_problem(cfg) is None
+
+
+def _agreement(rank: int, port: int, values: list, out) -> None:
+    import torch.distributed as dist
+
+    from kltd.train.ranks import Ranks
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        out.put((rank, [Ranks(rank, 2).agree(v) for v in values[rank]]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_processes_learn_together_whether_they_found_the_same_checkpoint():
+    """Ranks.agree, which a resume on several nodes asks of the step each process found (-1: none): every process
+    gets the same answer, so all of them refuse together rather than some waiting at a collective."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    values = [[3, 3, -1], [3, -1, -1]]
+    procs = [ctx.Process(target=_agreement, args=(rank, port, values, out)) for rank in (0, 1)]
+    for p in procs:
+        p.start()
+    answers = dict(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert answers == {0: [True, False, True], 1: [True, False, True]}
