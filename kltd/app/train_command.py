@@ -69,8 +69,8 @@ def run_one_job(cfg: DictConfig, hydra_cfg, run_dir: Path, multirun: bool, sweep
     typed = placement.cfg
     notes = toy_defaults_notes(typed, hydra_cfg.runtime.choices.get("model"), list(hydra_cfg.overrides.task))
     notes += placement.notes
-    if typed.distributed.node_rank:  # Hydra's directory on node R > 0 is run_dir/node-R (on_node)
-        run_dir = run_dir.parent
+    if typed.distributed.node_rank and run_dir.name == f"node-{typed.distributed.node_rank}":
+        run_dir = run_dir.parent  # Hydra's directory on node R > 0 is run_dir/node-R (on_node)
     try:
         train_job(typed, run_dir, sweep=sweep, config_dict=OmegaConf.to_container(cfg, resolve=True),
                   worker_setup=functools.partial(configure_process, cfg.trainer.keep_freed_memory), notes=notes)
