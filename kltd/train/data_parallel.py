@@ -62,6 +62,7 @@ def run_data_parallel(job, cfg: Config, run_dir: Path, sweep: str | None, config
     """Run `job` (kltd.train.job.claimed_job) in nproc_per_node processes on this machine; returns process 0's
     summary. Each worker calls `worker_setup()` first (a picklable callable: the entry point's process
     settings)."""
+    from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -101,6 +102,13 @@ def run_data_parallel(job, cfg: Config, run_dir: Path, sweep: str | None, config
     except (ChildFailedError, SignalException) as failure:
         raise _first_error(run_dir, errors) or WorkerFailed(
             f"a training process failed ({failure}); see {own / 'worker-logs'}") from None
+    except DistError as failure:  # the launcher's own meeting of the nodes, before any worker started
+        if d.nodes == 1:
+            raise
+        reason = (str(failure).strip().splitlines() or [type(failure).__name__])[0]
+        raise ConfigError(f"the {d.nodes} nodes did not all meet at distributed.rdzv_endpoint={d.rdzv_endpoint} "
+                          f"({reason}); start the same command on every node, with node 0 reachable at that address "
+                          "and the port free there") from None
     if d.nodes > 1 and d.node_rank:
         console.print(f"node {d.node_rank} of {d.nodes}: its processes' share is trained; node 0 holds the run's "
                       f"results in {run_dir}", highlight=False)

@@ -137,3 +137,25 @@ def test_processes_learn_together_whether_they_found_the_same_checkpoint():
     for p in procs:
         p.join(timeout=60)
     assert answers == {0: [True, False, True], 1: [True, False, True]}
+
+
+def test_a_node_whose_peers_never_arrive_ends_in_one_line(tmp_path, monkeypatch):
+    """Node 1 started alone: the launcher's wait for node 0 ends in one line naming the endpoint (after the
+    rendezvous timeout, shortened here from 900 s), before any model is loaded."""
+    import socket
+
+    import kltd.train.data_parallel as data_parallel
+    from kltd.train.job import train_job
+
+    monkeypatch.setattr(data_parallel, "RENDEZVOUS_TIMEOUT_S", 2)
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = Config()
+    cfg.model.device, cfg.wandb.mode, cfg.distributed.backend = "cpu", "disabled", "gloo"
+    cfg.distributed.nnodes, cfg.distributed.node_rank = 2, 1
+    cfg.distributed.rdzv_endpoint = f"127.0.0.1:{port}"
+    with pytest.raises(ConfigError, match=f"did not all meet at distributed.rdzv_endpoint=127.0.0.1:{port}") as failure:
+        train_job(cfg, tmp_path / "run")
+    assert "\n" not in str(failure.value)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["node-1"]  # node 1 wrote only its own corner
