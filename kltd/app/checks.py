@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kltd.app.compose import composition_error, config_dir, fail, to_typed
 from kltd.schema.config import Config, ConfigError
+from kltd.train.nodes import placed
 
 # Groups that are declared with no option chosen (conf/config.yaml): `method=opd` selects one. The older
 # `+method=opd` spelling is accepted and read the same way.
@@ -103,7 +104,7 @@ def prevalidate(overrides: list[str], multirun_flag: bool) -> Checked:
             where = f" (in the job {' '.join(job)})" if len(jobs) > 1 else ""
             try:
                 composed = compose("config", overrides=[o for o in job if not o.lstrip("+~").startswith("hydra")])
-                cfg = to_typed(composed)
+                cfg = placed(to_typed(composed)).cfg
                 unknown = unknown_keys(composed, cfg)
                 if unknown:
                     raise ConfigError(f"unknown key {unknown[0]!r}: no such setting (`kltd train --help` lists "
@@ -114,8 +115,17 @@ def prevalidate(overrides: list[str], multirun_flag: bool) -> Checked:
             except ConfigError as error:
                 fail(f"{error}{where}")
             first = first or cfg
+        several = first.distributed.nodes > 1
+        if several and multirun:
+            fail(f"a sweep on several machines (distributed.nnodes={first.distributed.nodes}) is not built: run each "
+                 "cell as its own command on every node, or sweep with hydra/launcher=slurm, one machine a job")
+        if several and not chosen.get("hydra.run.dir"):
+            fail(f"distributed.nnodes={first.distributed.nodes} runs one command on each machine: give them all the "
+                 "same hydra.run.dir (on a filesystem they share, for a rerun to resume)")
         if not multirun and chosen.get("hydra.run.dir"):
-            existing_run(Path(chosen["hydra.run.dir"]), OmegaConf.to_container(composed, resolve=True))
+            # node R > 0 holds only run_dir/node-R; node 0 holds the run directory itself
+            existing_run(Path(chosen["hydra.run.dir"]), OmegaConf.to_container(composed, resolve=True),
+                         held_here=not first.distributed.node_rank)
     return Checked(first, len(jobs), multirun, sweep_dir)
 
 
@@ -129,7 +139,7 @@ def toy_defaults_notes(cfg: Config, model_preset: str | None, overrides: list[st
     return [toy_defaults_line(kept)] if kept else []
 
 
-def existing_run(run_dir: Path, config: dict) -> None:
+def existing_run(run_dir: Path, config: dict, held_here: bool = True) -> None:
     """A run directory given by name may hold a live run, a finished one or an unfinished one; settle it
     before Hydra writes its own files into the directory (a refused command must change nothing there)."""
     from kltd.files import directory_holder
@@ -139,7 +149,7 @@ def existing_run(run_dir: Path, config: dict) -> None:
 
     if not run_dir.is_dir():
         return
-    holder = directory_holder(run_dir)
+    holder = directory_holder(run_dir) if held_here else None
     if holder:
         fail(f"{run_dir} is in use by a live run ({holder}); give this run another hydra.run.dir")
     summary = read_summary(run_dir / "metrics.json")

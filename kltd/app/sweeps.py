@@ -29,7 +29,7 @@ def side_by_side(argv: list[str], first: Config, jobs: int) -> list[str]:
     named = any(a.startswith(("hydra/launcher=", "hydra.launcher.")) for a in argv)
     # no NVIDIA driver: no CUDA device (torch is not imported for this: the jobs import it in their own processes)
     on_cpu = first.model.device == "cpu" or (first.model.device == "auto" and not Path("/proc/driver/nvidia").exists())
-    if jobs < 2 or cores < 2 or named or not on_cpu or first.distributed.nproc_per_node > 1:
+    if jobs < 2 or cores < 2 or named or not on_cpu or first.distributed.world_size > 1:
         return argv
     print(f"kltd: {jobs} jobs side by side, {min(jobs, cores)} at a time on {cores} cores (hydra/launcher=joblib; "
           "hydra/launcher=basic runs them one after another)", file=sys.stderr)

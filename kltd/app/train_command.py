@@ -62,9 +62,15 @@ def run_one_job(cfg: DictConfig, hydra_cfg, run_dir: Path, multirun: bool, sweep
     from kltd.train.job import AlreadyFinished, train_job
     from kltd.train.trainer import TrainingError
 
+    from kltd.train.nodes import placed
+
     job_process_settings(cfg, hydra_cfg)
-    typed = to_typed(cfg)
+    placement = placed(to_typed(cfg))
+    typed = placement.cfg
     notes = toy_defaults_notes(typed, hydra_cfg.runtime.choices.get("model"), list(hydra_cfg.overrides.task))
+    notes += placement.notes
+    if typed.distributed.node_rank and run_dir.name == f"node-{typed.distributed.node_rank}":
+        run_dir = run_dir.parent  # Hydra's directory on node R > 0 is run_dir/node-R (on_node)
     try:
         train_job(typed, run_dir, sweep=sweep, config_dict=OmegaConf.to_container(cfg, resolve=True),
                   worker_setup=functools.partial(configure_process, cfg.trainer.keep_freed_memory), notes=notes)
@@ -108,6 +114,15 @@ def job_process_settings(cfg: DictConfig, hydra_cfg) -> None:
         torch.set_num_threads(share_of_cores(cores if jobs < 0 else min(jobs, cores)))
 
 
+def on_node(argv: list[str], cfg) -> list[str]:
+    """On node R > 0 of several, Hydra writes its files (.hydra/, its log) in run_dir/node-R, the directory that
+    node holds (kltd.train.nodes.node_directory), not over node 0's in a run directory the nodes share."""
+    rank = cfg.distributed.node_rank
+    if not rank:
+        return argv
+    return [f"{a.rstrip('/')}/node-{rank}" if a.startswith("hydra.run.dir=") else a for a in argv]
+
+
 def main(argv: list[str]) -> None:
     """`kltd train ARGS`: check every job first, apply the process settings once, then run the Hydra app."""
     from kltd.train.interrupt import stop_asked, sweep_stops
@@ -122,7 +137,7 @@ def main(argv: list[str]) -> None:
     checked = prevalidate([a for a in argv if not a.startswith("-")], bool(flags))
     configure_process(checked.first.trainer.keep_freed_memory)
     if not checked.multirun:
-        sys.argv = ["kltd train", *argv]
+        sys.argv = ["kltd train", *on_node(argv, checked.first)]
         train()
         return
     argv = side_by_side(argv, checked.first, checked.jobs)

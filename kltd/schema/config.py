@@ -30,16 +30,23 @@ __all__ = ["CacheConfig", "Config", "ConfigError", "DataConfig", "DataFields", "
            "teacher_cache_used", "validate"]
 
 
+def processes(cfg: Config) -> str:
+    """The settings that make the run's process count, as a user writes them."""
+    d = cfg.distributed
+    return (f"distributed.nproc_per_node={d.nproc_per_node}" if d.nodes == 1 else
+            f"distributed.nnodes={d.nodes} x distributed.nproc_per_node={d.nproc_per_node}")
+
+
 def _check_data_parallel(cfg: Config) -> None:
     """What data parallelism needs of the other sections."""
-    n = cfg.distributed.nproc_per_node
+    n = cfg.distributed.world_size
     if n == 1:
         return
     g = cfg.sampling.samples_per_prompt
     if cfg.trainer.batch_size % (n * g):
         groups = f" x sampling.samples_per_prompt={g}" if g > 1 else ""
         raise ConfigError(f"trainer.batch_size={cfg.trainer.batch_size} must be a multiple of "
-                          f"distributed.nproc_per_node={n}{groups} (each process trains on batch_size / {n} rows"
+                          f"{processes(cfg)}{groups} (each process trains on batch_size / {n} rows"
                           + (", whole groups of one prompt's samples)" if g > 1 else ")"))
     if cfg.sampling.backend == "vllm":
         raise ConfigError("sampling.backend=vllm runs one engine in one process; with distributed.nproc_per_node > 1 "
@@ -75,7 +82,7 @@ def _check_groups(cfg: Config) -> None:
 def _check_rl(cfg: Config) -> None:
     """What the RL stage needs of the other sections: a reward, sampled responses from the current student, whole
     groups in each process."""
-    rl, s, n = cfg.rl, cfg.sampling, cfg.distributed.nproc_per_node
+    rl, s, n = cfg.rl, cfg.sampling, cfg.distributed.world_size
     if not rl.enabled:
         if cfg.trainer.max_steps == 0:
             raise ConfigError("trainer.max_steps=0 trains nothing; it is for an RL stage alone (rl=grpo), from "
@@ -89,7 +96,7 @@ def _check_rl(cfg: Config) -> None:
                           "response; set rl.temperature > 0 (or sampling.temperature)")
     if rl.batch_size % (rl.group_size * n):
         raise ConfigError(f"rl.batch_size={rl.batch_size} must be a multiple of rl.group_size={rl.group_size} x "
-                          f"distributed.nproc_per_node={n}: each process takes whole groups")
+                          f"{processes(cfg)}: each process takes whole groups")
     if cfg.distributed.strategy == "fsdp":
         raise ConfigError("rl=grpo with distributed.strategy=fsdp is not built; use distributed.strategy=ddp")
     if s.backend == "vllm" and s.vllm_sync_every > 1:

@@ -451,18 +451,55 @@ class WandbConfig:
 
 @dataclass
 class DistributedConfig:
-    """Data-parallel training: kltd starts nproc_per_node processes for the run (kltd.train.ranks). Each
-    trains on trainer.batch_size / nproc_per_node rows of every micro-batch; the result does not depend on
-    nproc_per_node."""
+    """Data-parallel training: kltd starts nproc_per_node processes for the run on each of nnodes machines
+    (kltd.train.ranks). Each trains on trainer.batch_size / (nnodes x nproc_per_node) rows of every micro-batch;
+    the result does not depend on the number of processes. nnodes, node_rank and rdzv_endpoint left unset are
+    read from SLURM's variables where a job step sets them (kltd.train.nodes), else one machine."""
 
     nproc_per_node: int = 1
     strategy: str = "ddp"  # ddp: every process holds the whole student | fsdp: 1/N of it each (FSDP2)
     backend: str = "auto"  # auto: nccl on CUDA, gloo on the CPU
+    nnodes: Optional[int] = None  # machines in the run, each running the same command (unset: 1, or SLURM's)
+    node_rank: Optional[int] = None  # this machine's place, 0 to nnodes - 1; node 0 writes the run directory
+    rdzv_endpoint: Optional[str] = None  # HOST:PORT of node 0, where the nodes meet (the same on every node)
+
+    @property
+    def nodes(self) -> int:
+        return self.nnodes or 1
+
+    @property
+    def world_size(self) -> int:
+        """Processes in the run, all nodes together."""
+        return self.nodes * self.nproc_per_node
 
     def check(self) -> None:
         at_least("distributed.nproc_per_node", self.nproc_per_node, 1)
         choice("distributed.strategy", self.strategy, C.DISTRIBUTED_STRATEGIES)
         choice("distributed.backend", self.backend, C.DISTRIBUTED_BACKENDS)
-        if self.strategy == "fsdp" and self.nproc_per_node < 2:
+        self._check_nodes()
+        if self.strategy == "fsdp" and self.world_size < 2:
             raise ConfigError("distributed.strategy=fsdp shards the student across processes; set "
                               "distributed.nproc_per_node=2 or more (or use distributed.strategy=ddp)")
+
+    def _check_nodes(self) -> None:
+        if self.nnodes is not None:
+            at_least("distributed.nnodes", self.nnodes, 1)
+        if self.nodes == 1:
+            if self.node_rank not in (None, 0):
+                raise ConfigError(f"distributed.node_rank={self.node_rank} is for a run on several machines; set "
+                                  "distributed.nnodes to their number, or drop distributed.node_rank")
+            return
+        if self.node_rank is None:
+            raise ConfigError(f"distributed.nnodes={self.nnodes} needs this machine's place: add "
+                              f"distributed.node_rank=R (0 on the machine at the endpoint, up to {self.nnodes - 1})")
+        if not 0 <= self.node_rank < self.nodes:
+            raise ConfigError(f"distributed.node_rank={self.node_rank} is outside 0..{self.nodes - 1} "
+                              f"(distributed.nnodes={self.nnodes}); give each machine its own rank in that range")
+        if not self.rdzv_endpoint:
+            raise ConfigError(f"distributed.nnodes={self.nnodes} needs distributed.rdzv_endpoint=HOST:PORT, node 0's "
+                              "address and a free port there, the same on every node (under SLURM kltd reads it "
+                              "from the job)")
+        host, _, port = self.rdzv_endpoint.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"distributed.rdzv_endpoint={self.rdzv_endpoint!r} is not HOST:PORT; give node 0's "
+                              "address and a free port, e.g. distributed.rdzv_endpoint=node01:29500")

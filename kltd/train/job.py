@@ -29,6 +29,7 @@ from kltd.schema.matrix import slug
 from kltd.train import checkpoint
 from kltd.train.evaluation import final_figures
 from kltd.train.interrupt import Interrupted
+from kltd.train.nodes import node_directory
 from kltd.train.output import Output, plain_lines
 from kltd.train.preflight import preflight
 from kltd.train.ranks import SINGLE, Ranks
@@ -103,9 +104,10 @@ def train_job(cfg: Config, run_dir: Path, *, sweep: str | None = None, config_di
     hub.forget()  # whether the hub can be reached is this job's to find out (a sweep's earlier job may have)
     preflight(cfg)  # before any model is loaded
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with exclusive_claim(run_dir):  # never two live runs in one directory
-        if cfg.distributed.nproc_per_node > 1:
+    own = node_directory(cfg, run_dir)  # run_dir, or run_dir/node-R on node R of several
+    own.mkdir(parents=True, exist_ok=True)
+    with exclusive_claim(own):  # never two live runs in one directory
+        if cfg.distributed.world_size > 1:
             from kltd.train.data_parallel import run_data_parallel
 
             job = functools.partial(claimed_job, notes=list(notes))
@@ -130,6 +132,13 @@ def claimed_job(cfg: Config, run_dir: Path, sweep: str | None, config_dict: dict
         check_resumable(resume.config, config_dict, run_dir)
         say(f"resuming {run_dir} from step {resume.progress.step} ({resume.path.name})")
     ranks.barrier()  # every process has read the directory before process 0 writes to it
+    # on several machines each reads its own view of the directory: a checkpoint only some of them see would make
+    # processes start from different steps
+    step = resume.progress.step if resume is not None else -1
+    if not ranks.agree(step):
+        raise ConfigError(f"the processes of this run found different checkpoints in {run_dir} (this one: "
+                          f"{'none' if step < 0 else f'step {step}'}); resuming on several nodes needs the run "
+                          "directory on a filesystem they all share, with the same hydra.run.dir on each")
     if not ranks.main:
         Job(cfg, run_dir, Output.silent(run_dir), config_dict, ranks, sweep, resume, notes=list(notes)).run()
         return None

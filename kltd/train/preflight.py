@@ -9,6 +9,7 @@ from pathlib import Path
 from kltd.files import directory_problem
 from kltd.schema.config import Config, ConfigError, needs_responses
 from kltd.train.models import check_model_reference, model_directory
+from kltd.train.nodes import endpoint_problem
 
 VLLM_MIN_CPU_HEAD_DIM = 32  # vLLM's CPU attention refuses smaller heads (the toy pair's are 16)
 
@@ -22,7 +23,7 @@ def preflight(cfg: Config) -> None:
         problem = check_model_reference(getattr(cfg.model, role))
         if problem:
             raise ConfigError(f"model.{role}: {problem}")
-    for problem in (lora_problem(cfg), vllm_problem(cfg)):
+    for problem in (lora_problem(cfg), vllm_problem(cfg), endpoint_problem(cfg)):
         if problem:
             raise ConfigError(problem)
     responses = cfg.data.responses_file

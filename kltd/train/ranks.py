@@ -44,6 +44,16 @@ class Ranks:
         dist.all_reduce(total)
         return total.tolist()
 
+    def agree(self, value: float) -> bool:
+        """Whether every process holds the same `value` (every process gets the same answer)."""
+        if self.world == 1:
+            return True
+        import torch.distributed as dist
+
+        extremes = torch.tensor([value, -value], dtype=torch.float64)  # the largest value and minus the smallest
+        dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+        return bool(extremes[0] == -extremes[1])
+
     def any(self, flag: bool) -> bool:
         return bool(self.sum([float(flag)])[0] > 0) if self.world > 1 else flag
 

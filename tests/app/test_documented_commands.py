@@ -117,6 +117,10 @@ COMMANDS: dict[str, Case] = {
     "kltd train prefix=student trajectory=student distributed.nproc_per_node=2 model.device=cpu": Case(),
     "kltd train -m prefix=fixed,student trajectory=expert distributed.nproc_per_node=2": Case(),
     "kltd train prefix=student trajectory=student distributed.nproc_per_node=4 distributed.strategy=fsdp": Case(),
+    # several machines: node01 is not a host here (a batch of 32 rows divides over the 2 x 8 processes)
+    **{"kltd train prefix=student trajectory=student distributed.nproc_per_node=8 distributed.nnodes=2 "
+       f"distributed.node_rank={rank} distributed.rdzv_endpoint=node01:29500 hydra.run.dir=runs/opd":
+       Case(after=("trainer.batch_size=32",), refused=r"cannot resolve the host 'node01'") for rank in (0, 1)},
     "kltd train prefix=student trajectory=student model=qwen3_8b_to_0_6b sampling.backend=vllm": Case(refused=OFFLINE),
     "kltd train prefix=student trajectory=student sampling.backend=vllm sampling.vllm_sync_every=4":
         Case(refused=r"sampling\.backend=vllm"),
