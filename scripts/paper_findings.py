@@ -2,6 +2,10 @@
 
     python scripts/paper_findings.py                 # writes docs/results.md and docs/results/*.png
     python scripts/paper_findings.py --seeds 0 1 --out /tmp/findings --doc /tmp/results.md   # a smaller try
+    python scripts/paper_findings.py --out /tmp/markov --doc /tmp/markov.md data=markov     # the Markov task
+
+Overrides after the options go to every run (`data=markov` runs the Markov task, whose runs carry exact figures:
+the report then adds a table of every contrast in them, difference against seed spread).
 
 Runs, at equal steps (the default budget) and for every seed:
   - teacher vs student prefixes x forward KL, reverse KL and a 50/50 KL mix (`divergence=forward_kl,reverse_kl,kl_mix`);
@@ -25,6 +29,9 @@ from pathlib import Path
 from kltd.report.compare import compare
 
 METRICS = ["accuracy", "reverse_kl_student_states", "forward_kl_teacher_states", "student_entropy", "response_length"]
+# data=markov's exact figures (no sampling noise: two runs differ in them only by what training did)
+EXACT = ["exact_reverse_kl", "exact_forward_kl", "exact_accepted", "exact_response_length",
+         "exact_student_entropy_rate"]
 KL_LABELS = {  # prefix -> divergence -> method label that kltd derives for that run
     "teacher": {"forward": "SeqKD", "reverse": "Teacher-prefix RKL", "mix": "SeqKD [kl_mix(0.5)]"},
     "student": {"forward": "DAgger", "reverse": "OPD", "mix": "DAgger [kl_mix(0.5)]"},
@@ -103,6 +110,33 @@ def verdicts(rows: dict) -> list[str]:
     return lines
 
 
+def contrasts() -> list[tuple[str, str, str]]:
+    """(what, a, b) for every comparison the paper makes, a - b: student vs teacher states under each divergence,
+    reverse vs forward KL at each prefix, the KL mix against each of its ends at each prefix."""
+    pairs = [(f"student - teacher states, {kl} KL", KL_LABELS["student"][kl], KL_LABELS["teacher"][kl])
+             for kl in ("forward", "reverse", "mix")]
+    pairs += [(f"reverse - forward KL, {prefix} states", KL_LABELS[prefix]["reverse"], KL_LABELS[prefix]["forward"])
+              for prefix in ("teacher", "student")]
+    pairs += [(f"mix - {end} KL, {prefix} states", KL_LABELS[prefix]["mix"], KL_LABELS[prefix][end])
+              for prefix in ("teacher", "student") for end in ("forward", "reverse")]
+    return pairs
+
+
+def contrast_table(rows: dict, metrics: list[str]) -> list[str]:
+    """Markdown: per contrast and metric, the difference of the means a - b, the seed spread (the two cells' standard
+    deviations across seeds added, the verdicts' criterion) and |difference| / spread."""
+    lines = ["| contrast | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+    for what, a, b in contrasts():
+        cells = []
+        for metric in metrics:
+            difference = mean(rows, a, metric) - mean(rows, b, metric)
+            width = spread(rows, a, metric) + spread(rows, b, metric)
+            ratio = f"{abs(difference) / width:.1f}" if width else "inf"
+            cells.append(f"{difference:+.3g} ± {width:.2g} (**{ratio}**)")
+        lines.append(f"| {what} ({a} vs {b}) | " + " | ".join(cells) + " |")
+    return lines
+
+
 def exposure_bias(result) -> list[str]:
     """Per-position divergence on student states: early vs late positions, for SFT, DAgger and OPD."""
     lines = []
@@ -135,9 +169,14 @@ def main() -> None:
     seeds = "seed=" + ",".join(map(str, args.seeds))
     if not args.report_only:
         run_sweeps(args, seeds)
-    result = compare([args.out / "paper", args.out / "sft"], args.out / "compare", METRICS)
+    from kltd.report.aggregate import available_metrics
+    from kltd.report.records import load_runs
+
+    sweeps = [args.out / "paper", args.out / "sft"]
+    metrics = METRICS + [m for m in EXACT if m in available_metrics(load_runs(sweeps))]
+    result = compare(sweeps, args.out / "compare", metrics)
     minutes = args.minutes if args.report_only and args.minutes else (time.perf_counter() - started) / 60
-    write_report(args, result, minutes)
+    write_report(args, result, minutes, [m for m in metrics if m in EXACT])
 
 
 def run_sweeps(args, seeds: str) -> None:
@@ -147,7 +186,7 @@ def run_sweeps(args, seeds: str) -> None:
     kltd_train("prefix=fixed", "trajectory=expert", seeds, f"hydra.sweep.dir={args.out}/sft", *args.overrides)
 
 
-def write_report(args, result, minutes: float) -> None:
+def write_report(args, result, minutes: float, exact: list[str]) -> None:
     rows = stats_by_label(result)
 
     figures = args.doc.parent / "results"
@@ -170,11 +209,15 @@ def write_report(args, result, minutes: float) -> None:
         "",
         *verdicts(rows),
         "",
-        "A correct response's length is fixed by its prompt on this task (one step per term), so answer "
-        "length can only move through mistakes; the length half of (b) has little room to show here. "
-        "\"Within the seed spread\" means the two means differ by less than the sum of their standard "
+        ("" if exact else "A correct response's length is fixed by its prompt on this task (one step per term), so "
+         "answer length can only move through mistakes; the length half of (b) has little room to show here. ")
+        + "\"Within the seed spread\" means the two means differ by less than the sum of their standard "
         "deviations across seeds.",
         "",
+        *(["## Every contrast in the exact figures", "",
+            "Difference of the means (first method minus second) ± the seed spread (the two methods' standard "
+            "deviations across seeds added), and in bold |difference| / spread: above 1 the contrast is resolved "
+            "by the seeds, below 1 it is not.", "", *contrast_table(rows, exact), ""] if exact else []),
         "## Exposure bias",
         "",
         "Per-position divergence on student states (solid) and teacher states (dashed), every method, after "
