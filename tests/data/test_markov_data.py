@@ -77,11 +77,13 @@ def test_examples_are_walks_of_the_chain_with_the_start_states_in_turn():
     tok = build_tokenizer(data.markov.n_states)
     task = prepare(data, tok, needs_responses=True)
     chain = chain_of(data)
-    letters = LETTERS[: chain.settings.n_states]
     assert task.chain == chain and task.checker.name == "markov" and task.end_token == "<eos>"
-    # the held-out questions go through the start states in order: each weighs the same in a multiple of 6
-    assert [e.prompt for e in task.eval] == [letters[i % 6] for i in range(14)]
-    assert len(task.train) == 300 and {e.prompt for e in task.train} == set(letters)
+    # the prompts are the states that cannot end at once (no response is a bare <eos>); the held-out questions go
+    # through them in order: each weighs the same in a multiple of their number
+    starts = [s for s in chain.state_ids if EOS_ID not in chain.row(s)]
+    assert starts == chain.start_ids and 0 < len(starts) < chain.settings.n_states
+    assert [e.prompt for e in task.eval] == [text_of([starts[i % len(starts)]]) for i in range(14)]
+    assert len(task.train) == 300 and {e.prompt for e in task.train} == set(text_of([s]) for s in starts)
     cut = 0
     for e in task.train + task.eval:
         ids = tok.encode(e.response, add_special_tokens=False)
