@@ -40,7 +40,8 @@ def test_data_markov_picks_the_markov_pair_and_the_tasks_horizon():
     (["data=markov", "data.markov.branching=1"], r"data.markov.branching=1 must lie in \[2, data.markov.n_states=6\]"),
     (["data=markov", "data.markov.n_states=60"], r"data.markov.n_states=60 must lie in \[1, 52\]"),
     (["data=markov", "data.markov.end_probability=1.0"], r"data.markov.end_probability=1.0 must lie strictly"),
-    (["data=markov", "data.markov.horizon=9"], r"scores 5764801 sequences per prompt, above 131072"),
+    (["data=markov", "data.markov.horizon=9", "eval.exact_kl=true"],
+     r"eval.exact_kl=true with .*horizon=9 scores 5764801 sequences per prompt, above 131072"),
     (["eval.exact_kl=true"], r"eval.exact_kl=true enumerates every response, which only data=markov"),
     (["data.checker=markov"], r"data.checker=markov grades walks of the built-in chain; it needs data=markov"),
     (["data=markov", "data.path=x.jsonl"], r"data.path needs data=file or data=hub \(data=markov is generated\)"),
@@ -64,9 +65,16 @@ def test_the_schemas_defaults_are_the_chains_and_the_shipped_teachers():
 
 
 def test_a_long_horizon_runs_without_the_exact_figures():
-    cfg = compose_typed("data=markov", "data.markov.horizon=9", "eval.exact_kl=false")
-    cfg.check()
+    """Above 131,072 sequences per prompt the exact figures are off unless asked for (then refused): the sampled
+    figures are the measure. At the shipped horizon (7**6 = 117,649) they are on."""
+    from kltd.schema.config import exact_figures
+
+    for extra in ([], ["eval.exact_kl=false"]):
+        cfg = compose_typed("data=markov", "data.markov.horizon=9", *extra)
+        cfg.check()
+        assert not exact_figures(cfg)
     assert MarkovTaskConfig(horizon=9).leaves == 7**8
+    assert exact_figures(compose_typed("data=markov")) and MarkovTaskConfig().leaves == 7**6 <= 131072
 
 
 # --- the examples --------------------------------------------------------------------------------------------
