@@ -4,6 +4,7 @@
     python scripts/bench_default.py --skip-sweep     # the default run and the evaluation only
     python scripts/bench_default.py --rounds 1 --eval-rounds 1 trainer.max_steps=2 eval.num_prompts=4  # smoke
     python scripts/bench_default.py --cells fixed:expert student:student   # also time these cells once each
+    python scripts/bench_default.py --skip-sweep --skip-eval --versus data=markov   # the default run against another
 
 Everything runs in a temporary working directory (outputs/, and the teacher cache at cache.dir inside it),
 with WANDB_MODE=disabled (--keep DIR: work in DIR and keep it). Overrides (key=value; before --cells when
@@ -33,6 +34,11 @@ both are given) go to every run and to the evaluation below.
    forward everywhere), with the default EvalConfig (or the overrides' eval.*), after one
    untimed call of each on a few prompts, in `--eval-rounds` rounds (default 3) that alternate which goes
    first.
+
+--versus "OVERRIDES" (one argument, space-separated): each round also times the default run with these overrides
+added (after the default run's own overrides), in the order default, versus in even rounds and versus, default in
+odd ones, each with its own warm-up and teacher cache; then the same sections for it, and per round the ratios
+versus / default of the wall time, the training and the evaluation (the runs' phases), with their medians.
 
 Figures are medians over rounds with their range (min-max); a ratio is taken per round. The last line is
 machine-readable:
@@ -198,6 +204,18 @@ def print_floor(runs: list[dict]) -> None:
     print(f"  {'  ... + the evaluation after training':<45} {spread(with_eval, '.3f')}")
 
 
+def print_versus(versus: str, runs: list[dict], others: list[dict]) -> None:
+    """The runs with `versus` added: their sections, then per round the ratios versus / default."""
+    print_command(f"with {versus} (kltd train {versus}: {others[0]['method']}, {others[0]['steps']} steps, "
+                  "warm teacher cache)", others)
+    print(f"\n{versus} / default, per round (the two runs of a round back to back), median (min-max):")
+    parts = {"wall": lambda r: r["wall"], "training": lambda r: r["train"],
+             "evaluation": lambda r: r["phases"].get("evaluation", float("nan"))}
+    for name, part in parts.items():
+        ratios = [part(v) / part(d) for d, v in zip(runs, others)]
+        print(f"  {name:<12} {spread(ratios, '.3f')}")
+
+
 def print_command(title: str, results: list[dict]) -> None:
     walls, trains = [r["wall"] for r in results], [r["train"] for r in results]
     ratios = [r["wall"] / r["train"] for r in results]
@@ -304,6 +322,8 @@ def main() -> None:
     parser.add_argument("--cells", nargs="*", default=[],
                         help="also time these prefix:trajectory cells, one run each, after the rounds")
     parser.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (default: a temporary directory)")
+    parser.add_argument("--versus", metavar="OVERRIDES",
+                        help="also time the default run with these overrides (one argument), alternating with it")
     parser.add_argument("--floor-only", action="store_true", help=argparse.SUPPRESS)  # see floor_time
     parser.add_argument("overrides", nargs="*", help="kltd train overrides for every run, e.g. trainer.max_steps=2")
     args = parser.parse_args()
@@ -326,13 +346,25 @@ def main() -> None:
         warm = default_run(work, "warmup", cache, args.overrides)
         print(f"warm-up default run ({warm['method']}, untimed; fills the teacher cache at {cache}): "
               f"wall {warm['wall']:.1f} s, training {warm['train']:.1f} s", flush=True)
-        runs, sweeps = [], []
+        versus = [*args.overrides, *(args.versus or "").split()]
+        if args.versus:
+            warm_v = default_run(work, "warmup_versus", work / "cache_versus", versus)
+            print(f"warm-up with {args.versus} ({warm_v['method']}, untimed): wall {warm_v['wall']:.1f} s, "
+                  f"training {warm_v['train']:.1f} s", flush=True)
+        runs, sweeps, others = [], [], []
         for r in range(args.rounds):
+            if args.versus and r % 2:
+                others.append(default_run(work, f"versus_{r}", work / "cache_versus", versus))
             d = default_run(work, f"default_{r}", cache, args.overrides)
             d["floor"] = floor_time(args.overrides)
             runs.append(d)
+            if args.versus and not r % 2:
+                others.append(default_run(work, f"versus_{r}", work / "cache_versus", versus))
             line = (f"round {r + 1}: default run wall {d['wall']:.1f} s, training {d['train']:.1f} s "
                     f"(x{d['wall'] / d['train']:.2f}); floor {d['floor']:.1f} s")
+            if args.versus:
+                v = others[-1]
+                line += f"; with {args.versus} wall {v['wall']:.1f} s, training {v['train']:.1f} s"
             if not args.skip_sweep:
                 s = sweep_run(work, f"sweep_{r}", cache, args.overrides)
                 sweeps.append(s)
@@ -364,6 +396,8 @@ def main() -> None:
             walls = [s["per_run"][method][1] for s in sweeps if method in s["per_run"]]
             print(f"    {method:<28} {statistics.median(trains):8.1f} {statistics.median(walls):8.1f}")
         sweep_ratio = statistics.median(s["wall"] / s["train"] for s in sweeps)
+    if others:
+        print_versus(args.versus, runs, others)
     if cell_lines:
         print("\ncells, one run each (warm teacher cache):")
         print("\n".join(cell_lines))

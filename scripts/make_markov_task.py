@@ -38,11 +38,11 @@ WEIGHT_FILES = ("model.safetensors",)
 
 @dataclass(frozen=True)
 class StudentSettings:
-    width: int = 4  # hidden dimensions: the capacity gap (logits span at most this many dimensions)
+    width: int = 2  # hidden dimensions: the capacity gap (logits span at most this many dimensions)
     layers: int = 2
-    heads: int = 2
+    heads: int = 1  # width must be a multiple of 2 * heads
     init_seed: int = 1  # the student's random initialisation
-    warm_steps: int = 0  # light pre-training on walks of the chain (kltd.data.markov_models.warm_up); 0: random
+    warm_steps: int = 400  # light pre-training on walks of the chain (kltd.data.markov_models.warm_up); 0: random
     warm_lr: float = 3e-3
 
 
@@ -54,10 +54,11 @@ def logit_rank(chain) -> int:
 
 
 def exact_against_teacher(model, teacher, chain) -> dict:
-    """The exact figures with `model` in the student's place, averaged over the start states (one prompt each)."""
+    """The exact figures with `model` in the student's place, averaged over the start states (one prompt each,
+    `MarkovChain.start_ids`: the prompts data=markov draws)."""
     support = torch.tensor(chain.support())
     per_start = [exact_sequence_figures(model, teacher, [start], horizon=chain.settings.horizon, eos_id=EOS_ID,
-                                        support=support) for start in chain.state_ids]
+                                        support=support) for start in chain.start_ids]
     keys = ("forward_kl", "reverse_kl", "student_accepted", "student_entropy", "student_length", "teacher_entropy",
             "teacher_entropy_rate", "teacher_length", "teacher_ends")
     return {key: sum(getattr(f, key) for f in per_start) / len(per_start) for key in keys}

@@ -34,11 +34,11 @@ OFF_SUPPORT = -30.0
 class MarkovSettings:
     n_states: int = 6
     branching: int = 3
-    final_states: int = 6  # states from which <eos> is allowed (one of their `branching` next tokens)
-    end_probability: float = 0.35  # P(<eos>) from a final state
+    final_states: int = 3  # states from which <eos> is allowed (one of their `branching` next tokens)
+    end_probability: float = 0.7  # P(<eos>) from a final state
     concentration: float = 1.0  # Dirichlet parameter: small -> peaked next-token distributions
-    horizon: int = 6  # the most response tokens, <eos> included
-    seed: int = 0
+    horizon: int = 7  # the most response tokens, <eos> included
+    seed: int = 1
 
     def __post_init__(self):
         if not 1 <= self.n_states <= len(LETTERS):
@@ -78,6 +78,13 @@ class MarkovChain:
     @property
     def state_ids(self) -> list[int]:
         return list(range(len(SPECIAL_TOKENS), self.vocab_size))
+
+    @property
+    def start_ids(self) -> list[int]:
+        """The states a prompt starts from: those that cannot end at once (no <eos> after them), so that no response
+        is a bare <eos>; every state when all of them are final."""
+        starts = [s for s in self.state_ids if EOS_ID not in self.row(s)]
+        return starts or self.state_ids
 
     def row(self, token: int) -> dict[int, float]:
         """The next-token distribution after `token`. After <pad> or <eos> (never a state) the chain ends: <eos>."""
@@ -140,12 +147,13 @@ def text_of(tokens: list[int]) -> str:
 
 
 def make_walks(chain: MarkovChain, seed: int, n_train: int, n_eval: int) -> tuple[list, list]:
-    """(train, eval) as (start, walk) pairs. Training starts are uniform draws; evaluation starts cycle through the
-    states in order, so any multiple of n_states questions weighs each start state equally. The two splits draw
+    """(train, eval) as (start, walk) pairs, from the chain's start states (`MarkovChain.start_ids`). Training starts
+    are uniform draws; evaluation starts cycle through them in order, so any multiple of their number of questions
+    weighs each start state equally. The two splits draw
     from separate seeded streams (the prompts cannot be disjoint: there are only n_states of them). A walk cut at
     the horizon is kept: it is a sample of the teacher too (kltd appends its end token, a state the sampler never
     reaches)."""
-    states = chain.state_ids
+    states = chain.start_ids
     train_rng, eval_rng = random.Random(f"markov-train-{seed}"), random.Random(f"markov-eval-{seed}")
     train = [(start, chain.walk(start, train_rng)) for start in (train_rng.choice(states) for _ in range(n_train))]
     held = [(start, chain.walk(start, eval_rng)) for start in (states[i % len(states)] for i in range(n_eval))]

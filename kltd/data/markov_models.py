@@ -65,7 +65,7 @@ def student_model(vocab_size: int, width: int, layers: int, seed: int, heads: in
 
 def warm_up(student, chain: MarkovChain, steps: int, *, batch_size: int = 32, lr: float = 3e-3, seed: int = 0):
     """A light pre-training of the student, in place: `steps` AdamW steps of teacher-forced cross-entropy on
-    walks drawn from the chain's table (start states uniform, loss on the response and its EOS). Reverse-KL
+    walks drawn from the chain's table (start states uniform over `start_ids`, loss on the response and its EOS). Reverse-KL
     methods need a student that already writes some accepted responses (design.md section 7)."""
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(student.parameters(), lr=lr)
@@ -73,7 +73,7 @@ def warm_up(student, chain: MarkovChain, steps: int, *, batch_size: int = 32, lr
     for _ in range(steps):
         rows = []
         for _ in range(batch_size):
-            start = rng.choice(chain.state_ids)
+            start = rng.choice(chain.start_ids)
             rows.append([start] + chain.walk(start, rng))
         width = max(map(len, rows))
         ids = torch.tensor([row + [PAD_ID] * (width - len(row)) for row in rows])

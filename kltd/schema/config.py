@@ -127,9 +127,13 @@ def _check_lora(cfg: Config) -> None:
 
 
 def exact_figures(cfg) -> bool:
-    """Whether the evaluation adds the exact figures (eval.exact_kl; null: on for data=markov)."""
+    """Whether the evaluation adds the exact figures (eval.exact_kl; null: on for data=markov while its chain and
+    horizon give at most MAX_EXACT_LEAVES sequences per prompt; above that the sampled figures, with their bootstrap
+    intervals, are the measure)."""
     on = cfg.eval.exact_kl
-    return cfg.data.source == "markov" if on is None else on
+    if on is None:
+        return cfg.data.source == "markov" and cfg.data.markov.leaves <= MAX_EXACT_LEAVES
+    return on
 
 
 def _check_markov(cfg: Config) -> None:
@@ -142,9 +146,10 @@ def _check_markov(cfg: Config) -> None:
         return
     horizon = d.markov.horizon
     if exact_figures(cfg) and d.markov.leaves > MAX_EXACT_LEAVES:
-        raise ConfigError(f"eval.exact_kl with data.markov.n_states={d.markov.n_states} and data.markov.horizon="
+        raise ConfigError(f"eval.exact_kl=true with data.markov.n_states={d.markov.n_states} and data.markov.horizon="
                           f"{horizon} scores {d.markov.leaves} sequences per prompt, above {MAX_EXACT_LEAVES}; lower "
-                          "the horizon or the number of states, or set eval.exact_kl=false")
+                          "the horizon or the number of states, or drop eval.exact_kl=true (the sampled figures are "
+                          "then the measure)")
     for name in e.sets:
         spec = cfg.eval_sets[name]
         budget = spec.max_new_tokens or e.max_new_tokens

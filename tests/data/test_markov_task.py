@@ -1,6 +1,7 @@
 """The Markov task: the teacher model is the chain, the exact sequence-level figures agree with a direct sum over
 every response and with Monte-Carlo estimates from kltd's own sampler, and the shipped models are reproducible."""
 
+import dataclasses
 import hashlib
 import importlib.util
 import itertools
@@ -56,6 +57,10 @@ def test_the_chain_has_the_settings_support(settings):
         mass = 1 - (end or 0.0)  # what the successor states share, each at least MIN_SHARE / k of it
         assert min(row.values()) >= mass * MIN_SHARE / len(row) * (1 - 1e-12)
     assert ends == settings.final_states
+    # the prompts start where the chain cannot end at once; with every state final, anywhere
+    finals = [s for s in chain.state_ids if EOS_ID in chain.row(s)]
+    assert chain.start_ids == ([s for s in chain.state_ids if s not in finals] or chain.state_ids)
+    assert make_chain(dataclasses.replace(settings, final_states=settings.n_states)).start_ids == chain.state_ids
 
 
 @pytest.mark.parametrize("settings", [MarkovSettings(), MarkovSettings(n_states=7, branching=2, final_states=4, seed=3)])

@@ -45,3 +45,22 @@ def test_tiny_benchmark_prints_the_three_ratios(tmp_path):
     assert floor and lowest and float(floor[1]) > 0 and float(lowest[1]) > 1, out
     assert re.search(r"own / fast +\d+\.\d{3} \(\d+\.\d{3}-\d+\.\d{3}\)", out)  # 3 rounds: median (min-max)
     assert not any(tmp_path.iterdir()), "the benchmark works in a temporary directory of its own"
+
+
+def test_versus_prints_per_round_ratios(capsys):
+    """--versus: per round the ratios versus / default of the wall time, training and evaluation, median (min-max)."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import bench_default
+
+    def run(wall, train, evaluation):
+        return {"wall": wall, "train": train, "method": "SFT", "steps": 200,
+                "phases": {"training": train, "evaluation": evaluation, "rest": wall - train - evaluation}}
+
+    default = [run(40.0, 10.0, 10.0), run(50.0, 10.0, 20.0), run(60.0, 20.0, 20.0)]
+    versus = [run(80.0, 10.0, 30.0), run(50.0, 15.0, 20.0), run(90.0, 10.0, 50.0)]  # wall x2, x1, x1.5
+    bench_default.print_versus("data=markov", default, versus)
+    out = capsys.readouterr().out
+    assert "with data=markov (kltd train data=markov: SFT, 200 steps, warm teacher cache): 3 round(s)" in out
+    assert re.search(r"^  wall +1\.500 \(1\.000-2\.000\)$", out, re.M), out
+    assert re.search(r"^  training +1\.000 \(0\.500-1\.500\)$", out, re.M), out  # 1, 1.5, 0.5
+    assert re.search(r"^  evaluation +2\.500 \(1\.000-3\.000\)$", out, re.M), out  # 3, 1, 2.5
