@@ -108,7 +108,7 @@ class RemoteTeacher:
         info = self._request("/info")
         if info.get("protocol") != PROTOCOL or not isinstance(info.get("fingerprint"), str):
             raise TeacherServerError(f"{self.url} is not a kltd teacher server of protocol {PROTOCOL} (its /info "
-                                     "lacks them); start one with `kltd serve-teacher MODEL`")
+                                     "has no protocol and fingerprint); start one with `kltd serve-teacher MODEL`")
         mine = tokenizer_fingerprint(tokenizer)
         if info["fingerprint"] != mine:
             raise TeacherServerError(f"the teacher server at {self.url} serves '{info.get('model')}' with another "
@@ -116,6 +116,8 @@ class RemoteTeacher:
                                      "compares next-token distributions token by token, so serve a teacher of "
                                      "the student's vocabulary")
         vocab = info.get("vocab_size")
+        if isinstance(vocab, int) and self.top_k == 0:  # 0: the whole vocabulary (the exact loss)
+            self.top_k = vocab
         if not isinstance(vocab, int) or not 1 <= self.top_k <= vocab:
             raise TeacherServerError(f"model.teacher_top_k={self.top_k} must lie in [1, {vocab}] (the served "
                                      "teacher's vocabulary)")

@@ -20,10 +20,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
-from kltd.fast.arranged import supports
 from kltd.objectives.divergences import log_probs
 from kltd.rollout.batch import Responses, StateBatch
 from kltd.rollout.noise import RowNoise
+from kltd.rollout.plan import route
 from kltd.rollout.remote_teacher import PROTOCOL, encode_array, tokenizer_fingerprint
 from kltd.rollout.sampling import Sampler
 from kltd.rollout.scoring import Scorer, device_of
@@ -92,7 +92,7 @@ class TeacherService:
         prefix = None
         if request.get("prefix") is not None:
             prefix = Responses(self._ids(request["prefix"], "tokens"), self._ids(request["prefix"], "mask").bool())
-        sampler = Sampler(self.model, self.tokenizer, budget, temperature, top_p, lean=supports(self.model),
+        sampler = Sampler(self.model, self.tokenizer, budget, temperature, top_p, lean=route(self.model, packed=False, lean=True).decoder == "lean",
                           vocab=self.vocab)
         with self.lock, torch.inference_mode():
             out = sampler(prompt_ids, prompt_mask, noise, prefix=prefix)
