@@ -114,9 +114,6 @@ def _check_teacher_server(cfg: Config) -> None:
         raise ConfigError("trajectory.reward=teacher_loglik needs the teacher's probability of every response token, "
                           "and model.teacher_server gives its top-k tokens and tail; use trajectory.reward=none or "
                           "correctness, or load the teacher (drop model.teacher_server)")
-    if cfg.cache.teacher == "on":
-        raise ConfigError("cache.teacher=on with model.teacher_server is not built yet (the served teacher scores "
-                          "every batch); use cache.teacher=auto or off")
     if cfg.rl.enabled and cfg.rl.teacher_weight > 0:
         raise ConfigError("rl.teacher_weight > 0 with model.teacher_server is not built; use rl.teacher_weight=0 or "
                           "load the teacher (drop model.teacher_server)")
@@ -328,7 +325,7 @@ def teacher_cache_used(cfg) -> bool:
     teacher (a divergence term, or the teacher_loglik reward), unless cache.teacher=off."""
     traj = cfg.trajectory
     needs = cfg.loss.kl_trajectory_weight > 0 and (traj.supervisor != "dataset" or traj.reward == "teacher_loglik")
-    return cfg.prefix.source == "fixed" and cfg.cache.teacher != "off" and needs and cfg.model.teacher_server is None
+    return cfg.prefix.source == "fixed" and cfg.cache.teacher != "off" and needs
 
 
 def _divergence_name(cfg) -> str | None:
@@ -461,7 +458,7 @@ def approximations(cfg: Config) -> list[str]:
                    "bins: a lower bound of the full divergence, exact when k covers the vocabulary)")
     if divergence and loss.estimator.startswith("sampled"):
         out.append(f"loss.estimator={loss.estimator}: {_ONE_TOKEN[(loss.estimator, _divergence_name(cfg))]}")
-    if teacher_cache_used(cfg) and cfg.cache.format == "topk":
+    if teacher_cache_used(cfg) and cfg.cache.format == "topk" and not served:
         out.append(f"cache.format=topk: the cached teacher keeps its top {cfg.cache.top_k} logits per position and "
                    "spreads the rest of its mass evenly")
     batch = cfg.trainer.batch_size

@@ -241,10 +241,12 @@ class Job:
 
         with self.ranks.main_first(), self.phases("cache"), self.display.phase("teacher cache"):
             trainer.attach_teacher_cache(cached_teacher(
-                p.teacher, p.tokenizer, resolve_model_path(cfg.model.teacher), resolve_model_path(cfg.model.student),
+                p.teacher, p.tokenizer, resolve_model_path(cfg.model.teacher) if p.remote_teacher is None else "",
+                resolve_model_path(cfg.model.student),
                 self.data.train, cache_dir=Path(cfg.cache.dir), dtype=cfg.model.dtype, fmt=cfg.cache.format,
                 top_k=cfg.cache.top_k, needed=trainer.planned_examples(), counter=count, echo=self.out.say,
-                packed=self.plan.cache_fill_packed, scored=trainer.count_cache_fill))
+                packed=self.plan.cache_fill_packed, scored=trainer.count_cache_fill, served=p.remote_teacher,
+                temperature=cfg.loss.temperature))
         # the FLOPs of what process 0 filled (0 when the cache already held it), in every process's count
         trainer.flops.cache_fill += int(self.ranks.sum([trainer.cache_fill_flops])[0])
         trainer.cache_fill_flops = 0

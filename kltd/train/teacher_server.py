@@ -36,15 +36,17 @@ class BadRequest(ValueError):
 class TeacherService:
     """The model behind the endpoints; usable without HTTP (tests call it directly)."""
 
-    def __init__(self, model, tokenizer, name: str):
+    def __init__(self, model, tokenizer, name: str, source: str | None = None):
         self.model, self.tokenizer, self.name = model.eval().requires_grad_(False), tokenizer, name
+        self.source = source  # a fingerprint of the model's files: what a client's teacher cache is keyed by
         self.vocab = len(tokenizer)
         self.scorer = Scorer(packed=False, vocab=self.vocab)
         self.lock = threading.Lock()
 
     def info(self) -> dict:
         return {"protocol": PROTOCOL, "model": self.name, "vocab_size": self.vocab,
-                "fingerprint": tokenizer_fingerprint(self.tokenizer), "config": self.model.config.to_dict()}
+                "fingerprint": tokenizer_fingerprint(self.tokenizer), "config": self.model.config.to_dict(),
+                "source": self.source, "dtype": str(next(self.model.parameters()).dtype).replace("torch.", "")}
 
     def _ids(self, request: dict, key: str, dtype=torch.long) -> torch.Tensor:
         try:
@@ -144,9 +146,10 @@ def make_server(service: TeacherService, host: str = "127.0.0.1", port: int = 0)
 def load_service(reference: str, dtype: str = "float32", device: str = "auto",
                  trust_remote_code: bool = False) -> TeacherService:
     """A TeacherService for any model kltd can load (the shipped toy/teacher, a directory, a hub id, a run)."""
-    from kltd.train.models import load_model, load_tokenizer, pick_device
+    from kltd.train.models import load_model, load_tokenizer, pick_device, resolve_model_path
+    from kltd.train.teacher_cache import source_fingerprint
 
     tokenizer = load_tokenizer(reference, trust_remote_code)
     model = load_model(reference, dtype, pick_device(device), trust_remote_code)
-    return TeacherService(model, tokenizer, reference)
+    return TeacherService(model, tokenizer, reference, source_fingerprint(resolve_model_path(reference)))
 

@@ -41,12 +41,14 @@ def losses(run_dir) -> list[tuple[int, float, float]]:
     return [(r["step"], r["train/loss"], r["train/grad_norm"]) for r in rows if "train/loss" in r]
 
 
-@pytest.mark.parametrize("prefix,trajectory", [("student", "student"), ("fixed", "expert"), ("teacher", "expert")])
-def test_a_served_teacher_of_the_whole_vocabulary_trains_as_the_loaded_one(toy_server, tmp_path, prefix, trajectory):
+@pytest.mark.parametrize("prefix,trajectory,cache", [("student", "student", "off"), ("fixed", "expert", "off"),
+                                                     ("fixed", "expert", "on"), ("teacher", "expert", "off")])
+def test_a_served_teacher_of_the_whole_vocabulary_trains_as_the_loaded_one(toy_server, tmp_path, prefix, trajectory,
+                                                                           cache):
     runs = {}
     for name, url in (("loaded", None), ("served", toy_server)):
         cfg = tiny_config(max_steps=3, log_every=1)
-        cfg.prefix.source, cfg.trajectory.supervisor = prefix, trajectory
+        cfg.prefix.source, cfg.trajectory.supervisor, cfg.cache.teacher = prefix, trajectory, cache
         cfg.cache.dir = str(tmp_path / "cache")
         cfg.model.teacher_server = url  # teacher_top_k=0: the whole vocabulary
         cfg.check()
@@ -56,6 +58,9 @@ def test_a_served_teacher_of_the_whole_vocabulary_trains_as_the_loaded_one(toy_s
             assert "teacher served by" in summary["plan"]["notes"][-1]
             assert summary["eval_after"].get("reverse_kl_student_states") is None  # no teacher in the process
     assert [r[0] for r in runs["served"]] == [1, 2, 3]
+    if cache == "on":  # the loaded teacher's logits and the served teacher's top-k form, side by side
+        kinds = sorted(torch.load(path, weights_only=True)["served"] for path in (tmp_path / "cache").glob("teacher-*"))
+        assert kinds == [False, True]
     # the same teacher logits (both through the model's own forward); the loss sums the same V = 17 float32 terms
     # per token in another order (the server's ids come sorted by probability): a few float32 ulps (~1e-6
     # relative) per step, and 1e-5 leaves ten times that. Teacher samples (prefix=teacher) are the same draws.
