@@ -100,7 +100,7 @@ class RemoteTeacher:
                 raise TeacherServerError(f"the teacher server at {self.url} returned malformed data for {path}")
             return answer
         raise TeacherServerError(f"the teacher server at {self.url} cannot be reached ({problem}; {self.retries + 1} "
-                                 "tries); start it with `kltd serve-teacher MODEL --port PORT` or fix "
+                                 "tries); start it with kltd serve-teacher MODEL --port PORT or fix "
                                  "model.teacher_server")
 
     def check(self, tokenizer) -> dict:
@@ -108,7 +108,7 @@ class RemoteTeacher:
         info = self._request("/info")
         if info.get("protocol") != PROTOCOL or not isinstance(info.get("fingerprint"), str):
             raise TeacherServerError(f"{self.url} is not a kltd teacher server of protocol {PROTOCOL} (its /info "
-                                     "has no protocol and fingerprint); start one with `kltd serve-teacher MODEL`")
+                                     "has no protocol and fingerprint); start one with kltd serve-teacher MODEL")
         mine = tokenizer_fingerprint(tokenizer)
         if info["fingerprint"] != mine:
             raise TeacherServerError(f"the teacher server at {self.url} serves '{info.get('model')}' with another "

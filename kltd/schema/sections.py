@@ -74,7 +74,7 @@ class ModelConfig:
                                   "`kltd serve-teacher` printed, e.g. model.teacher_server=http://127.0.0.1:8765")
             if "/v1" in url:
                 raise ConfigError(f"model.teacher_server={url} looks like an OpenAI-compatible server; kltd talks "
-                                  "only to its own (`kltd serve-teacher MODEL`) so far: serve the teacher with it")
+                                  "only to its own (kltd serve-teacher MODEL) so far: serve the teacher with it")
             if self.teacher_device is not None:
                 raise ConfigError("model.teacher_device places a teacher this process loads; with "
                                   "model.teacher_server the server holds it: drop model.teacher_device")
