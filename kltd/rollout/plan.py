@@ -63,7 +63,8 @@ class EvaluationPlan:
         return replace(self, keep_sampled_logits=keep)
 
     def text(self) -> str:
-        return (f"student {self.student.text()}, teacher {self.teacher.text()}"
+        teacher = "not run (served)" if self.teacher.decoder == "server" else self.teacher.text()
+        return (f"student {self.student.text()}, teacher {teacher}"
                 + (", sampled logits kept" if self.keep_sampled_logits else ""))
 
 
@@ -185,6 +186,8 @@ def plan_for(cfg: Config, student, teacher, vocab: int | None = None, evaluation
     evaluation = evaluation_plan(student, student if served else teacher, lean=s.lean_decoder,
                                  rows=min(e.batch_size, e.num_prompts) * e.n_samples, max_new_tokens=e.max_new_tokens,
                                  vocab=vocab, vllm=evaluation_engines(cfg, training, evaluation_only))
+    if served:  # the evaluation runs no teacher (the plan's note says so)
+        evaluation = replace(evaluation, teacher=SERVED)
     return ExecutionPlan(training=training, samplers=sampling, fused_head=fused,
                          length_groups=t.length_groups if split else 1, teacher_cache=teacher_cache_used(cfg),
                          cache_fill_packed=t.packed_forward and not served and supports(teacher), evaluation=evaluation,

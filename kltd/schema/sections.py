@@ -67,6 +67,10 @@ class ModelConfig:
         choice("model.dtype", self.dtype, C.DTYPES)
         self.lora.check()
         at_least("model.teacher_top_k", self.teacher_top_k, 0)
+        if self.teacher_top_k and self.teacher_server is None:
+            raise ConfigError(f"model.teacher_top_k={self.teacher_top_k} sets what a served teacher sends, and "
+                              "model.teacher_server is not set; for the loaded teacher's top k use "
+                              f"loss.estimator=topk loss.top_k={self.teacher_top_k}")
         if self.teacher_server is not None:
             url = self.teacher_server.strip()
             if not url.startswith(("http://", "https://")) or len(url.split("//", 1)[1].strip("/")) == 0:

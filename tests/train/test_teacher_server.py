@@ -69,6 +69,22 @@ def test_a_served_teacher_of_the_whole_vocabulary_trains_as_the_loaded_one(toy_s
         assert norm_b == pytest.approx(norm_a, rel=1e-5)
 
 
+def test_a_run_with_small_k_says_so_and_its_first_loss_bounds_the_full_one_from_below(toy_server, tmp_path):
+    first = {}
+    for name, url, k in (("loaded", None, 0), ("served", toy_server, 4)):
+        cfg = tiny_config(max_steps=1, log_every=1)
+        cfg.cache.dir = str(tmp_path / "cache")
+        cfg.model.teacher_server, cfg.model.teacher_top_k = url, k
+        cfg.check()
+        summary = train_job(cfg, tmp_path / name)
+        first[name] = losses(tmp_path / name)[0][1]
+    assert any(line.startswith("model.teacher_top_k=4: every divergence") for line in summary["approximations"])
+    # step 1: the same student at the same states (its samples, the same noise), so the 5-bin reverse KL is at most
+    # the full one (the data-processing inequality), up to float32 rounding of the two sums
+    assert first["served"] <= first["loaded"] * (1 + 1e-5)
+    assert first["served"] < first["loaded"]  # and the toy teacher's tail is not empty: strictly below
+
+
 def test_small_k_is_the_bucketed_divergence_of_the_loaded_teacher(toy_server):
     """The server's top-k and tail equal the loaded teacher's, so the served loss is the k + 1 bucket divergence."""
     from kltd.objectives.divergences import DivergenceSpec, log_probs
@@ -173,6 +189,9 @@ def test_the_config_refuses_what_a_served_teacher_cannot_give():
         cfg.check()
     cfg.loss.estimator, cfg.model.teacher_server = "exact", "127.0.0.1:9"
     with pytest.raises(ConfigError, match="is not a URL"):
+        cfg.check()
+    cfg.model.teacher_server, cfg.model.teacher_top_k = None, 8
+    with pytest.raises(ConfigError, match="model.teacher_server is not set"):
         cfg.check()
 
 
