@@ -66,7 +66,7 @@ class Job:
         self.prepare()
         self.load()
         p = self.pair
-        with job_threads(threads_for(self.cfg.trainer.num_threads, p.device, [x for x in (p.teacher, p.student) if x])):
+        with job_threads(threads_for(self.cfg.trainer.num_threads, p.device, (p.teacher, p.student))):
             self.announce()
             self.trainer = Trainer(self.cfg, p, self.data.train, checker=self.data.checker, ranks=self.ranks,
                                    plan=self.plan)

@@ -222,3 +222,12 @@ def test_serve_teacher_starts_and_prints_its_address(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def test_kltd_eval_reads_a_served_teacher_and_reports_no_teacher_figures(toy_server, tmp_path):
+    out = kltd("eval", "target=student", f"model.teacher_server={toy_server}", "eval.num_prompts=2", "eval.batch_size=2",
+               "eval.pass_k=1", "data.n_train=16", "data.n_eval=4", "model.device=cpu",
+               f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    figures = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert f"served by {toy_server}" in out.stdout and "reverse_kl_student_states" not in json.dumps(figures)
