@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "reliability.md"
 START, END = "<!-- refusals: made by scripts/list_refusals.py -->", "<!-- end of refusals -->"
 # user errors: one line, no traceback (kltd.app.train_command.USER_ERRORS and the command's fail())
-USER_ERRORS = {"ConfigError", "DataError", "BadRow", "TrainingError", "DirectoryBusy", "CompareError", "StorageFull"}
+USER_ERRORS = {"ConfigError", "DataError", "BadRow", "TrainingError", "DirectoryBusy", "CompareError", "StorageFull",
+               "TeacherServerError"}
 CALLS = {"fail"}
 # functions that return the text of a refusal for their caller to raise ("model.teacher: <problem>")
 PROBLEM_FUNCTIONS = re.compile(r"(_problem|_error|^check_model_reference)$")

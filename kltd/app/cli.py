@@ -15,6 +15,7 @@ commands:
   eval      evaluate a model on the evaluation sets: kltd eval target=teacher 'eval.sets=[heldout]'
   compare   compare finished runs: kltd compare DIR [DIR ...]
   make-data write a JSONL dataset of responses sampled from a model, for offline RL
+  serve-teacher  serve a teacher over HTTP to training runs: kltd serve-teacher toy/teacher --port 8765
 
 examples:
   kltd train prefix=student trajectory=expert            # DAgger
@@ -54,6 +55,10 @@ def _dispatch(command: str, rest: list[str]) -> None:
         from kltd.app.make_data_command import main as make_data_main
 
         make_data_main(rest)
+    elif command == "serve-teacher":
+        from kltd.app.serve_command import main as serve_main
+
+        serve_main(rest)
     else:
         print(f"kltd: error: unknown command '{command}'; run `kltd --help` for the list", file=sys.stderr)
         sys.exit(2)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from kltd.objectives.divergences import DivergenceSpec, token_divergence, topk_token_divergence
+from kltd.objectives.topk_teacher import TopKTeacher, topk_teacher_divergence
 
 # Positions per chunk default to about this many vocabulary entries: 64 MiB per float32 temporary, and a chunk
 # makes roughly ten of them (upcast, log-softmax, exp, products), so a few hundred MiB at most.
@@ -100,7 +101,7 @@ def chunked_rows(
 
 def chunked_token_divergence(
     student_logits: Tensor,
-    teacher_logits: Tensor,
+    teacher_logits: Tensor | TopKTeacher,
     mask: Tensor,
     spec: DivergenceSpec,
     chunk_size: Optional[int] = None,
@@ -113,11 +114,16 @@ def chunked_token_divergence(
     the price is one extra evaluation of the divergence (measured 1.5-2x the unchunked time on CPU).
 
     Args:
-        student_logits: [B, T, V] (q); teacher_logits: [B, T, V] (p); mask: [B, T] bool.
+        student_logits: [B, T, V] (q); teacher_logits: [B, T, V] (p), or a teacher known by its top-k tokens
+            and tail (kltd.objectives.topk_teacher: the divergence on its k + 1 buckets; top_k is then the
+            teacher's own k and this argument is unused); mask: [B, T] bool.
         chunk_size: positions per chunk (default: about 2**24 / V).
     Returns:
         [B, T]; 0 where mask is False.
     """
+    if isinstance(teacher_logits, TopKTeacher):
+        fn = lambda s, t, _: topk_teacher_divergence(s, t, spec)  # noqa: E731
+        return chunked_rows(fn, student_logits, teacher_logits.packed(), mask, chunk_size=chunk_size)
     if top_k is None:
         fn = lambda s, t, _: token_divergence(s, t, spec)  # noqa: E731
     else:

@@ -16,6 +16,7 @@ from torch import Tensor
 from kltd.objectives.chunked import chunked_rows, chunked_token_divergence
 from kltd.objectives.divergences import DivergenceSpec, log_probs, top_p_log_mass
 from kltd.objectives.estimators import sampled_kl
+from kltd.objectives.topk_teacher import TopKTeacher
 from kltd.schema.choices import BASELINES, ESTIMATORS, NORMALIZATIONS, SAMPLED_ESTIMATORS, TRAJECTORIES
 from kltd.schema.matrix import own_divergence
 
@@ -113,6 +114,11 @@ def trajectory_per_token(
     if teacher_logits is None:
         raise ValueError(f"trajectory {trajectory!r} needs teacher logits")
     spec = spec or default_spec(trajectory)
+    if isinstance(teacher_logits, TopKTeacher):  # a served teacher: its k + 1 buckets whatever the estimator asks
+        if estimator not in ("exact", "topk"):
+            raise ValueError(f"estimator {estimator!r} needs the teacher's full distribution; a teacher known by its "
+                             "top-k tokens supports 'exact' and 'topk' (both its k + 1 buckets)")
+        return chunked_token_divergence(student_logits, teacher_logits, mask, spec, chunk_size)
     if estimator == "exact":
         return chunked_token_divergence(student_logits, teacher_logits, mask, spec, chunk_size)
     if estimator == "topk":
@@ -142,7 +148,9 @@ def trajectory_loss(
 
     Args:
         student_logits: [B, T, V] q at s_t.
-        teacher_logits: [B, T, V] p at s_t, no grad; may be None for trajectory="dataset".
+        teacher_logits: [B, T, V] p at s_t, no grad; may be None for trajectory="dataset". Or a teacher known by
+            its top-k tokens and tail (kltd.objectives.topk_teacher.TopKTeacher, a served teacher): the divergence
+            is then on its k + 1 buckets, a lower bound of the full one, exact when k covers the vocabulary.
         targets: [B, T] the realised tokens y_t (needed by "dataset" and the sampled estimators).
         mask: [B, T] bool supervised positions.
         trajectory: "expert" -> D = KL(p||q) by default (forward; DAgger on student states, word-level KD on
@@ -298,7 +306,8 @@ def prefix_loss(
     spec = spec or DivergenceSpec("reverse_kl")
     score = mask if score_mask is None else score_mask
     with torch.no_grad():
-        d = chunked_token_divergence(student_logits.detach(), teacher_logits.detach(), mask, spec, chunk_size)
+        teacher = teacher_logits if isinstance(teacher_logits, TopKTeacher) else teacher_logits.detach()
+        d = chunked_token_divergence(student_logits.detach(), teacher, mask, spec, chunk_size)
         g = future_returns(d, mask, gamma)
         advantage = g - baseline_values(g, score, baseline, group_size, batch_sum)
     log_q = token_logprobs(student_logits, targets, score, sampling_temperature, chunk_size, sampling_top_p)

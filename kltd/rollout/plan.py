@@ -63,7 +63,8 @@ class EvaluationPlan:
         return replace(self, keep_sampled_logits=keep)
 
     def text(self) -> str:
-        return (f"student {self.student.text()}, teacher {self.teacher.text()}"
+        teacher = "not run (served)" if self.teacher.decoder == "server" else self.teacher.text()
+        return (f"student {self.student.text()}, teacher {teacher}"
                 + (", sampled logits kept" if self.keep_sampled_logits else ""))
 
 
@@ -96,8 +97,9 @@ class ExecutionPlan:
         """The plan in one line, as a job prints it."""
         s, t = self.training["student"], self.training["teacher"]
         sampling = ", ".join(f"{role} by the {self.training[role].decoder} decoder" for role in self.samplers)
+        teacher = "by its server" if t.decoder == "server" else "packed" if t.packed else "own forward"
         return (f"plan: scoring student {'packed' if s.packed else 'own forward'}, teacher "
-                f"{'packed' if t.packed else 'own forward'}; loss {'fused head' if self.fused_head else 'from logits'}"
+                f"{teacher}; loss {'fused head' if self.fused_head else 'from logits'}"
                 + (f" in {self.length_groups} length groups" if self.length_groups > 1 else "")
                 + (f"; states sampled: {sampling}" if sampling else "")
                 + ("; teacher cache" if self.teacher_cache else "")
@@ -144,32 +146,51 @@ def fallback_notes(cfg: Config, models: dict) -> tuple[str, ...]:
     return tuple(notes)
 
 
+# a teacher served by another process (model.teacher_server): scored and sampled there
+SERVED = Route(packed=False, decoder="server")
+
+
+def served_notes(cfg: Config) -> tuple[str, ...]:
+    """What a served teacher changes: the loss from its top-k tokens and tail (the fused head falls back to the loss
+    from logits), and no teacher figures in the evaluation (it holds no teacher to score samples with)."""
+    m = cfg.model
+    if m.teacher_server is None:
+        return ()
+    k = f"top {m.teacher_top_k}" if m.teacher_top_k else "whole vocabulary"
+    fused = "; the fused head falls back to the loss from logits" if cfg.trainer.fused_head else ""
+    return (f"teacher served by {m.teacher_server} ({k} and a tail per position){fused}; the evaluation has no "
+            "teacher figures (KL, teacher states)",)
+
+
 def plan_for(cfg: Config, student, teacher, vocab: int | None = None, evaluation_only: bool = False
              ) -> ExecutionPlan:
     """The plan of a job with this config and these (loaded, possibly sharded) models (`evaluation_only`: a
     `kltd eval` job, whose evaluated model sits in the student's place)."""
     t, s, loss = cfg.trainer, cfg.sampling, cfg.loss
     sampling = cfg.prefix.sampling_models()
+    served = cfg.model.teacher_server is not None  # no teacher in this process (teacher is None)
     training = {
         # gradient checkpointing lives in the model's own forward, so a checkpointed student is scored through it
         # the RL stage samples the student whatever the prefix (kltd.train.reinforce)
         "student": route(student, packed=t.packed_forward and not t.gradient_checkpointing, lean=s.lean_decoder,
                          backend=s.backend if "student" in sampling or cfg.rl.enabled else "kltd"),
-        "teacher": route(teacher, packed=t.packed_forward, lean=s.lean_decoder,
-                         backend=s.backend if "teacher" in sampling else "kltd"),
+        "teacher": SERVED if served else route(teacher, packed=t.packed_forward, lean=s.lean_decoder,
+                                               backend=s.backend if "teacher" in sampling else "kltd"),
     }
-    fused = (t.fused_head and loss.estimator == "exact" and loss.kl_prefix_weight == 0
+    fused = (t.fused_head and loss.estimator == "exact" and loss.kl_prefix_weight == 0 and not served
              and cfg.trajectory.supervisor != "dataset"
              and all(plain_output_layer(m) is not None and not is_sharded(m) for m in (student, teacher)))
     both_packed = fused and training["student"].packed and training["teacher"].packed
     split = loss_is_sum_over_rows(cfg) and not both_packed and not is_sharded(student)
     e = cfg.eval
-    evaluation = evaluation_plan(student, teacher, lean=s.lean_decoder,
+    evaluation = evaluation_plan(student, student if served else teacher, lean=s.lean_decoder,
                                  rows=min(e.batch_size, e.num_prompts) * e.n_samples, max_new_tokens=e.max_new_tokens,
                                  vocab=vocab, vllm=evaluation_engines(cfg, training, evaluation_only))
+    if served:  # the evaluation runs no teacher (the plan's note says so)
+        evaluation = replace(evaluation, teacher=SERVED)
     return ExecutionPlan(training=training, samplers=sampling, fused_head=fused,
                          length_groups=t.length_groups if split else 1, teacher_cache=teacher_cache_used(cfg),
-                         cache_fill_packed=t.packed_forward and supports(teacher), evaluation=evaluation,
+                         cache_fill_packed=t.packed_forward and not served and supports(teacher), evaluation=evaluation,
                          # the processes of a sharded student evaluate together: none may skip one the others make
                          reuse_evaluation_before=cfg.cache.eval_before and not is_sharded(student), rl=cfg.rl.algorithm,
-                         notes=fallback_notes(cfg, {"student": student, "teacher": teacher}))
+                         notes=fallback_notes(cfg, {"student": student, "teacher": teacher}) + served_notes(cfg))

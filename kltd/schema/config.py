@@ -108,6 +108,24 @@ def _check_rl(cfg: Config) -> None:
                           "fixed with rl=grpo, or sampling.backend=kltd")
 
 
+def _check_teacher_server(cfg: Config) -> None:
+    """What a served teacher (model.teacher_server) gives: its top-k tokens and tail per position, and samples; not
+    the full distribution a one-token estimator or a token's log-likelihood needs."""
+    if cfg.model.teacher_server is None:
+        return
+    loss, traj = cfg.loss, cfg.trajectory
+    if loss.kl_trajectory_weight > 0 and traj.supervisor != "dataset" and loss.estimator.startswith("sampled"):
+        raise ConfigError(f"loss.estimator={loss.estimator} needs the teacher's probability of any token, and "
+                          "model.teacher_server gives its top-k tokens and tail; use loss.estimator=exact or topk")
+    if traj.reward == "teacher_loglik":
+        raise ConfigError("trajectory.reward=teacher_loglik needs the teacher's probability of every response token, "
+                          "and model.teacher_server gives its top-k tokens and tail; use trajectory.reward=none or "
+                          "correctness, or load the teacher (drop model.teacher_server)")
+    if cfg.rl.enabled and cfg.rl.teacher_weight > 0:
+        raise ConfigError("rl.teacher_weight > 0 with model.teacher_server is not built; use rl.teacher_weight=0 or "
+                          "load the teacher (drop model.teacher_server)")
+
+
 def _check_lora(cfg: Config) -> None:
     """What a LoRA student (model.lora.r > 0) is not built for yet."""
     lora = cfg.model.lora
@@ -214,6 +232,7 @@ class Config:
         _check_groups(self)
         _check_rl(self)
         _check_lora(self)
+        _check_teacher_server(self)
         if self.cache.teacher == "on" and self.prefix.source != "fixed":
             raise ConfigError("cache.teacher=on caches teacher logits at fixed states; it needs prefix=fixed")
         if self.data.responses_file is not None and self.prefix.source not in ("fixed", "mixed"):
@@ -438,12 +457,17 @@ def approximations(cfg: Config) -> list[str]:
     loss, traj, sampling, prefix = cfg.loss, cfg.trajectory, cfg.sampling, cfg.prefix
     out = []
     divergence = loss.kl_trajectory_weight > 0 and traj.supervisor != "dataset"
-    if divergence and loss.estimator == "topk":
+    served = cfg.model.teacher_server is not None  # the served teacher's own k replaces loss.top_k
+    if divergence and loss.estimator == "topk" and not served:
         out.append(f"loss.estimator=topk: the divergence over the teacher's top {loss.top_k} tokens and one bucket "
                    "for all the others, not over the whole vocabulary")
+    if served and cfg.model.teacher_top_k > 0 and (divergence or score_function_term(cfg)):
+        out.append(f"model.teacher_top_k={cfg.model.teacher_top_k}: every divergence over the served teacher's top "
+                   f"{cfg.model.teacher_top_k} tokens and one bucket for all the others (both models coarsened to k + 1 "
+                   "bins: a lower bound of the full divergence, exact when k covers the vocabulary)")
     if divergence and loss.estimator.startswith("sampled"):
         out.append(f"loss.estimator={loss.estimator}: {_ONE_TOKEN[(loss.estimator, _divergence_name(cfg))]}")
-    if teacher_cache_used(cfg) and cfg.cache.format == "topk":
+    if teacher_cache_used(cfg) and cfg.cache.format == "topk" and not served:
         out.append(f"cache.format=topk: the cached teacher keeps its top {cfg.cache.top_k} logits per position and "
                    "spreads the rest of its mass evenly")
     batch = cfg.trainer.batch_size

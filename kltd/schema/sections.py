@@ -58,10 +58,30 @@ class ModelConfig:
     teacher_device: Optional[str] = None  # null: the student's device; e.g. cuda:1 to give the teacher its own GPU
     trust_remote_code: bool = False  # run a model repository's own Python code (only for models that need it)
     lora: LoraSettings = field(default_factory=LoraSettings)  # model.lora.r > 0: train a LoRA adapter only
+    # a teacher served by `kltd serve-teacher` (http://HOST:PORT): the run loads none and asks it for its top
+    # teacher_top_k tokens and the tail's mass per position (0: the whole vocabulary, the exact loss)
+    teacher_server: Optional[str] = None
+    teacher_top_k: int = 0
 
     def check(self) -> None:
         choice("model.dtype", self.dtype, C.DTYPES)
         self.lora.check()
+        at_least("model.teacher_top_k", self.teacher_top_k, 0)
+        if self.teacher_top_k and self.teacher_server is None:
+            raise ConfigError(f"model.teacher_top_k={self.teacher_top_k} sets what a served teacher sends, and "
+                              "model.teacher_server is not set; for the loaded teacher's top k use "
+                              f"loss.estimator=topk loss.top_k={self.teacher_top_k}")
+        if self.teacher_server is not None:
+            url = self.teacher_server.strip()
+            if not url.startswith(("http://", "https://")) or len(url.split("//", 1)[1].strip("/")) == 0:
+                raise ConfigError(f"model.teacher_server={self.teacher_server!r} is not a URL; give the address "
+                                  "`kltd serve-teacher` printed, e.g. model.teacher_server=http://127.0.0.1:8765")
+            if "/v1" in url:
+                raise ConfigError(f"model.teacher_server={url} looks like an OpenAI-compatible server; kltd talks "
+                                  "only to its own (kltd serve-teacher MODEL) so far: serve the teacher with it")
+            if self.teacher_device is not None:
+                raise ConfigError("model.teacher_device places a teacher this process loads; with "
+                                  "model.teacher_server the server holds it: drop model.teacher_device")
         for role in ("teacher", "student"):
             if not getattr(self, role).strip():
                 raise ConfigError(f"model.{role} is empty: name a local directory or a Hugging Face model, "

@@ -75,7 +75,10 @@ def evaluation_inputs(cfg: Config, eval_set, device, plan) -> EvalInputs:
     from kltd.train.models import resolve_model_path
 
     m = cfg.model
+    settings = eval_set.settings
+    if m.teacher_server is not None:  # no teacher in the process: the evaluation has no teacher figures
+        settings = dataclasses.replace(settings, kl=False)
     return EvalInputs(student_dir=resolve_model_path(m.student), teacher_dir=resolve_model_path(m.teacher),
-                      examples=eval_set.examples, checker=eval_set.checker_name, settings=eval_set.settings,
+                      examples=eval_set.examples, checker=eval_set.checker_name, settings=settings,
                       dtype=m.dtype, device=str(getattr(device, "type", device)), paths=dataclasses.asdict(plan),
                       exact=eval_set.exact.settings.as_dict() if eval_set.exact is not None else None)

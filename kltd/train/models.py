@@ -109,6 +109,8 @@ class ModelPair:
     device: torch.device  # the student's (where the loss is formed)
     vocab_size: int = 0  # the shared tokenizer's ids: logits are compared on these only
     adapter: object = None  # a LoRA student's peft wrapper (kltd.train.lora), whose model `student` is; else None
+    # a teacher served by another process (kltd.rollout.remote_teacher.RemoteTeacher; `teacher` is then None)
+    remote_teacher: object = None
 
 
 def _quiet_transformers() -> None:
@@ -195,16 +197,21 @@ def output_rows(model) -> int:
 
 def load_pair(teacher: str, student: str, dtype: str = "float32", device: str = "auto", *, tokenizer=None,
               teacher_device: str | None = None, gradient_checkpointing: bool = False,
-              trust_remote_code: bool = False, lora=None) -> ModelPair:
+              trust_remote_code: bool = False, lora=None, remote_teacher=None) -> ModelPair:
     """Teacher frozen in eval mode (on `teacher_device` if given), student in train mode; both share the
     student's tokenizer (pass it if already loaded: kltd.data may have set its end-of-response token).
     `lora` (kltd.schema.config.LoraSettings) with r > 0: the student carries a LoRA adapter, the only part that
-    trains (kltd.train.lora), its base in 4 bits with quantize_base=4bit."""
+    trains (kltd.train.lora), its base in 4 bits with quantize_base=4bit. `remote_teacher`
+    (kltd.rollout.remote_teacher.RemoteTeacher, checked already): no teacher is loaded, the pair's is None."""
     dev = pick_device(device)
-    tokenizer = check_tokenizers(teacher, student, tokenizer, trust_remote_code)
-    teacher_model = load_model(teacher, dtype, pick_device(teacher_device) if teacher_device else dev,
-                               trust_remote_code)
-    teacher_model = teacher_model.eval().requires_grad_(False)
+    if remote_teacher is None:
+        tokenizer = check_tokenizers(teacher, student, tokenizer, trust_remote_code)
+        teacher_model = load_model(teacher, dtype, pick_device(teacher_device) if teacher_device else dev,
+                                   trust_remote_code)
+        teacher_model = teacher_model.eval().requires_grad_(False)
+    else:  # the server holds the teacher; its tokenizer was checked against the student's (RemoteTeacher.check)
+        tokenizer = tokenizer or load_tokenizer(student, trust_remote_code)
+        teacher_model = None
     adapted = lora is not None and lora.enabled
     if adapted and lora.quantize_base == "4bit":
         from kltd.train.lora import load_quantized
@@ -225,7 +232,7 @@ def load_pair(teacher: str, student: str, dtype: str = "float32", device: str = 
         adapter = wrap(student_model, lora)
     vocab = len(tokenizer)
     for role, model in (("teacher", teacher_model), ("student", student_model)):
-        if output_rows(model) < vocab:
+        if model is not None and output_rows(model) < vocab:
             raise ValueError(f"the {role}'s output layer has {output_rows(model)} rows but its tokenizer "
                              f"{vocab} tokens: the model cannot predict every token")
-    return ModelPair(teacher_model, student_model, tokenizer, dev, vocab, adapter)
+    return ModelPair(teacher_model, student_model, tokenizer, dev, vocab, adapter, remote_teacher)

@@ -98,11 +98,11 @@ class Job:
         """The tokenizer and the data, before any weights: a bad row or a tokenizer mismatch costs seconds."""
         from kltd.data.eval_sets import load_sets
         from kltd.data.prepare import prepare, rendered_example
-        from kltd.train.models import check_tokenizers
 
         cfg, m = self.cfg, self.cfg.model
         with self.phases("data"):
-            self.tokenizer = check_tokenizers(m.teacher, m.student, trust_remote_code=m.trust_remote_code)
+            self.served = None
+            self.tokenizer = self.teacher_tokenizer(m)
             self.data = prepare(cfg.data, self.tokenizer, needs_responses=needs_responses(cfg))
             self.eval_sets = load_sets(cfg.eval, cfg.eval_sets, cfg.data, self.tokenizer, self.data.eval,
                                        self.data.checker, self.data.chain if exact_figures(cfg) else None)
@@ -120,6 +120,22 @@ class Job:
                 f"{s.name} ({len(s.examples)} questions, checker {s.checker_name}, {s.settings.max_new_tokens} tokens)"
                 for s in self.eval_sets))
 
+    def teacher_tokenizer(self, m):
+        """The student's tokenizer, checked against the teacher's: the loaded teacher's files, or a served teacher's
+        fingerprint (asked before any data or model is read: a wrong or absent server costs seconds)."""
+        from kltd.train.models import check_tokenizers, load_tokenizer
+
+        if m.teacher_server is None:
+            return check_tokenizers(m.teacher, m.student, trust_remote_code=m.trust_remote_code)
+        from kltd.rollout.remote_teacher import RemoteTeacher
+
+        tokenizer = load_tokenizer(m.student, m.trust_remote_code)
+        self.served = RemoteTeacher(m.teacher_server, m.teacher_top_k)
+        info = self.served.check(tokenizer)
+        self.out.say(f"teacher: '{info['model']}' served by {self.served.url}, top {self.served.top_k} of "
+                     f"{info['vocab_size']} tokens and a tail per position")
+        return tokenizer
+
     def load(self) -> None:
         """Both models (the student sharded before an optimiser is built on it), and the execution plan."""
         from kltd.rollout.plan import plan_for
@@ -130,7 +146,7 @@ class Job:
         with self.phases("loading"):
             self.pair = load_pair(m.teacher, m.student, m.dtype, m.device, tokenizer=self.tokenizer,
                                   teacher_device=m.teacher_device, gradient_checkpointing=t.gradient_checkpointing,
-                                  trust_remote_code=m.trust_remote_code, lora=m.lora)
+                                  trust_remote_code=m.trust_remote_code, lora=m.lora, remote_teacher=self.served)
             if self.cfg.distributed.strategy == "fsdp":
                 shard(self.pair.student)
         self.plan = plan_for(self.cfg, self.pair.student, self.pair.teacher, self.pair.vocab_size,
@@ -227,10 +243,12 @@ class Job:
 
         with self.ranks.main_first(), self.phases("cache"), self.display.phase("teacher cache"):
             trainer.attach_teacher_cache(cached_teacher(
-                p.teacher, p.tokenizer, resolve_model_path(cfg.model.teacher), resolve_model_path(cfg.model.student),
+                p.teacher, p.tokenizer, resolve_model_path(cfg.model.teacher) if p.remote_teacher is None else "",
+                resolve_model_path(cfg.model.student),
                 self.data.train, cache_dir=Path(cfg.cache.dir), dtype=cfg.model.dtype, fmt=cfg.cache.format,
                 top_k=cfg.cache.top_k, needed=trainer.planned_examples(), counter=count, echo=self.out.say,
-                packed=self.plan.cache_fill_packed, scored=trainer.count_cache_fill))
+                packed=self.plan.cache_fill_packed, scored=trainer.count_cache_fill, served=p.remote_teacher,
+                temperature=cfg.loss.temperature))
         # the FLOPs of what process 0 filled (0 when the cache already held it), in every process's count
         trainer.flops.cache_fill += int(self.ranks.sum([trainer.cache_fill_flops])[0])
         trainer.cache_fill_flops = 0

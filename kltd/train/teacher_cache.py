@@ -7,7 +7,10 @@ setting gets a new entry and a stale one is never read.
 
 Formats: "full" keeps every logit (exact); "topk" keeps the teacher's k largest logits per position and
 spreads the remaining probability mass evenly over the other tokens (an approximation that bounds the
-file at k numbers per position, for large vocabularies).
+file at k numbers per position, for large vocabularies). A served teacher (model.teacher_server) is kept in
+the form it answers in: its top-k ids, their log-probabilities at the loss's temperature and the tail's log-mass
+(kltd.objectives.topk_teacher.TopKTeacher), which lookups return; its entry is keyed by the server's model
+files, its k and the temperature.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 from torch import Tensor
 
 from kltd.files import atomic_write, remove_stale_temporaries
+from kltd.objectives.topk_teacher import TopKTeacher
 from kltd.rollout.batch import StateBatch, encode_prompts, encode_responses
 from kltd.rollout.scoring import Scorer
 
@@ -86,19 +90,36 @@ class TeacherCache:
     """Teacher logits [N_i, V] for every training example i, looked up by its prompt and response (entry_key)."""
 
     def __init__(self, values: Tensor, offsets: Tensor, index: dict[str, int], vocab_size: int,
-                 indices: Tensor | None = None, tail: Tensor | None = None):
+                 indices: Tensor | None = None, tail: Tensor | None = None, served: bool = False):
         self.values, self.offsets, self.index, self.vocab_size = values, offsets, index, vocab_size
-        self.indices, self.tail = indices, tail  # topk format only
+        self.indices, self.tail = indices, tail  # topk and served formats only
+        self.served = served  # values: log-probabilities of a served teacher's top-k ids, tail: the rest's log-mass
 
-    def lookup(self, batch: StateBatch) -> Tensor:
-        """[B, N, V] teacher logits at the batch's response states (zeros past each row's end)."""
+    def lookup(self, batch: StateBatch) -> Tensor | TopKTeacher:
+        """[B, N, V] teacher logits at the batch's response states (zeros past each row's end); a served teacher's
+        entries as a TopKTeacher [B, N, k] (id 0, log-probability 0 past each row's end: never supervised)."""
         n = batch.responses.tokens.shape[1]
+        if self.served:
+            return self._served_lookup(batch, n)
         out = torch.zeros(batch.num_sequences, n, self.vocab_size, dtype=self.values.dtype)
         for row, example in enumerate(batch.examples):
             i = self.index[entry_key(example)]
             start, end = int(self.offsets[i]), int(self.offsets[i + 1])
             out[row, : end - start] = self._rows(start, end)
         return out.to(batch.prompt_ids.device)
+
+    def _served_lookup(self, batch: StateBatch, n: int) -> TopKTeacher:
+        k = self.indices.shape[1]
+        ids = torch.zeros(batch.num_sequences, n, k, dtype=torch.long)
+        logprobs = torch.zeros(batch.num_sequences, n, k, dtype=self.values.dtype)
+        tail = torch.zeros(batch.num_sequences, n, dtype=self.values.dtype)
+        for row, example in enumerate(batch.examples):
+            i = self.index[entry_key(example)]
+            start, end = int(self.offsets[i]), int(self.offsets[i + 1])
+            ids[row, : end - start] = self.indices[start:end].long()
+            logprobs[row, : end - start] = self.values[start:end]
+            tail[row, : end - start] = self.tail[start:end]
+        return TopKTeacher(ids, logprobs, tail).to(batch.prompt_ids.device)
 
     def _rows(self, start: int, end: int) -> Tensor:
         if self.indices is None:
@@ -109,7 +130,8 @@ class TeacherCache:
 
     @staticmethod
     def build(teacher, tokenizer, examples: list, *, fmt: str = "full", top_k: int = 64, batch_size: int = 256,
-              counter=None, packed: bool = True, scored=None) -> "TeacherCache":
+              counter=None, packed: bool = True, scored=None, served=None, temperature: float = 1.0
+              ) -> "TeacherCache":
         """One teacher pass per batch of examples; `counter(n)` is told how many passes ran, `scored(states)`
         each StateBatch a pass ran over (kltd.train.compute counts its FLOPs).
 
@@ -117,6 +139,8 @@ class TeacherCache:
         states alone), else the teacher's own forward (always with packed=False); the two agree to float
         rounding (tests/train/test_teacher_cache.py).
         """
+        if served is not None:  # kltd.rollout.remote_teacher.RemoteTeacher: the server scores, nothing is loaded here
+            return TeacherCache._build_served(served, tokenizer, examples, batch_size, counter, scored, temperature)
         device = next(teacher.parameters()).device
         scorer = Scorer(packed=packed, vocab=len(tokenizer))  # the tokenizer's ids only (padded output rows are not compared)
         values, indices, tails, offsets = [], [], [], [0]
@@ -147,6 +171,30 @@ class TeacherCache:
             return TeacherCache(torch.cat(values), torch.tensor(offsets), index, vocab, torch.cat(indices), torch.cat(tails))
         return TeacherCache(torch.cat(values), torch.tensor(offsets), index, vocab)
 
+    @staticmethod
+    def _build_served(served, tokenizer, examples: list, batch_size: int, counter, scored, temperature: float
+                      ) -> "TeacherCache":
+        values, indices, tails, offsets = [], [], [], [0]
+        examples = sorted(examples, key=lambda e: (len(e.prompt) + len(e.response), e.prompt))
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            prompt_ids, prompt_mask = encode_prompts(tokenizer, [e.prompt for e in chunk], "cpu")
+            responses = encode_responses(tokenizer, [e.response for e in chunk], "cpu")
+            states = StateBatch(prompt_ids, prompt_mask, responses)
+            top = served.score(states, temperature, len(tokenizer))
+            mask = responses.mask  # the response states, row after row (the offsets' order)
+            values.append(top.logprobs[mask].float())
+            indices.append(top.ids[mask].to(torch.int32))
+            tails.append(top.tail[mask].float())
+            if counter:
+                counter(1)
+            if scored:
+                scored(states)
+            offsets += (offsets[-1] + mask.sum(1).cumsum(0)).tolist()
+        index = {entry_key(e): i for i, e in enumerate(examples)}
+        return TeacherCache(torch.cat(values), torch.tensor(offsets), index, len(tokenizer), torch.cat(indices),
+                            torch.cat(tails), served=True)
+
     def __len__(self) -> int:
         return len(self.index)
 
@@ -164,19 +212,21 @@ class TeacherCache:
         offsets = torch.cat([self.offsets, self.offsets[-1] + lengths.cumsum(0)])
         index = {**self.index, **{key: len(self.index) + j for j, (key, _) in enumerate(new)}}
         return TeacherCache(joined(self.values, other.values), offsets, index, self.vocab_size,
-                            joined(self.indices, other.indices), joined(self.tail, other.tail))
+                            joined(self.indices, other.indices), joined(self.tail, other.tail), self.served)
 
     def save(self, path: Path) -> None:
         """Atomic (kltd.files): a cache file that exists is whole."""
         payload = {"values": self.values, "offsets": self.offsets, "keys": list(self.index),
-                   "vocab_size": self.vocab_size, "indices": self.indices, "tail": self.tail}
+                   "vocab_size": self.vocab_size, "indices": self.indices, "tail": self.tail, "served": self.served}
         atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
     @staticmethod
     def load(path: Path) -> "TeacherCache":
         data = torch.load(path, weights_only=True)
         index = {key: i for i, key in enumerate(data["keys"])}
-        return TeacherCache(data["values"], data["offsets"], index, data["vocab_size"], data["indices"], data["tail"])
+        # "served" is absent from the files of the other formats, whose layout it leaves as it was
+        return TeacherCache(data["values"], data["offsets"], index, data["vocab_size"], data["indices"], data["tail"],
+                            bool(data.get("served", False)))
 
 
 def _topk_with_even_tail(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -201,19 +251,28 @@ def _modified(path: Path) -> tuple[int, int] | None:
 
 def cached_teacher(teacher, tokenizer, teacher_dir: str, tokenizer_dir: str, examples: list, *, cache_dir: Path,
                    dtype: str, fmt: str = "full", top_k: int = 64, needed: list | None = None, counter=None,
-                   echo=print, packed: bool = True, scored=None) -> TeacherCache:
+                   echo=print, packed: bool = True, scored=None, served=None, temperature: float = 1.0
+                   ) -> TeacherCache:
     """The cache entry for these exact inputs, holding at least the `needed` examples (default: all).
 
     The entry is keyed by the whole training split but filled lazily: a run scores only the examples it
     will train on and the entry lacks, so a short run does not pay for the whole split, and the next
     cell or seed reuses what is there. Entries another job stored meanwhile are kept. `packed` as in
     TeacherCache.build (False: the teacher's own forward, as trainer.packed_forward=false asks); `counter` and
-    `scored` as there (told only of the passes this call runs).
+    `scored` as there (told only of the passes this call runs). `served` (a RemoteTeacher, checked; `teacher` is
+    None): the server's top-k form at `temperature`, keyed by the model files the server reports, its k and the
+    temperature (fmt and top_k are then unused).
     """
     # the tokenizer's end-of-response token is part of every encoded response (a chat template may set it)
     tokenizer_key = f"{source_fingerprint(tokenizer_dir)}:{tokenizer.eos_token_id}:{len(tokenizer)}"
-    key = CacheKey(source_fingerprint(teacher_dir), tokenizer_key, examples_fingerprint(examples), dtype, fmt,
-                   top_k if fmt == "topk" else 0)
+    if served is not None:
+        info = served.info
+        teacher_key, dtype = f"served:{info.get('source') or info['model']}", str(info.get("dtype"))
+        fmt, top_k = f"served@T{temperature!r}", served.top_k
+    else:
+        teacher_key = source_fingerprint(teacher_dir)
+    key = CacheKey(teacher_key, tokenizer_key, examples_fingerprint(examples), dtype, fmt,
+                   top_k if fmt == "topk" or served is not None else 0)
     path = Path(cache_dir) / f"teacher-{key.digest()}.pt"
     remove_stale_temporaries(cache_dir)  # what a writer killed half-way left (a writer still at work keeps its own)
     read = _modified(path)
@@ -230,7 +289,7 @@ def cached_teacher(teacher, tokenizer, teacher_dir: str, tokenizer_dir: str, exa
         return cache
     echo(f"teacher cache: adding {len(missing)} of {len(wanted)} examples to {path}")
     built = TeacherCache.build(teacher, tokenizer, missing, fmt=fmt, top_k=top_k, counter=counter, packed=packed,
-                               scored=scored)
+                               scored=scored, served=served, temperature=temperature)
     cache = built if cache is None else cache.merged(built)
     if _modified(path) != read:  # a parallel job stored entries since we read the file: keep them
         try:

@@ -27,7 +27,7 @@ def threads_for(requested: int, device: torch.device, models) -> int:
     """trainer.num_threads resolved: 0 means one thread for small models on the CPU, else the current count."""
     if device.type != "cpu" or requested > 0:
         return requested if requested > 0 else torch.get_num_threads()
-    size = max(sum(p.numel() for p in m.parameters()) for m in models)
+    size = max(sum(p.numel() for p in m.parameters()) for m in models if m is not None)  # None: a served teacher
     return 1 if size < SMALL_MODEL_PARAMETERS else torch.get_num_threads()
 
 

@@ -18,6 +18,7 @@ import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 
@@ -26,10 +27,12 @@ from kltd.objectives.divergences import DivergenceSpec
 from kltd.objectives.fused_head import fused_divergence
 from kltd.objectives.losses import dataset_loss, prefix_loss, trajectory_loss
 from kltd.objectives.rewards import checker_rewards, sequence_weights, teacher_loglik
+from kltd.objectives.topk_teacher import TopKTeacher
 from kltd.rollout.batch import StateBatch, TokenCounts, decode_responses
 from kltd.rollout.horizon import Horizon
 from kltd.rollout.noise import RowNoise
 from kltd.rollout.plan import ExecutionPlan, loss_is_sum_over_rows, plan_for
+from kltd.rollout.remote_teacher import RemoteSampler
 from kltd.rollout.sampling import Sampler, StateSampler
 from kltd.rollout.scoring import Scorer
 from kltd.rollout.states import StateSource
@@ -114,6 +117,8 @@ class Trainer:
         self.cfg = cfg
         self.ranks = ranks
         self.student, self.teacher, self.tokenizer = pair.student, pair.teacher, pair.tokenizer
+        # a teacher served by another process (model.teacher_server): self.teacher is None, this scores and samples
+        self.served = getattr(pair, "remote_teacher", None)
         self.device = pair.device
         self.examples = train_examples
         self.checker = checker
@@ -136,7 +141,9 @@ class Trainer:
         self.skipped_steps = 0  # steps whose loss or gradients were not finite (trainer.skip_bad_steps)
         self.teacher_forwards = 0  # live teacher passes during training (the cache avoids them)
         self.teacher_cache = None
-        self.shapes = {"student": ModelShape.of(self.student), "teacher": ModelShape.of(self.teacher)}
+        teacher_shape = (ModelShape.of(self.teacher) if self.served is None
+                         else ModelShape.from_config(SimpleNamespace(**self.served.info["config"])))
+        self.shapes = {"student": ModelShape.of(self.student), "teacher": teacher_shape}
         self.flops = FlopCounter()  # the run's, all processes (kltd.train.compute); cache_fill: see count_cache_fill
         self.cache_fill_flops = 0  # this process's teacher forwards filling the teacher cache, not yet in self.flops
         self.order = order or ExampleOrder(len(train_examples), cfg.seed)
@@ -146,6 +153,8 @@ class Trainer:
         forward), or a vLLM engine that starts from the model's directory and is given its live weights."""
         s, route = self.cfg.sampling, self.plan.training[role]
         model = self.student if role == "student" else self.teacher
+        if role == "teacher" and self.served is not None:
+            return RemoteSampler(self.served, s.max_new_tokens, s.temperature, s.top_p)
         if route.decoder != "vllm":
             # a sharded student's forward passes are collectives: the processes decode in step
             return Sampler(model, self.tokenizer, s.max_new_tokens, s.temperature, s.top_p, route.decoder == "lean",
@@ -242,9 +251,12 @@ class Trainer:
         """The cache holds fixed states only; any student-written row goes to the live teacher."""
         return self.teacher_cache is not None and not bool(batch.from_student.any())
 
-    def teacher_logits(self, batch: StateBatch) -> torch.Tensor:
+    def teacher_logits(self, batch: StateBatch) -> torch.Tensor | TopKTeacher:
         if self.cache_serves(batch):
             return self.teacher_cache.lookup(batch)
+        if self.served is not None:  # top-k and tail at the loss's temperature (kltd.objectives.topk_teacher)
+            self.teacher_forwards += 1
+            return self.served.score(batch, self.spec.temperature if self.spec else 1.0, self.vocab)
         with torch.inference_mode():
             logits = self.scorers["teacher"].logits(self.teacher, batch)
         self.teacher_forwards += 1

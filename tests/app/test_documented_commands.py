@@ -18,6 +18,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,6 +125,10 @@ COMMANDS: dict[str, Case] = {
     "kltd train prefix=student trajectory=student model=qwen3_8b_to_0_6b sampling.backend=vllm": Case(refused=OFFLINE),
     "kltd train prefix=student trajectory=student sampling.backend=vllm sampling.vllm_sync_every=4":
         Case(refused=r"sampling\.backend=vllm"),
+    # the server runs until stopped: the test asks for its help; the run trains against one it started (_prepare)
+    "kltd serve-teacher toy/teacher --port 8765": Case(replace={"--port 8765": "--help"}, tiny=False),
+    "kltd train prefix=student trajectory=student model.teacher_server=http://127.0.0.1:8765 model.teacher_top_k=8":
+        Case(replace={"http://127.0.0.1:8765": "{teacher_server}"}, needs=("teacher_server",)),
     "kltd train sweep=matrix hydra/launcher=basic": Case(),
     "kltd train sweep=matrix hydra/launcher=joblib hydra.launcher.n_jobs=2": Case(),
     "kltd train sweep=matrix hydra/launcher=submitit_local": Case(),
@@ -221,6 +226,7 @@ def test_the_extraction_reads_blocks_continuations_comments_and_quickstart_lines
 
 
 ALREADY_RUN: set[tuple] = set()  # the command lines run in this module (one run each)
+SERVERS: list = []  # the teacher server the commands with model.teacher_server train against
 
 
 @pytest.fixture(scope="module")
@@ -264,6 +270,14 @@ def _prepare(need: str, workspace: Path) -> dict:
             out = kltd(["eval", "target=teacher", *TINY, f"hydra.run.dir={evals / 'teacher'}"], workspace)
             assert out.returncode == 0, out.stderr[-2000:]
         return {"evals": str(evals)}
+    elif need == "teacher_server":  # the toy teacher served on a free loopback port, for this module's commands
+        if not SERVERS:
+            from kltd.train.teacher_server import load_service, make_server
+
+            server = make_server(load_service("toy/teacher", device="cpu"))
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            SERVERS.append(server)
+        return {"teacher_server": f"http://127.0.0.1:{SERVERS[0].server_address[1]}"}
     elif need == "unfinished":  # a run as a kill after step 2's checkpoint leaves it (no timing involved)
         run = workspace / "outputs" / "runs" / f"unfinished-{len(list(workspace.glob('outputs/runs/unfinished-*')))}"
         out = kltd(["train", *TINY, "trainer.max_steps=3", "trainer.checkpoint_every=1", "trainer.keep_checkpoints=3",
