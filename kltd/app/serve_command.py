@@ -16,6 +16,7 @@ import sys
 def main(argv: list[str]) -> None:
     from kltd.app.compose import fail
     from kltd.schema import choices as C
+    from kltd.train.models import check_model_reference
     from kltd.train.teacher_server import load_service, make_server
 
     parser = argparse.ArgumentParser(prog="kltd serve-teacher", description=__doc__,
@@ -27,6 +28,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--dtype", default="float32", choices=C.DTYPES)
     parser.add_argument("--trust-remote-code", action="store_true")
     args = parser.parse_args(argv)
+    problem = check_model_reference(args.model)  # before anything loads: a missing model is one line
+    if problem:
+        fail(f"serve-teacher: {problem}", 1)
     try:
         service = load_service(args.model, args.dtype, args.device, args.trust_remote_code)
         server = make_server(service, args.host, args.port)

@@ -19,7 +19,7 @@ def preflight(cfg: Config) -> None:
     problem = directory_problem(cfg.cache.dir)
     if problem:
         raise ConfigError(f"cache.dir: {problem}")
-    for role in ("teacher", "student"):
+    for role in ("student",) if cfg.model.teacher_server else ("teacher", "student"):  # a served teacher: not here
         problem = check_model_reference(getattr(cfg.model, role))
         if problem:
             raise ConfigError(f"model.{role}: {problem}")

@@ -165,6 +165,10 @@ COMMANDS: dict[str, Case] = {
     "distributed.strategy=fsdp": Case(refused=OFFLINE, after=("trainer.batch_size=8",)),  # TINY's 4 rows: not 8 shares
     "kltd train model=qwen3_8b_to_0_6b data=gsm8k prefix=student trajectory=student model.lora.r=16 "
     "model.lora.quantize_base=4bit": Case(refused=OFFLINE),
+    "kltd serve-teacher Qwen/Qwen3-8B --host 0.0.0.0 --port 8765 --device cuda --dtype bfloat16":
+        Case(tiny=False, refused=OFFLINE),
+    "kltd train model=qwen3_8b_to_0_6b data=gsm8k prefix=student trajectory=student "
+    "model.teacher_server=http://teacher-host:8765 model.teacher_top_k=20": Case(refused=OFFLINE),
     # docs/paper.md: the paper's study on a GPU with hub models and sets
     "kltd eval -m model=qwen3_8b_to_0_6b target=student,teacher 'eval.sets=[gsm8k,math500,amc23,aime24]' "
     "eval.samples=8 eval.pass_k=4 +data.chat_template_kwargs.enable_thinking=false": Case(refused=OFFLINE),
