@@ -181,8 +181,8 @@ def test_the_config_refuses_what_a_served_teacher_cannot_give():
     from kltd.schema.config import ConfigError
 
     cfg = tiny_config()
-    cfg.model.teacher_server = "http://127.0.0.1:9/v1"
-    with pytest.raises(ConfigError, match="OpenAI-compatible"):
+    cfg.model.teacher_server = "http://127.0.0.1:9/v1/completions"  # an endpoint, not the /v1 base
+    with pytest.raises(ConfigError, match="OpenAI-compatible server's base URL"):
         cfg.check()
     cfg.model.teacher_server, cfg.loss.estimator = "http://127.0.0.1:9", "sampled_reward"
     with pytest.raises(ConfigError, match="needs the teacher's probability of any token"):
