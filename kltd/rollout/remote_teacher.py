@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import time
 import urllib.error
 import urllib.request
@@ -190,3 +191,153 @@ class RemoteSampler:
     def close(self) -> None:
         pass
 
+
+
+def connect(url: str, top_k: int) -> "RemoteTeacher":
+    """The client for model.teacher_server: an OpenAI-compatible server (vLLM) when the URL's path ends in /v1,
+    else kltd's own (kltd serve-teacher)."""
+    if url.rstrip("/").endswith("/v1"):
+        return OpenAITeacher(url, top_k)
+    return RemoteTeacher(url, top_k)
+
+
+PROBE_IDS = 256  # the student's first ids (specials skipped) make the text both tokenizers must split alike
+
+
+@dataclass
+class OpenAITeacher(RemoteTeacher):
+    """A teacher behind an OpenAI-compatible server's /v1/completions with prompt log-probabilities (vLLM).
+
+    Each row's prompt and response go as one prompt of token ids with max_tokens=1 and prompt_logprobs=k; vLLM
+    answers, per prompt position after the first (the first is None), the log-softmax of the model's raw logits
+    (temperature 1: prompt tokens skip the sampling processors) at the top k ids and at the position's actual
+    token (k or k + 1 entries, each with its rank). At a loss temperature T != 1 the top k at T cannot be
+    rebuilt from the top k at 1 (the normaliser needs every logit), so the client asks for the whole vocabulary
+    (prompt_logprobs=-1; the server needs --max-logprobs -1) and applies T itself. The tail is
+    log(1 - sum of the k probabilities). Samples are not offered (the random stream is the server's, not kltd's):
+    prefix=teacher and mixed are refused at the start (kltd.schema.config).
+    """
+
+    def check(self, tokenizer) -> dict:
+        """The served model (/v1/models) and its tokenizer (the server's /tokenize of a probe text) against the
+        student's: the same ids for the same text, or one line."""
+        models = self._request("/models")
+        try:
+            card = models["data"][0]
+            name, root = str(card["id"]), card.get("root") or card["id"]
+        except (KeyError, IndexError, TypeError):
+            raise TeacherServerError(f"{self.url}/models lists no model; is it an OpenAI-compatible server "
+                                     "(vllm serve MODEL)?") from None
+        special = set(tokenizer.all_special_ids)
+        ids = [i for i in range(min(len(tokenizer), PROBE_IDS)) if i not in special]
+        probe = tokenizer.decode(ids)
+        mine = tokenizer(probe, add_special_tokens=False)["input_ids"]
+        base = self.url[: -len("/v1")]
+        theirs = self._request_at(base, "/tokenize", {"model": name, "prompt": probe, "add_special_tokens": False})
+        if theirs.get("tokens") != mine:
+            raise TeacherServerError(f"the teacher server at {self.url} serves '{name}' with another tokenizer (a "
+                                     f"probe text of {len(mine)} student tokens comes back as "
+                                     f"{len(theirs.get('tokens') or [])} other ids); kltd compares next-token "
+                                     "distributions token by token, so serve a teacher of the student's vocabulary")
+        vocab = len(tokenizer)
+        if self.top_k == 0:
+            self.top_k = vocab
+        if not 1 <= self.top_k <= vocab:
+            raise TeacherServerError(f"model.teacher_top_k={self.top_k} must lie in [1, {vocab}] (the served "
+                                     "teacher's vocabulary)")
+        self.info = {"model": name, "source": root, "vocab_size": vocab, "config": model_config(root, tokenizer),
+                     "dtype": None, "openai": True, "max_model_len": card.get("max_model_len")}
+        return self.info
+
+    def _request_at(self, base: str, path: str, payload: dict) -> dict:
+        url, self.url = self.url, base
+        try:
+            return self._request(path, payload)
+        finally:
+            self.url = url
+
+    def score(self, batch: StateBatch, temperature: float, vocab: int | None) -> TopKTeacher:
+        k = self.top_k
+        whole = temperature != 1.0 or k >= (vocab or self.info["vocab_size"])
+        rows, width = batch.responses.tokens.shape
+        prompts, starts, lengths = [], [], []
+        for prompt, pmask, tokens, mask in zip(batch.prompt_ids.tolist(), batch.prompt_mask.tolist(),
+                                               batch.responses.tokens.tolist(), batch.responses.mask.tolist()):
+            head = [t for t, m in zip(prompt, pmask) if m]
+            tail = [t for t, m in zip(tokens, mask) if m]
+            prompts.append(head + tail)
+            starts.append(len(head))
+            lengths.append(len(tail))
+        # unscored (masked) positions: uniform on the first k ids (distinct ids, as a scored position has), unread
+        ids = np.broadcast_to(np.arange(k, dtype=np.int64), (rows, width, k)).copy()
+        logprobs = np.full((rows, width, k), -math.log(k), np.float64)
+        tails = np.full((rows, width), -math.inf, np.float64)
+        scored = [i for i in range(rows) if lengths[i]]
+        if scored:
+            answer = self._request("/completions", {
+                "model": self.info["model"], "prompt": [prompts[i] for i in scored], "max_tokens": 1,
+                "temperature": 0.0, "prompt_logprobs": -1 if whole else k})
+            limit = vocab or self.info["vocab_size"]
+            try:
+                choices = sorted(answer["choices"], key=lambda c: c["index"])
+                if len(choices) != len(scored):
+                    raise ValueError(f"{len(choices)} choices for {len(scored)} prompts")
+                for i, choice in zip(scored, choices):
+                    entries = choice["prompt_logprobs"]
+                    for j in range(lengths[i]):
+                        top, rest = position_topk(entries[starts[i] + j], k, temperature, whole, limit)
+                        ids[i, j], logprobs[i, j], tails[i, j] = top[0], top[1], rest
+                if ids.max(initial=0) >= limit or ids.min(initial=0) < 0:
+                    raise ValueError("token ids outside the vocabulary")
+            except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
+                raise TeacherServerError(f"the teacher server at {self.url} returned malformed data for /completions "
+                                         f"({error}); is it vLLM's OpenAI-compatible server?") from None
+        device = batch.prompt_ids.device
+        return TopKTeacher(torch.from_numpy(ids).to(device), torch.from_numpy(logprobs.astype(np.float32)).to(device),
+                           torch.from_numpy(tails.astype(np.float32)).to(device))
+
+    def sample(self, *args, **kwargs) -> Responses:
+        raise TeacherServerError(f"the teacher server at {self.url} is OpenAI-compatible: kltd does not sample "
+                                 "through it (its random stream is not kltd's); use prefix=student or fixed")
+
+
+def position_topk(entry: dict, k: int, temperature: float, whole: bool, vocab: int) -> tuple[tuple[list, list], float]:
+    """One position's top k (ids, log-probabilities at the temperature) and tail from vLLM's {id: {logprob, rank}}:
+    the k entries of rank 1..k (the actual token is added at its own rank when outside them). `whole`: every id
+    came back, so the ids past the tokenizer's `vocab` (embedding padding) are dropped as kltd's own scorer drops
+    them, the temperature is applied here and the top k taken after it."""
+    pairs = [(int(token), float(v["logprob"]), int(v.get("rank") or 0)) for token, v in entry.items()]
+    if whole:
+        pairs = [p for p in pairs if p[0] < vocab]
+        raw = np.array([p[1] for p in pairs], np.float64) / temperature
+        logp = raw - np.logaddexp.reduce(raw)
+        order = np.argsort(-logp, kind="stable")[:k]
+        top_ids, top_lp = [pairs[o][0] for o in order], logp[order]
+        rest = np.delete(logp, order)
+        tail = float(np.logaddexp.reduce(rest)) if rest.size else -math.inf
+        return (top_ids, list(top_lp)), tail
+    pairs.sort(key=lambda p: (p[2] if p[2] > 0 else math.inf, -p[1]))
+    top = pairs[:k]
+    if len(top) < k:
+        raise ValueError(f"{len(top)} log-probabilities for top_k={k}")
+    top_lp = np.array([p[1] for p in top], np.float64)
+    probs = np.exp(top_lp)
+    # k is below the vocabulary here, so the tail is not empty; 1 - mass is known only to the float32 rounding of
+    # the k log-probabilities carried to their probabilities (p * |log p| * 2^-24 each, 2^-24 for the sum), and
+    # is kept at least that (a rounded mass of 1 would give the tail no probability, and reverse KL infinity)
+    floor = float((probs * (np.abs(top_lp) + 1.0)).sum()) * 2.0 ** -24
+    tail = math.log(max(1.0 - float(probs.sum()), floor))
+    return ([p[0] for p in top], list(top_lp)), tail
+
+
+def model_config(root: str, tokenizer) -> dict:
+    """The served model's config for the run's compute figures: its directory's config.json when the server's model
+    is a local directory, else the student's (the figures then count the teacher at the student's size)."""
+    from transformers import AutoConfig
+
+    for source in (root, tokenizer.name_or_path):
+        try:
+            return AutoConfig.from_pretrained(source, local_files_only=True).to_dict()
+        except (OSError, ValueError):
+            continue
+    return {"hidden_size": 1, "num_hidden_layers": 0, "num_attention_heads": 1, "vocab_size": len(tokenizer)}

@@ -121,6 +121,10 @@ def _check_teacher_server(cfg: Config) -> None:
         raise ConfigError("trajectory.reward=teacher_loglik needs the teacher's probability of every response token, "
                           "and model.teacher_server gives its top-k tokens and tail; use trajectory.reward=none or "
                           "correctness, or load the teacher (drop model.teacher_server)")
+    if cfg.model.teacher_server.rstrip("/").endswith("/v1") and cfg.prefix.source in ("teacher", "mixed"):
+        raise ConfigError(f"prefix={cfg.prefix.source} samples the teacher, and kltd does not sample through an "
+                          "OpenAI-compatible model.teacher_server (its random stream is not kltd's); use prefix=student "
+                          "or fixed, or serve the teacher with kltd serve-teacher MODEL")
     if cfg.rl.enabled and cfg.rl.teacher_weight > 0:
         raise ConfigError("rl.teacher_weight > 0 with model.teacher_server is not built; use rl.teacher_weight=0 or "
                           "load the teacher (drop model.teacher_server)")

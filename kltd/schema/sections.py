@@ -76,9 +76,9 @@ class ModelConfig:
             if not url.startswith(("http://", "https://")) or len(url.split("//", 1)[1].strip("/")) == 0:
                 raise ConfigError(f"model.teacher_server={self.teacher_server!r} is not a URL; give the address "
                                   "`kltd serve-teacher` printed, e.g. model.teacher_server=http://127.0.0.1:8765")
-            if "/v1" in url:
-                raise ConfigError(f"model.teacher_server={url} looks like an OpenAI-compatible server; kltd talks "
-                                  "only to its own (kltd serve-teacher MODEL) so far: serve the teacher with it")
+            if "/v1" in url and not url.rstrip("/").endswith("/v1"):
+                raise ConfigError(f"model.teacher_server={url}: give an OpenAI-compatible server's base URL, ending in "
+                                  "/v1 (e.g. http://127.0.0.1:8000/v1), not one of its endpoints")
             if self.teacher_device is not None:
                 raise ConfigError("model.teacher_device places a teacher this process loads; with "
                                   "model.teacher_server the server holds it: drop model.teacher_device")

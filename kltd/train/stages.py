@@ -127,10 +127,10 @@ class Job:
 
         if m.teacher_server is None:
             return check_tokenizers(m.teacher, m.student, trust_remote_code=m.trust_remote_code)
-        from kltd.rollout.remote_teacher import RemoteTeacher
+        from kltd.rollout.remote_teacher import connect
 
         tokenizer = load_tokenizer(m.student, m.trust_remote_code)
-        self.served = RemoteTeacher(m.teacher_server, m.teacher_top_k)
+        self.served = connect(m.teacher_server, m.teacher_top_k)
         info = self.served.check(tokenizer)
         self.out.say(f"teacher: '{info['model']}' served by {self.served.url}, top {self.served.top_k} of "
                      f"{info['vocab_size']} tokens and a tail per position")

@@ -129,6 +129,9 @@ COMMANDS: dict[str, Case] = {
     "kltd serve-teacher toy/teacher --port 8765": Case(replace={"--port 8765": "--help"}, tiny=False),
     "kltd train prefix=student trajectory=student model.teacher_server=http://127.0.0.1:8765 model.teacher_top_k=8":
         Case(replace={"http://127.0.0.1:8765": "{teacher_server}"}, needs=("teacher_server",)),
+    # against a stand-in for vLLM's server in vLLM's format (tests/train/test_openai_teacher.py runs a real one)
+    "kltd train prefix=student trajectory=student model.teacher_server=http://127.0.0.1:8000/v1 model.teacher_top_k=8":
+        Case(replace={"http://127.0.0.1:8000/v1": "{openai_server}"}, needs=("openai_server",)),
     "kltd train sweep=matrix hydra/launcher=basic": Case(),
     "kltd train sweep=matrix hydra/launcher=joblib hydra.launcher.n_jobs=2": Case(),
     "kltd train sweep=matrix hydra/launcher=submitit_local": Case(),
@@ -231,6 +234,7 @@ def test_the_extraction_reads_blocks_continuations_comments_and_quickstart_lines
 
 ALREADY_RUN: set[tuple] = set()  # the command lines run in this module (one run each)
 SERVERS: list = []  # the teacher server the commands with model.teacher_server train against
+OPENAI_SERVERS: list = []  # (server, URL) of the stand-in for an OpenAI-compatible teacher server
 
 
 @pytest.fixture(scope="module")
@@ -282,6 +286,12 @@ def _prepare(need: str, workspace: Path) -> dict:
             threading.Thread(target=server.serve_forever, daemon=True).start()
             SERVERS.append(server)
         return {"teacher_server": f"http://127.0.0.1:{SERVERS[0].server_address[1]}"}
+    elif need == "openai_server":  # the toy teacher behind a stand-in for vLLM's OpenAI-compatible server
+        if not OPENAI_SERVERS:
+            from tests.support.openai_stub import serve
+
+            OPENAI_SERVERS.append(serve("toy/teacher"))
+        return {"openai_server": OPENAI_SERVERS[0][1]}
     elif need == "unfinished":  # a run as a kill after step 2's checkpoint leaves it (no timing involved)
         run = workspace / "outputs" / "runs" / f"unfinished-{len(list(workspace.glob('outputs/runs/unfinished-*')))}"
         out = kltd(["train", *TINY, "trainer.max_steps=3", "trainer.checkpoint_every=1", "trainer.keep_checkpoints=3",

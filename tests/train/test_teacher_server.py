@@ -181,8 +181,8 @@ def test_the_config_refuses_what_a_served_teacher_cannot_give():
     from kltd.schema.config import ConfigError
 
     cfg = tiny_config()
-    cfg.model.teacher_server = "http://127.0.0.1:9/v1"
-    with pytest.raises(ConfigError, match="OpenAI-compatible"):
+    cfg.model.teacher_server = "http://127.0.0.1:9/v1/completions"  # an endpoint, not the /v1 base
+    with pytest.raises(ConfigError, match="OpenAI-compatible server's base URL"):
         cfg.check()
     cfg.model.teacher_server, cfg.loss.estimator = "http://127.0.0.1:9", "sampled_reward"
     with pytest.raises(ConfigError, match="needs the teacher's probability of any token"):
@@ -231,3 +231,22 @@ def test_kltd_eval_reads_a_served_teacher_and_reports_no_teacher_figures(toy_ser
     assert out.returncode == 0, out.stderr[-3000:]
     figures = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert f"served by {toy_server}" in out.stdout and "reverse_kl_student_states" not in json.dumps(figures)
+
+
+def test_two_processes_with_a_served_teacher_take_the_first_step_of_one(toy_server, tmp_path):
+    """distributed.nproc_per_node=2 (gloo, CPU): each process asks the server for its own rows; the first step's
+    loss is the one-process run's to the float32 bound tests/train/test_data_parallel.py derives (the same
+    weights, the same states, only the order and blocking of the sums differ)."""
+    from tests.support.tolerances import two_orders
+    from tests.train.test_data_parallel import config, step_sums, trained
+
+    runs = {}
+    for nproc in (1, 2):
+        cfg = config("student", "student", nproc=nproc, cache=tmp_path / f"c{nproc}", steps=1)
+        cfg.model.teacher_server = toy_server  # the whole vocabulary: the served teacher is the loaded one
+        runs[nproc] = trained(cfg, tmp_path / f"p{nproc}")
+    terms, magnitude = step_sums(runs[1])[0]
+    a, b = runs[1].losses[0], runs[2].losses[0]
+    assert abs(a - b) <= two_orders(terms, magnitude), (a, b, two_orders(terms, magnitude))
+    summary = json.loads((tmp_path / "p2" / "metrics.json").read_text())
+    assert summary["status"] == "completed" and "teacher served by" in summary["plan"]["notes"][-1]
