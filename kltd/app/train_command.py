@@ -60,9 +60,8 @@ def train(cfg: DictConfig) -> None:
 def run_one_job(cfg: DictConfig, hydra_cfg, run_dir: Path, multirun: bool, sweep: str | None) -> None:
     from kltd.train.interrupt import Interrupted, sweep_role
     from kltd.train.job import AlreadyFinished, train_job
-    from kltd.train.trainer import TrainingError
-
     from kltd.train.nodes import placed
+    from kltd.train.trainer import TrainingError
 
     job_process_settings(cfg, hydra_cfg)
     placement = placed(to_typed(cfg))
