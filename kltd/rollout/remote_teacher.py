@@ -192,7 +192,6 @@ class RemoteSampler:
         pass
 
 
-
 def connect(url: str, top_k: int) -> "RemoteTeacher":
     """The client for model.teacher_server: an OpenAI-compatible server (vLLM) when the URL's path ends in /v1,
     else kltd's own (kltd serve-teacher)."""
