@@ -63,7 +63,7 @@ class EvaluationPlan:
         return replace(self, keep_sampled_logits=keep)
 
     def text(self) -> str:
-        teacher = "not run (served)" if self.teacher.decoder == "server" else self.teacher.text()
+        teacher = "by its server" if self.teacher.decoder == "server" else self.teacher.text()
         return (f"student {self.student.text()}, teacher {teacher}"
                 + (", sampled logits kept" if self.keep_sampled_logits else ""))
 
@@ -152,14 +152,20 @@ SERVED = Route(packed=False, decoder="server")
 
 def served_notes(cfg: Config) -> tuple[str, ...]:
     """What a served teacher changes: the loss from its top-k tokens and tail (the fused head falls back to the loss
-    from logits), and no teacher figures in the evaluation (it holds no teacher to score samples with)."""
+    from logits), and the evaluation's teacher figures in the same form (an OpenAI-compatible server's samples are
+    not kltd's draws: the figures on teacher samples are left out)."""
     m = cfg.model
     if m.teacher_server is None:
         return ()
     k = f"top {m.teacher_top_k}" if m.teacher_top_k else "whole vocabulary"
     fused = "; the fused head falls back to the loss from logits" if cfg.trainer.fused_head else ""
-    return (f"teacher served by {m.teacher_server} ({k} and a tail per position){fused}; the evaluation has no "
-            "teacher figures (KL, teacher states)",)
+    bound = " (lower bounds)" if m.teacher_top_k else ""
+    if m.teacher_server.rstrip("/").endswith("/v1"):
+        figures = (f"the evaluation's reverse KL on the student's samples on the same buckets{bound}; no figures on "
+                   "teacher samples (an OpenAI-compatible server's draws are not kltd's)")
+    else:
+        figures = f"the evaluation's KL figures on the same buckets{bound}, teacher samples drawn by the server"
+    return (f"teacher served by {m.teacher_server} ({k} and a tail per position){fused}; {figures}",)
 
 
 def plan_for(cfg: Config, student, teacher, vocab: int | None = None, evaluation_only: bool = False
@@ -186,7 +192,7 @@ def plan_for(cfg: Config, student, teacher, vocab: int | None = None, evaluation
     evaluation = evaluation_plan(student, student if served else teacher, lean=s.lean_decoder,
                                  rows=min(e.batch_size, e.num_prompts) * e.n_samples, max_new_tokens=e.max_new_tokens,
                                  vocab=vocab, vllm=evaluation_engines(cfg, training, evaluation_only))
-    if served:  # the evaluation runs no teacher (the plan's note says so)
+    if served:  # the evaluation asks the server for the teacher (the plan's note says how)
         evaluation = replace(evaluation, teacher=SERVED)
     return ExecutionPlan(training=training, samplers=sampling, fused_head=fused,
                          length_groups=t.length_groups if split else 1, teacher_cache=teacher_cache_used(cfg),

@@ -162,7 +162,8 @@ def approximations(cfg: Config) -> list[str]:
     if served and cfg.model.teacher_top_k > 0 and (divergence or score_function_term(cfg)):
         out.append(f"model.teacher_top_k={cfg.model.teacher_top_k}: every divergence over the served teacher's top "
                    f"{cfg.model.teacher_top_k} tokens and one bucket for all the others (both models coarsened to k + 1 "
-                   "bins: a lower bound of the full divergence, exact when k covers the vocabulary)")
+                   "bins: a lower bound of the full divergence, exact when k covers the vocabulary); so are the "
+                   "evaluation's KL figures")
     if divergence and loss.estimator.startswith("sampled"):
         out.append(f"loss.estimator={loss.estimator}: {_ONE_TOKEN[(loss.estimator, trajectory_divergence(cfg))]}")
     if teacher_cache_used(cfg) and cfg.cache.format == "topk" and not served:

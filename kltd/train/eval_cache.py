@@ -21,8 +21,9 @@ from kltd.schema.config import Config, EvalConfig
 from kltd.train.teacher_cache import examples_fingerprint, source_fingerprint
 
 # raised when the evaluation's own arithmetic changes (2: the samplers' logits reused, blocked MLP rows;
-# 3: Avg@k, truncation, intervals and per-question figures; one entry per evaluation set)
-EVAL_CACHE_VERSION = 3
+# 3: Avg@k, truncation, intervals and per-question figures; one entry per evaluation set; 4: teacher samples drawn
+# with per-row noise, as a served teacher draws them)
+EVAL_CACHE_VERSION = 4
 # settings that do not change what one evaluation computes (a set's own settings are in its entry; whether it has
 # exact figures is EvalInputs.exact)
 NOT_IN_KEY = ("every", "before", "sets", "exact_kl")
@@ -41,6 +42,7 @@ class EvalInputs:
     device: str  # "cpu" or "cuda": rounding differs between them
     paths: dict  # how the models run (the execution plan's evaluation part): rounding differs between paths
     exact: dict | None = None  # the chain of the exact figures (data=markov), whose support grades acceptance
+    served: dict | None = None  # a served teacher: its server's fingerprint, model and k (its figures are k + 1 bins)
 
     def digest(self) -> str:
         settings = {k: v for k, v in dataclasses.asdict(self.settings).items() if k not in NOT_IN_KEY}
@@ -50,6 +52,8 @@ class EvalInputs:
                    "dtype": self.dtype, "device": self.device, "paths": self.paths}
         if self.exact is not None:  # only then: the keys of evaluations without exact figures stay as they were
             payload["exact"] = self.exact
+        if self.served is not None:  # never the key of an in-process evaluation, nor of another k
+            payload["served"] = self.served
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -69,16 +73,19 @@ def cached_evaluation(inputs: EvalInputs, evaluate: Callable[[], dict], cache_di
     return result
 
 
-def evaluation_inputs(cfg: Config, eval_set, device, plan) -> EvalInputs:
+def evaluation_inputs(cfg: Config, eval_set, device, plan, served=None) -> EvalInputs:
     """The inputs of this run's evaluation before training on one set (kltd.data.eval_sets.EvalSet; plan: the
-    execution plan's evaluation part, kltd.rollout.plan.EvaluationPlan)."""
+    execution plan's evaluation part, kltd.rollout.plan.EvaluationPlan; served: the client of model.teacher_server,
+    checked)."""
     from kltd.train.models import resolve_model_path
 
     m = cfg.model
-    settings = eval_set.settings
-    if m.teacher_server is not None:  # no teacher in the process: the evaluation has no teacher figures
-        settings = dataclasses.replace(settings, kl=False)
+    key = None
+    if served is not None:  # the teacher is the server's model; its tokenizer's fingerprint (an OpenAI server has none)
+        info = served.info or {}
+        key = {"fingerprint": info.get("fingerprint"), "model": info.get("model"), "source": info.get("source"),
+               "openai": bool(info.get("openai")), "top_k": served.top_k}
     return EvalInputs(student_dir=resolve_model_path(m.student), teacher_dir=resolve_model_path(m.teacher),
-                      examples=eval_set.examples, checker=eval_set.checker_name, settings=settings,
+                      examples=eval_set.examples, checker=eval_set.checker_name, settings=eval_set.settings,
                       dtype=m.dtype, device=str(getattr(device, "type", device)), paths=dataclasses.asdict(plan),
-                      exact=eval_set.exact.settings.as_dict() if eval_set.exact is not None else None)
+                      exact=eval_set.exact.settings.as_dict() if eval_set.exact is not None else None, served=key)

@@ -7,6 +7,12 @@ the per-question values that paired comparisons of two runs need. Sequence-level
 per-token divergences over the response, so they have low variance: reverse KL(q||p) on student samples,
 forward KL(p||q) on teacher samples.
 
+A teacher served by another process (model.teacher_server) gives these through its server, in the training's form:
+per position its top k tokens and a tail (kltd.objectives.topk_teacher), so each divergence is on k + 1 buckets: the
+full one when k covers the vocabulary, a lower bound otherwise (the result's `teacher_served` says which). Its
+samples are the server's draws of the same row noise as kltd's sampler; an OpenAI-compatible server samples with
+its own stream, so with it only the figures on the student's samples are computed.
+
 With `exact` (data=markov's chain: kltd.data.markov) the evaluation adds figures computed by scoring every response
 (kltd.rollout.exact_kl), one per distinct prompt (a start state): `exact_reverse_kl`, `exact_forward_kl`, the
 student's and teacher's entropy rates, the student's expected length, the probability that its response is cut at
@@ -23,8 +29,10 @@ from collections.abc import Callable
 import torch
 
 from kltd.objectives.divergences import DivergenceSpec, token_divergence
+from kltd.objectives.topk_teacher import topk_teacher_divergence
 from kltd.rollout.batch import StateBatch, decode_responses, encode_prompts
 from kltd.rollout.grad_free import without_grad
+from kltd.rollout.noise import RowNoise
 from kltd.rollout.plan import EvaluationPlan, evaluation_plan
 from kltd.rollout.sampling import Sampler
 from kltd.rollout.scoring import LogitRows, Scorer
@@ -64,7 +72,7 @@ class PositionCurve:
         return out
 
 
-def _per_token(scorers: dict, student, teacher, batch: StateBatch, spec: DivergenceSpec, sampled_by
+def _per_token(scorers: dict, student, teacher, batch: StateBatch, spec: DivergenceSpec, sampled_by, served=None
                ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """[B, N] exact per-token divergence (None without a teacher) and student entropy at the response states (0 past
     the end).
@@ -72,6 +80,7 @@ def _per_token(scorers: dict, student, teacher, batch: StateBatch, spec: Diverge
     Both are computed on the response states alone ([M, V] logit rows, a part at a time: through the packed
     forward where the plan runs it, else the models' own forward; `scorers` by role) and scattered back into
     place. The model that sampled the responses (`sampled_by`) is not run again where its sampler kept the logits.
+    `served` (teacher None): the served teacher's top k and tail at the same states, the divergence on k + 1 buckets.
     """
     mask = batch.supervised  # every response token: evaluation's batches supervise them all
     kept = batch.responses.logits
@@ -83,6 +92,7 @@ def _per_token(scorers: dict, student, teacher, batch: StateBatch, spec: Diverge
 
     q_rows = rows(student, "student")
     p_rows = rows(teacher, "teacher") if teacher is not None else None
+    top = served.score(batch, spec.temperature, q_rows.width)[mask].packed() if p_rows is None and served else None
     divergence, entropy = [], []
     for part in q_rows.parts():
         q_logits = q_rows(part).float()
@@ -90,7 +100,10 @@ def _per_token(scorers: dict, student, teacher, batch: StateBatch, spec: Diverge
         entropy.append(-(log_q.exp() * log_q).sum(-1))
         if p_rows is not None:
             divergence.append(token_divergence(q_logits, p_rows(part).float(), spec))
-    return (_in_place(divergence, mask) if p_rows is not None else None), _in_place(entropy, mask)
+        elif top is not None:
+            divergence.append(topk_teacher_divergence(q_logits, top[part], spec))
+    scored = p_rows is not None or top is not None
+    return (_in_place(divergence, mask) if scored else None), _in_place(entropy, mask)
 
 
 def _in_place(rows: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
@@ -122,7 +135,7 @@ def questions_per_call(settings: EvalConfig, longest_prompt: int) -> int:
 def evaluate(student, teacher, tokenizer, examples: list, settings: EvalConfig, *,
              checker: Callable[[str, object], bool] | None, lean: bool = True, vocab: int | None = None,
              plan: EvaluationPlan | None = None, on_progress: Callable[[int, int], None] | None = None,
-             engines: dict | None = None, exact=None) -> dict:
+             engines: dict | None = None, exact=None, served=None) -> dict:
     """Avg@k, Pass@k, greedy accuracy, response length, truncation, entropy, sequence KLs and per-position curves,
     each with a bootstrap interval over questions.
 
@@ -135,7 +148,8 @@ def evaluate(student, teacher, tokenizer, examples: list, settings: EvalConfig, 
     `on_progress(done, total)` is told after each batch of prompts how many are done. `engines`: by role, the
     job's vLLM samplers (kltd.rollout.vllm_sampler.VllmSampler), for the roles the plan samples through vLLM.
     `exact`: the reference of the exact figures (its `horizon`, `eos_id` and `support()`: kltd.data.markov.MarkovChain);
-    None, or no teacher: none.
+    None, or no teacher: none. `served`: the client of a served teacher (kltd.rollout.remote_teacher; `teacher` None),
+    which gives the KL figures in its top-k form; no exact figures.
     """
     examples = examples[: settings.num_prompts]
     longest = max(len(tokenizer.encode(e.prompt, add_special_tokens=False)) for e in examples)
@@ -146,11 +160,24 @@ def evaluate(student, teacher, tokenizer, examples: list, settings: EvalConfig, 
                                max_new_tokens=settings.max_new_tokens, vocab=vocab)
     plan = plan.at(rows, settings.max_new_tokens)  # this set's batches and budget
     models = (student,) if teacher is None else (student, teacher)
+    served = served if settings.kl and teacher is None else None
     with without_grad(*models):
         samplers = _Samplers(student, teacher if settings.kl else None, tokenizer, settings.max_new_tokens, plan, vocab,
-                             engines or {})
-        return _evaluate(student, teacher if settings.kl else None, tokenizer, examples, settings, checker, samplers,
-                         plan, vocab, per_call, on_progress, exact)
+                             engines or {}, served)
+        result = _evaluate(student, teacher if settings.kl else None, tokenizer, examples, settings, checker, samplers,
+                           plan, vocab, per_call, on_progress, exact, served)
+    if served is not None:
+        result["teacher_served"] = served_label(served, vocab)
+    return result
+
+
+def served_label(served, vocab: int | None) -> dict:
+    """What the KL figures of a served teacher are: full divergences, or lower bounds (k below the vocabulary)."""
+    whole = served.top_k >= (vocab or served.info["vocab_size"])
+    bound = "exact" if whole else (f"lower bound: k + 1 = {served.top_k + 1} buckets (the served teacher's top "
+                                   f"{served.top_k} tokens and a tail), never above the full divergence")
+    return {"url": served.url, "top_k": served.top_k, "kl": bound,
+            "teacher_samples": not (served.info or {}).get("openai", False)}
 
 
 class _Samplers:
@@ -158,7 +185,8 @@ class _Samplers:
     the job's vLLM engine for a role the plan samples through it (the engine's own seeds, drawn from the same
     generator, so a run is still reproducible)."""
 
-    def __init__(self, student, teacher, tokenizer, budget: int, plan: EvaluationPlan, vocab, engines: dict):
+    def __init__(self, student, teacher, tokenizer, budget: int, plan: EvaluationPlan, vocab, engines: dict,
+                 served=None):
         def sampler(role: str, model, temperature: float, keep: bool):
             route = plan.student if role == "student" else plan.teacher
             if route.decoder != "vllm":
@@ -172,6 +200,10 @@ class _Samplers:
         self.greedy = sampler("student", student, 0.0, False)
         self.student = sampler("student", student, 1.0, keep)
         self.teacher = sampler("teacher", teacher, 1.0, keep) if teacher is not None else None
+        if served is not None and not served.info.get("openai"):  # an OpenAI server's draws are not kltd's: none
+            from kltd.rollout.remote_teacher import RemoteSampler
+
+            self.teacher = RemoteSampler(served, budget)
 
 
 class _Questions:
@@ -201,7 +233,7 @@ def _ended(responses, eos_id: int | None) -> list[bool]:
 
 
 def _evaluate(student, teacher, tokenizer, examples: list, settings: EvalConfig, checker, samplers: _Samplers,
-              plan: EvaluationPlan, vocab, per_call: int, on_progress, exact=None) -> dict:
+              plan: EvaluationPlan, vocab, per_call: int, on_progress, exact=None, served=None) -> dict:
     scorers = {role: Scorer(packed=route.packed, vocab=vocab)
                for role, route in (("student", plan.student), ("teacher", plan.teacher))}
     was_training = student.training
@@ -237,16 +269,20 @@ def _evaluate(student, teacher, tokenizer, examples: list, settings: EvalConfig,
         cut = torch.tensor([not e for e in _ended(on_student, tokenizer.eos_token_id)], dtype=torch.float)
         q.add("truncated", cut.view(len(chunk), n).mean(1).tolist())
         batch = StateBatch(rep_ids, rep_mask, on_student, on_student.mask)
-        per_token, token_entropy = _per_token(scorers, student, teacher, batch, REVERSE, sampled_by=student)
+        per_token, token_entropy = _per_token(scorers, student, teacher, batch, REVERSE, sampled_by=student,
+                                              served=served)
         q.add("student_entropy", (token_entropy.sum(1) / lengths.clamp(min=1)).view(len(chunk), n).mean(1).tolist())
         generated["student"] += on_student.num_tokens
         if per_token is not None:
             q.add("reverse_kl_student_states", per_token.sum(1).view(len(chunk), n).mean(1).tolist())
             curves["student_states"].add(per_token, on_student.mask)
-
-            on_teacher = teacher_sampler(prompt_ids, prompt_mask, generator)
+        if teacher_sampler is not None:
+            # per-row noise (one draw from the generator, as a torch stream's seed would be): a served teacher
+            # draws the same samples as the loaded one; a vLLM engine takes its seed from the generator
+            noise = generator if plan.teacher.decoder == "vllm" else RowNoise.from_generator(generator, len(chunk))
+            on_teacher = teacher_sampler(prompt_ids, prompt_mask, noise)
             batch = StateBatch(prompt_ids, prompt_mask, on_teacher)
-            per_token, _ = _per_token(scorers, student, teacher, batch, FORWARD, sampled_by=teacher)
+            per_token, _ = _per_token(scorers, student, teacher, batch, FORWARD, sampled_by=teacher, served=served)
             q.add("forward_kl_teacher_states", per_token.sum(1).tolist())
             curves["teacher_states"].add(per_token, on_teacher.mask)
             generated["teacher"] += on_teacher.num_tokens

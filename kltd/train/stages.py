@@ -188,10 +188,10 @@ class Job:
                     def compute(s=s, report=report) -> dict:
                         return evaluate(p.student, p.teacher, p.tokenizer, s.examples, s.settings, checker=s.checker,
                                         vocab=p.vocab_size, plan=self.plan.evaluation, on_progress=report,
-                                        engines=self.engines, exact=s.exact)
+                                        engines=self.engines, exact=s.exact, served=self.served)
 
                     if step == 0 and self.plan.reuse_evaluation_before:  # the same for every cell and seed
-                        inputs = evaluation_inputs(self.cfg, s, p.device, self.plan.evaluation)
+                        inputs = evaluation_inputs(self.cfg, s, p.device, self.plan.evaluation, self.served)
                         results[s.name] = cached_evaluation(inputs, compute, Path(self.cfg.cache.dir), self.out.say)
                     else:
                         results[s.name] = compute()

@@ -56,7 +56,7 @@ def test_a_served_teacher_of_the_whole_vocabulary_trains_as_the_loaded_one(toy_s
         runs[name] = losses(tmp_path / name)
         if url:
             assert "teacher served by" in summary["plan"]["notes"][-1]
-            assert summary["eval_after"].get("reverse_kl_student_states") is None  # no teacher in the process
+            assert summary["eval_after"]["teacher_served"]["kl"] == "exact"  # the server's whole vocabulary
     assert [r[0] for r in runs["served"]] == [1, 2, 3]
     if cache == "on":  # the loaded teacher's logits and the served teacher's top-k form, side by side
         kinds = sorted(torch.load(path, weights_only=True)["served"] for path in (tmp_path / "cache").glob("teacher-*"))
@@ -224,13 +224,17 @@ def test_serve_teacher_starts_and_prints_its_address(tmp_path):
         proc.wait(timeout=60)
 
 
-def test_kltd_eval_reads_a_served_teacher_and_reports_no_teacher_figures(toy_server, tmp_path):
-    out = kltd("eval", "target=student", f"model.teacher_server={toy_server}", "eval.num_prompts=2", "eval.batch_size=2",
+def test_kltd_eval_reads_a_served_teacher_and_reports_its_bounded_figures(toy_server, tmp_path):
+    out = kltd("eval", "target=student", f"model.teacher_server={toy_server}", "model.teacher_top_k=4",
+               "eval.num_prompts=2", "eval.batch_size=2",
                "eval.pass_k=1", "data.n_train=16", "data.n_eval=4", "model.device=cpu",
                f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     figures = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert f"served by {toy_server}" in out.stdout and "reverse_kl_student_states" not in json.dumps(figures)
+    assert f"served by {toy_server}" in out.stdout
+    after = figures["eval_after"]
+    assert after["reverse_kl_student_states"] >= 0 and after["forward_kl_teacher_states"] >= 0
+    assert after["teacher_served"]["top_k"] == 4 and after["teacher_served"]["kl"].startswith("lower bound")
 
 
 def test_two_processes_with_a_served_teacher_take_the_first_step_of_one(toy_server, tmp_path):
@@ -250,3 +254,71 @@ def test_two_processes_with_a_served_teacher_take_the_first_step_of_one(toy_serv
     assert abs(a - b) <= two_orders(terms, magnitude), (a, b, two_orders(terms, magnitude))
     summary = json.loads((tmp_path / "p2" / "metrics.json").read_text())
     assert summary["status"] == "completed" and "teacher served by" in summary["plan"]["notes"][-1]
+
+
+def test_the_evaluation_of_a_served_teacher_is_the_loaded_ones_or_a_lower_bound_and_is_cached_apart(toy_server,
+                                                                                                    tmp_path):
+    """The evaluation before training (the same student, prompts and noise in every run) with the teacher loaded,
+    served with the whole vocabulary (k = 0) and served with k = 4; one eval cache for all three."""
+    figures, said = {}, {}
+    for name, url, k in (("loaded", None, 0), ("whole", toy_server, 0), ("top4", toy_server, 4)):
+        cfg = tiny_config(max_steps=1, log_every=1)
+        cfg.sampling.lean_decoder = False  # every model by its own forward, as the server scores it
+        cfg.cache.dir = str(tmp_path / "cache")
+        cfg.model.teacher_server, cfg.model.teacher_top_k = url, k
+        cfg.check()
+        summary = train_job(cfg, tmp_path / name)
+        figures[name], said[name] = summary["eval_before"], summary
+    # three cache entries: a served evaluation never reads the loaded one's, nor one of another k
+    assert len(list((tmp_path / "cache").glob("eval-before-*.json"))) == 3
+    assert figures["whole"]["teacher_served"]["kl"] == "exact"
+    assert figures["top4"]["teacher_served"]["kl"].startswith("lower bound")
+    assert any("so are the evaluation's KL figures" in line for line in said["top4"]["approximations"])
+    assert "teacher samples drawn by the server" in said["whole"]["plan"]["notes"][-1]
+    # per token, V = 17 float32 terms of magnitude below 20 (|log p| and |log q| of the toy models, whose
+    # smallest probabilities are above e^-20) summed in another order: under 17 * 20 * 2^-24 each; a question's
+    # figure sums at most max_new_tokens of them
+    budget = figures["loaded"]["max_new_tokens"]
+    tolerance = budget * TOY_VOCAB * 20 * 2.0 ** -24
+    for metric in ("reverse_kl_student_states", "forward_kl_teacher_states"):
+        full, whole, top4 = (figures[n]["sets"][figures[n]["set"]]["per_question"][metric]
+                             for n in ("loaded", "whole", "top4"))
+        assert whole == pytest.approx(full, abs=tolerance), metric
+        assert all(b <= a + tolerance for a, b in zip(full, top4)), metric  # the data-processing inequality
+        assert sum(top4) < sum(full), metric  # the toy teacher's tail is not empty: strictly below
+    assert figures["whole"]["teacher_tokens_generated"] == figures["loaded"]["teacher_tokens_generated"]
+
+
+def test_a_teacher_that_cannot_sample_with_kltds_stream_gives_only_the_figures_on_student_samples(toy_server):
+    """An OpenAI-compatible server (its `info` says openai) scores but does not draw kltd's samples: the evaluation
+    keeps the reverse KL on the student's samples, equal to the one a kltd server's client gives, and leaves the
+    figures on teacher samples out. The scores here come from the toy server, so only the evaluation's choice of
+    figures is under test (the OpenAI client's scores: tests/train/test_openai_teacher.py)."""
+    from kltd.data.addition import make_splits
+    from kltd.schema.config import EvalConfig
+    from kltd.train.evaluation import evaluate
+    from kltd.train.models import load_model
+
+    tokenizer, student = load_tokenizer("toy/student"), load_model("toy/student")
+    _, held_out = make_splits(0, 0, 2)
+    settings = EvalConfig(num_prompts=2, batch_size=2, max_new_tokens=8, pass_k=1, samples=2)
+    results = {}
+    for openai in (False, True):
+        client = RemoteTeacher(toy_server, 0)
+        client.check(tokenizer)
+        client.info = {**client.info, "openai": openai}
+        results[openai] = evaluate(student, None, tokenizer, held_out, settings, checker=None, vocab=TOY_VOCAB,
+                                   served=client)
+    kltd_server, openai_server = results[False], results[True]
+    assert openai_server["teacher_served"]["teacher_samples"] is False
+    assert "forward_kl_teacher_states" not in openai_server and openai_server["teacher_tokens_generated"] == 0
+    assert kltd_server["forward_kl_teacher_states"] >= 0 and kltd_server["teacher_tokens_generated"] > 0
+    # the same student samples (the teacher's draws come after them) and the same scores
+    assert openai_server["reverse_kl_student_states"] == kltd_server["reverse_kl_student_states"]
+    from kltd.rollout.plan import served_notes
+
+    cfg = tiny_config()
+    cfg.model.teacher_server, cfg.model.teacher_top_k = "http://127.0.0.1:8000/v1", 8
+    (note,) = served_notes(cfg)
+    assert "reverse KL on the student's samples" in note and "(lower bounds)" in note
+    assert "no figures on teacher samples" in note
