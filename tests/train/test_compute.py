@@ -70,6 +70,7 @@ def test_the_matmuls_pytorch_counts_agree(llama):
     assert counted.get_total_flops() == sequence_flops(shape, [length]) - causal + square
 
 
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft asks it
 def test_a_lora_step_pytorch_counts_agree(llama):
     """A rank-2 adapter on every projection: torch's FLOP counter over a forward and backward against
     training_flops. Besides attention's square (forward and both gradients), the count differs from torch's by
