@@ -50,7 +50,6 @@ def trajectory_divergence(cfg) -> str | None:
     return cfg.loss.divergence or own_divergence(cfg.trajectory.supervisor)
 
 
-
 def check_joint(cfg) -> None:
     """Every rule that joins sections, in the order a run meets them."""
     _check_data_parallel(cfg)

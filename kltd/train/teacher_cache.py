@@ -86,6 +86,27 @@ class CacheKey:
         return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
+def _score_in_chunks(tokenizer, examples: list, batch_size: int, device, score, counter, scored
+                     ) -> tuple[dict[str, int], Tensor]:
+    """`score(states)` on every chunk of batch_size examples; (each example's entry index, the entries' offsets
+    into the response states, row after row). `counter(1)` and `scored(states)` are told of each pass."""
+    offsets = [0]
+    # batches of similar length carry less padding; entries are found by key, so order is free
+    examples = sorted(examples, key=lambda e: (len(e.prompt) + len(e.response), e.prompt))
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        prompt_ids, prompt_mask = encode_prompts(tokenizer, [e.prompt for e in chunk], device)
+        responses = encode_responses(tokenizer, [e.response for e in chunk], device)
+        states = StateBatch(prompt_ids, prompt_mask, responses)
+        score(states)
+        if counter:
+            counter(1)
+        if scored:
+            scored(states)
+        offsets += (offsets[-1] + responses.mask.sum(1).cumsum(0)).tolist()
+    return {entry_key(e): i for i, e in enumerate(examples)}, torch.tensor(offsets)
+
+
 class TeacherCache:
     """Teacher logits [N_i, V] for every training example i, looked up by its prompt and response (entry_key)."""
 
@@ -143,14 +164,9 @@ class TeacherCache:
             return TeacherCache._build_served(served, tokenizer, examples, batch_size, counter, scored, temperature)
         device = next(teacher.parameters()).device
         scorer = Scorer(packed=packed, vocab=len(tokenizer))  # the tokenizer's ids only (padded output rows are not compared)
-        values, indices, tails, offsets = [], [], [], [0]
-        # batches of similar length carry less padding; entries are found by key, so order is free
-        examples = sorted(examples, key=lambda e: (len(e.prompt) + len(e.response), e.prompt))
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start : start + batch_size]
-            prompt_ids, prompt_mask = encode_prompts(tokenizer, [e.prompt for e in chunk], device)
-            responses = encode_responses(tokenizer, [e.response for e in chunk], device)
-            states = StateBatch(prompt_ids, prompt_mask, responses)
+        values, indices, tails, width = [], [], [], []
+
+        def score(states: StateBatch) -> None:
             with torch.inference_mode():
                 rows = scorer.logit_rows(teacher, states)
                 for part in rows.parts():  # every response state of the chunk, row after row
@@ -160,40 +176,28 @@ class TeacherCache:
                         indices.append(idx)
                         tails.append(tail)
                     values.append(kept)
-            if counter:
-                counter(1)
-            if scored:
-                scored(states)
-            offsets += (offsets[-1] + responses.mask.sum(1).cumsum(0)).tolist()
-        index = {entry_key(e): i for i, e in enumerate(examples)}
-        vocab = rows.width
+            width[:] = [rows.width]
+
+        index, offsets = _score_in_chunks(tokenizer, examples, batch_size, device, score, counter, scored)
         if fmt == "topk":
-            return TeacherCache(torch.cat(values), torch.tensor(offsets), index, vocab, torch.cat(indices), torch.cat(tails))
-        return TeacherCache(torch.cat(values), torch.tensor(offsets), index, vocab)
+            return TeacherCache(torch.cat(values), offsets, index, width[0], torch.cat(indices), torch.cat(tails))
+        return TeacherCache(torch.cat(values), offsets, index, width[0])
 
     @staticmethod
     def _build_served(served, tokenizer, examples: list, batch_size: int, counter, scored, temperature: float
                       ) -> "TeacherCache":
-        values, indices, tails, offsets = [], [], [], [0]
-        examples = sorted(examples, key=lambda e: (len(e.prompt) + len(e.response), e.prompt))
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start : start + batch_size]
-            prompt_ids, prompt_mask = encode_prompts(tokenizer, [e.prompt for e in chunk], "cpu")
-            responses = encode_responses(tokenizer, [e.response for e in chunk], "cpu")
-            states = StateBatch(prompt_ids, prompt_mask, responses)
+        values, indices, tails = [], [], []
+
+        def score(states: StateBatch) -> None:
             top = served.score(states, temperature, len(tokenizer))
-            mask = responses.mask  # the response states, row after row (the offsets' order)
+            mask = states.responses.mask  # the response states, row after row (the offsets' order)
             values.append(top.logprobs[mask].float())
             indices.append(top.ids[mask].to(torch.int32))
             tails.append(top.tail[mask].float())
-            if counter:
-                counter(1)
-            if scored:
-                scored(states)
-            offsets += (offsets[-1] + mask.sum(1).cumsum(0)).tolist()
-        index = {entry_key(e): i for i, e in enumerate(examples)}
-        return TeacherCache(torch.cat(values), torch.tensor(offsets), index, len(tokenizer), torch.cat(indices),
-                            torch.cat(tails), served=True)
+
+        index, offsets = _score_in_chunks(tokenizer, examples, batch_size, "cpu", score, counter, scored)
+        return TeacherCache(torch.cat(values), offsets, index, len(tokenizer), torch.cat(indices), torch.cat(tails),
+                            served=True)
 
     def __len__(self) -> int:
         return len(self.index)
