@@ -143,14 +143,24 @@ def test_sigterm_saves_a_checkpoint_and_says_interrupted(tmp_path, uninterrupted
     assert all(torch.equal(mine[k], theirs[k]) for k in mine)
 
 
-def killed_after(step: int, tmp_path: Path) -> Path:
-    """A run killed with SIGKILL once it has saved the checkpoint of `step` (or a later one)."""
-    run_dir = tmp_path / "run"
-    proc = start("train", *TINY, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+def killed_after(step: int, tmp_path: Path, args=TINY, run_dir: Path | None = None) -> Path:
+    """A run of `args` killed with SIGKILL once it has saved the checkpoint of `step` (or a later one)."""
+    run_dir = run_dir or tmp_path / "run"
+    proc = start("train", *args, f"hydra.run.dir={run_dir}", cwd=tmp_path)
     wait_for_step(proc, run_dir, step)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=HANG_GUARD_S)
     return run_dir
+
+
+def resumed_after_kill(step: int, tmp_path: Path, args, run_dir: Path) -> dict:
+    """killed_after, then the same command again: it must resume and finish; its metrics.json."""
+    killed_after(step, tmp_path, args, run_dir)
+    out = run("train", *args, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert out.returncode == 0 and "resuming" in out.stdout, out.stderr[-3000:]
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    assert summary["resumed_from_step"] >= step
+    return summary
 
 
 def test_resume_by_name_refuses_changes_that_alter_the_result(tmp_path):

@@ -3,11 +3,10 @@ the uninterrupted run: the gate's state travels in the checkpoint (a resumed run
 first horizon again)."""
 
 import json
-import signal
 
 import torch
 
-from tests.app.test_faults import HANG_GUARD_S, TINY, final_weights, history, run, start, wait_for_step
+from tests.app.test_faults import TINY, final_weights, history, resumed_after_kill, run
 
 GATED = [*TINY, "eval.every=2", "sampling.length_schedule=entropy_gated", "sampling.lengths=[4,8,16]",
          "sampling.entropy_min=0.0"]
@@ -20,14 +19,8 @@ def test_killed_after_the_gate_moved_and_resumed_is_bit_identical(tmp_path):
     assert "horizon 4 -> 8 tokens" in out.stdout and "horizon 8 -> 16 tokens" in out.stdout
 
     resumed = tmp_path / "resumed"
-    proc = start("train", *GATED, f"hydra.run.dir={resumed}", cwd=tmp_path)
-    wait_for_step(proc, resumed, 3)  # after the gate of step 2 (4 -> 8), before the one of step 4
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=HANG_GUARD_S)
-    out = run("train", *GATED, f"hydra.run.dir={resumed}", cwd=tmp_path)
-    assert out.returncode == 0 and "resuming" in out.stdout, out.stderr[-3000:]
-    summary = json.loads((resumed / "metrics.json").read_text())
-    assert summary["resumed_from_step"] >= 3
+    # killed after the gate of step 2 (4 -> 8), before the one of step 4
+    summary = resumed_after_kill(3, tmp_path, GATED, resumed)
     assert summary["horizon"] == json.loads((straight / "metrics.json").read_text())["horizon"]
     mine, theirs = final_weights(resumed), final_weights(straight)
     assert all(torch.equal(mine[k], theirs[k]) for k in theirs)

@@ -3,14 +3,12 @@ killed with SIGKILL and resumed ends bit-identical to the uninterrupted one, and
 adapter/ with peft onto model.student, the merged checkpoint/ (model.lora.save_merged=true) in transformers."""
 
 import json
-import signal
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.app.test_faults import (HANG_GUARD_S, TINY, finished_run, history, run, start, steps_saved,
-                                   wait_for_step)
+from tests.app.test_faults import TINY, finished_run, history, resumed_after_kill, steps_saved
 from tests.app.test_rl_resume import untimed
 from tests.support.tolerances import forward_bound
 
@@ -69,15 +67,9 @@ def test_the_merged_checkpoint_loads_in_transformers_and_computes_what_the_adapt
 
 def test_killed_and_resumed_is_bit_identical(straight, tmp_path):
     run_dir = tmp_path / "run"
-    proc = start("train", *LORA, f"hydra.run.dir={run_dir}", cwd=tmp_path)
-    wait_for_step(proc, run_dir, 3)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=HANG_GUARD_S)
-    out = run("train", *LORA, f"hydra.run.dir={run_dir}", cwd=tmp_path)
-    assert out.returncode == 0 and "resuming" in out.stdout, out.stderr[-3000:]
-    summary = json.loads((run_dir / "metrics.json").read_text())
+    summary = resumed_after_kill(3, tmp_path, LORA, run_dir)
     theirs = json.loads((straight / "metrics.json").read_text())
-    assert summary["status"] == "completed" and summary["resumed_from_step"] >= 3
+    assert summary["status"] == "completed"
     for key in ("eval_after", "final_loss", "tokens", "compute"):
         assert summary[key] == theirs[key], key
     mine, straight_adapter = adapter_weights(run_dir), adapter_weights(straight)
@@ -106,14 +98,8 @@ def test_an_rl_stage_trains_the_adapter_and_a_kill_inside_it_resumes_bit_identic
     assert any(row.get("rl/loss") is not None for row in history(straight))
 
     run_dir = tmp_path / "resumed"
-    proc = start("train", *LORA_GRPO, f"hydra.run.dir={run_dir}", cwd=tmp_path)
-    wait_for_step(proc, run_dir, 5)  # two RL steps done: the reference is read back from before_rl/
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=HANG_GUARD_S)
-    out = run("train", *LORA_GRPO, f"hydra.run.dir={run_dir}", cwd=tmp_path)
-    assert out.returncode == 0 and "resuming" in out.stdout, out.stderr[-3000:]
-    resumed = json.loads((run_dir / "metrics.json").read_text())
-    assert resumed["resumed_from_step"] >= 5
+    # killed after two RL steps: the reference is read back from before_rl/
+    resumed = resumed_after_kill(5, tmp_path, LORA_GRPO, run_dir)
     for key in ("eval_after_distillation", "eval_after", "final_loss", "tokens", "compute"):
         assert resumed[key] == summary[key], key
     mine = adapter_weights(run_dir)

@@ -9,8 +9,8 @@ import signal
 import pytest
 import torch
 
-from tests.app.test_faults import (HANG_GUARD_S, TINY, final_weights, finished_run, history, run, start,
-                                   steps_saved, trained_a_step, wait_for_step, wait_until)
+from tests.app.test_faults import (HANG_GUARD_S, TINY, final_weights, finished_run, history, resumed_after_kill, run,
+                                   start, steps_saved, trained_a_step, wait_until)
 
 GRPO = [*TINY, "trainer.max_steps=3", "rl=grpo", "rl.steps=4", "rl.group_size=4", "rl.batch_size=8",
         "rl.kl_weight=0.1", "rl.epochs=2", "trajectory=expert"]
@@ -41,13 +41,8 @@ def assert_same_run(resumed, straight):
 
 def test_killed_inside_the_rl_stage_and_resumed_is_bit_identical(tmp_path, straight):
     resumed = tmp_path / "resumed"
-    proc = start("train", *GRPO, f"hydra.run.dir={resumed}", cwd=tmp_path)
-    wait_for_step(proc, resumed, 5)  # two RL steps done
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=HANG_GUARD_S)
-    out = run("train", *GRPO, f"hydra.run.dir={resumed}", cwd=tmp_path)
-    assert out.returncode == 0 and "resuming" in out.stdout, out.stderr[-3000:]
-    assert assert_same_run(resumed, straight)["resumed_from_step"] >= 5
+    resumed_after_kill(5, tmp_path, GRPO, resumed)  # two RL steps done
+    assert_same_run(resumed, straight)
 
 
 def test_sigterm_inside_the_rl_stage_saves_its_step_and_the_same_command_finishes_it(tmp_path, straight):

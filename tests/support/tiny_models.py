@@ -20,6 +20,21 @@ def make_tiny_model(directory: Path, *, width: int = 32, layers: int = 1, seed: 
     return Path(directory)
 
 
+def make_head64_pair(root: Path) -> tuple[str, str]:
+    """A toy-task teacher and student (seeds 0 and 1, 2 layers x 128, two heads of 64: vLLM's CPU attention refuses
+    the toy pair's 16), in root/teacher and root/student."""
+    tokenizer, dirs = build_tokenizer(), []
+    for seed, name in ((0, "teacher"), (1, "student")):
+        torch.manual_seed(seed)
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        LlamaForCausalLM(config).save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+        dirs.append(str(root / name))
+    return dirs[0], dirs[1]
+
+
 # The Llama family kltd arranges itself (kltd.fast.arranged), one configuration per feature it must get right.
 ARCHITECTURES = {
     "llama": (LlamaConfig, LlamaForCausalLM, {}),

@@ -10,6 +10,7 @@ import pytest
 
 from kltd.schema.config import Config, ConfigError
 from kltd.train.job import train_job
+from tests.support.tiny_models import make_head64_pair
 
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="the vllm extra is not installed")
@@ -18,22 +19,7 @@ needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="the vllm extra is not ins
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory) -> tuple[str, str]:
     """Toy-task teacher and student with head_dim 64 (vLLM's CPU attention refuses the toy pair's 16)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from kltd.data.toy_tokenizer import build_tokenizer
-
-    root, tok = tmp_path_factory.mktemp("pair"), build_tokenizer()
-    dirs = []
-    for seed, name in ((0, "teacher"), (1, "student")):
-        torch.manual_seed(seed)
-        config = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                             num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        LlamaForCausalLM(config).save_pretrained(root / name)
-        tok.save_pretrained(root / name)
-        dirs.append(str(root / name))
-    return dirs[0], dirs[1]
+    return make_head64_pair(tmp_path_factory.mktemp("pair"))
 
 
 def config(pair, backend: str, **sampling) -> Config:
