@@ -43,7 +43,8 @@ class WorkerFailed(RuntimeError):
     """A worker process died without saying why (killed, out of memory): its logs are in the run directory."""
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -84,7 +85,7 @@ def run_data_parallel(job, cfg: Config, run_dir: Path, sweep: str | None, config
     # on SIGTERM the agent passes the signal on and waits this long for the workers' checkpoint before killing them
     if d.nodes == 1:
         launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=f"kltd-{uuid.uuid4().hex[:8]}",
-                              rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=0,
+                              rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}", max_restarts=0,
                               start_method="spawn", logs_specs=logs, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
     else:  # torch's static rendezvous: node R's processes are ranks R*n .. R*n + n-1, node 0 holds the store
         launch = LaunchConfig(min_nodes=d.nodes, max_nodes=d.nodes, nproc_per_node=n, run_id=nodes.run_id(cfg),

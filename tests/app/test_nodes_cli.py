@@ -6,7 +6,6 @@ directory they share."""
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
 from kltd.app.compose import config_dir, to_typed
+from kltd.train.data_parallel import free_port
 from tests.train.test_data_parallel import Run, assert_same_run, cut_after, trained, training_rows
 
 KLTD = [sys.executable, "-m", "kltd.app.cli", "train"]
@@ -26,12 +26,6 @@ RUN = ["prefix=fixed", "trajectory=expert", "model.device=cpu", "wandb.mode=disa
        "data.n_eval=8", "eval.num_prompts=4", "eval.batch_size=4", "eval.pass_k=2", "eval.before=false",
        "trainer.max_steps=5", "trainer.batch_size=8", "trainer.log_every=1", "trainer.progress=false",
        "trainer.lr=3e-3", "trainer.checkpoint_every=1", "trainer.keep_checkpoints=5", "distributed.backend=gloo"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def two_nodes(run_dir: Path, cache: Path) -> list[str]:

@@ -4,6 +4,7 @@ variables, and the one-line refusals of a multi-node config."""
 import pytest
 
 from kltd.schema.config import Config, ConfigError
+from kltd.train.data_parallel import free_port
 from kltd.train.nodes import first_host, hostnames, placed, run_id, slurm_port
 
 SLURM = {"SLURM_JOB_ID": "4711", "SLURM_NNODES": "2", "SLURM_NODEID": "1", "SLURM_STEP_ID": "0",
@@ -120,13 +121,9 @@ def _agreement(rank: int, port: int, values: list, out) -> None:
 def test_processes_learn_together_whether_they_found_the_same_checkpoint():
     """Ranks.agree, which a resume on several nodes asks of the step each process found (-1: none): every process
     gets the same answer, so all of them refuse together rather than some waiting at a collective."""
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     values = [[3, 3, -1], [3, -1, -1]]
@@ -142,15 +139,11 @@ def test_processes_learn_together_whether_they_found_the_same_checkpoint():
 def test_a_node_whose_peers_never_arrive_ends_in_one_line(tmp_path, monkeypatch):
     """Node 1 started alone: the launcher's wait for node 0 ends in one line naming the endpoint (after the
     rendezvous timeout, shortened here from 900 s), before any model is loaded."""
-    import socket
-
     import kltd.train.data_parallel as data_parallel
     from kltd.train.job import train_job
 
     monkeypatch.setattr(data_parallel, "RENDEZVOUS_TIMEOUT_S", 2)
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nobody listens on it
     cfg = Config()
     cfg.model.device, cfg.wandb.mode, cfg.distributed.backend = "cpu", "disabled", "gloo"
     cfg.distributed.nnodes, cfg.distributed.node_rank = 2, 1

