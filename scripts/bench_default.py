@@ -4,7 +4,7 @@
     python scripts/bench_default.py --skip-sweep     # the default run and the evaluation only
     python scripts/bench_default.py --rounds 1 --eval-rounds 1 trainer.max_steps=2 eval.num_prompts=4  # smoke
     python scripts/bench_default.py --cells fixed:expert student:student   # also time these cells once each
-    python scripts/bench_default.py --skip-sweep --skip-eval --versus data=markov   # the default run against another
+    python scripts/bench_default.py --skip-sweep --skip-eval --versus data=addition   # the default run against another task
 
 Everything runs in a temporary working directory (outputs/, and the teacher cache at cache.dir inside it),
 with WANDB_MODE=disabled (--keep DIR: work in DIR and keep it). Overrides (key=value; before --cells when
@@ -38,7 +38,8 @@ both are given) go to every run and to the evaluation below.
 --versus "OVERRIDES" (one argument, space-separated): each round also times the default run with these overrides
 added (after the default run's own overrides), in the order default, versus in even rounds and versus, default in
 odd ones, each with its own warm-up and teacher cache; then the same sections for it, and per round the ratios
-versus / default of the wall time, the training and the evaluation (the runs' phases), with their medians.
+versus / default of the wall time, the training and the evaluation (the runs' phases), with their medians. Unless
+--skip-sweep, the matrix sweep is timed the same way with and without them.
 
 Figures are medians over rounds with their range (min-max); a ratio is taken per round. The last line is
 machine-readable:
@@ -204,11 +205,16 @@ def print_floor(runs: list[dict]) -> None:
     print(f"  {'  ... + the evaluation after training':<45} {spread(with_eval, '.3f')}")
 
 
-def print_versus(versus: str, runs: list[dict], others: list[dict]) -> None:
-    """The runs with `versus` added: their sections, then per round the ratios versus / default."""
-    print_command(f"with {versus} (kltd train {versus}: {others[0]['method']}, {others[0]['steps']} steps, "
-                  "warm teacher cache)", others)
-    print(f"\n{versus} / default, per round (the two runs of a round back to back), median (min-max):")
+def print_versus(versus: str, runs: list[dict], others: list[dict], what: str = "") -> None:
+    """The runs (or sweeps, `what` names them) with `versus` added: their sections, then per round the ratios
+    versus / default."""
+    if what:
+        print_command(f"{what} with {versus} ({others[0]['runs']} runs, warm teacher cache)", others)
+    else:
+        print_command(f"with {versus} (kltd train {versus}: {others[0]['method']}, {others[0]['steps']} steps, "
+                      "warm teacher cache)", others)
+    print(f"\n{(what + ' ') if what else ''}{versus} / default, per round (the two of a round back to back), "
+          "median (min-max):")
     parts = {"wall": lambda r: r["wall"], "training": lambda r: r["train"],
              "evaluation": lambda r: r["phases"].get("evaluation", float("nan"))}
     for name, part in parts.items():
@@ -351,7 +357,7 @@ def main() -> None:
             warm_v = default_run(work, "warmup_versus", work / "cache_versus", versus)
             print(f"warm-up with {args.versus} ({warm_v['method']}, untimed): wall {warm_v['wall']:.1f} s, "
                   f"training {warm_v['train']:.1f} s", flush=True)
-        runs, sweeps, others = [], [], []
+        runs, sweeps, others, other_sweeps = [], [], [], []
         for r in range(args.rounds):
             if args.versus and r % 2:
                 others.append(default_run(work, f"versus_{r}", work / "cache_versus", versus))
@@ -366,10 +372,17 @@ def main() -> None:
                 v = others[-1]
                 line += f"; with {args.versus} wall {v['wall']:.1f} s, training {v['train']:.1f} s"
             if not args.skip_sweep:
+                if args.versus and r % 2:
+                    other_sweeps.append(sweep_run(work, f"sweep_versus_{r}", work / "cache_versus", versus))
                 s = sweep_run(work, f"sweep_{r}", cache, args.overrides)
                 sweeps.append(s)
+                if args.versus and not r % 2:
+                    other_sweeps.append(sweep_run(work, f"sweep_versus_{r}", work / "cache_versus", versus))
                 line += (f"; sweep={SWEEP} ({s['runs']} runs) wall {s['wall']:.1f} s, training {s['train']:.1f} s "
                          f"(x{s['wall'] / s['train']:.2f})")
+                if args.versus:
+                    v = other_sweeps[-1]
+                    line += f"; with {args.versus} wall {v['wall']:.1f} s, training {v['train']:.1f} s"
             print(line, flush=True)
         cell_lines = []
         for cell in args.cells:
@@ -398,6 +411,8 @@ def main() -> None:
         sweep_ratio = statistics.median(s["wall"] / s["train"] for s in sweeps)
     if others:
         print_versus(args.versus, runs, others)
+    if other_sweeps:
+        print_versus(args.versus, sweeps, other_sweeps, f"sweep={SWEEP}")
     if cell_lines:
         print("\ncells, one run each (warm teacher cache):")
         print("\n".join(cell_lines))

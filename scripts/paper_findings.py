@@ -1,10 +1,10 @@
-"""Check the paper's qualitative findings on the built-in task, with kltd's own commands.
+"""Check the paper's qualitative findings on the built-in tasks, with kltd's own commands.
 
-    python scripts/paper_findings.py                 # writes docs/results.md and docs/results/*.png
+    python scripts/paper_findings.py                 # the Markov task (the default): its section of docs/results.md
+    python scripts/paper_findings.py data=addition   # the addition task: docs/results.md's top and docs/results/*.png
     python scripts/paper_findings.py --seeds 0 1 --out /tmp/findings --doc /tmp/results.md   # a smaller try
-    python scripts/paper_findings.py data=markov     # the Markov task: its section of docs/results.md
 
-Overrides after the options go to every run. `data=markov` runs the Markov task, whose runs carry exact figures:
+Overrides after the options go to every run. The Markov task (`data=markov`, the default) carries exact figures:
 its report is one section, "The Markov task" (per-cell exact figures, every contrast in them with its seed spread),
 written into --doc between the markers `<!-- markov-findings:start -->` and `<!-- markov-findings:end -->` (at the
 end of the page when it has none); the rest of the page is kept. The addition task's report (every other run)

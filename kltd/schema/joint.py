@@ -209,8 +209,10 @@ def _check_markov(cfg) -> None:
         budget = spec.max_new_tokens or e.max_new_tokens
         if spec.source == "heldout" and budget != horizon:
             key = f"eval_sets.{name}.max_new_tokens" if spec.max_new_tokens else "eval.max_new_tokens"
-            raise ConfigError(f"{key}={budget} differs from data.markov.horizon={horizon}: data=markov grades and "
-                              f"measures responses of the task's horizon; set {key}={horizon} (model=markov does)")
+            raise ConfigError(f"{key}={budget} differs from data.markov.horizon={horizon}: data=markov (the default "
+                              f"task) grades and measures responses of the task's horizon; set {key}={horizon} "
+                              "(model=markov does), or name the task of the pair you chose (data=addition with "
+                              "model=toy; data=gsm8k, data=file or data=hub with a pretrained pair)")
 
 
 def _check_length_schedule(cfg) -> None:

@@ -60,7 +60,7 @@ def markov_problem(cfg: Config) -> str | None:
     chain (its grammar and the examples' walks would be another chain's). The horizon is the task's own setting."""
     found = markov_task(cfg.model.teacher)
     if found is None:
-        return None
+        return chain_tokenizer_problem(cfg) if cfg.data.source == "markov" else None
     path, recorded = found
     teacher = cfg.model.teacher
     if cfg.data.source != "markov":
@@ -73,7 +73,26 @@ def markov_problem(cfg: Config) -> str | None:
                     f"{recorded[key]}, {path}); drop it, or make a pair for that chain: python "
                     f"scripts/make_markov_task.py --out DIR --{flag} {value}, then model.teacher=DIR/teacher "
                     "model.student=DIR/student")
-    return None
+    return chain_tokenizer_problem(cfg)
+
+
+def chain_tokenizer_problem(cfg: Config) -> str | None:
+    """data=markov's walks, grammar and exact figures are token ids of the chain's own tokenizer (one letter, one
+    token), so a pair with another vocabulary would train and be graded on something else. data=markov is the
+    default task, so this is also what `kltd train model=toy` meets. A hub student not in the cache is checked
+    when it loads."""
+    directory = model_directory(cfg.model.student)
+    if directory is None:
+        return None
+    from kltd.data.markov import build_tokenizer
+    from kltd.train.models import load_tokenizer
+
+    if load_tokenizer(str(directory)).get_vocab() == build_tokenizer(cfg.data.markov.n_states).get_vocab():
+        return None
+    return (f"data=markov (the default task) walks a chain of {cfg.data.markov.n_states} letters, one token each, and "
+            f"model.student={cfg.model.student} has another tokenizer; name the task its pair is for (data=addition "
+            "with model=toy; data=gsm8k, data=file or data=hub with a pretrained pair) or use the chain's pair "
+            "(model=markov)")
 
 
 def data_problem(cfg: Config) -> str | None:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from kltd.train.models import toy_dir
+from kltd.train.models import assets_dir
 
 KLTD = [sys.executable, "-m", "kltd.app.cli"]
 # A hang guard, not a measure of speed: some of these commands would train if their refusal were missing, and a
@@ -82,9 +82,9 @@ def test_train_help_lists_the_axes(tmp_path):
 
 @pytest.mark.parametrize("args", [["prefix=student", "trajectory=dataset"], ["-m", "prefix=fixed,teacher", "trajectory=dataset"]])
 def test_invalid_cell_is_refused_fast_with_one_line(tmp_path, args):
-    """Fast means before any model loads (whatever the machine's load): no file of the default (toy) pair is
+    """Fast means before any model loads (whatever the machine's load): no file of a shipped pair is
     opened, and nothing waits on the network."""
-    out, seen = run_audited("train", *args, cwd=tmp_path, watch=[toy_dir()])
+    out, seen = run_audited("train", *args, cwd=tmp_path, watch=[assets_dir()])
     assert out.returncode != 0
     assert seen == {"opened": [], "network": [], "slept": []}, seen
     lines = [l for l in out.stderr.splitlines() if l.strip()]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kltd.train.models import toy_dir
+from kltd.train.models import assets_dir
 from tests.app.test_cli import run_audited
 from tests.support.fixtures import GSM8K, conversational_dir, gsm8k_jsonl, math_parquet, strip_tokenizer, tiny_model
 
@@ -117,7 +117,7 @@ def test_a_real_tokenizer_mismatch_is_refused_before_training(local, tmp_path):
 def test_hub_names_fail_fast_when_offline(tmp_path, args, words):
     """Fast means without waiting on the network, whatever the machine's load: the process never tries to reach
     it (no name lookup, no connection) and never sleeps (no retry's back-off); and no model is loaded."""
-    out, seen = run_audited("train", *args, *TINY, cwd=tmp_path, watch=[toy_dir()],
+    out, seen = run_audited("train", *args, *TINY, cwd=tmp_path, watch=[assets_dir()],
                             env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
     assert seen == {"opened": [], "network": [], "slept": []}, seen
     assert words in one_line(out)
