@@ -4,7 +4,7 @@
     python scripts/bench_default.py --skip-sweep     # the default run and the evaluation only
     python scripts/bench_default.py --rounds 1 --eval-rounds 1 trainer.max_steps=2 eval.num_prompts=4  # smoke
     python scripts/bench_default.py --cells fixed:expert student:student   # also time these cells once each
-    python scripts/bench_default.py --skip-sweep --skip-eval --versus data=addition   # the default run against another task
+    python scripts/bench_default.py --skip-sweep --skip-eval --versus data=addition   # against another task
 
 Everything runs in a temporary working directory (outputs/, and the teacher cache at cache.dir inside it),
 with WANDB_MODE=disabled (--keep DIR: work in DIR and keep it). Overrides (key=value; before --cells when

@@ -84,10 +84,10 @@ def chain_tokenizer_problem(cfg: Config) -> str | None:
     directory = model_directory(cfg.model.student)
     if directory is None:
         return None
-    from kltd.data.markov import build_tokenizer
+    from kltd.data.markov import vocabulary
     from kltd.train.models import load_tokenizer
 
-    if load_tokenizer(str(directory)).get_vocab() == build_tokenizer(cfg.data.markov.n_states).get_vocab():
+    if load_tokenizer(str(directory)).get_vocab() == vocabulary(cfg.data.markov.n_states):
         return None
     return (f"data=markov (the default task) walks a chain of {cfg.data.markov.n_states} letters, one token each, and "
             f"model.student={cfg.model.student} has another tokenizer; name the task its pair is for (data=addition "

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kltd.train.models import toy_dir
+from kltd.train.models import markov_dir
 
 KLTD = [sys.executable, "-m", "kltd.app.cli"]
 TINY = ["prefix=student", "trajectory=student", "trainer.max_steps=8", "trainer.batch_size=8", "trainer.log_every=1",
@@ -228,9 +228,9 @@ def corrupt_copy(source: Path, target: Path) -> Path:
 
 
 def test_a_failing_job_does_not_stop_the_sweep_or_its_comparison(tmp_path):
-    broken = corrupt_copy(toy_dir() / "student", tmp_path / "broken")
+    broken = corrupt_copy(markov_dir() / "student", tmp_path / "broken")
     sweep = tmp_path / "sweep"
-    out = run("train", "-m", f"model.student=toy/student,{broken}", "prefix=fixed", "trainer.max_steps=2",
+    out = run("train", "-m", f"model.student=markov/student,{broken}", "prefix=fixed", "trainer.max_steps=2",
               "trainer.batch_size=4", "eval.num_prompts=4", "eval.batch_size=4", "eval.pass_k=2", "data.n_train=32",
               "data.n_eval=8", "trainer.progress=false", "model.device=cpu", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert out.returncode == 1
@@ -251,7 +251,7 @@ def test_a_failing_job_does_not_stop_the_sweep_or_its_comparison(tmp_path):
 ])
 def test_bad_inputs_get_one_line_and_no_traceback(tmp_path, args, words):
     (tmp_path / "file").write_text("a regular file")
-    broken = corrupt_copy(toy_dir() / "student", tmp_path / "broken")
+    broken = corrupt_copy(markov_dir() / "student", tmp_path / "broken")
     latin = tmp_path / "latin.jsonl"
     latin.write_bytes('{"prompt": "caf\xe9", "completion": "x"}\n'.encode("latin-1"))
     args = [a.replace("FILE", str(tmp_path / "file")).replace("BROKEN", str(broken)).replace("LATIN", str(latin))

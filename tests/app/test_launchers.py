@@ -16,8 +16,7 @@ from hydra import compose, initialize_config_dir
 from kltd.app.train_command import config_dir
 
 TINY = ["trainer.max_steps=2", "trainer.batch_size=4", "trainer.progress=false", "eval.num_prompts=4",
-        "eval.batch_size=4", "eval.pass_k=2", "eval.max_new_tokens=24", "sampling.max_new_tokens=24",
-        "data.n_train=64", "data.n_eval=8", "model.device=cpu"]
+        "eval.batch_size=4", "eval.pass_k=2", "data.n_train=64", "data.n_eval=8", "model.device=cpu"]
 
 
 # A hang guard, never a condition: each wait is for what the processes do (a step trained, every process gone),

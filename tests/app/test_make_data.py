@@ -43,5 +43,9 @@ def test_every_model_preset_composes_for_make_data():
             cfg = OmegaConf.to_object(compose("make_data", overrides=[f"model={preset}", "out=x.jsonl"]))
             assert isinstance(cfg, MakeDataConfig), preset
         markov = OmegaConf.to_object(compose("make_data", overrides=["data=markov", "out=x.jsonl"]))
+        default = OmegaConf.to_object(compose("make_data", overrides=["out=x.jsonl"]))
+        addition = OmegaConf.to_object(compose("make_data", overrides=["data=addition", "out=x.jsonl"]))
     assert markov.model.teacher == "markov/teacher" and markov.sampling.max_new_tokens == markov.data.markov.horizon
     markov.check()
+    assert default == markov  # the default task, as kltd train's
+    assert addition.data.source == "addition" and addition.model.teacher == "toy/teacher"

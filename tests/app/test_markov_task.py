@@ -71,8 +71,9 @@ def test_compare_shows_the_exact_columns_and_matrices(sweep, tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["data=markov", "data.markov.seed=0"], "data.markov.seed=0 differs from the chain model.teacher=markov/teacher "
                                             "encodes (seed=1"),
-    (["model=markov"], "model.teacher=markov/teacher is the Markov task's chain"),
-    (["data=markov", "model=toy", "eval.max_new_tokens=7"], "the student's tokenizer is not the chain's"),
+    (["data=addition", "model=markov"], "model.teacher=markov/teacher is the Markov task's chain"),
+    (["data=markov", "model=toy", "eval.max_new_tokens=7"], "model.student=toy/student has another tokenizer"),
+    (["model.student=toy/student"], "data=markov (the default task) walks a chain of 6 letters"),
 ])
 def test_a_chain_the_teacher_does_not_encode_is_refused_in_one_line(tmp_path, args, message):
     out = kltd("train", *args, *TINY, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)

@@ -21,9 +21,9 @@ from tests.train.test_data_parallel import Run, assert_same_run, cut_after, trai
 
 KLTD = [sys.executable, "-m", "kltd.app.cli", "train"]
 ENV = {**os.environ, "WANDB_MODE": "disabled"}
-# tests/train/test_data_parallel.config's run, as command-line settings
-RUN = ["prefix=fixed", "trajectory=expert", "model.device=cpu", "wandb.mode=disabled", "data.n_train=200",
-       "data.n_eval=8", "eval.num_prompts=4", "eval.batch_size=4", "eval.pass_k=2", "eval.before=false",
+# tests/train/test_data_parallel.config's run (the addition task: Config's own default), as command-line settings
+RUN = ["data=addition", "prefix=fixed", "trajectory=expert", "model.device=cpu", "wandb.mode=disabled",
+       "data.n_train=200", "data.n_eval=8", "eval.num_prompts=4", "eval.batch_size=4", "eval.pass_k=2", "eval.before=false",
        "trainer.max_steps=5", "trainer.batch_size=8", "trainer.log_every=1", "trainer.progress=false",
        "trainer.lr=3e-3", "trainer.checkpoint_every=1", "trainer.keep_checkpoints=5", "distributed.backend=gloo"]
 

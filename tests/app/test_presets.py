@@ -1,4 +1,4 @@
-"""Every shipped preset composes, validates, and runs a few steps on the toy pair."""
+"""Every shipped preset composes, validates, and runs a few steps on the default (Markov) pair."""
 
 import json
 import os
@@ -77,8 +77,8 @@ def test_every_method_preset_runs_a_few_steps(tmp_path):
         capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "WANDB_MODE": "disabled"}, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     out = subprocess.run(
-        [sys.executable, "-m", "kltd.app.cli", "train", "method=filtered_bc", f"data.responses_file={responses}", *TINY,
-         f"hydra.run.dir={tmp_path / 'filtered'}"],
+        [sys.executable, "-m", "kltd.app.cli", "train", "method=filtered_bc", "data=addition",  # the file's task
+         f"data.responses_file={responses}", *TINY, f"hydra.run.dir={tmp_path / 'filtered'}"],
         capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "WANDB_MODE": "disabled"},
         timeout=900)  # a hang guard (as the sweep's above), not a measure of speed
     assert out.returncode == 0, out.stderr[-3000:]
@@ -91,10 +91,15 @@ MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 DATA = sorted(p.stem for p in (CONF / "data").glob("*.yaml"))
 
 
+def task_of(model: str) -> str:
+    """The data preset a model preset goes with: the shipped pairs' own tasks, a benchmark for a pretrained pair."""
+    return {"toy": "data=addition", "markov": "data=markov"}.get(model, "data=gsm8k")
+
+
 @pytest.mark.parametrize("model", MODELS)
 def test_every_model_preset_composes_and_names_a_pair(model):
     named = ["model.teacher=some/teacher", "model.student=some/student"] if model == "pretrained" else []
-    cfg = typed(f"model={model}", *named)
+    cfg = typed(f"model={model}", task_of(model), *named)
     validate(cfg)
     assert cfg.model.teacher and cfg.model.student and cfg.model.teacher != cfg.model.student
 
@@ -106,11 +111,11 @@ def test_presets_for_pretrained_pairs_carry_their_own_training_settings(model):
     from kltd.schema.config import Config
 
     named = ["model.teacher=some/teacher", "model.student=some/student"] if model == "pretrained" else []
-    cfg, toy = typed(f"model={model}", *named), Config()
+    cfg, toy = typed(f"model={model}", task_of(model), *named), Config()
     assert cfg.trainer.lr <= 1e-5 < toy.trainer.lr
     assert cfg.sampling.max_new_tokens > toy.sampling.max_new_tokens
     assert cfg.eval.batch_size < toy.eval.batch_size
-    assert typed(f"model={model}", *named, "trainer.lr=3e-6").trainer.lr == 3e-6
+    assert typed(f"model={model}", task_of(model), *named, "trainer.lr=3e-6").trainer.lr == 3e-6
 
 
 def test_the_generic_pretrained_preset_needs_both_models_named():
@@ -126,6 +131,26 @@ def test_every_data_preset_composes_and_validates(data, tmp_path):
     cfg = typed(f"data={data}", *extra)
     validate(cfg)
     assert cfg.data.source in ("addition", "markov", "file", "hub")
+
+
+def test_the_default_task_is_the_markov_task_and_addition_keeps_the_toy_pair():
+    """conf/config.yaml picks data=markov, whose preset picks model=markov; data=addition leaves model=toy, the
+    config's own model default; kltd eval composes the same defaults."""
+    from omegaconf import OmegaConf
+
+    import kltd.app.eval_command  # noqa: F401  (registers kltd eval's schema)
+
+    default, addition = typed(), typed("data=addition")
+    validate(default)
+    validate(addition)
+    assert (default.data.source, default.model.teacher, default.model.student) == \
+        ("markov", "markov/teacher", "markov/student")
+    assert default.eval.max_new_tokens == default.sampling.max_new_tokens == default.data.markov.horizon
+    assert (addition.data.source, addition.model.teacher, addition.model.student) == \
+        ("addition", "toy/teacher", "toy/student")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        evaluation = OmegaConf.to_object(compose("eval"))
+    assert (evaluation.data.source, evaluation.model.teacher) == ("markov", "markov/teacher")
 
 
 def test_file_and_hub_data_without_a_path_are_refused_with_an_example():

@@ -111,7 +111,7 @@ def test_a_real_tokenizer_mismatch_is_refused_before_training(local, tmp_path):
 
 
 @pytest.mark.parametrize("args,words", [
-    (["model.student=Qwen/Qwen3-0.6B"], "not a local directory nor in the Hugging Face cache"),
+    (["data=addition", "model.student=Qwen/Qwen3-0.6B"], "not a local directory nor in the Hugging Face cache"),
     (["data=hub", "data.path=kltd-tests/no-such-dataset"], "kltd-tests/no-such-dataset"),
 ])
 def test_hub_names_fail_fast_when_offline(tmp_path, args, words):

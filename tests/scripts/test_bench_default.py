@@ -10,8 +10,7 @@ from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_default.py"
 TINY = ["trainer.max_steps=2", "trainer.batch_size=4", "eval.num_prompts=4", "eval.batch_size=4", "eval.pass_k=2",
-        "eval.max_new_tokens=16", "sampling.max_new_tokens=16", "data.n_train=64", "data.n_eval=8",
-        "model.device=cpu"]
+        "data.n_train=64", "data.n_eval=8", "model.device=cpu"]
 LAST_LINE = re.compile(r"run_ratio=(?P<run>\S+) sweep_ratio=(?P<sweep>\S+) eval_speedup=(?P<eval>\S+)")
 THREE_DECIMALS = re.compile(r"\d+\.\d{3}")
 
@@ -64,3 +63,22 @@ def test_versus_prints_per_round_ratios(capsys):
     assert re.search(r"^  wall +1\.500 \(1\.000-2\.000\)$", out, re.M), out
     assert re.search(r"^  training +1\.000 \(0\.500-1\.500\)$", out, re.M), out  # 1, 1.5, 0.5
     assert re.search(r"^  evaluation +2\.500 \(1\.000-3\.000\)$", out, re.M), out  # 3, 1, 2.5
+
+
+def test_versus_prints_the_sweeps_per_round_ratios(capsys):
+    """--versus without --skip-sweep: the matrix sweep's section with the overrides, then its per-round ratios."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import bench_default
+
+    def sweep(wall, train, evaluation):  # phases summed over the sweep's runs
+        return {"wall": wall, "train": train, "runs": 9, "phases": {"training": train, "evaluation": evaluation}}
+
+    default = [sweep(100.0, 50.0, 10.0), sweep(120.0, 60.0, 10.0), sweep(110.0, 50.0, 20.0)]
+    versus = [sweep(150.0, 100.0, 5.0), sweep(120.0, 30.0, 10.0), sweep(220.0, 100.0, 10.0)]  # wall x1.5, x1, x2
+    bench_default.print_versus("data=addition", default, versus, "sweep=matrix")
+    out = capsys.readouterr().out
+    assert "sweep=matrix with data=addition (9 runs, warm teacher cache): 3 round(s)" in out
+    assert "sweep=matrix data=addition / default, per round" in out
+    assert re.search(r"^  wall +1\.500 \(1\.000-2\.000\)$", out, re.M), out
+    assert re.search(r"^  training +2\.000 \(0\.500-2\.000\)$", out, re.M), out  # 2, 0.5, 2
+    assert re.search(r"^  evaluation +0\.500 \(0\.500-1\.000\)$", out, re.M), out  # 0.5, 1, 0.5

@@ -129,18 +129,14 @@ def test_a_server_that_is_down_is_one_line(tmp_path):
     assert f"the teacher server at {url} cannot be reached" in line and "kltd serve-teacher" in line
 
 
-def test_a_server_of_another_tokenizer_is_one_line_before_any_model_loads(tmp_path):
-    server, url = serve(load_service("markov/teacher", device="cpu"))
-    try:
-        out = kltd("train", "trainer.max_steps=1", "model.device=cpu", f"model.teacher_server={url}",
-                   f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
-    finally:
-        server.shutdown()
-        server.server_close()
+def test_a_server_of_another_tokenizer_is_one_line_before_any_model_loads(toy_server, tmp_path):
+    """The default (Markov) student against the toy teacher's server."""
+    out = kltd("train", "trainer.max_steps=1", "model.device=cpu", f"model.teacher_server={toy_server}",
+               f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert out.returncode == 1
     line = out.stderr.strip()
     assert "\n" not in line and "Traceback" not in line
-    assert "serves 'markov/teacher' with another tokenizer" in line
+    assert "serves 'toy/teacher' with another tokenizer" in line
     assert "loading" not in json.loads((tmp_path / "run" / "metrics.json").read_text()).get("phases", {})
 
 
@@ -221,7 +217,8 @@ def test_serve_teacher_starts_and_prints_its_address(tmp_path):
 
 
 def test_kltd_eval_reads_a_served_teacher_and_reports_its_bounded_figures(toy_server, tmp_path):
-    out = kltd("eval", "target=student", f"model.teacher_server={toy_server}", "model.teacher_top_k=4",
+    out = kltd("eval", "data=addition", "target=student", f"model.teacher_server={toy_server}",
+               "model.teacher_top_k=4",
                "eval.num_prompts=2", "eval.batch_size=2",
                "eval.pass_k=1", "data.n_train=16", "data.n_eval=4", "model.device=cpu",
                f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
