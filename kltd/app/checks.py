@@ -99,8 +99,8 @@ def prevalidate(overrides: list[str], multirun_flag: bool) -> Checked:
             multirun, jobs, sweep_dir = job_overrides(overrides, multirun_flag)
         except (HydraException, OmegaConfBaseException) as error:
             fail(composition_error(error))
-        first = None
-        for job in jobs:
+        checked = []  # every job's config checked first, then the files each names: no file is read for a sweep
+        for job in jobs:  # that one of its jobs' settings refuses
             where = f" (in the job {' '.join(job)})" if len(jobs) > 1 else ""
             try:
                 composed = compose("config", overrides=[o for o in job if not o.lstrip("+~").startswith("hydra")])
@@ -109,12 +109,18 @@ def prevalidate(overrides: list[str], multirun_flag: bool) -> Checked:
                 if unknown:
                     raise ConfigError(f"unknown key {unknown[0]!r}: no such setting (`kltd train --help` lists "
                                       "every key)")
-                preflight(cfg)
+                cfg.check()
             except (HydraException, OmegaConfBaseException) as error:
                 fail(composition_error(error) + where)
             except ConfigError as error:
                 fail(f"{error}{where}")
-            first = first or cfg
+            checked.append((cfg, where))
+        for cfg, where in checked:
+            try:
+                preflight(cfg)
+            except ConfigError as error:
+                fail(f"{error}{where}")
+        first = checked[0][0]
         several = first.distributed.nodes > 1
         if several and multirun:
             fail(f"a sweep on several machines (distributed.nnodes={first.distributed.nodes}) is not built: run each "

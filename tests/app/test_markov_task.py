@@ -74,6 +74,7 @@ def test_compare_shows_the_exact_columns_and_matrices(sweep, tmp_path):
     (["data=addition", "model=markov"], "model.teacher=markov/teacher is the Markov task's chain"),
     (["data=markov", "model=toy", "eval.max_new_tokens=7"], "model.student=toy/student has another tokenizer"),
     (["model.student=toy/student"], "data=markov (the default task) walks a chain of 6 letters"),
+    (["model=toy"], "name the task of the pair you chose (data=addition with model=toy"),
 ])
 def test_a_chain_the_teacher_does_not_encode_is_refused_in_one_line(tmp_path, args, message):
     out = kltd("train", *args, *TINY, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
