@@ -141,10 +141,10 @@ COMMANDS: dict[str, Case] = {
         Case(replace={"outputs/runs/<date>/<time>_<method>_s<seed>": "{unfinished}"}, tiny=False,
              needs=("unfinished",)),
     "kltd train resume=RUN_DIR": Case(replace={"RUN_DIR": "{unfinished}"}, tiny=False, needs=("unfinished",)),
-    "kltd train model.lora.r=16 prefix=student trajectory=student": Case(),
-    "kltd train model.lora.r=4 model.lora.save_merged=true": Case(),
+    "kltd train data=addition model.lora.r=16 prefix=student trajectory=student": Case(),
+    "kltd train data=addition model.lora.r=4 model.lora.save_merged=true": Case(),
     # the machine that runs the suite has no GPU (a GPU without bitsandbytes is refused in one line too)
-    "kltd train model.lora.r=16 model.lora.quantize_base=4bit prefix=student trajectory=student":
+    "kltd train data=addition model.lora.r=16 model.lora.quantize_base=4bit prefix=student trajectory=student":
         Case(refused=r"model.lora.quantize_base=4bit needs (a CUDA GPU|bitsandbytes)"),
     "kltd train sweep=matrix trainer.max_steps=20 eval.num_prompts=50": Case(),
     "kltd train data=addition 'eval.sets=[heldout,gsm8k,math500]' eval.samples=8 eval.pass_k=4":

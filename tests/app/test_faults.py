@@ -408,7 +408,8 @@ def test_a_really_full_disk_is_one_line_through_the_cli_and_the_rerun_resumes(tm
     from kltd.train import checkpoint
 
     run_dir = small_device / "run"
-    args = ["train", *TINY, "prefix=fixed", "trajectory=expert", f"hydra.run.dir={run_dir}"]
+    # the toy student's checkpoints, sized against the device (the default Markov pair's are a few kB)
+    args = ["train", *TINY, "data=addition", "prefix=fixed", "trajectory=expert", f"hydra.run.dir={run_dir}"]
     out = run(*args, cwd=tmp_path)
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert out.returncode == 1 and len(lines) == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]

@@ -15,7 +15,8 @@ from tests.support.tolerances import forward_bound
 pytest.importorskip("peft")
 
 # dropout on the adapter's input: its random draws must resume too
-LORA = [*TINY, "model.lora.r=4", "model.lora.alpha=8", "model.lora.dropout=0.1", "model.lora.save_merged=true"]
+LORA = [*TINY, "data=addition", "model.lora.r=4", "model.lora.alpha=8", "model.lora.dropout=0.1",
+        "model.lora.save_merged=true"]
 
 
 @pytest.fixture(scope="module")
