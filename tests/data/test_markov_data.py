@@ -42,8 +42,10 @@ def test_data_markov_picks_the_markov_pair_and_the_tasks_horizon():
     (["data=markov", "data.markov.end_probability=1.0"], r"data.markov.end_probability=1.0 must lie strictly"),
     (["data=markov", "data.markov.horizon=9", "eval.exact_kl=true"],
      r"eval.exact_kl=true with .*horizon=9 scores 5764801 sequences per prompt, above 131072"),
-    (["eval.exact_kl=true"], r"eval.exact_kl=true enumerates every response, which only data=markov"),
-    (["data.checker=markov"], r"data.checker=markov grades walks of the built-in chain; it needs data=markov"),
+    (["data=addition", "eval.exact_kl=true"],
+     r"eval.exact_kl=true enumerates every response, which only data=markov"),
+    (["data=addition", "data.checker=markov"],
+     r"data.checker=markov grades walks of the built-in chain; it needs data=markov"),
     (["data=markov", "data.path=x.jsonl"], r"data.path needs data=file or data=hub \(data=markov is generated\)"),
 ])
 def test_bad_markov_settings_are_refused_in_one_line(overrides, message):
