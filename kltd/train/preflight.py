@@ -4,6 +4,7 @@ how to fix it."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from kltd.files import directory_problem
@@ -85,14 +86,22 @@ def chain_tokenizer_problem(cfg: Config) -> str | None:
     if directory is None:
         return None
     from kltd.data.markov import vocabulary
-    from kltd.train.models import load_tokenizer
 
-    if load_tokenizer(str(directory)).get_vocab() == vocabulary(cfg.data.markov.n_states):
+    if _vocabulary_of(str(directory)) == vocabulary(cfg.data.markov.n_states):
         return None
     return (f"data=markov (the default task) walks a chain of {cfg.data.markov.n_states} letters, one token each, and "
             f"model.student={cfg.model.student} has another tokenizer; name the task its pair is for (data=addition "
             "with model=toy; data=gsm8k, data=file or data=hub with a pretrained pair) or use the chain's pair "
             "(model=markov)")
+
+
+@functools.lru_cache(maxsize=8)
+def _vocabulary_of(directory: str) -> dict[str, int]:
+    """A model directory's tokenizer vocabulary, read once per process: a sweep checks each job's pair, and its
+    jobs mostly share one."""
+    from kltd.train.models import load_tokenizer
+
+    return load_tokenizer(directory).get_vocab()
 
 
 def data_problem(cfg: Config) -> str | None:
