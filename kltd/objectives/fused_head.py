@@ -86,11 +86,13 @@ class _FusedDivergence(torch.autograd.Function):
                 per_row, g_logits = found
                 value = (per_row * chunk_weights).sum()
                 g_logits = g_logits.to(h.dtype)
-                g_h, g_w = g_logits @ w, g_logits.T @ h
+                torch.mm(g_logits, w, out=grad_hidden[rows])
+                # in place: a [V, H] product per chunk beside the running sum was the loss's memory peak
+                grad_weight.addmm_(g_logits.T, h)
             else:
                 value, g_h, g_w = _by_autograd(h, w, teacher, chunk_weights, spec)
-            grad_hidden[rows] = g_h
-            grad_weight += g_w
+                grad_hidden[rows] = g_h
+                grad_weight += g_w
             total += value.detach().float()
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total
