@@ -19,15 +19,22 @@ from torch.nn.functional import scaled_dot_product_attention
 
 from kltd.fast.arranged import LlamaBlocks, arranged
 
+Lookup = Callable[[Tensor, Tensor, "int | None"], Tensor]
 
-def packed_hidden(model, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, select: Tensor) -> Tensor:
-    """[M, D] final hidden states (after the final norm) at the positions `select` ([B, L] bool) marks, row-major."""
+
+def packed_hidden(model, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, select: Tensor,
+                  lookup: Lookup | None = None) -> Tensor:
+    """[M, D] final hidden states (after the final norm) at the positions `select` ([B, L] bool) marks, row-major.
+
+    lookup(ids, weight, padding_idx): the embedding lookup, F.embedding unless given.
+    """
     blocks = arranged(model)
-    return blocks.final_hidden(packed_layers(blocks, input_ids, attention_mask, position_ids, select))
+    return blocks.final_hidden(packed_layers(blocks, input_ids, attention_mask, position_ids, select, lookup=lookup))
 
 
 def packed_layers(blocks: LlamaBlocks, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, select: Tensor,
-                  keep: Callable[[int, Tensor, Tensor, Tensor], None] | None = None, attention_groups: int = 4) -> Tensor:
+                  keep: Callable[[int, Tensor, Tensor, Tensor], None] | None = None, attention_groups: int = 4,
+                  lookup: Lookup | None = None) -> Tensor:
     """[M, D] last-layer hidden states (before the final norm) at the `select` positions, row-major.
 
     keep(layer, k, v, places): receives each layer's keys and values ([N, Hkv, d], rotated) and their
@@ -37,7 +44,7 @@ def packed_layers(blocks: LlamaBlocks, input_ids: Tensor, attention_mask: Tensor
     tokens = real.flatten().nonzero().squeeze(1)  # [N] indices into the B x L grid, row-major
     wanted = select.flatten()[tokens]  # [N] bool: the rows of the packed matrix to return
     embed = blocks.body.embed_tokens  # its padding_idx too: that row gets no gradient, as in the model's forward
-    hidden = F.embedding(input_ids.flatten()[tokens], embed.weight, embed.padding_idx)
+    hidden = (lookup or F.embedding)(input_ids.flatten()[tokens], embed.weight, embed.padding_idx)
     rotations = blocks.rotary(position_ids.flatten()[tokens])
     layout = AttentionLayout(real, attention_groups)
     last = len(blocks.layers) - 1

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from kltd.matmul import linear
 from kltd.objectives.divergences import DivergenceSpec, kl_weights, log_probs, token_divergence
+from kltd.objectives.tied_gradient import GradientHandoff
 
 # Positions per chunk: about this many logits (float32) per model at a time.
 CHUNK_LOGITS = 2**22
@@ -72,9 +73,10 @@ class _FusedDivergence(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, teacher_rows, row_weights, spec, chunk):
+    def forward(ctx, hidden, weight, teacher_rows, row_weights, spec, chunk, handoff):
         grad_hidden = torch.zeros_like(hidden)
-        grad_weight = torch.zeros_like(weight)
+        whole = handoff.gradient_buffer(weight) if handoff is not None else None  # a tied embedding's [V, H]
+        grad_weight = torch.zeros_like(weight) if whole is None else whole[: weight.shape[0]]
         total = hidden.new_zeros((), dtype=torch.float32)
         w = weight.detach()
         kl = kl_weights(spec)
@@ -95,15 +97,22 @@ class _FusedDivergence(torch.autograd.Function):
                 grad_weight += g_w
             total += value.detach().float()
         ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.handoff, ctx.whole = (handoff, whole) if whole is not None else (None, None)
         return total
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         grad_hidden, grad_weight = ctx.saved_tensors
+        if ctx.handoff is not None:  # the tied embedding's lookup adds its rows into the whole [V, H] and returns it
+            ctx.handoff.grad, ctx.whole, grad_weight = ctx.whole, None, None
         if grad_out.numel() == 1 and float(grad_out) == 1.0:  # the usual case: no second [V, H] tensor
-            return grad_hidden, grad_weight, None, None, None, None
-        return grad_hidden * grad_out, grad_weight * grad_out, None, None, None, None
+            return grad_hidden, grad_weight, None, None, None, None, None
+        if grad_weight is None:
+            ctx.handoff.grad = ctx.handoff.grad * grad_out
+        else:
+            grad_weight = grad_weight * grad_out
+        return grad_hidden * grad_out, grad_weight, None, None, None, None, None
 
 
 def _by_autograd(hidden: Tensor, weight: Tensor, teacher: Tensor, row_weights: Tensor, spec: DivergenceSpec
@@ -117,7 +126,7 @@ def _by_autograd(hidden: Tensor, weight: Tensor, teacher: Tensor, row_weights: T
 
 
 def fused_divergence(hidden: Tensor, weight: Tensor, teacher_rows: Callable[[slice], Tensor], row_weights: Tensor,
-                     spec: DivergenceSpec, chunk: int | None = None) -> Tensor:
+                     spec: DivergenceSpec, chunk: int | None = None, handoff: GradientHandoff | None = None) -> Tensor:
     """Weighted sum of per-position divergences from student hidden states.
 
     Args:
@@ -126,8 +135,10 @@ def fused_divergence(hidden: Tensor, weight: Tensor, teacher_rows: Callable[[sli
         teacher_rows: slice -> [m, V] the teacher's logits for those rows (no grad).
         row_weights: [M] per-position weights (the mask divided by the normaliser).
         spec: the divergence.
+        handoff: where the student's tied embedding was looked up through one (kltd.objectives.tied_gradient),
+            the output matrix's gradient goes to that lookup instead of beside its own.
     Returns:
         scalar sum_i row_weights[i] * D(p_i, q_i); its gradient reaches `hidden` and `weight`.
     """
     chunk = chunk or max(1, CHUNK_LOGITS // weight.shape[0])
-    return _FusedDivergence.apply(hidden, weight, teacher_rows, row_weights.detach().float(), spec, chunk)
+    return _FusedDivergence.apply(hidden, weight, teacher_rows, row_weights.detach().float(), spec, chunk, handoff)

@@ -19,6 +19,7 @@ from kltd.fast.arranged import supports
 from kltd.fast.packed import packed_hidden
 from kltd.matmul import linear
 from kltd.objectives.fused_head import plain_output_layer
+from kltd.objectives.tied_gradient import GradientHandoff
 from kltd.rollout.batch import StateBatch, position_ids_from_mask
 
 
@@ -92,8 +93,11 @@ class Scorer:
                     logits_to_keep=batch.responses.tokens.shape[1] + 1, use_cache=False)
         return out.logits[:, :-1, : self.vocab].to(home)
 
-    def hidden_states(self, model, batch: StateBatch) -> Tensor:
-        """[M, D] final hidden states (after the final norm) at the batch's supervised states, row-major."""
+    def hidden_states(self, model, batch: StateBatch, handoff: GradientHandoff | None = None) -> Tensor:
+        """[M, D] final hidden states (after the final norm) at the batch's supervised states, row-major.
+
+        handoff: the packed forward looks the embedding up through it (kltd.objectives.tied_gradient).
+        """
         device, home = device_of(model), batch.prompt_ids.device
         supervised, attention_mask = batch.supervised.to(device), batch.attention_mask.to(device)
         input_ids, positions = batch.input_ids.to(device), position_ids_from_mask(attention_mask)
@@ -101,7 +105,8 @@ class Scorer:
         if self.packs(model):
             select = torch.zeros_like(attention_mask, dtype=torch.bool)
             select[:, -(n + 1) : -1] = supervised
-            return packed_hidden(model, input_ids, attention_mask, positions, select).to(home)
+            lookup = handoff.lookup if handoff is not None else None
+            return packed_hidden(model, input_ids, attention_mask, positions, select, lookup).to(home)
         out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                                use_cache=False)
         return out.last_hidden_state[:, -(n + 1) : -1][supervised].to(home)

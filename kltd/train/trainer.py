@@ -25,6 +25,7 @@ import torch
 from kltd.data.order import ExampleOrder
 from kltd.objectives.divergences import DivergenceSpec
 from kltd.objectives.fused_head import fused_divergence
+from kltd.objectives.tied_gradient import GradientHandoff
 from kltd.objectives.losses import dataset_loss, prefix_loss, trajectory_loss
 from kltd.objectives.rewards import checker_rewards, sequence_weights, teacher_loglik
 from kltd.objectives.topk_teacher import TopKTeacher
@@ -299,7 +300,8 @@ class Trainer:
     def fused_loss(self, batch: StateBatch, denominator: float) -> torch.Tensor:
         """kl_trajectory_weight * L_traj from hidden states; equals the logits path (tested)."""
         student, teacher = self.scorers["student"], self.scorers["teacher"]
-        hidden = student.hidden_states(self.student, batch)
+        handoff = GradientHandoff()  # a tied embedding and output matrix then get one [V, H] gradient, not two
+        hidden = student.hidden_states(self.student, batch, handoff)
         if self.cache_serves(batch):
             teacher_rows = self.teacher_cache.lookup(batch)[batch.supervised]
             rows = lambda part: teacher_rows[part]  # noqa: E731
@@ -311,7 +313,8 @@ class Trainer:
             rows = lambda part: (teacher_hidden[part] @ teacher_head.T).float()  # noqa: E731
         weights = torch.full((hidden.shape[0],), 1.0 / denominator, device=hidden.device)
         head = student.output_weight(self.student)
-        return self.cfg.loss.kl_trajectory_weight * fused_divergence(hidden, head, rows, weights, self.spec)
+        return self.cfg.loss.kl_trajectory_weight * fused_divergence(hidden, head, rows, weights, self.spec,
+                                                                     handoff=handoff)
 
     def loss(self, batch: StateBatch, denominator: float) -> tuple[torch.Tensor, dict[str, float]]:
         """kl_trajectory_weight * L_traj + kl_prefix_weight * L_prefix for one micro-batch.

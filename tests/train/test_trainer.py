@@ -19,6 +19,13 @@ def model_dirs(tmp_path_factory):
     return str(make_tiny_model(root / "teacher", width=32, layers=2, seed=1)), str(make_tiny_model(root / "student", seed=2))
 
 
+@pytest.fixture(scope="module")
+def tied_dirs(tmp_path_factory, model_dirs):
+    """The same teacher with a student whose embedding is its output matrix (one parameter, two gradients)."""
+    root = tmp_path_factory.mktemp("tied")
+    return model_dirs[0], str(make_tiny_model(root / "student", seed=2, tied=True))
+
+
 def make_trainer(model_dirs, **changes) -> Trainer:
     cfg = Config()
     cfg.model.teacher, cfg.model.student = model_dirs
@@ -57,6 +64,24 @@ def test_fused_head_equals_the_logits_path(model_dirs, cell):
     fused = make_trainer(model_dirs, **cell)
     reference = make_trainer(model_dirs, trainer__fused_head=False, **cell)
     assert fused.can_fuse() and not reference.can_fuse()
+    batch, _ = fused.states.build(fused.next_examples(6), torch.Generator().manual_seed(0))
+    denominator = float(batch.supervised.sum())
+    loss_f, grads_f = gradients(fused, batch, denominator)
+    loss_r, grads_r = gradients(reference, batch, denominator)
+    loss_tol, grad_tol = tolerances(reference, batch, denominator, float(loss_r))
+    assert abs(float(loss_f) - float(loss_r)) <= loss_tol
+    assert_same_gradients(grads_f, grads_r, grad_tol)
+
+
+def test_a_tied_students_fused_head_equals_its_logits_path(tied_dirs):
+    """Through the packed forward the tied embedding's gradient is added into the head's (the handoff of
+    kltd.objectives.tied_gradient): the sum autograd forms on the logits path."""
+    cell = dict(prefix__source="student", trajectory__supervisor="student")
+    fused = make_trainer(tied_dirs, **cell)
+    reference = make_trainer(tied_dirs, trainer__fused_head=False, **cell)
+    student = fused.student
+    assert student.get_input_embeddings().weight is student.get_output_embeddings().weight
+    assert fused.can_fuse() and fused.scorers["student"].packs(student)
     batch, _ = fused.states.build(fused.next_examples(6), torch.Generator().manual_seed(0))
     denominator = float(batch.supervised.sum())
     loss_f, grads_f = gradients(fused, batch, denominator)
