@@ -42,26 +42,45 @@ def kl_and_gradient(logits: Tensor, teacher_logits: Tensor, spec: DivergenceSpec
 
     With q = softmax(z / T), p = softmax(y / T): d KL(p||q)/dz = (q - p) / T and
     d KL(q||p)/dz = q (log q - log p - KL(q||p)) / T. The values are computed as token_divergence computes
-    them; the passes over [m, V] are few and in place. None where a value is not finite (a teacher
+    them. `logits` (the caller's own chunk) is overwritten; the teacher's are not (they may be a cache's).
+    Each [m, V] tensor is written over once it is no longer needed, so besides the teacher's at most three
+    exist at once (the chunks' [m, V] tensors were the forward pass's memory peak at a large vocabulary). None where a value is not finite (a teacher
     probability of exactly 0 under reverse KL, a -inf logit): the caller then takes autograd's path.
     """
     forward, reverse = weights
-    log_q, log_p = log_probs(logits, spec.temperature), log_probs(teacher_logits, spec.temperature)
-    value, grad = 0.0, None
+    log_q = _log_softmax_over(logits, spec.temperature)
+    log_p = log_probs(teacher_logits, spec.temperature)  # a new tensor: ours to overwrite
+    p = log_p.exp() if forward else None
+    diff = log_p.neg_().add_(log_q)  # log q - log p
+    q = log_q.exp_()
+    value = -forward * _row_dot(p, diff) if forward else 0.0  # KL(p||q) = sum p (log p - log q)
+    grad = None
     if reverse:
-        q = log_q.exp()
-        diff = log_q - log_p
-        kl = (q * diff).sum(-1)
-        value = reverse * kl
-        grad = diff.sub_(kl[:, None]).mul_(q if reverse == 1.0 else q * reverse)
+        kl = _row_dot(q, diff)
+        value = value + reverse * kl
+        grad = diff.sub_(kl[:, None]).mul_(q)
+        if reverse != 1.0:
+            grad.mul_(reverse)
     if forward:
-        p = log_p.exp()
-        value = value + forward * (p * (log_p - log_q)).sum(-1)
-        q_minus_p = (q if reverse else log_q.exp_()) - p
+        q_minus_p = q.sub_(p)
         grad = q_minus_p.mul_(forward) if grad is None else grad.add_(q_minus_p, alpha=forward)
     if not bool(torch.isfinite(value).all()):
         return None
     return value, grad.mul_((row_weights / spec.temperature)[:, None].to(grad.dtype))
+
+
+def _log_softmax_over(logits: Tensor, temperature: float) -> Tensor:
+    """log_softmax(logits / T), written over `logits` where it is at least float32 (else a float32 copy)."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        return log_probs(logits, temperature)
+    if temperature != 1.0:
+        logits.div_(temperature)
+    return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
+
+
+def _row_dot(a: Tensor, b: Tensor) -> Tensor:
+    """[m] row-wise dot products of two [m, V] tensors, without an [m, V] product in between."""
+    return (a.unsqueeze(1) @ b.unsqueeze(2)).view(-1)
 
 
 class _FusedDivergence(torch.autograd.Function):

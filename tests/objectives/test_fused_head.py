@@ -63,6 +63,16 @@ def test_other_divergences_go_through_autograd(monkeypatch):
     torch.testing.assert_close(w.grad, want_w)
 
 
+@pytest.mark.parametrize("weights", [(1.0, 0.0), (0.0, 1.0), (0.3, 0.7)])
+def test_the_teachers_logits_are_left_as_they_were(weights):
+    """The student's chunk is written over; the teacher's rows may be a cache's and must not be."""
+    hidden, weight, teacher, row_weights = inputs()
+    kept = teacher.clone()
+    assert kl_and_gradient(hidden @ weight.T, teacher, DivergenceSpec("kl_mix", mix=0.3, temperature=2.0), weights,
+                           row_weights) is not None
+    assert torch.equal(teacher, kept)
+
+
 def test_a_teacher_probability_of_zero_takes_autograds_path():
     """A -inf teacher logit: the written-down form declines (its arithmetic would give NaN or inf there), and
     the fused forward KL, which is finite, still equals autograd's in value and gradients."""
