@@ -44,8 +44,9 @@ def kl_and_gradient(logits: Tensor, teacher_logits: Tensor, spec: DivergenceSpec
     d KL(q||p)/dz = q (log q - log p - KL(q||p)) / T. The values are computed as token_divergence computes
     them. `logits` (the caller's own chunk) is overwritten; the teacher's are not (they may be a cache's).
     Each [m, V] tensor is written over once it is no longer needed, so besides the teacher's at most three
-    exist at once (the chunks' [m, V] tensors were the forward pass's memory peak at a large vocabulary). None where a value is not finite (a teacher
-    probability of exactly 0 under reverse KL, a -inf logit): the caller then takes autograd's path.
+    exist at once (at a large vocabulary they were the forward pass's memory peak). None where a value is
+    not finite (a teacher probability of exactly 0 under reverse KL, a -inf logit): the caller then takes
+    autograd's path.
     """
     forward, reverse = weights
     log_q = _log_softmax_over(logits, spec.temperature)

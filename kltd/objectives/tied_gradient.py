@@ -1,9 +1,10 @@
-"""One [V, H] gradient for a tied input embedding and output matrix, where autograd would form two.
+"""One [V, H] gradient for a tied input embedding and output matrix, where autograd forms three.
 
 With tied weights the fused head's gradient in the output matrix and the embedding lookup's (a dense [V, H]
-tensor from its backward) meet in autograd's buffer for the weight, so two [V, H] tensors exist at once at
-the end of backward: 113 MB at SmolLM2's shape, and the training step's memory peak. Here the head hands its
-gradient to the lookup, whose backward adds its rows into it in place and returns it as the weight's only
+tensor from its backward) meet in autograd's buffer for the weight, which sums them into a third tensor (the
+head's is still held for backward): three [V, H] tensors at the end of backward, 113 MB each at SmolLM2's
+shape, and the training step's memory peak. Here the head forms its gradient in a buffer for the whole
+matrix and hands it to the lookup, whose backward adds its rows in place and returns it as the weight's one
 gradient. The weight's hooks (data parallelism's among them) see one dense gradient, as before.
 """
 

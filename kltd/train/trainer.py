@@ -25,9 +25,9 @@ import torch
 from kltd.data.order import ExampleOrder
 from kltd.objectives.divergences import DivergenceSpec
 from kltd.objectives.fused_head import fused_divergence
-from kltd.objectives.tied_gradient import GradientHandoff
 from kltd.objectives.losses import dataset_loss, prefix_loss, trajectory_loss
 from kltd.objectives.rewards import checker_rewards, sequence_weights, teacher_loglik
+from kltd.objectives.tied_gradient import GradientHandoff
 from kltd.objectives.topk_teacher import TopKTeacher
 from kltd.rollout.batch import StateBatch, TokenCounts, decode_responses
 from kltd.rollout.horizon import Horizon
