@@ -124,15 +124,13 @@ class _FusedDivergence(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         grad_hidden, grad_weight = ctx.saved_tensors
+        unscaled = grad_out.numel() == 1 and float(grad_out) == 1.0  # the usual case: no second [V, H] tensor
         if ctx.handoff is not None:  # the tied embedding's lookup adds its rows into the whole [V, H] and returns it
-            ctx.handoff.grad, ctx.whole, grad_weight = ctx.whole, None, None
-        if grad_out.numel() == 1 and float(grad_out) == 1.0:  # the usual case: no second [V, H] tensor
-            return grad_hidden, grad_weight, None, None, None, None, None
-        if grad_weight is None:
-            ctx.handoff.grad = ctx.handoff.grad * grad_out
-        else:
+            ctx.handoff.grad = ctx.whole if unscaled else ctx.whole * grad_out
+            ctx.whole = grad_weight = None
+        elif not unscaled:
             grad_weight = grad_weight * grad_out
-        return grad_hidden * grad_out, grad_weight, None, None, None, None, None
+        return grad_hidden if unscaled else grad_hidden * grad_out, grad_weight, None, None, None, None, None
 
 
 def _by_autograd(hidden: Tensor, weight: Tensor, teacher: Tensor, row_weights: Tensor, spec: DivergenceSpec
