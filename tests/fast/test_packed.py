@@ -160,6 +160,7 @@ def test_without_autograd_rows_run_in_blocks_with_the_models_own_results(name, c
     model, tok = tiny_architecture(name)
     width = 2 * model.config.intermediate_size
     monkeypatch.setattr(arranged_module, "CACHE_BLOCK_BYTES", 3 * width * 4 // torch.get_num_threads())
+    monkeypatch.setattr(arranged_module, "BLOCK_REREAD_LIMIT", 10**6)  # the tiny model's weights count as small
     calls = []
     plain = arranged_module.LlamaBlocks.mlp
     monkeypatch.setattr(arranged_module.LlamaBlocks, "mlp", lambda self, layer, hidden: calls.append(hidden.shape[0])
@@ -174,6 +175,31 @@ def test_without_autograd_rows_run_in_blocks_with_the_models_own_results(name, c
     calls.clear()
     response_states(model, batch)
     assert len(calls) == model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("copied", [True, False], ids=["copied", "shared"])
+def test_rows_are_not_blocked_where_the_weights_are_large(copied, monkeypatch):
+    """Blocks re-read the layer's weights after attention: above BLOCK_REREAD_LIMIT blocks' worth of bytes all rows
+    go at once, and just below it they are blocked."""
+    monkeypatch.setattr(arranged_module, "COPY_LIMIT", 10**12 if copied else 0)
+    model, tok = tiny_architecture("llama")
+    width, layer = 2 * model.config.intermediate_size, model.model.layers[0]
+    weights = sum(m.weight.numel() * 4 for m in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj,
+                                                  layer.self_attn.o_proj))
+    budget = 3 * width * 4  # 3 rows a block
+    monkeypatch.setattr(arranged_module, "CACHE_BLOCK_BYTES", budget // torch.get_num_threads())
+    calls = []
+    plain = arranged_module.LlamaBlocks.mlp
+    monkeypatch.setattr(arranged_module.LlamaBlocks, "mlp", lambda self, layer, hidden: calls.append(hidden.shape[0])
+                        or plain(self, layer, hidden))
+    batch = state_batch(tok, PROMPTS, RESPONSES)
+    rows = int(batch.attention_mask.sum())
+    for limit, most in ((weights / budget * 0.99, rows), (weights / budget * 1.01, 3)):
+        monkeypatch.setattr(arranged_module, "BLOCK_REREAD_LIMIT", limit)
+        calls.clear()
+        with torch.no_grad():
+            response_states(model, batch)
+        assert max(calls) == most
 
 
 @pytest.mark.parametrize("shape", [(3, 24), (2, 5, 24)])
