@@ -21,8 +21,14 @@ from kltd.matmul import linear
 from kltd.objectives.divergences import DivergenceSpec, kl_weights, log_probs, token_divergence
 from kltd.objectives.tied_gradient import GradientHandoff
 
-# Positions per chunk: about this many logits (float32) per model at a time.
+# Positions per chunk: about this many logits (float32) per model at a time,
 CHUNK_LOGITS = 2**22
+# but at least 1/CHUNK_WIDTH_DIVISOR of the model's width: every chunk reads the [V, H] output matrix three times
+# (logits, both gradients) and adds to its gradient once, so at a large vocabulary few rows a chunk leave the
+# products waiting on memory (a Qwen3-0.6B-shaped head, 151,936 x 1,024, over 256 rows: 27-row chunks took 1.5x
+# the time of 128-row ones). At H/8 rows a chunk's few [rows, V] tensors are about half the output matrix's
+# size, which its gradient costs anyway; at SmolLM2's and the smaller shapes CHUNK_LOGITS gives more rows.
+CHUNK_WIDTH_DIVISOR = 8
 
 
 def plain_output_layer(model) -> torch.nn.Linear | None:
@@ -158,5 +164,5 @@ def fused_divergence(hidden: Tensor, weight: Tensor, teacher_rows: Callable[[sli
     Returns:
         scalar sum_i row_weights[i] * D(p_i, q_i); its gradient reaches `hidden` and `weight`.
     """
-    chunk = chunk or max(1, CHUNK_LOGITS // weight.shape[0])
+    chunk = chunk or max(1, CHUNK_LOGITS // weight.shape[0], weight.shape[1] // CHUNK_WIDTH_DIVISOR)
     return _FusedDivergence.apply(hidden, weight, teacher_rows, row_weights.detach().float(), spec, chunk, handoff)

@@ -63,6 +63,22 @@ def test_other_divergences_go_through_autograd(monkeypatch):
     torch.testing.assert_close(w.grad, want_w)
 
 
+@pytest.mark.parametrize("width, want", [(16, 4), (48, 6)])
+def test_chunks_hold_chunk_logits_or_an_eighth_of_the_width_in_rows(width, want, monkeypatch):
+    """By default a chunk takes CHUNK_LOGITS // V rows, or H // 8 where that is more (a large vocabulary)."""
+    monkeypatch.setattr(fused_head, "CHUNK_LOGITS", 4 * 40)  # 4 rows of the 40-token vocabulary
+    hidden, weight, teacher, row_weights = inputs(rows=13, width=width)
+    sizes = []
+
+    def rows_of(part):
+        sizes.append(teacher[part].shape[0])
+        return teacher[part]
+
+    h = hidden.clone().requires_grad_(True)
+    fused_divergence(h, weight.clone().requires_grad_(True), rows_of, row_weights, DivergenceSpec()).backward()
+    assert sizes[0] == want and sum(sizes) == 13 and len(sizes) == -(-13 // want)
+
+
 @pytest.mark.parametrize("weights", [(1.0, 0.0), (0.0, 1.0), (0.3, 0.7)])
 def test_the_teachers_logits_are_left_as_they_were(weights):
     """The student's chunk is written over; the teacher's rows may be a cache's and must not be."""
