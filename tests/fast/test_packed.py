@@ -150,6 +150,15 @@ def test_logit_rows_from_the_packed_forward_equal_the_models_own_logits(name):
     torch.testing.assert_close(fast, reference, atol=tol, rtol=tol)
 
 
+def mlp_rows(monkeypatch) -> list[int]:
+    """The rows of every call of the arrangement's MLP, appended as they happen."""
+    calls = []
+    plain = arranged_module.LlamaBlocks.mlp
+    monkeypatch.setattr(arranged_module.LlamaBlocks, "mlp", lambda self, layer, hidden: calls.append(hidden.shape[0])
+                        or plain(self, layer, hidden))
+    return calls
+
+
 @pytest.mark.parametrize("copied", [True, False], ids=["copied", "shared"])
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
 def test_without_autograd_rows_run_in_blocks_with_the_models_own_results(name, copied, monkeypatch):
@@ -161,10 +170,7 @@ def test_without_autograd_rows_run_in_blocks_with_the_models_own_results(name, c
     width = 2 * model.config.intermediate_size
     monkeypatch.setattr(arranged_module, "CACHE_BLOCK_BYTES", 3 * width * 4 // torch.get_num_threads())
     monkeypatch.setattr(arranged_module, "BLOCK_REREAD_LIMIT", 10**6)  # the tiny model's weights count as small
-    calls = []
-    plain = arranged_module.LlamaBlocks.mlp
-    monkeypatch.setattr(arranged_module.LlamaBlocks, "mlp", lambda self, layer, hidden: calls.append(hidden.shape[0])
-                        or plain(self, layer, hidden))
+    calls = mlp_rows(monkeypatch)
     batch = state_batch(tok, PROMPTS, RESPONSES)
     with torch.no_grad():
         blocked = response_states(model, batch)
@@ -186,12 +192,9 @@ def test_rows_are_not_blocked_where_the_weights_are_large(copied, monkeypatch):
     width, layer = 2 * model.config.intermediate_size, model.model.layers[0]
     weights = sum(m.weight.numel() * 4 for m in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj,
                                                   layer.self_attn.o_proj))
-    budget = 3 * width * 4  # 3 rows a block
-    monkeypatch.setattr(arranged_module, "CACHE_BLOCK_BYTES", budget // torch.get_num_threads())
-    calls = []
-    plain = arranged_module.LlamaBlocks.mlp
-    monkeypatch.setattr(arranged_module.LlamaBlocks, "mlp", lambda self, layer, hidden: calls.append(hidden.shape[0])
-                        or plain(self, layer, hidden))
+    monkeypatch.setattr(arranged_module, "CACHE_BLOCK_BYTES", 3 * width * 4 // torch.get_num_threads())  # 3 rows a block
+    budget = arranged_module.CACHE_BLOCK_BYTES * torch.get_num_threads()
+    calls = mlp_rows(monkeypatch)
     batch = state_batch(tok, PROMPTS, RESPONSES)
     rows = int(batch.attention_mask.sum())
     for limit, most in ((weights / budget * 0.99, rows), (weights / budget * 1.01, 3)):
