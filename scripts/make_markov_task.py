@@ -27,10 +27,12 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-# Read when torch loads, so before it: the kernel sets the shipped pair was built with (see the docstring).
-for _variable, _value in (("ATEN_CPU_CAPABILITY", "avx2"), ("MKL_ENABLE_INSTRUCTIONS", "AVX2"),
-                          ("ONEDNN_MAX_CPU_ISA", "AVX2")):
-    os.environ.setdefault(_variable, _value)
+# The kernel sets the shipped pair was built with (see the docstring), read when torch loads: set only before it
+# (imported where torch already runs, this module leaves the environment, and so every later subprocess, alone).
+if "torch" not in sys.modules:
+    for _variable, _value in (("ATEN_CPU_CAPABILITY", "avx2"), ("MKL_ENABLE_INSTRUCTIONS", "AVX2"),
+                              ("ONEDNN_MAX_CPU_ISA", "AVX2")):
+        os.environ.setdefault(_variable, _value)
 
 import torch  # noqa: E402
 
