@@ -176,6 +176,11 @@ class LlamaBlocks:
         self.copied = sum(p.numel() for p in model.parameters()) <= COPY_LIMIT if copy is None else copy
         build = self._arrange if self.copied else self._share
         self.layers = [build(layer, scale) for layer in body.layers[: config.num_hidden_layers]]
+        # what a block of rows re-reads (BLOCK_REREAD_LIMIT): the output projection and the MLP, one layer's worth
+        # (every layer of these families has the same shapes); read on every layer of every decoding step
+        first = self.layers[0]
+        parts = (first.gate_up, first.down, first.out) if self.copied else (first.gate, first.up, first.down, first.out)
+        self.reread_bytes = sum(w.numel() * w.element_size() for w in parts)
         self.final_norm = body.norm.weight
         # the MLP's activation (a plain function where it is SiLU: a module call costs more than the op)
         self.act = F.silu if getattr(config, "hidden_act", None) == "silu" else body.layers[0].mlp.act_fn
@@ -300,8 +305,7 @@ class LlamaBlocks:
         if torch.is_grad_enabled() or hidden.device.type != "cpu" or hidden.dim() != 2:
             return hidden.shape[0]
         budget = CACHE_BLOCK_BYTES * torch.get_num_threads()
-        weights = (layer.gate_up, layer.down, layer.out) if self.copied else (layer.gate, layer.up, layer.down, layer.out)
-        if sum(w.numel() * w.element_size() for w in weights) > BLOCK_REREAD_LIMIT * budget:
+        if self.reread_bytes > BLOCK_REREAD_LIMIT * budget:
             return hidden.shape[0]
         width = layer.gate_up.shape[0] if self.copied else 2 * layer.gate.shape[0]
         return max(1, budget // (width * hidden.element_size()))
